@@ -1,0 +1,1 @@
+"""Benchmarks behind ``ubsmoe bench``: timings measured as ratios within one process."""

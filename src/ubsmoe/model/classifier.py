@@ -1,0 +1,220 @@
+"""The model every method trains: a pretrained backbone with sparse-MoE FFNs, attention LoRA and a task head.
+
+Only the adapters, the routers and the head are trainable; the federated engine exchanges exactly
+those (``trainable_state``), so one model object serves every simulated client in turn.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ubsmoe.model.backbones import BackboneFamily, family_of, resolve_backbone_path
+from ubsmoe.model.lora import LoRALinear
+from ubsmoe.model.moe_layer import RoutingContext, SparseMoEFFN
+from ubsmoe.model.upcycle import ROUTER_INITS, calibrated_router, centroid_router, split_ffn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelSpec:
+    """What to build; the experiment config's ``model`` section maps onto this."""
+
+    backbone: str = "minilm"
+    num_experts: int = 8
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    router_init: str = "calibrated"
+    seed: int = 0
+
+
+class MoEClassifier(nn.Module):
+    """Sequence classifier over a backbone whose FFNs are ``SparseMoEFFN`` blocks.
+
+    forward(input_ids (B, S), attention_mask (B, S)) -> logits (B, num_labels).
+    """
+
+    def __init__(self, backbone: nn.Module, family: BackboneFamily, moe_layers: list[SparseMoEFFN],
+                 num_labels: int, context: RoutingContext, generator: torch.Generator):
+        super().__init__()
+        self.backbone = backbone
+        self.family = family
+        self.moe_layers = nn.ModuleList(moe_layers)
+        self.context = context
+        hidden = backbone.config.hidden_size
+        self.head = nn.Linear(hidden, num_labels)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(num_labels, hidden, generator=generator) * 0.02)
+            self.head.bias.zero_()
+
+    @property
+    def num_experts(self) -> int:
+        return self.moe_layers[0].num_experts
+
+    def set_top_k(self, k: int) -> None:
+        """Every MoE layer activates k experts per token from now on."""
+        for layer in self.moe_layers:
+            layer.set_top_k(k)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.bool()
+        self.context.token_mask = mask
+        try:
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        finally:
+            self.context.token_mask = None
+        return self.head(self.pool(hidden, mask))
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """hidden: (B, S, d), mask: (B, S) -> (B, d): masked mean (encoders) or last real token (decoders)."""
+        if self.family.pooling == "mean":
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        last = mask.long().cumsum(1).argmax(1)  # index of the last real token, right or left padding
+        return hidden[torch.arange(hidden.shape[0]), last]
+
+    # ------------------------------------------------------------------ federated state
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """A copy of every trainable tensor, by parameter name."""
+        return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Overwrite the trainable tensors named in ``state``; unknown names are an error."""
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                if name not in params or not params[name].requires_grad:
+                    raise KeyError(f"{name!r} is not a trainable parameter of this model")
+                params[name].copy_(value)
+
+    def reset_routing_counters(self) -> None:
+        for layer in self.moe_layers:
+            layer.counter.reset()
+
+    def routing_counts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(routed (L, E), tokens (L,), prob_sum (L, E)) accumulated since the last reset."""
+        routed = torch.stack([layer.counter.routed for layer in self.moe_layers])
+        tokens = torch.tensor([layer.counter.tokens for layer in self.moe_layers], dtype=torch.float64)
+        prob_sum = torch.stack([layer.counter.prob_sum for layer in self.moe_layers])
+        return routed, tokens, prob_sum
+
+    def parameter_report(self) -> dict[str, int]:
+        """Trainable parameter counts by kind, checked against what the layer shapes imply."""
+        report = {"experts_lora_per_expert": self.moe_layers[0].lora_parameters_per_expert()}
+        for layer in self.moe_layers:
+            stacked = sum(p.numel() for n, p in layer.named_parameters() if n.startswith("lora_"))
+            if stacked != report["experts_lora_per_expert"] * layer.num_experts:
+                raise AssertionError(
+                    f"expert LoRA holds {stacked} numbers, expected "
+                    f"{report['experts_lora_per_expert']} x {layer.num_experts} experts"
+                )
+        kinds = {id(p): "experts_lora" for layer in self.moe_layers for n, p in layer.named_parameters()
+                 if n.startswith("lora_")}
+        kinds |= {id(layer.router.weight): "router" for layer in self.moe_layers if layer.router is not None}
+        kinds |= {id(p): "head" for p in self.head.parameters()}
+        for p in self.parameters():
+            if p.requires_grad:
+                kind = kinds.get(id(p), "attention_lora")
+                report[kind] = report.get(kind, 0) + p.numel()
+        report["total_trainable"] = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        report["total"] = sum(p.numel() for p in self.parameters())
+        return report
+
+
+def load_tokenizer(backbone: str):
+    """The backbone's own tokenizer, with a padding token (decoders reuse end-of-sequence)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone_path(backbone), local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_dense_backbone(backbone: str) -> tuple[nn.Module, BackboneFamily]:
+    """The pretrained Hugging Face model (no task head), frozen, and its family."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_backbone_path(backbone)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    family = family_of(config.model_type)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, family
+
+
+@torch.no_grad()
+def capture_ffn_inputs(model: nn.Module, family: BackboneFamily, batches) -> list[torch.Tensor]:
+    """Run the dense model on ``batches`` of (input_ids, attention_mask) and return, per layer, the
+    FFN inputs of the real tokens: a list of (n, d) tensors."""
+    layers = family.layers(model)
+    captured: list[list[torch.Tensor]] = [[] for _ in layers]
+    current_mask: list[torch.Tensor] = []
+    handles = []
+    for i, layer in enumerate(layers):
+        module = layer.intermediate if family.name == "bert" else layer.mlp
+        handles.append(module.register_forward_hook(
+            lambda _m, args, _out, i=i: captured[i].append(args[0][current_mask[0]])
+        ))
+    try:
+        model.eval()
+        for input_ids, attention_mask in batches:
+            current_mask[:] = [attention_mask.bool()]
+            model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [torch.cat(chunks) for chunks in captured]
+
+
+def build_classifier(spec: ModelSpec, num_labels: int, calibration_batches=None) -> MoEClassifier:
+    """Load the backbone, upcycle every FFN into ``spec.num_experts`` experts, add LoRA and a head.
+
+    calibration_batches: iterable of (input_ids, attention_mask), needed for ``router_init="calibrated"``.
+    """
+    if spec.router_init not in ROUTER_INITS:
+        raise ValueError(f"router_init must be one of {ROUTER_INITS}, got {spec.router_init!r}")
+    if spec.num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {spec.num_experts}")
+    generator = torch.Generator().manual_seed(spec.seed)
+    model, family = load_dense_backbone(spec.backbone)
+    layers = family.layers(model)
+    calibration = None
+    if spec.num_experts > 1 and spec.router_init == "calibrated":
+        if calibration_batches is None:
+            raise ValueError("router_init='calibrated' needs calibration batches; pass some or use router_init='centroid'")
+        calibration = capture_ffn_inputs(model, family, calibration_batches)
+
+    context = RoutingContext()
+    moe_layers = []
+    for i, layer in enumerate(layers):
+        dense = family.extract_ffn(layer)
+        split = split_ffn(dense, spec.num_experts, seed=spec.seed + i)
+        router = None
+        if spec.num_experts > 1:
+            router = (calibrated_router(dense, split, calibration[i]) if calibration is not None
+                      else centroid_router(dense, split)).float()
+        moe = SparseMoEFFN(
+            split.w_up, split.w_down, dense.activation, w_gate=split.w_gate, b_up=split.b_up,
+            b_down=split.b_down, router_weight=router, lora_rank=spec.lora_rank,
+            lora_alpha=spec.lora_alpha, context=context, generator=generator,
+        )
+        family.install_ffn(layer, moe)
+        for _, (parent, attr) in family.attention(layer).items():
+            setattr(parent, attr, LoRALinear(getattr(parent, attr), spec.lora_rank, spec.lora_alpha, generator))
+        moe_layers.append(moe)
+    classifier = MoEClassifier(model, family, moe_layers, num_labels, context, generator)
+    log.info("trainable parameters: %s", classifier.parameter_report())
+    return classifier

@@ -1,0 +1,334 @@
+"""The sparse Mixture-of-Experts FFN: stacked experts with per-expert LoRA, top-K routing chosen per call.
+
+One layer object serves every client: ``top_k`` is set before each use (a weak client's K_c, a strong
+client's K_max). Tokens are grouped by expert with one sort per layer, the experts run as grouped
+matmuls over their tokens, and outputs are scattered back with ``index_add``: compute scales with K,
+and no token is dropped. Padding tokens (``RoutingContext.token_mask``) are neither routed nor counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ubsmoe.model.grouped_lora import GroupedDownProjection, GroupedUpProjection
+from ubsmoe.model.lora import kaiming_uniform
+
+GATE_MODES = ("straight_through", "softmax", "softmax_renorm")
+
+
+@dataclass
+class RoutingContext:
+    """State shared by all MoE layers of one model during one forward pass.
+
+    token_mask: (batch, seq) bool, True for real tokens; None means every position is a token.
+    """
+
+    token_mask: torch.Tensor | None = None
+
+
+@dataclass
+class RoutingRecord:
+    """What one forward pass of one layer routed; kept until the next forward for losses and hooks.
+
+    All tensors cover the T non-padding tokens of the batch, in row-major (batch, seq) order.
+    scores: (T, E) raw router scores s; logits: (T, E) the logits the probabilities come from (s, or
+    s + modulation); probs: (T, E) softmax(logits), differentiable; experts: (T, K) selected experts;
+    gates: (T, K) the gate values the expert outputs were multiplied by.
+    """
+
+    scores: torch.Tensor
+    logits: torch.Tensor
+    probs: torch.Tensor
+    experts: torch.Tensor
+    gates: torch.Tensor
+
+
+@dataclass
+class RoutingCounter:
+    """Running routing statistics of one layer: what DMR uploads and what balance metrics read.
+
+    routed: (E,) tokens routed to each expert; tokens: non-padding tokens seen;
+    prob_sum: (E,) sum over tokens of the router probability of each expert.
+    """
+
+    num_experts: int
+    routed: torch.Tensor = field(init=False)
+    prob_sum: torch.Tensor = field(init=False)
+    tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.routed = torch.zeros(self.num_experts, dtype=torch.float64)
+        self.prob_sum = torch.zeros(self.num_experts, dtype=torch.float64)
+        self.tokens = 0
+
+    def add(self, experts: torch.Tensor, probs: torch.Tensor) -> None:
+        """experts: (T, K) selected experts; probs: (T, E) router probabilities."""
+        self.routed += torch.bincount(experts.reshape(-1), minlength=self.num_experts).to(torch.float64)
+        self.prob_sum += probs.detach().sum(0).to(torch.float64)
+        self.tokens += experts.shape[0]
+
+
+class MoEHook:
+    """Extension points for federated methods; every method is a no-op here.
+
+    A method subclasses this and overrides only what it needs, then attaches it with
+    ``SparseMoEFFN.hooks.append``. The layer calls the hooks in order.
+    """
+
+    def modulate(
+        self, layer: "SparseMoEFFN", select: torch.Tensor, logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map (selection scores, probability logits), both (T, E), to new ones; both start as the raw
+        router scores. Selection scores decide the top-K; probability logits feed the softmax (DMR
+        changes both, a selection bias only the first)."""
+        return select, logits
+
+    def observe_experts(
+        self, layer: "SparseMoEFFN", layout: "SlotLayout", tensors: dict[str, torch.Tensor]
+    ) -> None:
+        """See the experts' computation on the S slots of ``layout`` (the token of slot s is
+        ``layout.token[s]``): tensors holds ``hidden`` (S, h) after the activation and before the gate,
+        and ``gates`` (S,). Register tensor
+        hooks here to capture per-token gradients (pseudo-gradients)."""
+
+    def adjust_output(self, layer: "SparseMoEFFN", output: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
+        """Change the combined output (T, d) of the routed tokens (default outputs, rescaling)."""
+        return output
+
+
+class SparseMoEFFN(nn.Module):
+    """A feed-forward block of ``num_experts`` experts, each with its own LoRA, routed top-K per token.
+
+    Frozen expert weights are stacked: ``w_up: (E, d, h)``, optional ``w_gate: (E, d, h)`` for gated
+    (SwiGLU) FFNs, optional ``b_up: (E, h)``, ``w_down: (E, h, d)``, optional shared ``b_down: (d,)``.
+    Every stacked matrix ``W`` gets stacked LoRA factors ``lora_<name>_a: (E, in, r)`` and
+    ``lora_<name>_b: (E, r, out)``. With one expert the block is a dense FFN and has no router.
+    """
+
+    def __init__(
+        self,
+        w_up: torch.Tensor,
+        w_down: torch.Tensor,
+        activation: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        w_gate: torch.Tensor | None = None,
+        b_up: torch.Tensor | None = None,
+        b_down: torch.Tensor | None = None,
+        router_weight: torch.Tensor | None = None,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        gate_mode: str = "straight_through",
+        context: RoutingContext | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        num_experts, d_model, d_hidden = w_up.shape
+        if w_down.shape != (num_experts, d_hidden, d_model):
+            raise ValueError(f"w_down must be {(num_experts, d_hidden, d_model)}, got {tuple(w_down.shape)}")
+        if gate_mode not in GATE_MODES:
+            raise ValueError(f"gate_mode must be one of {GATE_MODES}, got {gate_mode!r}")
+        if num_experts > 1 and router_weight is None:
+            raise ValueError("a layer with several experts needs router_weight of shape (num_experts, d_model)")
+        self.num_experts, self.d_model, self.d_hidden = num_experts, d_model, d_hidden
+        self.activation = activation
+        self.gate_mode = gate_mode
+        self.context = context or RoutingContext()
+        self.lora_rank = lora_rank
+        self.lora_scale = lora_alpha / lora_rank
+        self.active_rank = lora_rank
+        self.top_k = num_experts
+
+        frozen = lambda t: None if t is None else nn.Parameter(t.detach().clone(), requires_grad=False)  # noqa: E731
+        self.w_up, self.w_gate, self.w_down = frozen(w_up), frozen(w_gate), frozen(w_down)
+        self.b_up, self.b_down = frozen(b_up), frozen(b_down)
+        self.router = None
+        if num_experts > 1:
+            self.router = nn.Linear(d_model, num_experts, bias=False)
+            with torch.no_grad():
+                self.router.weight.copy_(router_weight)
+
+        self.adapted = ["up", "down"] + (["gate"] if w_gate is not None else [])
+        for name in self.adapted:
+            d_in, d_out = (d_hidden, d_model) if name == "down" else (d_model, d_hidden)
+            a = kaiming_uniform((num_experts, d_in, lora_rank), d_in, generator)
+            self.register_parameter(f"lora_{name}_a", nn.Parameter(a))
+            self.register_parameter(f"lora_{name}_b", nn.Parameter(torch.zeros(num_experts, lora_rank, d_out)))
+
+        self.hooks: list[MoEHook] = []
+        self.counter = RoutingCounter(num_experts)
+        self.last_routing: RoutingRecord | None = None
+
+    # ------------------------------------------------------------------ configuration
+    def set_top_k(self, k: int) -> None:
+        """Activate ``k`` experts per token from now on (1 <= k <= num_experts)."""
+        if not isinstance(k, int) or not 1 <= k <= self.num_experts:
+            raise ValueError(
+                f"top-K must be an integer in [1, {self.num_experts}] (the layer has {self.num_experts} experts), got {k!r}"
+            )
+        self.top_k = k
+
+    def lora_parameters_per_expert(self) -> int:
+        """Trainable LoRA numbers of one expert: r * (in + out) for every adapted matrix."""
+        return sum(self.lora_rank * (self.d_hidden + self.d_model) for _ in self.adapted)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (batch, seq, d) -> (batch, seq, d); padding positions get zeros (plus ``b_down``)."""
+        shape = hidden.shape
+        flat = hidden.reshape(-1, self.d_model)
+        mask = self.context.token_mask
+        token_index = None
+        if mask is not None:
+            token_index = mask.reshape(-1).nonzero().squeeze(1)
+            x = flat.index_select(0, token_index)
+        else:
+            x = flat
+        y = self._route_and_compute(x)
+        if token_index is not None:
+            y = torch.zeros_like(flat).index_copy(0, token_index, y)
+        if self.b_down is not None:
+            y = y + self.b_down
+        return y.reshape(shape)
+
+    def _route_and_compute(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (T, d) real tokens -> (T, d) combined expert outputs (without ``b_down``)."""
+        if self.router is None:
+            return self._all_experts(x, None)
+        scores = self.router(x)  # (T, E)
+        select, logits = scores, scores
+        for hook in self.hooks:
+            select, logits = hook.modulate(self, select, logits)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(x.dtype)
+        experts = select.topk(self.top_k, dim=-1).indices  # (T, K)
+        gates = probs.gather(1, experts)
+        if self.gate_mode == "straight_through":
+            gates = gates - gates.detach() + 1.0  # value exactly 1, gradient d/dp to the router
+        elif self.gate_mode == "softmax_renorm":
+            gates = gates / gates.sum(-1, keepdim=True)
+        record = RoutingRecord(scores, logits, probs, experts, gates)
+        self.last_routing = record
+        self.counter.add(experts, probs)
+        if self.top_k == self.num_experts:
+            # Every expert takes every token: no sort or gather, the dense FFN's compute exactly.
+            by_expert = torch.empty_like(gates).scatter(1, experts, gates)  # (T, E) in expert order
+            y = self._all_experts(x, by_expert)
+        else:
+            layout = SlotLayout.from_experts(experts, self.num_experts)
+            y = self._routed_experts(x, layout, gates.reshape(-1).index_select(0, layout.order))
+        for hook in self.hooks:
+            y = hook.adjust_output(self, y, record)
+        return y
+
+    def _lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The active ranks of matrix ``name``'s stacked LoRA: a (E, in, r), b (E, r, out)."""
+        a, b = getattr(self, f"lora_{name}_a"), getattr(self, f"lora_{name}_b")
+        if self.active_rank == self.lora_rank:
+            return a, b
+        return a[:, :, : self.active_rank].contiguous(), b[:, : self.active_rank].contiguous()
+
+    def _input_lora(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every expert's LoRA down-projection of the tokens in one matmul: x (T, d) @ (d, E*r).
+
+        Returns (projected (T, E, r), b (E, r, out)). A token routed to K experts is read once.
+        """
+        a, b = self._lora_factors(name)
+        projected = x @ a.permute(1, 0, 2).reshape(self.d_model, -1)
+        return projected.view(x.shape[0], self.num_experts, -1), b
+
+    def _hidden(self, up: torch.Tensor, gate: torch.Tensor | None, b_up: torch.Tensor | None) -> torch.Tensor:
+        """The activation: act(up + b_up) or, for gated FFNs, act(gate) * up."""
+        if b_up is not None:
+            up = up + b_up
+        return self.activation(gate) * up if gate is not None else self.activation(up)
+
+    def _routed_experts(self, x: torch.Tensor, layout: "SlotLayout", slot_gates: torch.Tensor) -> torch.Tensor:
+        """Experts on their slots, grouped by expert. x: (T, d); slot_gates: (S,) -> (T, d).
+
+        LoRA rides inside the frozen grouped matmuls (``grouped_lora``); the gate multiplies the hidden
+        activation (S, h/E) rather than the output (S, d): the same value over fewer numbers.
+        """
+        T = x.shape[0]
+
+        def project(name: str, bias: torch.Tensor | None = None) -> torch.Tensor:  # (S, h)
+            projected, b = self._input_lora(name, x)
+            return GroupedUpProjection.apply(x, projected.reshape(T * self.num_experts, -1), getattr(self, f"w_{name}"),
+                                             b, bias, self.lora_scale, layout.token, layout.pair, layout.ends,
+                                             layout.counts)
+
+        hidden = self._hidden(project("up", self.b_up), project("gate") if self.w_gate is not None else None, None)
+        for hook in self.hooks:
+            hook.observe_experts(self, layout, {"hidden": hidden, "gates": slot_gates})
+        a, b = self._lora_factors("down")
+        y, low_rank = GroupedDownProjection.apply(hidden * slot_gates.unsqueeze(1), self.w_down, a, layout.token,
+                                                  layout.pair, T, layout.ends, layout.counts)
+        return torch.addmm(y, low_rank.view(T, -1), b.reshape(-1, self.d_model) * self.lora_scale)
+
+    def _all_experts(self, x: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
+        """Every expert on every token as one wide FFN. x: (T, d); gates: (T, E) or None -> (T, d)."""
+        T, E, h = x.shape[0], self.num_experts, self.d_hidden
+
+        def project(name: str) -> torch.Tensor:  # (T, E, h)
+            weight = getattr(self, f"w_{name}").permute(1, 0, 2).reshape(self.d_model, E * h)
+            projected, b = self._input_lora(name, x)
+            low_rank = torch.bmm(projected.transpose(0, 1), b).transpose(0, 1)  # (T, E, h)
+            return (x @ weight).view(T, E, h) + low_rank * self.lora_scale
+
+        hidden = self._hidden(project("up"), project("gate") if self.w_gate is not None else None, self.b_up)
+        if self.hooks:
+            layout = SlotLayout.every_expert(T, E)
+            slot_gates = torch.ones(T * E, dtype=x.dtype) if gates is None else gates.T.reshape(-1)
+            for hook in self.hooks:
+                hook.observe_experts(self, layout, {"hidden": hidden.transpose(0, 1).reshape(T * E, h),
+                                                    "gates": slot_gates})
+        if gates is not None:
+            hidden = hidden * gates.unsqueeze(2)
+        a, b = self._lora_factors("down")
+        low_rank = torch.bmm(hidden.transpose(0, 1), a)  # (E, T, r)
+        y = hidden.reshape(T, E * h) @ self.w_down.reshape(E * h, self.d_model)
+        return torch.addmm(y, low_rank.transpose(0, 1).reshape(T, -1), b.reshape(-1, self.d_model) * self.lora_scale)
+
+
+@dataclass
+class SlotLayout:
+    """The S = T*K (token, expert) pairs of a batch, sorted by expert ("slots").
+
+    order: (S,) position of each slot in the flattened (T, K) selection; token: (S,) its token;
+    expert: (S,) its expert; pair: (S,) token * E + expert, its row in a flattened (T, E) table;
+    counts: (E,) slots per expert (a Python list); ends: (E,) int32 cumulative counts, the group ends
+    a grouped matmul takes.
+    """
+
+    order: torch.Tensor
+    token: torch.Tensor
+    expert: torch.Tensor
+    counts: list[int]
+    ends: torch.Tensor
+
+    @property
+    def pair(self) -> torch.Tensor:
+        return self.token * len(self.counts) + self.expert
+
+    @classmethod
+    def from_experts(cls, experts: torch.Tensor, num_experts: int) -> "SlotLayout":
+        """experts: (T, K) selected experts -> the layout sorted by expert (one stable sort)."""
+        flat = experts.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=num_experts)
+        return cls(order, order // experts.shape[1], flat.index_select(0, order), counts.tolist(),
+                   counts.cumsum(0).to(torch.int32))
+
+    @classmethod
+    def every_expert(cls, num_tokens: int, num_experts: int) -> "SlotLayout":
+        """Every expert takes every token: slot e*T + t is token t at expert e."""
+        slots = torch.arange(num_tokens * num_experts)
+        counts = torch.full((num_experts,), num_tokens)
+        return cls(slots, slots % num_tokens, slots // num_tokens, counts.tolist(),
+                   counts.cumsum(0).to(torch.int32))

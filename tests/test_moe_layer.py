@@ -1,0 +1,170 @@
+"""The sparse-MoE FFN: exactness against the dense FFN, routing, gradients, padding, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ubsmoe.model.grouped_lora import GroupedDownProjection, GroupedUpProjection
+from ubsmoe.model.moe_layer import RoutingContext, SlotLayout, SparseMoEFFN
+from ubsmoe.model.upcycle import DenseFFN, centroid_router, split_ffn
+
+D, H, E = 16, 32, 4
+
+
+def dense_ffn(gated: bool, seed: int = 0) -> DenseFFN:
+    g = torch.Generator().manual_seed(seed)
+    w_up, w_down = torch.randn(D, H, generator=g) / D**0.5, torch.randn(H, D, generator=g) / H**0.5
+    if gated:
+        return DenseFFN(w_up, w_down, F.silu, w_gate=torch.randn(D, H, generator=g) / D**0.5)
+    return DenseFFN(w_up, w_down, F.gelu, b_up=torch.randn(H, generator=g) * 0.1, b_down=torch.randn(D, generator=g) * 0.1)
+
+
+def moe_from(dense: DenseFFN, num_experts: int = E, rank: int = 4, random_b: bool = True, seed: int = 0) -> SparseMoEFFN:
+    split = split_ffn(dense, num_experts, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    layer = SparseMoEFFN(split.w_up, split.w_down, dense.activation, w_gate=split.w_gate, b_up=split.b_up,
+                         b_down=split.b_down, router_weight=centroid_router(dense, split), lora_rank=rank, generator=g)
+    if random_b:
+        for name, p in layer.named_parameters():
+            if name.startswith("lora_") and name.endswith("_b"):
+                p.data.normal_(0, 0.5, generator=g)
+    return layer
+
+
+def reference_forward(layer: SparseMoEFFN, x: torch.Tensor) -> torch.Tensor:
+    """Token by token, expert by expert: the definition the vectorised layer must match. x: (T, d)."""
+    probs = torch.softmax(layer.router(x), -1)
+    experts = probs.topk(layer.top_k, -1).indices
+    rows = []
+    for t in range(x.shape[0]):
+        out = layer.b_down.clone() if layer.b_down is not None else x.new_zeros(layer.d_model)
+        for e in experts[t].tolist():
+            def lin(name, v):
+                return v @ getattr(layer, f"w_{name}")[e] + (v @ getattr(layer, f"lora_{name}_a")[e]) @ getattr(layer, f"lora_{name}_b")[e] * layer.lora_scale
+            up = lin("up", x[t])
+            if layer.b_up is not None:
+                up = up + layer.b_up[e]
+            hidden = layer.activation(lin("gate", x[t])) * up if layer.w_gate is not None else layer.activation(up)
+            gate = probs[t, e] - probs[t, e].detach() + 1.0
+            out = out + gate * lin("down", hidden)
+        rows.append(out)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_all_experts_with_unit_gates_equal_the_dense_ffn(gated):
+    dense = dense_ffn(gated)
+    layer = moe_from(dense, random_b=False)
+    layer.set_top_k(E)
+    x = torch.randn(1, 10, D, generator=torch.Generator().manual_seed(3))
+
+    y = layer(x)
+
+    torch.testing.assert_close(y[0], dense(x[0]), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_vectorised_layer_matches_token_by_token_reference(gated, k):
+    layer = moe_from(dense_ffn(gated)).double()  # float64: differences are then bugs, not rounding
+    layer.set_top_k(k)
+    x = torch.randn(12, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+
+    y = layer(x.unsqueeze(0))[0]
+    grads = torch.autograd.grad(y.square().sum(), [x] + [p for p in layer.parameters() if p.requires_grad])
+    y_ref = reference_forward(layer, x_ref)
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), [x_ref] + [p for p in layer.parameters() if p.requires_grad])
+
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_projections_pass_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    T, S_E, d, h, r = 5, 3, 4, 6, 2
+    experts = torch.rand(T, S_E, generator=g).topk(2, -1).indices
+    layout = SlotLayout.from_experts(experts, S_E)
+    dd = dict(dtype=torch.float64)
+    x = torch.randn(T, d, **dd, requires_grad=True)
+    projected = torch.randn(T * S_E, r, **dd, requires_grad=True)
+    w_up, b_up = torch.randn(S_E, d, h, **dd), torch.randn(S_E, h, **dd)
+    b = torch.randn(S_E, r, h, **dd, requires_grad=True)
+    up = lambda x_, p_, b_: GroupedUpProjection.apply(x_, p_, w_up, b_, b_up, 0.5, layout.token, layout.pair,  # noqa: E731
+                                                      layout.ends, layout.counts)
+    assert torch.autograd.gradcheck(up, (x, projected, b))
+    hidden = torch.randn(layout.token.shape[0], h, **dd, requires_grad=True)
+    w_down = torch.randn(S_E, h, d, **dd)
+    a = torch.randn(S_E, h, r, **dd, requires_grad=True)
+    down = lambda h_, a_: GroupedDownProjection.apply(h_, w_down, a_, layout.token, layout.pair, T,  # noqa: E731
+                                                      layout.ends, layout.counts)
+    assert torch.autograd.gradcheck(down, (hidden, a))
+
+
+def test_active_experts_get_lora_gradients_and_inactive_experts_none():
+    layer = moe_from(dense_ffn(False))
+    layer.set_top_k(1)
+    x = torch.randn(1, 6, D, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():  # steer every token to experts 0 and 2 only
+        layer.router.weight.zero_()
+        layer.router.bias = None
+        layer.router.weight[0] = x[0, :3].mean(0) * 10
+        layer.router.weight[2] = -x[0, :3].mean(0) * 10
+
+    layer(x).sum().backward()
+
+    active = set(layer.last_routing.experts.flatten().tolist())
+    assert active and active < set(range(E))
+    for name in ("lora_up_a", "lora_up_b", "lora_down_a", "lora_down_b"):
+        grad = getattr(layer, name).grad
+        for e in range(E):
+            if e in active:
+                assert grad[e].abs().sum() > 0, (name, e)
+            else:
+                assert torch.count_nonzero(grad[e]) == 0, (name, e)
+    assert layer.router.weight.grad.abs().sum() > 0  # straight-through gate: the router learns
+
+
+def test_straight_through_gate_has_value_one():
+    layer = moe_from(dense_ffn(False))
+    layer.set_top_k(2)
+    layer(torch.randn(1, 5, D))
+    assert torch.equal(layer.last_routing.gates, torch.ones(5, 2))
+
+
+def test_routing_statistics_add_up_and_padding_is_ignored():
+    layer = moe_from(dense_ffn(False))
+    layer.context = RoutingContext()
+    layer.set_top_k(2)
+    x = torch.randn(2, 7, D, generator=torch.Generator().manual_seed(6))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3], dtype=torch.bool)
+    layer.context.token_mask = mask
+
+    y = layer(x)
+    x_other_padding = x.clone()
+    x_other_padding[1, 4:] = 100.0
+    layer.counter.reset()
+    y_other = layer(x_other_padding)
+
+    assert layer.counter.tokens == 11
+    assert layer.counter.routed.sum().item() == 2 * 11
+    torch.testing.assert_close(layer.counter.prob_sum.sum(), torch.tensor(11.0, dtype=torch.float64))
+    torch.testing.assert_close(y[mask], y_other[mask])
+    assert torch.equal(y[1, 4:], layer.b_down.expand(3, D))  # padding rows are not computed
+
+
+@pytest.mark.parametrize("bad", [0, -1, E + 1, 2.0])
+def test_top_k_outside_range_is_refused(bad):
+    layer = moe_from(dense_ffn(False))
+    with pytest.raises(ValueError, match=rf"top-K must be an integer in \[1, {E}\]"):
+        layer.set_top_k(bad)
+
+
+def test_compute_is_grouped_by_expert_with_one_sort():
+    experts = torch.tensor([[2, 0], [1, 2], [0, 1]])
+    layout = SlotLayout.from_experts(experts, 4)
+    assert layout.counts == [2, 2, 2, 0]
+    assert layout.expert.tolist() == [0, 0, 1, 1, 2, 2]
+    assert layout.token.tolist() == [0, 2, 1, 2, 0, 1]
+    assert layout.ends.tolist() == [2, 4, 6, 6]
