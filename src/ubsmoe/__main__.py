@@ -1,0 +1,5 @@
+import sys
+
+from ubsmoe.cli import main
+
+sys.exit(main())

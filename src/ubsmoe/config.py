@@ -1,0 +1,232 @@
+"""Experiment configuration: typed dataclass sections, TOML files and ``section.key=value`` overrides.
+
+Every field carries help text; unknown keys and values of the wrong type are refused with a message
+that lists what is valid. The resolved configuration is stored with every result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration the user wrote is invalid; the message says what to change."""
+
+
+def option(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
+    """A config field with help text; list defaults are copied per instance."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = option("minilm", "built-in backbone name (minilm) or a local Hugging Face checkpoint folder")
+    num_experts: int = option(8, "M, experts per upcycled FFN layer (must divide the FFN width)")
+    top_k_max: int = option(0, "K_max, experts a full-budget client activates; 0 means num_experts")
+    lora_rank: int = option(8, "LoRA rank r (the largest rank for heterogeneous-rank methods)")
+    lora_alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / rank")
+    router_init: str = option("calibrated", "router initialisation of upcycled experts: calibrated or centroid")
+    calibration_samples: int = option(64, "unlabelled training texts used to calibrate the routers")
+    max_length: int = option(64, "tokens per text after truncation")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = option("bbc_news", "bbc_news, or a .csv/.jsonl file of texts and labels")
+    text_column: str = option("text", "column holding the text (CSV/JSONL files)")
+    label_column: str = option("label", "column holding the label (CSV/JSONL files)")
+    test_file: str = option("", "a separate test file; empty means a stratified split of the dataset")
+    test_fraction: float = option(0.2, "share of each label held out for testing when there is no test_file")
+    max_train_samples: int = option(0, "use at most this many training samples (0: all)")
+    max_test_samples: int = option(0, "use at most this many test samples (0: all)")
+
+
+@dataclass
+class FederationConfig:
+    num_clients: int = option(8, "number of clients")
+    budgets: list[float] = option([0.25, 0.5, 0.75, 1.0], "the budget tiers beta, assigned round-robin")
+    client_budgets: list[float] = option([], "explicit budget per client (overrides round-robin)")
+    partition: str = option("dirichlet", "how data is split over clients: dirichlet or iid")
+    dirichlet_alpha: float = option(1.0, "Dirichlet concentration over labels (smaller: more skewed)")
+    rounds: int = option(5, "federated rounds")
+    fraction_fit: float = option(1.0, "share of clients sampled each round")
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = option(10, "optimiser steps per client per round")
+    local_epochs: float = option(0.0, "if > 0, passes over the client's data per round instead of local_steps")
+    batch_size: int = option(16, "local batch size")
+    lr: float = option(1e-3, "AdamW learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    eval_batch_size: int = option(64, "batch size for evaluation")
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = option(0, "seed of every random choice")
+    threads: int = option(2, "CPU threads torch may use")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "smoe"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def method_name(self) -> str:
+        return self.method["name"]
+
+
+SECTIONS = ("model", "data", "federation", "train")
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def parse_value(text: str, kind: Any, key: str) -> Any:
+    """Convert the override text for ``key`` to ``kind`` (int, float, bool, str, list[float], list[int])."""
+    origin = typing.get_origin(kind)
+    try:
+        if origin is list:
+            (item,) = typing.get_args(kind)
+            body = text.strip().removeprefix("[").removesuffix("]").strip()
+            return [parse_value(part, item, key) for part in body.split(",")] if body else []
+        if kind is bool:
+            lowered = text.strip().lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(text)
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        return str(text)
+    except ValueError:
+        name = getattr(kind, "__name__", str(kind))
+        raise ConfigError(f"{key}={text!r}: expected a value of type {name}") from None
+
+
+def check_value(value: Any, kind: Any, key: str) -> Any:
+    """Type-check a value read from TOML; ints are accepted where floats are expected."""
+    origin = typing.get_origin(kind)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(kind)
+        return [check_value(v, item, key) for v in value]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float, bool, str) and (type(value) is not kind):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def valid_keys(method_fields: dict[str, Any] | None = None) -> list[str]:
+    """Every key a config file or override may set."""
+    top = [name for name, f in _fields(ExperimentConfig).items() if name not in SECTIONS + ("method",)]
+    keys = top + [f"{s}.{k}" for s in SECTIONS for k in _fields(type(getattr(ExperimentConfig(), s)))]
+    keys.append("method.name")
+    keys += [f"method.{k}" for k in (method_fields or {})]
+    return keys
+
+
+def _unknown(key: str, method_fields: dict[str, Any] | None) -> ConfigError:
+    return ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys(method_fields))}")
+
+
+def apply_setting(config: ExperimentConfig, key: str, value: Any, from_text: bool,
+                  method_fields: dict[str, Any] | None = None) -> None:
+    """Set ``key`` (``seed`` or ``section.field``) on ``config``; method keys are checked later."""
+    section, _, name = key.partition(".")
+    if not name:
+        top = _fields(ExperimentConfig)
+        if section not in top or section in SECTIONS + ("method",):
+            raise _unknown(key, method_fields)
+        kind = typing.get_type_hints(ExperimentConfig)[section]
+        setattr(config, section, parse_value(value, kind, key) if from_text else check_value(value, kind, key))
+        return
+    if section == "method":
+        if method_fields is not None and name != "name" and name not in method_fields:
+            raise _unknown(key, method_fields)
+        config.method[name] = value
+        return
+    if section not in SECTIONS:
+        raise _unknown(key, method_fields)
+    target = getattr(config, section)
+    hints = typing.get_type_hints(type(target))
+    if name not in hints:
+        raise _unknown(key, method_fields)
+    setattr(target, name, parse_value(value, hints[name], key) if from_text else check_value(value, hints[name], key))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                method: str | None = None) -> ExperimentConfig:
+    """Defaults, then the TOML file, then ``key=value`` overrides, then ``--method``. Method options
+    are resolved against the method's own config by ``resolve_method_options``."""
+    config = ExperimentConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+        for key, value in data.items():
+            if isinstance(value, dict):
+                for sub, sub_value in value.items():
+                    apply_setting(config, f"{key}.{sub}", sub_value, from_text=False)
+            else:
+                apply_setting(config, key, value, from_text=False)
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. federation.rounds=3)")
+        apply_setting(config, key.strip(), value.strip(), from_text=True)
+    if method is not None:
+        config.method["name"] = method
+    return config
+
+
+def resolve_method_options(config: ExperimentConfig, options_cls) -> Any:
+    """Turn ``config.method`` into the method's options dataclass (typed, unknown keys refused) and
+    store the resolved values back into ``config.method``."""
+    method_fields = typing.get_type_hints(options_cls) if options_cls is not None else {}
+    values = {}
+    for key, value in config.method.items():
+        if key == "name":
+            continue
+        if key not in method_fields:
+            raise _unknown(f"method.{key}", method_fields)
+        kind = method_fields[key]
+        values[key] = parse_value(value, kind, f"method.{key}") if isinstance(value, str) and kind is not str \
+            else check_value(value, kind, f"method.{key}")
+    options = options_cls(**values) if options_cls is not None else None
+    config.method = {"name": config.method_name} | (dataclasses.asdict(options) if options is not None else {})
+    return options
+
+
+def describe(config_cls=ExperimentConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every field, for ``ubsmoe run --help-config``."""
+    rows = []
+    for f in dataclasses.fields(config_cls):
+        if dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING else None):
+            rows += describe(type(f.default_factory()), f"{f.name}.")
+        elif f.name != "method":
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((prefix + f.name, json.dumps(default), f.metadata.get("help", "")))
+    return rows

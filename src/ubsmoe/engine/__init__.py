@@ -1,0 +1,1 @@
+"""The round engine: clients, local training, per-tier evaluation, and the in-process simulation runner."""

@@ -1,0 +1,45 @@
+"""Per-tier evaluation: each tier runs the model a client of that budget holds, on the same test set."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ubsmoe.data.dataset import TokenizedDataset
+from ubsmoe.methods.base import FederatedMethod, ServerState
+from ubsmoe.model import MoEClassifier
+
+
+@torch.inference_mode()
+def evaluate(model: MoEClassifier, data: TokenizedDataset, batch_size: int) -> dict:
+    """Accuracy, mean loss and per-layer expert load (L, E) of the model as it is configured now."""
+    model.eval()
+    model.reset_routing_counters()
+    correct, loss_sum = 0, 0.0
+    for input_ids, attention_mask, labels in data.batches(batch_size):
+        logits = model(input_ids, attention_mask)
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(-1) == labels).sum().item()
+    result = {"accuracy": correct / len(data), "loss": loss_sum / len(data)}
+    if model.num_experts > 1:
+        routed, tokens, _ = model.routing_counts()
+        result["expert_load"] = (routed / tokens.clamp_min(1).unsqueeze(1)).tolist()
+    return result
+
+
+def evaluate_tiers(model: MoEClassifier, method: FederatedMethod, state: ServerState, data: TokenizedDataset,
+                   budgets: list[float], batch_size: int) -> dict[float, dict]:
+    """{budget: evaluate(...)}, evaluating tiers that hold identical models once."""
+    done: dict = {}
+    results = {}
+    for budget in budgets:
+        key = method.eval_key(budget)
+        if key not in done:
+            model.load_trainable_state(method.eval_params(state, budget))
+            method.setup_eval(model, budget)
+            try:
+                done[key] = evaluate(model, data, batch_size)
+            finally:
+                method.teardown_eval(model, budget)
+        results[budget] = done[key]
+    return results

@@ -1,0 +1,56 @@
+"""One client's local training on the shared model: AdamW on the trainable tensors, method hooks applied."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ubsmoe.config import TrainConfig
+from ubsmoe.data.dataset import TokenizedDataset
+from ubsmoe.methods.base import ClientInfo, FederatedMethod
+from ubsmoe.model import MoEClassifier
+
+
+def local_steps(config: TrainConfig, num_examples: int) -> int:
+    if config.local_epochs > 0:
+        return max(1, math.ceil(config.local_epochs * num_examples / config.batch_size))
+    return config.local_steps
+
+
+def shuffled_batches(indices: torch.Tensor, batch_size: int, generator: torch.Generator):
+    """Endless batches of ``indices``: a fresh permutation per pass, the last short batch of a pass kept."""
+    while True:
+        order = indices[torch.randperm(len(indices), generator=generator)]
+        yield from order.split(batch_size)
+
+
+def train_local(model: MoEClassifier, method: FederatedMethod, client: ClientInfo, data: TokenizedDataset,
+                indices: torch.Tensor, config: TrainConfig, generator: torch.Generator, progress=None) -> dict:
+    """Run the client's local steps; returns {"train_loss": mean task loss, "steps", "step_seconds"}."""
+    model.train()
+    model.reset_routing_counters()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps = local_steps(config, len(indices))
+    batches = shuffled_batches(indices, config.batch_size, generator)
+    losses, seconds = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        input_ids, attention_mask, labels = data.batch(next(batches))
+        loss = F.cross_entropy(model(input_ids, attention_mask), labels)
+        extra = method.local_loss(model, client)
+        optimizer.zero_grad(set_to_none=True)
+        (loss if extra is None else loss + extra).backward()
+        method.after_backward(model, client)
+        optimizer.step()
+        seconds.append(time.perf_counter() - start)
+        losses.append(loss.item())
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+    if not math.isfinite(sum(losses)):
+        raise FloatingPointError(f"client {client.client_id}: training loss became {sum(losses)}; lower train.lr")
+    return {"train_loss": sum(losses) / len(losses), "steps": steps, "step_seconds": seconds}

@@ -1,0 +1,166 @@
+"""The in-process simulation runner: every client trains in turn on one shared model object.
+
+Only the global trainable tensors and each sampled client's delta are held between clients, never a
+model per client. Same config and seed give the same numbers on the CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ubsmoe.config import ConfigError, ExperimentConfig, resolve_method_options
+from ubsmoe.data.dataset import TokenizedDataset, tokenize
+from ubsmoe.data.sources import load_train_test
+from ubsmoe.engine.clients import make_clients, sample_clients, tiers
+from ubsmoe.engine.evaluation import evaluate_tiers
+from ubsmoe.engine.local_training import local_steps, train_local
+from ubsmoe.methods.base import ClientInfo, FederatedMethod, RoutingStats, get_method
+from ubsmoe.model import MoEClassifier, ModelSpec, build_classifier, load_tokenizer
+
+
+@dataclass
+class Experiment:
+    """Everything a run needs, built once from the config."""
+
+    config: ExperimentConfig
+    method: FederatedMethod
+    model: MoEClassifier
+    train: TokenizedDataset
+    test: TokenizedDataset
+    label_names: list[str]
+    clients: list[ClientInfo]
+    client_indices: list[torch.Tensor]
+    tiers: list[float]
+
+
+def validate(config: ExperimentConfig) -> None:
+    """Semantic checks that types alone do not catch."""
+    checks = [
+        (config.federation.rounds >= 1, "federation.rounds must be >= 1"),
+        (config.federation.num_clients >= 1, "federation.num_clients must be >= 1"),
+        (config.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (config.train.local_steps >= 1 or config.train.local_epochs > 0, "train.local_steps must be >= 1"),
+        (config.train.lr > 0, "train.lr must be > 0"),
+        (config.model.num_experts >= 1, "model.num_experts must be >= 1"),
+        (0 <= config.model.top_k_max <= config.model.num_experts,
+         f"model.top_k_max must be in [0, model.num_experts={config.model.num_experts}] (0 means all)"),
+        (config.model.lora_rank >= 1, "model.lora_rank must be >= 1"),
+        (config.model.router_init in ("calibrated", "centroid"), "model.router_init must be calibrated or centroid"),
+        (config.threads >= 1, "threads must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def build_experiment(config: ExperimentConfig) -> Experiment:
+    torch.set_num_threads(config.threads)
+    method_cls = get_method(config.method_name)
+    options = resolve_method_options(config, method_cls.Options)
+    validate(config)
+    torch.manual_seed(config.seed)
+    train_texts, test_texts = load_train_test(
+        config.data.dataset, config.seed, config.data.test_fraction, config.data.test_file,
+        config.data.text_column, config.data.label_column, config.data.max_train_samples,
+        config.data.max_test_samples)
+    tokenizer = load_tokenizer(config.model.backbone)
+    train = tokenize(train_texts, tokenizer, config.model.max_length)
+    test = tokenize(test_texts, tokenizer, config.model.max_length)
+    clients, parts = make_clients(config.federation, train_texts.labels, config.seed)
+
+    method = method_cls(options, k_max=0)
+    spec = method.model_spec(ModelSpec(
+        backbone=config.model.backbone, num_experts=config.model.num_experts, lora_rank=config.model.lora_rank,
+        lora_alpha=config.model.lora_alpha, router_init=config.model.router_init, seed=config.seed))
+    calibration = None
+    if spec.num_experts > 1 and spec.router_init == "calibrated":
+        # The server's calibration set: a few unlabelled training texts (labels are never read).
+        chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
+        calibration = [(ids, mask) for ids, mask, _ in train.batches(32, chosen[: config.model.calibration_samples])]
+    model = build_classifier(spec, train_texts.num_labels, calibration_batches=calibration)
+    method.k_max = config.model.top_k_max if (config.model.top_k_max and spec.num_experts > 1) else spec.num_experts
+    return Experiment(config, method, model, train, test, train_texts.label_names, clients,
+                      [torch.from_numpy(p) for p in parts], tiers(config.federation))
+
+
+def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict:
+    """Run every round and return the results dictionary (see ``ubsmoe.report.results``)."""
+    started = time.perf_counter()
+    exp = build_experiment(config)
+    method, model = exp.method, exp.model
+    state = method.initial_state(model)
+    history = []
+    rounds = tqdm(range(1, config.federation.rounds + 1), desc=f"{method.name} rounds", unit="round",
+                  disable=not show_progress)
+    for round_index in rounds:
+        sampled = sample_clients(exp.clients, config.federation.fraction_fit, round_index, config.seed)
+        total_steps = sum(local_steps(config.train, c.num_examples) for c in sampled)
+        updates = []
+        with tqdm(total=total_steps, desc=f"round {round_index} clients", unit="step", leave=False,
+                  disable=not show_progress) as bar:
+            for client in sampled:
+                bar.set_description(f"round {round_index} client {client.client_id} (beta={client.budget:g})")
+                start = method.client_params(state, client)
+                model.load_trainable_state(start)
+                method.setup_client(model, client)
+                torch.manual_seed(seed_for(config.seed, round_index, client.client_id))
+                generator = torch.Generator().manual_seed(seed_for(config.seed + 1, round_index, client.client_id))
+                metrics = train_local(model, method, client, exp.train, exp.client_indices[client.client_id],
+                                      config.train, generator, progress=bar)
+                routing = None
+                if model.num_experts > 1:
+                    routed, tokens, _ = model.routing_counts()
+                    routing = RoutingStats(routed, tokens)
+                update = method.client_update(model, start, client, routing)
+                update.metrics.update(metrics)
+                method.teardown_client(model, client)
+                updates.append(update)
+        state = method.aggregate(state, updates)
+        tier_results = evaluate_tiers(model, method, state, exp.test, exp.tiers, config.train.eval_batch_size)
+        entry = round_entry(round_index, tier_results, updates)
+        history.append(entry)
+        rounds.set_postfix(avg_acc=f"{entry['average_accuracy']:.3f}")
+    return {
+        "method": method.name,
+        "config": config.to_dict(),
+        "label_names": exp.label_names,
+        "num_train": len(exp.train),
+        "num_test": len(exp.test),
+        "tiers": exp.tiers,
+        "clients": [{"id": c.client_id, "budget": c.budget, "num_examples": c.num_examples,
+                     "label_counts": np.bincount(exp.train.labels[exp.client_indices[c.client_id]].numpy(),
+                                                 minlength=len(exp.label_names)).tolist()} for c in exp.clients],
+        "parameters": model.parameter_report(),
+        "k_max": method.k_max,
+        "history": history,
+        "final": {k: v for k, v in history[-1].items() if k != "clients"},
+        "runtime_s": time.perf_counter() - started,
+    }
+
+
+def seed_for(seed: int, round_index: int, client_id: int) -> int:
+    """A distinct, reproducible seed per (experiment seed, round, client)."""
+    return int(np.random.SeedSequence([seed, round_index, client_id]).generate_state(1)[0])
+
+
+def round_entry(round_index: int, tier_results: dict[float, dict], updates) -> dict:
+    tier_accuracy = {str(b): r["accuracy"] for b, r in tier_results.items()}
+    tier_loss = {str(b): r["loss"] for b, r in tier_results.items()}
+    entry = {
+        "round": round_index,
+        "tier_accuracy": tier_accuracy,
+        "average_accuracy": sum(tier_accuracy.values()) / len(tier_accuracy),
+        "tier_loss": tier_loss,
+        "test_loss": sum(tier_loss.values()) / len(tier_loss),
+        "clients": [{"id": u.client.client_id, "budget": u.client.budget, "train_loss": u.metrics["train_loss"],
+                     "steps": u.metrics["steps"]} for u in updates],
+    }
+    loads = {str(b): r["expert_load"] for b, r in tier_results.items() if "expert_load" in r}
+    if loads:
+        entry["tier_expert_load"] = loads
+    return entry

@@ -1,0 +1,1 @@
+"""Reports: results files of a run and their human-readable summaries."""
