@@ -78,7 +78,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    method: dict[str, Any] = field(default_factory=lambda: {"name": "smoe"})
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "ubsmoe"})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

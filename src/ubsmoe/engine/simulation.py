@@ -19,6 +19,7 @@ from ubsmoe.data.sources import load_train_test
 from ubsmoe.engine.clients import make_clients, sample_clients, tiers
 from ubsmoe.engine.evaluation import evaluate_tiers
 from ubsmoe.engine.local_training import local_steps, train_local
+from ubsmoe.metrics.balance import experts_without_update, load_balance
 from ubsmoe.methods.base import ClientInfo, FederatedMethod, RoutingStats, get_method
 from ubsmoe.model import MoEClassifier, ModelSpec, build_classifier, load_tokenizer
 
@@ -123,6 +124,8 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
         state = method.aggregate(state, updates)
         tier_results = evaluate_tiers(model, method, state, exp.test, exp.tiers, config.train.eval_batch_size)
         entry = round_entry(round_index, tier_results, updates)
+        if model.num_experts > 1:
+            entry["balance"] = round_balance(model, tier_results, updates)
         history.append(entry)
         rounds.set_postfix(avg_acc=f"{entry['average_accuracy']:.3f}")
     return {
@@ -146,6 +149,18 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
 def seed_for(seed: int, round_index: int, client_id: int) -> int:
     """A distinct, reproducible seed per (experiment seed, round, client)."""
     return int(np.random.SeedSequence([seed, round_index, client_id]).generate_state(1)[0])
+
+
+def round_balance(model: MoEClassifier, tier_results: dict[float, dict], updates) -> dict:
+    """Expert balance of the round: global training load (from the uploaded counts), each tier's load
+    on the test set, and the share of experts no client updated."""
+    routed = sum(u.routing.routed for u in updates)
+    return {
+        "train": load_balance(routed),
+        "tiers": {str(b): load_balance(torch.tensor(r["expert_load"])) for b, r in tier_results.items()},
+        "experts_without_update": experts_without_update([u.delta for u in updates], model.expert_tensors(),
+                                                         len(model.moe_layers), model.num_experts),
+    }
 
 
 def round_entry(round_index: int, tier_results: dict[float, dict], updates) -> dict:

@@ -91,6 +91,12 @@ class MoEClassifier(nn.Module):
                     raise KeyError(f"{name!r} is not a trainable parameter of this model")
                 params[name].copy_(value)
 
+    def expert_tensors(self) -> dict[str, int]:
+        """Name -> layer index of every trainable tensor stacked by expert (leading dimension E)."""
+        names = {id(p): n for n, p in self.named_parameters()}
+        return {names[id(p)]: i for i, layer in enumerate(self.moe_layers)
+                for n, p in layer.named_parameters() if n.startswith("lora_") and p.requires_grad}
+
     def reset_routing_counters(self) -> None:
         for layer in self.moe_layers:
             layer.counter.reset()

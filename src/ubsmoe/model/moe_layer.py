@@ -100,7 +100,8 @@ class MoEHook:
         hooks here to capture per-token gradients (pseudo-gradients)."""
 
     def adjust_output(self, layer: "SparseMoEFFN", output: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
-        """Change the combined output (T, d) of the routed tokens (default outputs, rescaling)."""
+        """Change the combined output (T, d) of the routed tokens (default outputs, rescaling), or
+        register a hook on it to capture the gradient arriving at the layer's output."""
         return output
 
 
@@ -154,6 +155,9 @@ class SparseMoEFFN(nn.Module):
             self.router = nn.Linear(d_model, num_experts, bias=False)
             with torch.no_grad():
                 self.router.weight.copy_(router_weight)
+            # Per-expert routing-logit modulation (DMR's phi): frozen and unused unless a method's hook
+            # applies it and unfreezes it, so that it trains and travels with the other tensors.
+            self.modulation = nn.Parameter(torch.zeros(num_experts), requires_grad=False)
 
         self.adapted = ["up", "down"] + (["gate"] if w_gate is not None else [])
         for name in self.adapted:
@@ -263,12 +267,17 @@ class SparseMoEFFN(nn.Module):
                                              b, bias, self.lora_scale, layout.token, layout.pair, layout.ends,
                                              layout.counts)
 
-        hidden = self._hidden(project("up", self.b_up), project("gate") if self.w_gate is not None else None, None)
-        for hook in self.hooks:
-            hook.observe_experts(self, layout, {"hidden": hidden, "gates": slot_gates})
+        up = project("up", self.b_up)
+        gate = project("gate") if self.w_gate is not None else None
+        hidden = self._hidden(up, gate, None)
+        gated = hidden * slot_gates.unsqueeze(1)
+        if self.hooks:
+            tensors = {"tokens": x, "up": up, "gate": gate, "hidden": gated, "gates": slot_gates}
+            for hook in self.hooks:
+                hook.observe_experts(self, layout, tensors)
         a, b = self._lora_factors("down")
-        y, low_rank = GroupedDownProjection.apply(hidden * slot_gates.unsqueeze(1), self.w_down, a, layout.token,
-                                                  layout.pair, T, layout.ends, layout.counts)
+        y, low_rank = GroupedDownProjection.apply(gated, self.w_down, a, layout.token, layout.pair, T, layout.ends,
+                                                  layout.counts)
         return torch.addmm(y, low_rank.view(T, -1), b.reshape(-1, self.d_model) * self.lora_scale)
 
     def _all_experts(self, x: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
@@ -282,12 +291,6 @@ class SparseMoEFFN(nn.Module):
             return (x @ weight).view(T, E, h) + low_rank * self.lora_scale
 
         hidden = self._hidden(project("up"), project("gate") if self.w_gate is not None else None, self.b_up)
-        if self.hooks:
-            layout = SlotLayout.every_expert(T, E)
-            slot_gates = torch.ones(T * E, dtype=x.dtype) if gates is None else gates.T.reshape(-1)
-            for hook in self.hooks:
-                hook.observe_experts(self, layout, {"hidden": hidden.transpose(0, 1).reshape(T * E, h),
-                                                    "gates": slot_gates})
         if gates is not None:
             hidden = hidden * gates.unsqueeze(2)
         a, b = self._lora_factors("down")
@@ -323,12 +326,4 @@ class SlotLayout:
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=num_experts)
         return cls(order, order // experts.shape[1], flat.index_select(0, order), counts.tolist(),
-                   counts.cumsum(0).to(torch.int32))
-
-    @classmethod
-    def every_expert(cls, num_tokens: int, num_experts: int) -> "SlotLayout":
-        """Every expert takes every token: slot e*T + t is token t at expert e."""
-        slots = torch.arange(num_tokens * num_experts)
-        counts = torch.full((num_experts,), num_tokens)
-        return cls(slots, slots % num_tokens, slots // num_tokens, counts.tolist(),
                    counts.cumsum(0).to(torch.int32))

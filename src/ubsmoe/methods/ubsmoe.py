@@ -1,0 +1,132 @@
+"""UB-SMoE: Dynamic Modulated Routing (DMR) plus the Universal Pseudo-Gradient (PG), on top of sparse MoE.
+
+Each client activates its top-K_c experts by modulated logits m = s + phi (phi added inside the top-N_p
+candidates), trains phi with a range regulariser, and adds pseudo-gradients for the experts it did
+not activate. The server averages everything by data size, then pulls each layer's phi towards a
+utilisation target:
+    u_i = sum_c p_c a_ci / n_c,  u* = K_bar / M,  phi_target_i = tanh(u* / (u_i + eps) - 1),
+    phi <- zeta * phi_bar + (1 - zeta) * phi_target.
+Switches ``dmr``, ``pg`` and ``reg`` give the ablations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ubsmoe.config import option
+from ubsmoe.methods.base import ClientInfo, ClientUpdate, FederatedMethod, ServerState, register, top_k_for_budget
+from ubsmoe.model import MoEClassifier
+from ubsmoe.model.modulated_routing import ModulatedRouting, range_penalty
+from ubsmoe.model.pseudo_gradient import PseudoGradient, sparsity_factor
+
+
+@dataclass
+class UBSMoEOptions:
+    dmr: bool = option(True, "Dynamic Modulated Routing on/off")
+    pg: bool = option(True, "Universal Pseudo-Gradient on/off")
+    reg: bool = option(True, "range regulariser on phi on/off")
+    candidates: int = option(0, "N_p, the candidate-set size (K_max <= N_p <= M); 0 means min(M, 2 K_max)")
+    zeta: float = option(0.5, "blend: phi = zeta * (clients' mean phi) + (1 - zeta) * utilisation target")
+    lam: float = option(1e-2, "lambda, weight of the range regulariser")
+    eps: float = option(1e-6, "epsilon in the utilisation target")
+    phi_min: float = option(-1.0, "lower end of phi's allowed range")
+    phi_max: float = option(1.0, "upper end of phi's allowed range")
+    rho: str = option("1-k/m", "pseudo-gradient scale rho_c: 1-k/m, m/k or kmax/k")
+
+
+def utilisation_target(routed: torch.Tensor, tokens: torch.Tensor, top_k: torch.Tensor, eps: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global utilisation and the modulation target from the clients' uploads.
+
+    routed: (C, L, E) tokens each client routed to each expert; tokens: (C, L) tokens each client saw;
+    top_k: (C,) the clients' K_c. Returns (u (L, E), phi_target (L, E)).
+    """
+    weights = tokens / tokens.sum(0, keepdim=True)  # p_c per layer: (C, L)
+    usage = (weights.unsqueeze(2) * routed / tokens.clamp_min(1).unsqueeze(2)).sum(0)  # (L, E)
+    k_bar = (weights * top_k.unsqueeze(1)).sum(0)  # (L,)
+    target_usage = (k_bar / routed.shape[2]).unsqueeze(1)  # u* = K_bar / M
+    return usage, torch.tanh(target_usage / (usage + eps) - 1)
+
+
+@register
+class UBSMoE(FederatedMethod):
+    name = "ubsmoe"
+    description = "UB-SMoE: sparse MoE with Dynamic Modulated Routing and the Universal Pseudo-Gradient"
+    Options = UBSMoEOptions
+
+    def __init__(self, options: UBSMoEOptions, k_max: int):
+        super().__init__(options, k_max)
+        if options.rho not in ("1-k/m", "m/k", "kmax/k"):
+            raise ValueError(f"method.rho must be 1-k/m, m/k or kmax/k, got {options.rho!r}")
+        if not 0 <= options.zeta <= 1:
+            raise ValueError(f"method.zeta must be in [0, 1], got {options.zeta}")
+        if options.phi_min > options.phi_max:
+            raise ValueError("method.phi_min must not exceed method.phi_max")
+        self.hooks: list = []
+
+    def candidates(self, num_experts: int) -> int:
+        n = self.options.candidates or min(num_experts, 2 * self.k_max)
+        if not self.k_max <= n <= num_experts:
+            raise ValueError(f"method.candidates must lie in [K_max={self.k_max}, M={num_experts}], got {n}")
+        return n
+
+    # ------------------------------------------------------------------ server
+    def initial_state(self, model: MoEClassifier) -> ServerState:
+        if model.num_experts < 2:
+            raise ValueError("ubsmoe needs a sparse model: set model.num_experts >= 2")
+        if self.options.dmr:
+            self.candidates(model.num_experts)  # fail before training if N_p is out of range
+            for layer in model.moe_layers:
+                layer.modulation.requires_grad_(True)
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.phi_names = [names[id(layer.modulation)] for layer in model.moe_layers]
+        return ServerState(params=model.trainable_state())
+
+    def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
+        state = super().aggregate(state, updates)  # FedAvg, phi included: phi_bar
+        if not self.options.dmr or not updates:
+            return state
+        routed = torch.stack([u.routing.routed for u in updates])
+        tokens = torch.stack([u.routing.tokens for u in updates])
+        top_k = torch.tensor([top_k_for_budget(self.k_max, u.client.budget) for u in updates], dtype=torch.float64)
+        usage, target = utilisation_target(routed, tokens, top_k, self.options.eps)
+        params = dict(state.params)
+        zeta = self.options.zeta
+        for layer_index, name in enumerate(self.phi_names):
+            params[name] = (zeta * params[name] + (1 - zeta) * target[layer_index].to(params[name].dtype))
+        return replace(state, params=params, extra={"usage": usage.tolist(), "phi_target": target.tolist()})
+
+    # ------------------------------------------------------------------ client
+    def setup_client(self, model: MoEClassifier, client: ClientInfo) -> None:
+        k = top_k_for_budget(self.k_max, client.budget)
+        model.set_top_k(k)
+        self.hooks = []
+        if self.options.dmr:
+            self.hooks.append(ModulatedRouting(self.candidates(model.num_experts)))
+        if self.options.pg and client.client_id >= 0:  # training only, not evaluation
+            rho = sparsity_factor(self.options.rho, k, self.k_max, model.num_experts)
+            self.hooks.append(PseudoGradient(rho))
+        for layer in model.moe_layers:
+            layer.hooks.extend(self.hooks)
+
+    def teardown_client(self, model: MoEClassifier, client: ClientInfo) -> None:
+        for layer in model.moe_layers:
+            layer.hooks = [h for h in layer.hooks if h not in self.hooks]
+        self.hooks = []
+
+    def local_loss(self, model: MoEClassifier, client: ClientInfo) -> torch.Tensor | None:
+        if not (self.options.dmr and self.options.reg):
+            return None
+        return self.options.lam * sum(range_penalty(layer.modulation, self.options.phi_min, self.options.phi_max)
+                                      for layer in model.moe_layers)
+
+    def after_backward(self, model: MoEClassifier, client: ClientInfo) -> None:
+        for hook in self.hooks:
+            if isinstance(hook, PseudoGradient):
+                for layer in model.moe_layers:
+                    hook.apply(layer)
+
+    def eval_key(self, budget: float) -> int:
+        return top_k_for_budget(self.k_max, budget)

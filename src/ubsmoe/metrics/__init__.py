@@ -1,0 +1,1 @@
+"""Metrics the engine records for every method: expert balance (and, later, cost)."""

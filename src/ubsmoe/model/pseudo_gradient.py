@@ -1,0 +1,104 @@
+"""The Universal Pseudo-Gradient: a learning signal for the experts a token did not activate.
+
+For every LoRA-carrying matrix W of expert i, with G_j(x) the true gradient of W_j from token x,
+    G_hat(x) = sum_{j in A(x)} G_j(x) / sum_{j in A(x)} p_j(x)       (gradient per unit of gate)
+    G_tilde_i = rho * sum_{x : i not in A(x)} p_i(x) G_hat(x)
+and the LoRA factors of W_i receive s G_tilde_i B_i^T and s A_i^T G_tilde_i (s = alpha / r) on top of
+their true gradients. G_j(x) is an outer product in(x) delta_j(x)^T, so every sum is taken through
+A_i or B_i first (the factor trick): no per-token (in x out) matrix is formed and no inactive expert
+runs forward; the cost per expert is O(T r (d + h)).
+
+Up- and gate-projections share their input x across experts, so G_hat(x) = x delta_bar(x)^T with
+delta_bar(x) = sum_j delta_j(x) / P(x). The down-projection shares its output gradient g(x), so
+G_hat(x) = h_bar(x) g(x)^T with h_bar(x) = sum_j gate_j hidden_j(x) / P(x).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ubsmoe.model.moe_layer import MoEHook, SlotLayout, SparseMoEFFN
+
+
+class PseudoGradient(MoEHook):
+    """Captures what one forward/backward of a layer needs, then adds the pseudo-gradients (``apply``)."""
+
+    def __init__(self, rho: float):
+        self.rho = rho
+        self.saved: dict[SparseMoEFFN, dict] = {}
+
+    def observe_experts(self, layer: SparseMoEFFN, layout: SlotLayout, tensors: dict) -> None:
+        saved = {"layout": layout, "tokens": tensors["tokens"].detach(), "hidden": tensors["hidden"].detach()}
+        self.saved[layer] = saved
+        for name in ("up", "gate"):
+            if tensors[name] is not None and tensors[name].requires_grad:
+                tensors[name].register_hook(lambda grad, name=name: saved.__setitem__(f"d_{name}", grad))
+
+    def adjust_output(self, layer: SparseMoEFFN, output: torch.Tensor, record) -> torch.Tensor:
+        saved = self.saved.get(layer)
+        if saved is not None and output.requires_grad:
+            saved["probs"] = record.probs.detach()
+            saved["experts"] = record.experts
+            output.register_hook(lambda grad: saved.__setitem__("d_out", grad))
+        return output
+
+    def compute(self, layer: SparseMoEFFN) -> dict[str, torch.Tensor]:
+        """The pseudo-gradients of the layer's LoRA factors, by parameter name (``lora_up_a``, ...).
+
+        Empty when the last forward activated every expert or no backward has run since.
+        """
+        saved = self.saved.pop(layer, None)
+        if saved is None or "d_out" not in saved:
+            return {}
+        if layer.active_rank != layer.lora_rank:
+            raise ValueError("pseudo-gradients assume every client trains the full LoRA rank")
+        layout, x, probs = saved["layout"], saved["tokens"], saved["probs"]
+        T, E = probs.shape
+        active = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, saved["experts"], True)
+        active_mass = (probs * active).sum(1, keepdim=True)  # P(x): (T, 1)
+        weight = (probs * ~active * self.rho).unsqueeze(2)  # rho p_i(x) for inactive pairs: (T, E, 1)
+        grads = {}
+        for name in ("up", "gate"):
+            if f"d_{name}" in saved:
+                delta_bar = _per_token_sum(saved[f"d_{name}"], layout, T) / active_mass  # (T, h)
+                grads |= self._factor_grads(layer, name, x, delta_bar, weight)
+        hidden_bar = _per_token_sum(saved["hidden"], layout, T) / active_mass  # (T, h)
+        grads |= self._factor_grads(layer, "down", hidden_bar, saved["d_out"], weight)
+        return grads
+
+    @staticmethod
+    def _factor_grads(layer: SparseMoEFFN, name: str, inputs: torch.Tensor, deltas: torch.Tensor,
+                      weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """G_hat(x) = inputs(x) deltas(x)^T; inputs: (T, in), deltas: (T, out), weight: (T, E, 1).
+
+        grad A_i = s sum_x w_i(x) inputs(x) (deltas(x) B_i^T)   -> (E, in, r)
+        grad B_i = s sum_x w_i(x) (inputs(x) A_i)^T deltas(x)   -> (E, r, out)
+        """
+        a, b = getattr(layer, f"lora_{name}_a"), getattr(layer, f"lora_{name}_b")  # (E, in, r), (E, r, out)
+        E, d_in, r = a.shape
+        T = inputs.shape[0]
+        s = layer.lora_scale
+        through_b = (deltas @ b.detach().permute(2, 0, 1).reshape(-1, E * r)).view(T, E, r) * weight
+        through_a = (inputs @ a.detach().permute(1, 0, 2).reshape(d_in, E * r)).view(T, E, r) * weight
+        grad_a = (inputs.T @ through_b.reshape(T, E * r)).view(d_in, E, r).permute(1, 0, 2) * s
+        grad_b = (through_a.reshape(T, E * r).T @ deltas).view(E, r, -1) * s
+        return {f"lora_{name}_a": grad_a, f"lora_{name}_b": grad_b}
+
+    def apply(self, layer: SparseMoEFFN) -> None:
+        """Add the pseudo-gradients to the LoRA factors' gradients."""
+        for name, grad in self.compute(layer).items():
+            param = getattr(layer, name)
+            param.grad = grad.clone() if param.grad is None else param.grad.add_(grad)
+
+
+def _per_token_sum(values: torch.Tensor, layout: SlotLayout, num_tokens: int) -> torch.Tensor:
+    """Sum the slot rows (S, n) of each token -> (T, n)."""
+    return values.new_zeros(num_tokens, values.shape[1]).index_add_(0, layout.token, values)
+
+
+def sparsity_factor(rule: str, k: int, k_max: int, num_experts: int) -> float:
+    """rho_c: ``1-k/m`` (default), ``m/k`` or ``kmax/k``."""
+    rules = {"1-k/m": 1 - k / num_experts, "m/k": num_experts / k, "kmax/k": k_max / k}
+    if rule not in rules:
+        raise ValueError(f"unknown rho rule {rule!r}; choose one of {', '.join(rules)}")
+    return rules[rule]

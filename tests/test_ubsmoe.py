@@ -1,0 +1,169 @@
+"""UB-SMoE: DMR's server statistics and routing, the range regulariser, and the pseudo-gradient."""
+
+import pytest
+import torch
+
+from ubsmoe.config import load_config
+from ubsmoe.engine.simulation import run_experiment
+from ubsmoe.methods.base import ClientInfo, ClientUpdate, RoutingStats, ServerState
+from ubsmoe.methods.ubsmoe import UBSMoE, UBSMoEOptions, utilisation_target
+from ubsmoe.model.modulated_routing import ModulatedRouting, range_penalty
+from ubsmoe.model.pseudo_gradient import PseudoGradient, sparsity_factor
+
+from test_engine import tiny_overrides, tiny_task  # noqa: F401  (fixture)
+from test_moe_layer import D, E, dense_ffn, moe_from
+
+
+def test_server_statistics_and_phi_update_match_a_hand_computation():
+    # Two clients, two layers, four experts. Client 0: K=2, 10 tokens; client 1: K=1, 30 tokens.
+    routed = torch.tensor([[[10, 10, 0, 0], [5, 5, 5, 5]],
+                           [[30, 0, 0, 0], [0, 10, 10, 10]]], dtype=torch.float64)
+    tokens = torch.tensor([[10, 10], [30, 30]], dtype=torch.float64)
+    usage, target = utilisation_target(routed, tokens, torch.tensor([2.0, 1.0]), eps=1e-6)
+    # p = (0.25, 0.75); layer 0: u = 0.25*(1, 1, 0, 0) + 0.75*(1, 0, 0, 0) = (1, 0.25, 0, 0)
+    # K_bar = 0.25*2 + 0.75*1 = 1.25, u* = 1.25 / 4 = 0.3125
+    assert torch.allclose(usage[0], torch.tensor([1.0, 0.25, 0.0, 0.0], dtype=torch.float64))
+    assert torch.allclose(usage[1], torch.tensor([0.125, 0.375, 0.375, 0.375], dtype=torch.float64))
+    expected = torch.tanh(0.3125 / (torch.tensor([1.0, 0.25, 0.0, 0.0], dtype=torch.float64) + 1e-6) - 1)
+    assert torch.allclose(target[0], expected, atol=1e-9)
+    assert target[0, 0] < 0 < target[0, 1] < target[0, 2]  # over-used pushed down, neglected pushed up
+
+    method = UBSMoE(UBSMoEOptions(zeta=0.25), k_max=2)
+    method.phi_names = ["phi0", "phi1"]
+    state = ServerState({"phi0": torch.zeros(4), "phi1": torch.full((4,), 0.4)})
+    updates = [ClientUpdate(ClientInfo(0, 1.0, 1), {"phi0": torch.full((4,), 0.2), "phi1": torch.zeros(4)},
+                            RoutingStats(routed[0], tokens[0])),
+               ClientUpdate(ClientInfo(1, 0.5, 3), {"phi0": torch.full((4,), -0.2), "phi1": torch.zeros(4)},
+                            RoutingStats(routed[1], tokens[1]))]
+    new = method.aggregate(state, updates)
+    phi_bar0 = 0.25 * 0.2 + 0.75 * -0.2  # example-weighted mean of the clients' phi
+    torch.testing.assert_close(new.params["phi0"], (0.25 * phi_bar0 + 0.75 * expected).float())
+    torch.testing.assert_close(new.params["phi1"], (0.25 * 0.4 + 0.75 * target[1]).float())
+
+
+def test_modulation_acts_only_inside_the_candidate_set():
+    layer = moe_from(dense_ffn(False))
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    layer.modulation.data = torch.tensor([0.0, 0.0, 0.0, 5.0])
+    select, logits = ModulatedRouting(candidates=2).modulate(layer, scores, scores)
+    assert torch.equal(select, scores)  # expert 3 is outside the top-2 candidates: no boost
+    layer.modulation.data = torch.tensor([0.0, -2.0, 0.0, 5.0])
+    select, logits = ModulatedRouting(candidates=2).modulate(layer, scores, scores)
+    assert torch.equal(select, torch.tensor([[4.0, 1.0, 2.0, 1.0]]))
+    assert torch.equal(logits, select)
+    assert select.topk(2).indices.tolist() == [[0, 2]]  # the modulation changed the selection
+
+
+def test_range_regulariser_value_and_gradient():
+    phi = torch.tensor([-1.5, 0.0, 0.9, 2.0], requires_grad=True)
+    value = range_penalty(phi, -1.0, 1.0)
+    value.backward()
+    assert value.item() == pytest.approx(0.5**2 + 1.0**2)
+    assert phi.grad.tolist() == pytest.approx([-1.0, 0.0, 0.0, 2.0])
+
+
+def brute_force_pseudo_gradients(layer, x, upstream, rho):
+    """Per token, per active expert, the full gradient of its effective weight matrices; then the
+    definition of G_hat and G_tilde, and the chain rule into the LoRA factors."""
+    s = layer.lora_scale
+    names = ["up", "down"] + (["gate"] if layer.w_gate is not None else [])
+    probs = torch.softmax(layer.router(x), -1).detach()
+    active = probs.topk(layer.top_k, -1).indices
+    effective = {n: (getattr(layer, f"w_{n}") + s * getattr(layer, f"lora_{n}_a") @ getattr(layer, f"lora_{n}_b")).detach()
+                 for n in names}
+    g_tilde = {n: torch.zeros_like(effective[n]) for n in names}
+    for t in range(x.shape[0]):
+        g_hat = {n: 0 for n in names}
+        for j in active[t].tolist():
+            w = {n: effective[n][j].clone().requires_grad_(True) for n in names}
+            up = x[t] @ w["up"] + (layer.b_up[j] if layer.b_up is not None else 0)
+            hidden = layer.activation(x[t] @ w["gate"]) * up if "gate" in w else layer.activation(up)
+            out = hidden @ w["down"]
+            grads = torch.autograd.grad((out * upstream[t]).sum(), [w[n] for n in names])
+            for n, g in zip(names, grads):
+                g_hat[n] = g_hat[n] + g
+        mass = probs[t, active[t]].sum()
+        for i in range(layer.num_experts):
+            if i not in active[t].tolist():
+                for n in names:
+                    g_tilde[n][i] += rho * probs[t, i] * g_hat[n] / mass
+    expected = {}
+    for n in names:
+        a, b = getattr(layer, f"lora_{n}_a").detach(), getattr(layer, f"lora_{n}_b").detach()
+        expected[f"lora_{n}_a"] = s * g_tilde[n] @ b.transpose(1, 2)
+        expected[f"lora_{n}_b"] = s * a.transpose(1, 2) @ g_tilde[n]
+    return expected
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("k", [1, 2])
+def test_vectorised_pseudo_gradient_equals_brute_force(gated, k):
+    layer = moe_from(dense_ffn(gated)).double()
+    layer.set_top_k(k)
+    hook = PseudoGradient(rho=0.7)
+    layer.hooks.append(hook)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(9, D, generator=g, dtype=torch.float64)
+    upstream = torch.randn(9, D, generator=g, dtype=torch.float64)
+
+    (layer(x.unsqueeze(0))[0] * upstream).sum().backward()
+    got = hook.compute(layer)
+    expected = brute_force_pseudo_gradients(layer, x, upstream, rho=0.7)
+
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-12)
+
+
+def one_step_gradients(pg: bool, k: int):
+    layer = moe_from(dense_ffn(False))
+    layer.set_top_k(k)
+    hook = PseudoGradient(rho=sparsity_factor("1-k/m", k, E, E))
+    if pg:
+        layer.hooks.append(hook)
+    x = torch.randn(1, 3, D, generator=torch.Generator().manual_seed(7))  # 3 tokens x K=1: some experts idle
+    layer(x).square().sum().backward()
+    if pg:
+        hook.apply(layer)
+    active = set(layer.last_routing.experts.flatten().tolist())
+    return layer, active
+
+
+def test_pseudo_gradient_off_leaves_inactive_experts_exactly_zero():
+    layer, active = one_step_gradients(pg=False, k=1)
+    inactive = sorted(set(range(E)) - active)
+    assert inactive
+    for name in ("lora_up_a", "lora_up_b", "lora_down_a", "lora_down_b"):
+        assert torch.count_nonzero(getattr(layer, name).grad[inactive]) == 0
+
+
+def test_pseudo_gradient_on_reaches_every_expert_at_k_1():
+    layer, active = one_step_gradients(pg=True, k=1)
+    assert len(active) < E
+    for name in ("lora_up_a", "lora_up_b", "lora_down_a", "lora_down_b"):
+        grad = getattr(layer, name).grad
+        assert all(grad[e].abs().sum() > 0 for e in range(E)), name
+
+
+def test_rho_rules():
+    assert sparsity_factor("1-k/m", 2, 8, 8) == 0.75
+    assert sparsity_factor("m/k", 2, 8, 8) == 4.0
+    assert sparsity_factor("kmax/k", 2, 6, 8) == 3.0
+    with pytest.raises(ValueError, match="unknown rho rule"):
+        sparsity_factor("k", 2, 8, 8)
+
+
+def test_ubsmoe_end_to_end_updates_phi_and_reaches_every_expert(tiny_bert, tiny_task):  # noqa: F811
+    config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **{"federation.budgets": "0.25,1.0"}),
+                         method="ubsmoe")
+    results = run_experiment(config, show_progress=False)
+    balance = results["final"]["balance"]
+    assert balance["experts_without_update"] == 0.0  # pseudo-gradients reach the idle experts
+    assert len(balance["train"]["cv"]) == 2 and 0 <= balance["tiers"]["0.25"]["mean_entropy"] <= 1
+    assert results["config"]["method"]["zeta"] == 0.5 and results["config"]["method"]["pg"] is True
+
+
+def test_candidate_set_outside_its_range_is_refused(tiny_bert, tiny_task):  # noqa: F811
+    config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task) + ["method.candidates=9"], method="ubsmoe")
+    with pytest.raises(ValueError, match=r"method.candidates must lie in \[K_max=4, M=4\]"):
+        run_experiment(config, show_progress=False)
