@@ -147,7 +147,8 @@ def test_client_sampling_takes_the_configured_fraction_reproducibly():
     (["run", "federation.rounds=three"], "expected a value of type int"),
     (["run", "rounds"], "not of the form key=value"),
     (["run", "--method", "nope"], "unknown method 'nope'"),
-    (["run", "method.zeta=0.5"], "unknown config key 'method.zeta'"),
+    (["run", "method.temperature=0.5"], "unknown config key 'method.temperature'"),
+    (["run", "--method", "smoe", "method.zeta=0.5"], "unknown config key 'method.zeta'"),
 ])
 def test_bad_settings_exit_with_code_2_and_say_why(argv, message, capsys, tmp_path):
     code = main(argv + ["--out", str(tmp_path)])
