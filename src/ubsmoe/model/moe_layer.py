@@ -181,7 +181,7 @@ class SparseMoEFFN(nn.Module):
 
     def lora_parameters_per_expert(self) -> int:
         """Trainable LoRA numbers of one expert: r * (in + out) for every adapted matrix."""
-        return sum(self.lora_rank * (self.d_hidden + self.d_model) for _ in self.adapted)
+        return len(self.adapted) * self.lora_rank * (self.d_hidden + self.d_model)
 
     # ------------------------------------------------------------------ forward
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
