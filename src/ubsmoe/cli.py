@@ -43,6 +43,12 @@ def _bench(args) -> int:
         result = run(Path(args.out))
         print(Path(args.out).with_suffix(".md").read_text())
         return 0 if result else 1
+    if args.name == "pg-step":
+        from ubsmoe.bench.pg_step import run
+
+        run(Path(args.out))
+        print(Path(args.out).with_suffix(".md").read_text())
+        return 0
     if args.name == "upcycle":
         from ubsmoe.bench.upcycle_fidelity import run
 
@@ -69,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
 
     bench = sub.add_parser("bench", help="run a benchmark")
-    bench.add_argument("name", choices=["moe-layer", "upcycle"])
+    bench.add_argument("name", choices=["moe-layer", "pg-step", "upcycle"])
     bench.add_argument("--out", required=True, help="result JSON path (a .md summary is written beside it)")
     bench.set_defaults(func=_bench)
     return parser

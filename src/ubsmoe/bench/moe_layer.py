@@ -37,7 +37,7 @@ def build_layers(d: int, h: int, num_experts: int, rank: int, seed: int) -> tupl
 
 
 def run(out: Path, tokens: int = 2048, d: int = 384, h: int = 1536, num_experts: int = 8,
-        ks: tuple[int, ...] = (1, 2, 4, 8), pg_k: int = 2, rank: int = 8, repeats: int = 15, threads: int = 2, seed: int = 0) -> dict:
+        ks: tuple[int, ...] = (1, 2, 4, 8), pg_k: int = 2, rank: int = 8, repeats: int = 31, threads: int = 2, seed: int = 0) -> dict:
     torch.set_num_threads(threads)
     dense, moe = build_layers(d, h, num_experts, rank, seed)
     x = torch.randn(1, tokens, d, generator=torch.Generator().manual_seed(seed + 1))
