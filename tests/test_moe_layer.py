@@ -168,3 +168,25 @@ def test_compute_is_grouped_by_expert_with_one_sort():
     assert layout.expert.tolist() == [0, 0, 1, 1, 2, 2]
     assert layout.token.tolist() == [0, 2, 1, 2, 0, 1]
     assert layout.ends.tolist() == [2, 4, 6, 6]
+
+
+@pytest.mark.parametrize("rank,hidden", [(1, 32), (2, 32), (3, 32), (8, 32), (2, 24)])
+def test_float32_grouped_path_matches_float64_for_unaligned_ranks_and_widths(rank, hidden):
+    # Grouped-matmul kernels need 16-byte rows: ranks and expert widths that break that must still work.
+    g = torch.Generator().manual_seed(rank)
+    dense = DenseFFN(torch.randn(D, hidden, generator=g) / D**0.5, torch.randn(hidden, D, generator=g) / hidden**0.5,
+                     F.gelu, b_up=torch.randn(hidden, generator=g) * 0.1, b_down=torch.randn(D, generator=g) * 0.1)
+    layer = moe_from(dense, rank=rank)
+    layer.set_top_k(2)
+    reference = moe_from(dense, rank=rank).double()
+    reference.set_top_k(2)
+    x = torch.randn(1, 20, D, generator=g)
+
+    y = layer(x)
+    y.square().sum().backward()
+    y_ref = reference(x.double())
+    y_ref.square().sum().backward()
+
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.lora_down_a.grad.double(), reference.lora_down_a.grad, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(layer.lora_up_b.grad.double(), reference.lora_up_b.grad, rtol=1e-3, atol=1e-3)

@@ -126,6 +126,9 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
         entry = round_entry(round_index, tier_results, updates)
         if model.num_experts > 1:
             entry["balance"] = round_balance(model, tier_results, updates)
+        report = method.round_report(state)
+        if report:
+            entry["server"] = report
         history.append(entry)
         rounds.set_postfix(avg_acc=f"{entry['average_accuracy']:.3f}")
     return {

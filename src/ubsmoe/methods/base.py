@@ -94,6 +94,11 @@ class FederatedMethod:
         """FedAvg: the global tensors move by the example-weighted mean of the clients' deltas."""
         return replace(state, params=weighted_delta_average(state.params, updates))
 
+    def round_report(self, state: ServerState) -> dict[str, Any]:
+        """JSON-ready facts about the server state after a round, saved under ``"server"`` in the history
+        (chosen ranks, client ranks, modulation); empty by default."""
+        return {}
+
     # ------------------------------------------------------------------ client side
     def setup_client(self, model: MoEClassifier, client: ClientInfo) -> None:
         """Configure the shared model for this client's training (its K_c, rank, hooks)."""

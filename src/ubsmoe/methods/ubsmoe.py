@@ -98,6 +98,12 @@ class UBSMoE(FederatedMethod):
             params[name] = (zeta * params[name] + (1 - zeta) * target[layer_index].to(params[name].dtype))
         return replace(state, params=params, extra={"usage": usage.tolist(), "phi_target": target.tolist()})
 
+    def round_report(self, state: ServerState) -> dict:
+        """phi (L, E) after the round, and the utilisation and target it was pulled towards."""
+        if not self.options.dmr:
+            return {}
+        return {"phi": [state.params[name].tolist() for name in self.phi_names]} | state.extra
+
     # ------------------------------------------------------------------ client
     def setup_client(self, model: MoEClassifier, client: ClientInfo) -> None:
         k = top_k_for_budget(self.k_max, client.budget)

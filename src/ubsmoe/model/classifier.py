@@ -45,6 +45,7 @@ class MoEClassifier(nn.Module):
         self.family = family
         self.moe_layers = nn.ModuleList(moe_layers)
         self.context = context
+        self.shared_buffers: list[str] = []
         hidden = backbone.config.hidden_size
         self.head = nn.Linear(hidden, num_labels)
         with torch.no_grad():
@@ -78,18 +79,31 @@ class MoEClassifier(nn.Module):
         return hidden[torch.arange(hidden.shape[0]), last]
 
     # ------------------------------------------------------------------ federated state
+    def share_buffer(self, module: nn.Module, name: str, value: torch.Tensor) -> str:
+        """Register a tensor that is not trained by gradient but travels with the trainable state
+        (a selection bias, default expert outputs): ``module.<name>``. Returns its full name."""
+        module.register_buffer(name, value)
+        full = next(f"{prefix}.{name}" if prefix else name for prefix, m in self.named_modules() if m is module)
+        self.shared_buffers.append(full)
+        return full
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        buffers = dict(self.named_buffers())
+        return tensors | {n: buffers[n] for n in self.shared_buffers}
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """A copy of every trainable tensor, by parameter name."""
-        return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+        """A copy of every trainable tensor and shared buffer, by name."""
+        return {n: t.detach().clone() for n, t in self._state_tensors().items()}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Overwrite the trainable tensors named in ``state``; unknown names are an error."""
-        params = dict(self.named_parameters())
+        """Overwrite the trainable tensors (and shared buffers) named in ``state``; unknown names are an error."""
+        tensors = self._state_tensors()
         with torch.no_grad():
             for name, value in state.items():
-                if name not in params or not params[name].requires_grad:
+                if name not in tensors:
                     raise KeyError(f"{name!r} is not a trainable parameter of this model")
-                params[name].copy_(value)
+                tensors[name].copy_(value)
 
     def expert_tensors(self) -> dict[str, int]:
         """Name -> layer index of every trainable tensor stacked by expert (leading dimension E)."""
@@ -120,7 +134,8 @@ class MoEClassifier(nn.Module):
                 )
         kinds = {id(p): "experts_lora" for layer in self.moe_layers for n, p in layer.named_parameters()
                  if n.startswith("lora_")}
-        kinds |= {id(layer.router.weight): "router" for layer in self.moe_layers if layer.router is not None}
+        kinds |= {id(p): "router" for layer in self.moe_layers for n, p in layer.named_parameters()
+                  if not n.startswith("lora_")}  # router weights and routing adjustments (phi, rescaling)
         kinds |= {id(p): "head" for p in self.head.parameters()}
         for p in self.parameters():
             if p.requires_grad:

@@ -23,9 +23,18 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, counts: lis
     """Rows of group e times w[e]. x: (S, in), w: (E, in, out), ends: (E,) int32 group ends -> (S, out)."""
     if w.shape[0] == 1:
         return x @ w[0]
-    if _HAS_GROUPED_MM and x.dtype in _GROUPED_MM_DTYPES:
+    if _HAS_GROUPED_MM and x.dtype in _GROUPED_MM_DTYPES and _aligned(x.shape[1], x) and _aligned(w.shape[2], x):
         return F.grouped_mm(x, w, offs=ends)
     return torch.cat([part @ w[e] for e, part in enumerate(x.split(counts))])
+
+
+def _aligned(width: int, like: torch.Tensor) -> bool:
+    """Grouped matmul kernels need rows of a multiple of 16 bytes."""
+    return (width * like.element_size()) % 16 == 0
+
+
+def _padded_width(width: int) -> int:
+    return -(-width // 4) * 4
 
 
 def grouped_outer(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -47,7 +56,7 @@ class GroupedUpProjection(torch.autograd.Function):
         _require_frozen(w)
         d, rank = x.shape[1], projected.shape[1]
         width = d + rank + (bias is not None)
-        padded = -(-width // 4) * 4  # grouped matmuls need rows of a multiple of 16 bytes
+        padded = _padded_width(width)  # grouped matmuls need rows of a multiple of 16 bytes
         inputs = x.new_empty(token.shape[0], padded)  # (S, d + r [+ 1] + padding)
         torch.index_select(x, 0, token, out=inputs[:, :d])
         torch.index_select(projected, 0, pair, out=inputs[:, d : d + rank])
@@ -95,8 +104,10 @@ class GroupedDownProjection(torch.autograd.Function):
     def forward(ctx, hidden, w, a, token, pair, num_tokens, ends, counts):
         _require_frozen(w)
         d, rank = w.shape[2], a.shape[2]
-        weight = torch.cat([w, a], 2)  # (E, h, d + r)
-        out = grouped_mm(hidden, weight, ends, counts)  # (S, d + r)
+        padding = _padded_width(d + rank) - d - rank  # aligned rows for the grouped kernel
+        parts = [w, a] + ([w.new_zeros(w.shape[0], w.shape[1], padding)] if padding else [])
+        weight = torch.cat(parts, 2)  # (E, h, d + r + padding)
+        out = grouped_mm(hidden, weight, ends, counts)[:, : d + rank]  # (S, d + r)
         y = hidden.new_zeros(num_tokens, d + rank).index_add_(0, token, out)[:, :d]
         low_rank = hidden.new_zeros(num_tokens * w.shape[0], rank).index_copy_(0, pair, out[:, d:])
         ctx.save_for_backward(hidden, weight, token, pair, ends)
@@ -107,14 +118,16 @@ class GroupedDownProjection(torch.autograd.Function):
     def backward(ctx, grad_y, grad_low_rank):
         hidden, weight, token, pair, ends = ctx.saved_tensors
         d = grad_y.shape[1]
-        grad_out = grad_y.new_empty(token.shape[0], weight.shape[2])  # (S, d + r)
+        rank = grad_low_rank.shape[1]
+        grad_out = grad_y.new_empty(token.shape[0], weight.shape[2])  # (S, d + r + padding)
         torch.index_select(grad_y, 0, token, out=grad_out[:, :d])
-        torch.index_select(grad_low_rank, 0, pair, out=grad_out[:, d:])
+        torch.index_select(grad_low_rank, 0, pair, out=grad_out[:, d : d + rank])
+        grad_out[:, d + rank :] = 0.0
         grad_hidden = grad_a = None
         if ctx.needs_input_grad[0]:
             grad_hidden = grouped_mm(grad_out, weight.transpose(1, 2), ends, ctx.counts)
         if ctx.needs_input_grad[2]:
-            grad_a = grouped_outer(hidden, grad_out[:, d:], ends, ctx.counts)
+            grad_a = grouped_outer(hidden, grad_out[:, d : d + rank], ends, ctx.counts)
         return grad_hidden, None, grad_a, None, None, None, None, None
 
 

@@ -95,9 +95,10 @@ class MoEHook:
         self, layer: "SparseMoEFFN", layout: "SlotLayout", tensors: dict[str, torch.Tensor]
     ) -> None:
         """See the experts' computation on the S slots of ``layout`` (the token of slot s is
-        ``layout.token[s]``): tensors holds ``hidden`` (S, h) after the activation and before the gate,
-        and ``gates`` (S,). Register tensor
-        hooks here to capture per-token gradients (pseudo-gradients)."""
+        ``layout.token[s]``): tensors holds ``tokens`` (T, d) the layer's input, ``up`` and ``gate``
+        (S, h) the projections (``gate`` None for ungated FFNs), ``activation`` (S, h) after the
+        activation, ``hidden`` (S, h) the activation times the gate (what the down-projection reads),
+        and ``gates`` (S,). Register tensor hooks here to capture per-token gradients (pseudo-gradients)."""
 
     def adjust_output(self, layer: "SparseMoEFFN", output: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
         """Change the combined output (T, d) of the routed tokens (default outputs, rescaling), or
@@ -272,7 +273,7 @@ class SparseMoEFFN(nn.Module):
         hidden = self._hidden(up, gate, None)
         gated = hidden * slot_gates.unsqueeze(1)
         if self.hooks:
-            tensors = {"tokens": x, "up": up, "gate": gate, "hidden": gated, "gates": slot_gates}
+            tensors = {"tokens": x, "up": up, "gate": gate, "activation": hidden, "hidden": gated, "gates": slot_gates}
             for hook in self.hooks:
                 hook.observe_experts(self, layout, tensors)
         a, b = self._lora_factors("down")

@@ -1,0 +1,129 @@
+"""A3SMoE (after FLAME, Tran et al. 2025): activation-aware expert aggregation and output rescaling.
+
+Aggregation: expert i's LoRA update from client c is weighted by w_ci proportional to
+(a_ci / n_c)^t * |D_c| (a_ci tokens the client routed to expert i in that layer, n_c tokens it saw),
+normalised over the clients; t = 0 gives FedAvg. Every other tensor is averaged by data size.
+Rescaling: a client with K_c < K_max multiplies each MoE layer's output by a learnable scalar (one per
+layer and per K, starting at 1) that makes up for the experts it leaves out; the scalars of a K are
+averaged over the clients of that K. Tier model: the global one at the tier's K_c, with its scalars.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from ubsmoe.config import option
+from ubsmoe.methods.base import ClientInfo, ClientUpdate, Params, ServerState, register, top_k_for_budget
+from ubsmoe.methods.smoe import SparseMoE
+from ubsmoe.model import MoEClassifier
+from ubsmoe.model.moe_layer import MoEHook
+
+
+@dataclass
+class A3SMoEOptions:
+    temperature: float = option(1.0, "t: expert updates weighted by (activation share)^t * data size; 0 = FedAvg")
+    rescale: bool = option(True, "learnable output rescaling for clients with K_c < K_max")
+
+
+class OutputRescaling(MoEHook):
+    """Multiplies the layer's combined expert output by its ``output_scale`` parameter."""
+
+    def adjust_output(self, layer, output: torch.Tensor, record) -> torch.Tensor:
+        return output * layer.output_scale
+
+
+def activation_weights(routed: torch.Tensor, tokens: torch.Tensor, sizes: torch.Tensor, t: float) -> torch.Tensor:
+    """Per-expert client weights. routed: (C, L, E); tokens: (C, L); sizes: (C,) -> (C, L, E), summing
+    to 1 over clients; where no client activated an expert, the data-size weights."""
+    share = routed / tokens.clamp_min(1).unsqueeze(2)
+    raw = share.pow(t) * sizes.view(-1, 1, 1) if t != 0 else sizes.view(-1, 1, 1).expand_as(share).clone()
+    total = raw.sum(0, keepdim=True)
+    fedavg = (sizes / sizes.sum()).view(-1, 1, 1).expand_as(raw)
+    return torch.where(total > 0, raw / total.clamp_min(1e-300), fedavg)
+
+
+@register
+class A3SMoE(SparseMoE):
+    name = "a3smoe"
+    description = "A3SMoE: activation-aware expert aggregation and output rescaling for low-K clients"
+    Options = A3SMoEOptions
+
+    hook = OutputRescaling()
+
+    def __init__(self, options: A3SMoEOptions, k_max: int):
+        super().__init__(options, k_max)
+        if options.temperature < 0:
+            raise ValueError(f"method.temperature must be >= 0, got {options.temperature}")
+
+    def initial_state(self, model: MoEClassifier) -> ServerState:
+        if model.num_experts < 2:
+            raise ValueError("a3smoe needs a sparse model: set model.num_experts >= 2")
+        self.expert_names = model.expert_tensors()
+        self.scale_names = []
+        if self.options.rescale:
+            for layer in model.moe_layers:
+                layer.register_parameter("output_scale", nn.Parameter(torch.ones(())))
+            names = {id(p): n for n, p in model.named_parameters()}
+            self.scale_names = [names[id(layer.output_scale)] for layer in model.moe_layers]
+        return ServerState(params=model.trainable_state(), extra={"scales": {}})
+
+    def _rescaled(self, k: int) -> bool:
+        return self.options.rescale and k < self.k_max
+
+    def _with_scales(self, state: ServerState, k: int) -> Params:
+        scales = state.extra["scales"].get(k)
+        if not self.scale_names or scales is None:
+            return state.params
+        return state.params | dict(zip(self.scale_names, scales))
+
+    def client_params(self, state: ServerState, client: ClientInfo) -> Params:
+        return self._with_scales(state, top_k_for_budget(self.k_max, client.budget))
+
+    def eval_params(self, state: ServerState, budget: float) -> Params:
+        return self._with_scales(state, top_k_for_budget(self.k_max, budget))
+
+    def setup_client(self, model: MoEClassifier, client: ClientInfo) -> None:
+        super().setup_client(model, client)
+        if self._rescaled(top_k_for_budget(self.k_max, client.budget)):
+            for layer in model.moe_layers:
+                layer.hooks.append(self.hook)
+
+    def teardown_client(self, model: MoEClassifier, client: ClientInfo) -> None:
+        for layer in model.moe_layers:
+            layer.hooks = [h for h in layer.hooks if h is not self.hook]
+
+    def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
+        if not updates:
+            return state
+        sizes = torch.tensor([float(u.client.num_examples) for u in updates], dtype=torch.float64)
+        routed = torch.stack([u.routing.routed for u in updates])
+        tokens = torch.stack([u.routing.tokens for u in updates])
+        weights = activation_weights(routed, tokens, sizes, self.options.temperature)  # (C, L, E)
+        fedavg = sizes / sizes.sum()
+        params = {}
+        for name, value in state.params.items():
+            if name in self.scale_names:
+                params[name] = value  # the per-K scalars live in extra; the global entry stays 1
+                continue
+            if name in self.expert_names:
+                w = weights[:, self.expert_names[name]]  # (C, E)
+                shape = (-1,) + (1,) * (value.dim() - 1)
+                step = sum(u.delta[name] * w[c].to(value.dtype).view(shape) for c, u in enumerate(updates))
+            else:
+                step = sum(u.delta[name] * float(fedavg[c]) for c, u in enumerate(updates))
+            params[name] = value + step
+        scales = dict(state.extra["scales"])
+        by_k: dict[int, list[ClientUpdate]] = {}
+        for u in updates:
+            by_k.setdefault(top_k_for_budget(self.k_max, u.client.budget), []).append(u)
+        for k, group in by_k.items():
+            if not self._rescaled(k):
+                continue
+            total = sum(u.client.num_examples for u in group)
+            start = self._with_scales(state, k)
+            scales[k] = [start[n] + sum(u.delta[n] * (u.client.num_examples / total) for u in group)
+                         for n in self.scale_names]
+        return replace(state, params=params, extra={"scales": scales})

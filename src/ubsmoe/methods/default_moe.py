@@ -1,0 +1,103 @@
+"""Default MoE (Panda et al. 2025): default outputs for inactive experts give the router a dense gradient.
+
+Each layer keeps d_i (E, d), an exponential moving average of expert i's mean output over the tokens
+routed to it (updated at every training forward, d_i <- beta d_i + (1 - beta) mean_i, for the experts
+that received tokens). In the forward sum an inactive expert contributes its default output with the
+gate the layer uses (straight-through: value 1, gradient d/dp_i; softmax gates: p_i), so the router
+receives a gradient for every expert while the inactive experts' weights receive none (d is constant
+to autograd). The defaults travel with the trainable state and are averaged by data size.
+Tier model: the global one at the tier's K_c, defaults included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ubsmoe.config import option
+from ubsmoe.methods.base import ClientInfo, ServerState, register
+from ubsmoe.methods.smoe import SparseMoE
+from ubsmoe.model import MoEClassifier
+from ubsmoe.model.moe_layer import MoEHook, RoutingRecord, SlotLayout, SparseMoEFFN
+
+
+@dataclass
+class DefaultMoEOptions:
+    ema_decay: float = option(0.95, "beta, the decay of the moving average of each expert's mean output")
+
+
+def expert_mean_outputs(layer: SparseMoEFFN, layout: SlotLayout, activation: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean output (without b_down) of each expert over its slots: (E, d), and which experts had slots (E,).
+
+    The down-projection is linear, so the mean output is the mean activation (E, h) times the expert's
+    adapted down matrix: no per-token output is formed. activation: (S, h) ungated, slots sorted by expert.
+    """
+    E = layer.num_experts
+    counts = torch.tensor(layout.counts, dtype=activation.dtype)
+    sums = activation.new_zeros(E, activation.shape[1]).index_add_(0, layout.expert, activation)
+    means = sums / counts.clamp_min(1).unsqueeze(1)  # (E, h)
+    down = layer.w_down + layer.lora_scale * (layer.lora_down_a @ layer.lora_down_b)  # (E, h, d)
+    return torch.bmm(means.unsqueeze(1), down).squeeze(1), counts > 0
+
+
+class DefaultOutputs(MoEHook):
+    """Keeps each layer's ``expert_defaults`` up to date and adds them for the inactive experts."""
+
+    def __init__(self, decay: float, update: bool):
+        self.decay = decay
+        self.update = update
+
+    def observe_experts(self, layer, layout: SlotLayout, tensors: dict) -> None:
+        if not (self.update and layer.training):
+            return
+        with torch.no_grad():
+            means, seen = expert_mean_outputs(layer, layout, tensors["activation"].detach())
+            blended = self.decay * layer.expert_defaults + (1 - self.decay) * means
+            layer.expert_defaults.copy_(torch.where(seen.unsqueeze(1), blended, layer.expert_defaults))
+
+    def adjust_output(self, layer, output: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
+        if layer.top_k == layer.num_experts:
+            return output
+        inactive = torch.ones_like(record.probs, dtype=torch.bool).scatter_(1, record.experts, False)
+        probs = record.probs
+        if layer.gate_mode == "straight_through":
+            weights = probs - probs.detach() + 1.0
+        elif layer.gate_mode == "softmax_renorm":
+            weights = probs / probs.gather(1, record.experts).sum(1, keepdim=True)
+        else:
+            weights = probs
+        weights = torch.where(inactive, weights, torch.zeros((), dtype=weights.dtype))
+        return output + weights @ layer.expert_defaults.to(weights.dtype)
+
+
+@register
+class DefaultMoE(SparseMoE):
+    name = "default-moe"
+    description = "Default MoE: moving-average default outputs for inactive experts (dense router gradient)"
+    Options = DefaultMoEOptions
+
+    def __init__(self, options: DefaultMoEOptions, k_max: int):
+        super().__init__(options, k_max)
+        if not 0 <= options.ema_decay < 1:
+            raise ValueError(f"method.ema_decay must be in [0, 1), got {options.ema_decay}")
+        self.hook: DefaultOutputs | None = None
+
+    def initial_state(self, model: MoEClassifier) -> ServerState:
+        if model.num_experts < 2:
+            raise ValueError("default-moe needs a sparse model: set model.num_experts >= 2")
+        for layer in model.moe_layers:
+            model.share_buffer(layer, "expert_defaults", torch.zeros(layer.num_experts, layer.d_model))
+        return super().initial_state(model)
+
+    def setup_client(self, model: MoEClassifier, client: ClientInfo) -> None:
+        super().setup_client(model, client)
+        self.hook = DefaultOutputs(self.options.ema_decay, update=client.client_id >= 0)
+        for layer in model.moe_layers:
+            layer.hooks.append(self.hook)
+
+    def teardown_client(self, model: MoEClassifier, client: ClientInfo) -> None:
+        for layer in model.moe_layers:
+            layer.hooks = [h for h in layer.hooks if h is not self.hook]
+        self.hook = None

@@ -1,0 +1,69 @@
+"""Sparse MoE with auxiliary-loss-free balancing: a per-expert selection bias (Wang et al. 2024).
+
+Each layer keeps a bias b (E,) added to the router scores for the top-K selection only (the gate
+probabilities stay those of the raw scores). After every local step the client moves it towards
+balance, b_i <- b_i + u * sign(mean load - load_i), with the loads counted on the step's batch. The
+bias travels with the trainable state and is averaged by data size. Tier model: the global one
+(with the global bias) at the tier's K_c.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ubsmoe.config import option
+from ubsmoe.methods.base import ClientInfo, ServerState, register
+from ubsmoe.methods.smoe import SparseMoE
+from ubsmoe.model import MoEClassifier
+from ubsmoe.model.moe_layer import MoEHook
+
+
+@dataclass
+class SMoEBiasOptions:
+    bias_rate: float = option(1e-3, "u, the bias update rate per local step")
+
+
+class SelectionBias(MoEHook):
+    """Adds the layer's ``selection_bias`` (E,) to the selection scores, not to the probability logits."""
+
+    def modulate(self, layer, select: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return select + layer.selection_bias, logits
+
+
+def bias_step(bias: torch.Tensor, experts: torch.Tensor, rate: float) -> torch.Tensor:
+    """b + rate * sign(mean load - load), loads counted from experts (T, K)."""
+    load = torch.bincount(experts.reshape(-1), minlength=bias.shape[0]).to(bias.dtype)
+    return bias + rate * torch.sign(load.mean() - load)
+
+
+@register
+class SMoEBias(SparseMoE):
+    name = "smoe-bias"
+    description = "sparse MoE with auxiliary-loss-free balancing (per-expert selection bias)"
+    Options = SMoEBiasOptions
+
+    hook = SelectionBias()
+
+    def initial_state(self, model: MoEClassifier) -> ServerState:
+        if model.num_experts < 2:
+            raise ValueError("smoe-bias needs a sparse model: set model.num_experts >= 2")
+        for layer in model.moe_layers:
+            model.share_buffer(layer, "selection_bias", torch.zeros(layer.num_experts))
+        return super().initial_state(model)
+
+    def setup_client(self, model: MoEClassifier, client: ClientInfo) -> None:
+        super().setup_client(model, client)
+        for layer in model.moe_layers:
+            layer.hooks.append(self.hook)
+
+    def teardown_client(self, model: MoEClassifier, client: ClientInfo) -> None:
+        for layer in model.moe_layers:
+            layer.hooks = [h for h in layer.hooks if h is not self.hook]
+
+    def after_backward(self, model: MoEClassifier, client: ClientInfo) -> None:
+        for layer in model.moe_layers:
+            if layer.last_routing is not None:
+                layer.selection_bias.copy_(bias_step(layer.selection_bias, layer.last_routing.experts,
+                                                     self.options.bias_rate))
