@@ -288,3 +288,11 @@ def test_every_baseline_runs_end_to_end(tiny_bert, tiny_task, method):
     assert all(np.isfinite(c["train_loss"]) for h in results["history"] for c in h["clients"])
     if method in ("flora", "florist"):  # one merged model for every tier
         assert final["tier_accuracy"]["0.5"] == final["tier_accuracy"]["1.0"]
+
+
+def test_heterogeneous_rank_methods_see_every_adapter(tiny_bert, tiny_task):
+    exp = build_experiment(load_config(overrides=tiny_overrides(tiny_bert, tiny_task), method="hetlora"))
+    exp.method.initial_state(exp.model)
+    names = exp.method.adapter_names()
+    lora = {n for n, p in exp.model.named_parameters() if p.requires_grad and "lora" in n}
+    assert names == lora and len(lora) == 2 * 2 * 4  # 2 layers x (query, value, FFN up, FFN down) x (a, b)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from ubsmoe.config import TrainConfig
 from ubsmoe.data.dataset import TokenizedDataset
 from ubsmoe.methods.base import ClientInfo, FederatedMethod
+from ubsmoe.metrics.flops import FlopCounter, PassFlops
 from ubsmoe.model import MoEClassifier
 
 
@@ -28,8 +29,10 @@ def shuffled_batches(indices: torch.Tensor, batch_size: int, generator: torch.Ge
 
 
 def train_local(model: MoEClassifier, method: FederatedMethod, client: ClientInfo, data: TokenizedDataset,
-                indices: torch.Tensor, config: TrainConfig, generator: torch.Generator, progress=None) -> dict:
-    """Run the client's local steps; returns {"train_loss": mean task loss, "steps", "step_seconds"}."""
+                indices: torch.Tensor, config: TrainConfig, generator: torch.Generator, progress=None,
+                flop_counter: FlopCounter | None = None) -> dict:
+    """Run the client's local steps; returns {"train_loss": mean task loss, "steps", "step_seconds",
+    "train_seconds", "train_tokens" (non-padding), and with a counter "train_flops" (by part, see ``metrics.flops``)}."""
     model.train()
     model.reset_routing_counters()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -37,6 +40,8 @@ def train_local(model: MoEClassifier, method: FederatedMethod, client: ClientInf
     steps = local_steps(config, len(indices))
     batches = shuffled_batches(indices, config.batch_size, generator)
     losses, seconds = [], []
+    flops, tokens = PassFlops(), 0
+    started = time.perf_counter()
     for _ in range(steps):
         start = time.perf_counter()
         input_ids, attention_mask, labels = data.batch(next(batches))
@@ -47,10 +52,17 @@ def train_local(model: MoEClassifier, method: FederatedMethod, client: ClientInf
         method.after_backward(model, client)
         optimizer.step()
         seconds.append(time.perf_counter() - start)
+        tokens += int(attention_mask.sum())
+        if flop_counter is not None:
+            flops = flops + flop_counter.count(attention_mask, training=True)
         losses.append(loss.item())
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.3f}")
     if not math.isfinite(sum(losses)):
         raise FloatingPointError(f"client {client.client_id}: training loss became {sum(losses)}; lower train.lr")
-    return {"train_loss": sum(losses) / len(losses), "steps": steps, "step_seconds": seconds}
+    result = {"train_loss": sum(losses) / len(losses), "steps": steps, "step_seconds": seconds,
+              "train_seconds": time.perf_counter() - started, "train_tokens": tokens}
+    if flop_counter is not None:
+        result["train_flops"] = flops.as_dict()
+    return result

@@ -20,6 +20,7 @@ from ubsmoe.engine.clients import make_clients, sample_clients, tiers
 from ubsmoe.engine.evaluation import evaluate_tiers
 from ubsmoe.engine.local_training import local_steps, train_local
 from ubsmoe.metrics.balance import experts_without_update, load_balance
+from ubsmoe.metrics.flops import FlopCounter
 from ubsmoe.methods.base import ClientInfo, FederatedMethod, RoutingStats, get_method
 from ubsmoe.model import MoEClassifier, ModelSpec, build_classifier, load_tokenizer
 
@@ -95,6 +96,7 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
     exp = build_experiment(config)
     method, model = exp.method, exp.model
     state = method.initial_state(model)
+    flop_counter = FlopCounter(model)
     history = []
     rounds = tqdm(range(1, config.federation.rounds + 1), desc=f"{method.name} rounds", unit="round",
                   disable=not show_progress)
@@ -106,24 +108,28 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
                   disable=not show_progress) as bar:
             for client in sampled:
                 bar.set_description(f"round {round_index} client {client.client_id} (beta={client.budget:g})")
+                download = method.download_bytes(state, client)
                 start = method.client_params(state, client)
                 model.load_trainable_state(start)
                 method.setup_client(model, client)
                 torch.manual_seed(seed_for(config.seed, round_index, client.client_id))
                 generator = torch.Generator().manual_seed(seed_for(config.seed + 1, round_index, client.client_id))
                 metrics = train_local(model, method, client, exp.train, exp.client_indices[client.client_id],
-                                      config.train, generator, progress=bar)
+                                      config.train, generator, progress=bar, flop_counter=flop_counter)
                 routing = None
                 if model.num_experts > 1:
                     routed, tokens, _ = model.routing_counts()
                     routing = RoutingStats(routed, tokens)
                 update = method.client_update(model, start, client, routing)
                 update.metrics.update(metrics)
+                update.metrics.update(download_bytes=download, upload_bytes=method.upload_bytes(update))
                 method.teardown_client(model, client)
                 updates.append(update)
         state = method.aggregate(state, updates)
-        tier_results = evaluate_tiers(model, method, state, exp.test, exp.tiers, config.train.eval_batch_size)
+        tier_results = evaluate_tiers(model, method, state, exp.test, exp.tiers, config.train.eval_batch_size,
+                                      flop_counter)
         entry = round_entry(round_index, tier_results, updates)
+        entry["cost"] = round_cost(tier_results, updates)
         if model.num_experts > 1:
             entry["balance"] = round_balance(model, tier_results, updates)
         report = method.round_report(state)
@@ -145,6 +151,7 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
         "k_max": method.k_max,
         "history": history,
         "final": {k: v for k, v in history[-1].items() if k != "clients"},
+        "cost": run_cost(history, exp.tiers),
         "runtime_s": time.perf_counter() - started,
     }
 
@@ -164,6 +171,61 @@ def round_balance(model: MoEClassifier, tier_results: dict[float, dict], updates
         "experts_without_update": experts_without_update([u.delta for u in updates], model.expert_tensors(),
                                                          len(model.moe_layers), model.num_experts),
     }
+
+
+def round_cost(tier_results: dict[float, dict], updates) -> dict:
+    """Compute and communication of the round: per client, and per tier (means over the tier's
+    sampled clients, the median local step time over all their steps)."""
+    clients = [{"id": u.client.client_id, "budget": u.client.budget, "train_flops": u.metrics["train_flops"]["total"],
+                "train_seconds": u.metrics["train_seconds"], "download_bytes": u.metrics["download_bytes"],
+                "upload_bytes": u.metrics["upload_bytes"]} for u in updates]
+    tiers = {}
+    for budget, result in tier_results.items():
+        mine = [u for u in updates if u.client.budget == budget]
+        tier = {"inference_flops_per_token": result["inference_flops_per_token"]}
+        if mine:
+            parts = mine[0].metrics["train_flops"]
+            tier |= {
+                "clients": len(mine),
+                "train_flops": float(np.mean([u.metrics["train_flops"]["total"] for u in mine])),
+                "train_flops_parts": {k: float(np.mean([u.metrics["train_flops"][k] for u in mine])) for k in parts},
+                "train_flops_per_token": (sum(u.metrics["train_flops"]["total"] for u in mine)
+                                          / max(1, sum(u.metrics["train_tokens"] for u in mine))),
+                "step_seconds_median": float(np.median([s for u in mine for s in u.metrics["step_seconds"]])),
+                "train_seconds": float(np.mean([u.metrics["train_seconds"] for u in mine])),
+                "download_bytes": float(np.mean([u.metrics["download_bytes"] for u in mine])),
+                "upload_bytes": float(np.mean([u.metrics["upload_bytes"] for u in mine])),
+            }
+        tiers[str(budget)] = tier
+    return {"clients": clients, "tiers": tiers}
+
+
+def run_cost(history: list[dict], budgets: list[float]) -> dict:
+    """The run's cost per tier over all rounds (means per client per round; the median step time over
+    rounds' medians), the low tier's reductions against the top tier, and the peak resident memory."""
+    tiers = {}
+    for budget in map(str, budgets):
+        rounds = [h["cost"]["tiers"][budget] for h in history if "train_flops" in h["cost"]["tiers"][budget]]
+        tier = {"inference_flops_per_token": history[-1]["cost"]["tiers"][budget]["inference_flops_per_token"]}
+        if rounds:
+            for key in ("train_flops", "train_flops_per_token", "train_seconds", "download_bytes", "upload_bytes"):
+                tier[key] = float(np.mean([r[key] for r in rounds]))
+            tier["step_seconds_median"] = float(np.median([r["step_seconds_median"] for r in rounds]))
+        tiers[budget] = tier
+    low, high = tiers[str(min(budgets))], tiers[str(max(budgets))]
+    reduction = {key: 1 - low[key] / high[key] for key in ("train_flops", "train_flops_per_token",
+                                                           "step_seconds_median", "inference_flops_per_token")
+                 if key in low and key in high and high[key] > 0}
+    return {"tiers": tiers, "low_tier_reduction": reduction, "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 def round_entry(round_index: int, tier_results: dict[float, dict], updates) -> dict:

@@ -94,6 +94,19 @@ class FederatedMethod:
         """FedAvg: the global tensors move by the example-weighted mean of the clients' deltas."""
         return replace(state, params=weighted_delta_average(state.params, updates))
 
+    # ------------------------------------------------------------------ communication
+    def download_bytes(self, state: ServerState, client: ClientInfo) -> int:
+        """Bytes the server sends client ``client`` at the start of a round: by default the tensors it
+        starts from."""
+        return tensor_bytes(self.client_params(state, client))
+
+    def upload_bytes(self, update: ClientUpdate) -> int:
+        """Bytes the client sends back: by default its deltas, its routing counts and any tensors in
+        ``extra``."""
+        routing = [] if update.routing is None else [update.routing.routed, update.routing.tokens]
+        extra = [v for v in update.extra.values() if isinstance(v, torch.Tensor)]
+        return tensor_bytes(update.delta) + tensor_bytes(routing + extra)
+
     def round_report(self, state: ServerState) -> dict[str, Any]:
         """JSON-ready facts about the server state after a round, saved under ``"server"`` in the history
         (chosen ranks, client ranks, modulation); empty by default."""
@@ -146,6 +159,12 @@ def weighted_delta_average(params: Params, updates: list[ClientUpdate]) -> Param
         step = sum(u.delta[name] * (u.client.num_examples / total) for u in updates)
         new[name] = value + step
     return new
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of the tensors' data: a dict's values or a list."""
+    values = tensors.values() if isinstance(tensors, dict) else tensors
+    return sum(t.numel() * t.element_size() for t in values)
 
 
 REGISTRY: dict[str, type[FederatedMethod]] = {}

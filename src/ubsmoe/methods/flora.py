@@ -33,4 +33,4 @@ class FLoRA(MergingMethod):
 
     def round_update(self, adapter: Adapter, factors, sizes) -> tuple[torch.Tensor, dict]:
         stacked_a, stacked_b = stack_factors(factors, sizes)
-        return adapter.scale * (stacked_a @ stacked_b), {"stacked_rank": stacked_a.shape[-1]}
+        return adapter.scale * (stacked_a @ stacked_b), {"broadcast_rank": stacked_a.shape[-1]}

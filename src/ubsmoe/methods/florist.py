@@ -70,4 +70,4 @@ class FLoRIST(MergingMethod):
             updates.append(global_a @ global_b)
             ranks.append(global_a.shape[-1])
         update = torch.stack(updates).reshape(*lead, *updates[0].shape)
-        return adapter.scale * update, {"rank": ranks[0] if len(ranks) == 1 else ranks}
+        return adapter.scale * update, {"rank": ranks[0] if len(ranks) == 1 else ranks, "broadcast_rank": max(ranks)}

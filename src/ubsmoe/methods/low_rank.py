@@ -13,7 +13,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ubsmoe.methods.base import ClientInfo, ClientUpdate, FederatedMethod, Params, ServerState, weighted_delta_average
+from ubsmoe.methods.base import (
+    ClientInfo, ClientUpdate, FederatedMethod, Params, ServerState, tensor_bytes, weighted_delta_average,
+)
 from ubsmoe.model import MoEClassifier, ModelSpec
 from ubsmoe.model.lora import LoRALinear
 
@@ -38,16 +40,16 @@ class Adapter:
 
 def adapters(model: MoEClassifier) -> list[Adapter]:
     """Every LoRA pair of the model: attention projections and the FFN matrices."""
+    names = {id(p): n for n, p in model.named_parameters()}  # each tensor under its first (state) name
     found = []
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
+    for module in model.modules():
         if isinstance(module, LoRALinear):
-            found.append(Adapter(f"{prefix}lora_a", f"{prefix}lora_b", module.scale, "linear", f"{prefix}base.weight"))
-    for index, layer in enumerate(model.moe_layers):
-        prefix = f"moe_layers.{index}."
+            found.append(Adapter(names[id(module.lora_a)], names[id(module.lora_b)], module.scale, "linear",
+                                 names[id(module.base.weight)]))
+    for layer in model.moe_layers:
         for matrix in layer.adapted:
-            found.append(Adapter(f"{prefix}lora_{matrix}_a", f"{prefix}lora_{matrix}_b", layer.lora_scale, "stacked",
-                                 f"{prefix}w_{matrix}"))
+            found.append(Adapter(names[id(getattr(layer, f"lora_{matrix}_a"))], names[id(getattr(layer, f"lora_{matrix}_b"))],
+                                 layer.lora_scale, "stacked", names[id(getattr(layer, f"w_{matrix}"))]))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     return [a for a in found if a.a in trainable and a.b in trainable]
 
@@ -128,6 +130,21 @@ class HeterogeneousRankMethod(FederatedMethod):
     def adapter_names(self) -> set[str]:
         return {name for adapter in self.adapters for name in (adapter.a, adapter.b)}
 
+    def _rank_payload_bytes(self, params: Params, rank: int) -> int:
+        """Bytes of the adapters at ``rank`` (the zero-padded tail is not sent) plus every other tensor."""
+        names = self.adapter_names()
+        total = tensor_bytes([v for n, v in params.items() if n not in names])
+        for adapter in self.adapters:
+            a, b = params[adapter.a], params[adapter.b]
+            total += (a[..., :rank].numel() + b[..., :rank, :].numel()) * a.element_size()
+        return total
+
+    def download_bytes(self, state: ServerState, client: ClientInfo) -> int:
+        return self._rank_payload_bytes(self.client_params(state, client), self.client_rank(client))
+
+    def upload_bytes(self, update: ClientUpdate) -> int:
+        return self._rank_payload_bytes(update.delta, update.extra.get("rank", self.client_rank(update.client)))
+
     def average_others(self, state: ServerState, updates: list[ClientUpdate]) -> Params:
         """FedAvg by data size of every tensor that is not a LoRA factor (the task head)."""
         names = self.adapter_names()
@@ -174,6 +191,18 @@ class MergingMethod(HeterogeneousRankMethod):
             records[adapter.a] = record
             params[adapter.a], params[adapter.b] = self.fresh[adapter.a], self.fresh[adapter.b]
         return replace(state, params=params, extra={"adapters": records})
+
+    def download_bytes(self, state: ServerState, client: ClientInfo) -> int:
+        """The other tensors plus the last round's broadcast update in factored form (``broadcast_rank``
+        ranks per adapter); the fresh adapters come from the shared seed and are not sent."""
+        names = self.adapter_names()
+        total = tensor_bytes([v for n, v in state.params.items() if n not in names])
+        for adapter in self.adapters:
+            rank = state.extra.get("adapters", {}).get(adapter.a, {}).get("broadcast_rank", 0)
+            a, b = state.params[adapter.a], state.params[adapter.b]
+            lead = a[..., 0, 0].numel()
+            total += lead * rank * (a.shape[-2] + b.shape[-1]) * a.element_size()
+        return total
 
     def eval_key(self, budget: float) -> str:
         return "merged"

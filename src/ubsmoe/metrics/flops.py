@@ -1,0 +1,105 @@
+"""Matmul FLOPs of a forward (and backward) pass, counted from the routing the batch actually took.
+
+Counted, with a multiply-add as 2 FLOPs:
+- every frozen ``nn.Linear`` inside the transformer blocks (attention projections), on all B x S
+  positions (padding included: attention runs on it); its LoRA on the active rank;
+- attention scores and the weighted sum of values, 2 x B x S^2 x (heads x head dim) each;
+- each MoE layer on its routed (token, expert) slots only (padding is never routed): the frozen expert
+  matrices, their LoRA at the active rank, and the router on the real tokens;
+- the task head on the pooled vectors;
+- in training, the backward pass: a frozen matrix needs the input gradient only (1 x its forward),
+  a trainable one the input and the weight gradients (2 x), attention scores 2 x; plus the
+  Universal Pseudo-Gradient's factor products where that hook ran (4 T E r (in + out) per matrix).
+Not counted: embeddings, normalisation, activations, softmax, and the optimiser (all linear in the
+number of parameters or positions and small next to the matmuls).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ubsmoe.model.lora import LoRALinear
+
+
+@dataclass
+class PassFlops:
+    """FLOPs of one pass, split by where they go."""
+
+    attention: float = 0.0  # projections (frozen part) and scores
+    experts: float = 0.0  # frozen expert matrices
+    lora: float = 0.0  # every LoRA (attention and experts)
+    router: float = 0.0
+    head: float = 0.0
+    pseudo_gradient: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.attention + self.experts + self.lora + self.router + self.head + self.pseudo_gradient
+
+    def __add__(self, other: "PassFlops") -> "PassFlops":
+        return PassFlops(*(getattr(self, f) + getattr(other, f) for f in self.__dataclass_fields__))
+
+    def as_dict(self) -> dict[str, float]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__} | {"total": self.total}
+
+
+class FlopCounter:
+    """Counts a model's matmul FLOPs per batch; built once per model (it reads the architecture)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        blocks = model.family.layers(model.backbone)
+        moe_ids = {id(m) for layer in model.moe_layers for m in layer.modules()}
+        moe_ids |= {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}  # counted with their LoRA
+        self.frozen_linear = 0  # sum of in * out of the blocks' frozen linears
+        self.lora_modules: list[LoRALinear] = []
+        for block in blocks:
+            for module in block.modules():
+                if id(module) in moe_ids:
+                    continue
+                if isinstance(module, LoRALinear):
+                    self.lora_modules.append(module)
+                elif isinstance(module, nn.Linear):
+                    self.frozen_linear += module.in_features * module.out_features
+        config = model.backbone.config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        self.attention_width = heads * head_dim
+        self.num_blocks = len(blocks)
+        self.head_size = model.head.in_features * model.head.out_features
+
+    def count(self, attention_mask: torch.Tensor, training: bool) -> PassFlops:
+        """FLOPs of the pass the model just ran on a batch with this mask (B, S); reads each MoE
+        layer's last routing, so call it after the forward (and, in training, after the backward)."""
+        batch, seq = attention_mask.shape
+        positions = batch * seq
+        tokens = int(attention_mask.sum())
+        grad = 1 if training else 0  # backward multipliers: frozen 1x, trainable 2x
+        flops = PassFlops()
+        frozen = 2 * positions * self.frozen_linear
+        for module in self.lora_modules:
+            frozen += 2 * positions * module.base.in_features * module.base.out_features
+            flops.lora += 2 * positions * module.active_rank * (module.base.in_features + module.base.out_features) * (1 + 2 * grad)
+        scores = 2 * 2 * batch * seq * seq * self.attention_width * self.num_blocks
+        flops.attention = frozen * (1 + grad) + scores * (1 + 2 * grad)
+        for layer in self.model.moe_layers:
+            slots = tokens * (layer.top_k if layer.router is not None else 1)
+            matrices = len(layer.adapted)
+            flops.experts += 2 * slots * layer.d_model * layer.d_hidden * matrices * (1 + grad)
+            flops.lora += 2 * slots * layer.active_rank * (layer.d_model + layer.d_hidden) * matrices * (1 + 2 * grad)
+            if layer.router is not None:
+                flops.router += 2 * tokens * layer.d_model * layer.num_experts * (1 + 2 * grad)
+                if training and layer.top_k < layer.num_experts and _has_pseudo_gradient(layer):
+                    flops.pseudo_gradient += (4 * tokens * layer.num_experts * layer.lora_rank
+                                              * (layer.d_model + layer.d_hidden) * matrices)
+        flops.head = 2 * batch * self.head_size * (1 + 2 * grad)
+        return flops
+
+
+def _has_pseudo_gradient(layer) -> bool:
+    from ubsmoe.model.pseudo_gradient import PseudoGradient
+
+    return any(isinstance(hook, PseudoGradient) for hook in layer.hooks)

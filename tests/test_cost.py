@@ -1,0 +1,85 @@
+"""Cost accounting: the FLOP counter against a hand count, payload bytes, the run's cost records."""
+
+import pytest
+import torch
+
+from test_engine import tiny_overrides, tiny_task  # noqa: F401  (fixture)
+from tiny_checkpoints import write_tiny_bert
+from ubsmoe.config import load_config
+from ubsmoe.engine.simulation import run_experiment
+from ubsmoe.metrics.flops import FlopCounter
+from ubsmoe.model import ModelSpec, build_classifier
+
+
+@pytest.fixture(scope="module")
+def one_layer_model(tmp_path_factory):
+    folder = write_tiny_bert(tmp_path_factory.mktemp("one-layer"), hidden=32, layers=1, ffn=64)
+    return build_classifier(ModelSpec(backbone=str(folder), num_experts=4, lora_rank=4, router_init="centroid"),
+                            num_labels=3)
+
+
+# d = 32, FFN 64 split into E = 4 experts of width 16, LoRA r = 4, 4 heads x 8 = 32 attention width.
+# Batch of B = 2 sequences padded to S = 5 with 7 real tokens: P = 10 positions.
+#   attention projections (query, key, value, output; frozen): 2 * 10 * 4 * 32 * 32      = 81,920
+#   scores and values: 2 * 2 * B * S^2 * 32                                              =  6,400
+#   LoRA on query and value: 2 * 2 * 10 * 4 * (32 + 32)                                  = 10,240
+#   experts (up and down, frozen) per slot: 2 * 2 * 32 * 16 = 2,048; slots = 7 K
+#   expert LoRA per slot: 2 * 2 * 4 * (32 + 16) = 768
+#   router: 2 * 7 * 32 * 4                                                               =  1,792
+#   head on the 2 pooled vectors: 2 * 2 * 32 * 3                                         =    384
+# Inference: 100,736 + 7 K (2,048 + 768). Training: frozen matrices x 2 (forward + input gradient),
+# trainable ones and attention scores x 3 (forward + input and weight gradients):
+#   163,840 + 19,200 + 30,720 + 5,376 + 1,152 = 220,288, plus 7 K (4,096 + 2,304).
+@pytest.mark.parametrize("k,inference,training", [(1, 120_448, 265_088), (2, 140_160, 309_888)])
+def test_flop_counter_matches_a_hand_count(one_layer_model, k, inference, training):
+    model = one_layer_model
+    model.set_top_k(k)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    ids = torch.randint(5, 20, mask.shape)
+    model(ids, mask)
+    counter = FlopCounter(model)
+
+    assert counter.count(mask, training=False).total == inference
+    assert counter.count(mask, training=True).total == training
+
+
+def test_flop_counter_follows_the_active_lora_rank(one_layer_model):
+    model = one_layer_model
+    model.set_top_k(1)
+    mask = torch.ones(1, 4, dtype=torch.long)
+    counter = FlopCounter(model)
+    full = counter.count(mask, training=False).lora
+    for module in model.modules():
+        if hasattr(module, "active_rank"):
+            module.active_rank = 2
+    try:
+        assert counter.count(mask, training=False).lora == full / 2
+    finally:
+        for module in model.modules():
+            if hasattr(module, "active_rank"):
+                module.active_rank = 4
+
+
+def test_payload_bytes_and_costs_per_tier(tiny_bert, tiny_task):
+    results = {m: run_experiment(load_config(overrides=tiny_overrides(tiny_bert, tiny_task), method=m),
+                                 show_progress=False) for m in ("smoe", "hetlora")}
+    smoe = results["smoe"]
+    trainable = smoe["parameters"]["total_trainable"]
+    layers, experts = 2, 4
+    for client in smoe["history"][0]["cost"]["clients"]:
+        assert client["download_bytes"] == 4 * trainable  # float32 tensors the client starts from
+        assert client["upload_bytes"] == 4 * trainable + 8 * (layers * experts + layers)  # deltas + float64 counts
+    # HetLoRA: a beta = 0.5 client sends and receives ranks 0..1 of 4 of every adapter, the head whole
+    het = results["hetlora"]
+    params = het["parameters"]
+    adapters = params["total_trainable"] - params["head"]
+    by_budget = {c["budget"]: c for c in het["history"][0]["cost"]["clients"]}
+    assert by_budget[1.0]["download_bytes"] == 4 * params["total_trainable"]
+    assert by_budget[0.5]["download_bytes"] == 4 * (adapters // 2 + params["head"])
+    # the low tier computes less per token, in training and at inference
+    for run in results.values():
+        tiers = run["cost"]["tiers"]
+        assert tiers["0.5"]["train_flops_per_token"] < tiers["1.0"]["train_flops_per_token"]
+        assert tiers["0.5"]["inference_flops_per_token"] < tiers["1.0"]["inference_flops_per_token"]
+        assert run["cost"]["peak_rss_mb"] > 0
+        assert all(c["train_seconds"] > 0 for h in run["history"] for c in h["cost"]["clients"])
