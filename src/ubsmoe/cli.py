@@ -36,6 +36,35 @@ def _run(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from ubsmoe.methods import get_method
+    from ubsmoe.report.compare import run_comparison
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ConfigError("--methods needs at least one method name, e.g. --methods ubsmoe,smoe,hetlora")
+    for name in methods:
+        get_method(name)  # unknown names fail before anything runs
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if "," in args.seeds else list(range(int(args.seeds)))
+    except ValueError:
+        raise ConfigError(f"--seeds must be a count (3) or a list (0,1,2), got {args.seeds!r}") from None
+    out = Path(args.out)
+    run_comparison(methods, seeds, out, args.config, args.overrides, show_progress=not args.quiet)
+    print((out / "report.md").read_text().split("## Plots")[0])
+    print(f"report: {out / 'report.html'}  data: {out / 'compare.json'}")
+    return 0
+
+
+def _report(args) -> int:
+    from ubsmoe.report.compare import build_report
+
+    out = Path(args.folder)
+    build_report(out)
+    print(f"report: {out / 'report.md'}, {out / 'report.html'}")
+    return 0
+
+
 def _bench(args) -> int:
     if args.name == "moe-layer":
         from ubsmoe.bench.moe_layer import run
@@ -45,6 +74,12 @@ def _bench(args) -> int:
         return 0 if result else 1
     if args.name == "pg-step":
         from ubsmoe.bench.pg_step import run
+
+        run(Path(args.out))
+        print(Path(args.out).with_suffix(".md").read_text())
+        return 0
+    if args.name == "tiers":
+        from ubsmoe.bench.tiers import run
 
         run(Path(args.out))
         print(Path(args.out).with_suffix(".md").read_text())
@@ -74,8 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. federation.rounds=3 model.lora_rank=4")
     run.set_defaults(func=_run)
 
+    compare = sub.add_parser("compare", help="run several methods over seeds and write a comparison report",
+                             description="Run every method with the same config and seeds (finished runs in OUT are "
+                                         "skipped, so an interrupted comparison resumes), then write OUT/compare.json, "
+                                         "OUT/report.md and OUT/report.html.")
+    compare.add_argument("--methods", required=True, help="comma-separated method names, e.g. ubsmoe,smoe,hetlora")
+    compare.add_argument("--seeds", default="1", help="a number of seeds (3 = 0,1,2) or a list (0,5,7)")
+    compare.add_argument("--out", required=True, help="comparison folder")
+    compare.add_argument("--config", help="TOML config file")
+    compare.add_argument("--quiet", action="store_true", help="no progress bars")
+    compare.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+    compare.set_defaults(func=_compare)
+
+    report = sub.add_parser("report", help="rebuild a comparison report from its saved results")
+    report.add_argument("folder", help="a comparison folder (written by `ubsmoe compare`)")
+    report.set_defaults(func=_report)
+
     bench = sub.add_parser("bench", help="run a benchmark")
-    bench.add_argument("name", choices=["moe-layer", "pg-step", "upcycle"])
+    bench.add_argument("name", choices=["moe-layer", "pg-step", "tiers", "upcycle"])
     bench.add_argument("--out", required=True, help="result JSON path (a .md summary is written beside it)")
     bench.set_defaults(func=_bench)
     return parser

@@ -46,5 +46,40 @@ def summary_markdown(results: dict) -> str:
     for entry in results["history"]:
         lines.append(f"| {entry['round']} | " + " | ".join(f"{a:.4f}" for a in entry["tier_accuracy"].values())
                      + f" | {entry['average_accuracy']:.4f} | {entry['test_loss']:.4f} |")
+    if "cost" in results:
+        lines += ["", *cost_table(results["cost"])]
     lines += ["", "Trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in results["parameters"].items()), ""]
     return "\n".join(lines)
+
+
+def human(value: float, unit: str = "") -> str:
+    """1.23 G, 456 k, ...: three significant digits with a metric prefix."""
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}".rstrip()
+
+
+def cost_table(cost: dict) -> list[str]:
+    """Markdown lines: compute, time and communication per tier, the low tier's reductions, peak memory."""
+    lines = [
+        "## Cost per budget tier",
+        "",
+        "Per client and round, averaged over rounds; FLOPs are matmul FLOPs counted from the actual routing.",
+        "",
+        "| tier | train FLOPs | train FLOPs / token | inference FLOPs / token | median step | download | upload |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for tier, c in cost["tiers"].items():
+        if "train_flops" not in c:
+            lines.append(f"| beta={tier} | - | - | {human(c['inference_flops_per_token'])} | - | - | - |")
+            continue
+        lines.append(f"| beta={tier} | {human(c['train_flops'])} | {human(c['train_flops_per_token'])} "
+                     f"| {human(c['inference_flops_per_token'])} | {c['step_seconds_median'] * 1e3:.0f} ms "
+                     f"| {human(c['download_bytes'], 'B')} | {human(c['upload_bytes'], 'B')} |")
+    reduction = cost.get("low_tier_reduction", {})
+    if reduction:
+        lines += ["", "Low tier against top tier: " + ", ".join(
+            f"{name.replace('_', ' ')} {value:.0%} less" for name, value in reduction.items()) + "."]
+    lines += ["", f"Peak resident memory: {cost['peak_rss_mb']:.0f} MiB."]
+    return lines
