@@ -29,6 +29,7 @@ test: install
 bench: install
 	$(VENV)/bin/ubsmoe bench moe-layer --out benchmarks/moe_layer.json
 	$(VENV)/bin/ubsmoe bench pg-step --out benchmarks/pg_step.json
+	$(VENV)/bin/ubsmoe bench tiers --out benchmarks/tiers.json
 	$(VENV)/bin/ubsmoe bench upcycle --out benchmarks/upcycle_fidelity.json
 
 clean:
