@@ -83,3 +83,22 @@ def test_payload_bytes_and_costs_per_tier(tiny_bert, tiny_task):
         assert tiers["0.5"]["inference_flops_per_token"] < tiers["1.0"]["inference_flops_per_token"]
         assert run["cost"]["peak_rss_mb"] > 0
         assert all(c["train_seconds"] > 0 for h in run["history"] for c in h["cost"]["clients"])
+
+
+def test_pseudo_gradient_work_is_counted_in_training_only(one_layer_model):
+    from ubsmoe.model.pseudo_gradient import PseudoGradient
+
+    model = one_layer_model
+    model.set_top_k(1)
+    mask = torch.ones(1, 3, dtype=torch.long)
+    counter = FlopCounter(model)
+    layer = model.moe_layers[0]
+    layer.hooks.append(PseudoGradient(rho=0.75))
+    try:
+        # 4 T E r (d + h_E) per adapted matrix: 4 * 3 * 4 * 4 * (32 + 16) * 2
+        assert counter.count(mask, training=True).hooks == 18_432
+        assert counter.count(mask, training=False).hooks == 0
+        model.set_top_k(4)  # every expert active: nothing to pseudo-update
+        assert counter.count(mask, training=True).hooks == 0
+    finally:
+        layer.hooks.clear()

@@ -8,8 +8,9 @@ Counted, with a multiply-add as 2 FLOPs:
   matrices, their LoRA at the active rank, and the router on the real tokens;
 - the task head on the pooled vectors;
 - in training, the backward pass: a frozen matrix needs the input gradient only (1 x its forward),
-  a trainable one the input and the weight gradients (2 x), attention scores 2 x; plus the
-  Universal Pseudo-Gradient's factor products where that hook ran (4 T E r (in + out) per matrix).
+  a trainable one the input and the weight gradients (2 x), attention scores 2 x; plus what the
+  layers' method hooks declare (``MoEHook.training_flops``: the Universal Pseudo-Gradient's factor
+  products, 4 T E r (in + out) per matrix).
 Not counted: embeddings, normalisation, activations, softmax, and the optimiser (all linear in the
 number of parameters or positions and small next to the matmuls).
 """
@@ -33,11 +34,11 @@ class PassFlops:
     lora: float = 0.0  # every LoRA (attention and experts)
     router: float = 0.0
     head: float = 0.0
-    pseudo_gradient: float = 0.0
+    hooks: float = 0.0  # extra work of method hooks in training (the pseudo-gradient)
 
     @property
     def total(self) -> float:
-        return self.attention + self.experts + self.lora + self.router + self.head + self.pseudo_gradient
+        return self.attention + self.experts + self.lora + self.router + self.head + self.hooks
 
     def __add__(self, other: "PassFlops") -> "PassFlops":
         return PassFlops(*(getattr(self, f) + getattr(other, f) for f in self.__dataclass_fields__))
@@ -92,14 +93,8 @@ class FlopCounter:
             flops.lora += 2 * slots * layer.active_rank * (layer.d_model + layer.d_hidden) * matrices * (1 + 2 * grad)
             if layer.router is not None:
                 flops.router += 2 * tokens * layer.d_model * layer.num_experts * (1 + 2 * grad)
-                if training and layer.top_k < layer.num_experts and _has_pseudo_gradient(layer):
-                    flops.pseudo_gradient += (4 * tokens * layer.num_experts * layer.lora_rank
-                                              * (layer.d_model + layer.d_hidden) * matrices)
+            if training:
+                flops.hooks += sum(hook.training_flops(layer, tokens) for hook in layer.hooks)
         flops.head = 2 * batch * self.head_size * (1 + 2 * grad)
         return flops
 
-
-def _has_pseudo_gradient(layer) -> bool:
-    from ubsmoe.model.pseudo_gradient import PseudoGradient
-
-    return any(isinstance(hook, PseudoGradient) for hook in layer.hooks)

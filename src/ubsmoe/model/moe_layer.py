@@ -100,6 +100,11 @@ class MoEHook:
         activation, ``hidden`` (S, h) the activation times the gate (what the down-projection reads),
         and ``gates`` (S,). Register tensor hooks here to capture per-token gradients (pseudo-gradients)."""
 
+    def training_flops(self, layer: "SparseMoEFFN", tokens: int) -> float:
+        """Matmul FLOPs the hook adds to one training step of the layer on ``tokens`` real tokens (the FLOP
+        counter adds them); 0 unless the hook computes something of size."""
+        return 0.0
+
     def adjust_output(self, layer: "SparseMoEFFN", output: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
         """Change the combined output (T, d) of the routed tokens (default outputs, rescaling), or
         register a hook on it to capture the gradient arriving at the layer's output."""

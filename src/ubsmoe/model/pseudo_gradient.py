@@ -42,6 +42,12 @@ class PseudoGradient(MoEHook):
             output.register_hook(lambda grad: saved.__setitem__("d_out", grad))
         return output
 
+    def training_flops(self, layer: SparseMoEFFN, tokens: int) -> float:
+        """Per adapted matrix, four (T x E r) products with its input and output widths."""
+        if layer.top_k == layer.num_experts:
+            return 0.0
+        return 4.0 * tokens * layer.num_experts * layer.lora_rank * (layer.d_model + layer.d_hidden) * len(layer.adapted)
+
     def compute(self, layer: SparseMoEFFN) -> dict[str, torch.Tensor]:
         """The pseudo-gradients of the layer's LoRA factors, by parameter name (``lora_up_a``, ...).
 
