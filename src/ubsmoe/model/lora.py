@@ -33,7 +33,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""
         r = self.active_rank
-        return self.base(x) + (x @ self.lora_a[:, :r]) @ self.lora_b[:r] * self.scale
+        return self.base(x) + (x @ self.lora_a[:, :r]) @ (self.lora_b[:r] * self.scale)  # scale the small factor
 
 
 def kaiming_uniform(shape: tuple[int, ...], fan_in: int, generator: torch.Generator | None) -> torch.Tensor:
