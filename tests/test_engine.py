@@ -183,3 +183,14 @@ def test_methods_command_lists_registered_methods(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "smoe" in out and "fedavg-lora" in out
+
+
+def test_backbone_dropout_can_be_set(tiny_bert, tiny_task):
+    from ubsmoe.engine.simulation import build_experiment
+
+    config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **{"model.dropout": 0.3}), method="smoe")
+    model = build_experiment(config).model
+    probabilities = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert probabilities == {0.3}
+    default = build_experiment(load_config(overrides=tiny_overrides(tiny_bert, tiny_task), method="smoe")).model
+    assert {m.p for m in default.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}  # the tiny checkpoint's

@@ -81,7 +81,7 @@ def _bench(args) -> int:
     if args.name == "tiers":
         from ubsmoe.bench.tiers import run
 
-        run(Path(args.out))
+        run(Path(args.out), dropout=args.dropout)
         print(Path(args.out).with_suffix(".md").read_text())
         return 0
     if args.name == "upcycle":
@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark")
     bench.add_argument("name", choices=["moe-layer", "pg-step", "tiers", "upcycle"])
     bench.add_argument("--out", required=True, help="result JSON path (a .md summary is written beside it)")
+    bench.add_argument("--dropout", type=float, default=-1.0,
+                       help="tiers only: backbone dropout probability (-1 keeps the checkpoint's)")
     bench.set_defaults(func=_bench)
     return parser
 

@@ -35,6 +35,7 @@ class ModelConfig:
     lora_alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / rank")
     router_init: str = option("calibrated", "router initialisation of upcycled experts: calibrated or centroid")
     calibration_samples: int = option(64, "unlabelled training texts used to calibrate the routers")
+    dropout: float = option(-1.0, "dropout probability of every backbone dropout layer; -1 keeps the checkpoint's")
     max_length: int = option(64, "tokens per text after truncation")
 
 

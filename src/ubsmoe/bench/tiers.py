@@ -45,11 +45,13 @@ def _step(exp, budget: float, batch, counter: FlopCounter, flops: dict, key: str
 
 
 def run(out: Path, methods: tuple[str, ...] = ("ubsmoe", "hetlora"), batch_size: int = 16, max_length: int = 128,
-        repeats: int = 9, threads: int = 2, seed: int = 0) -> dict:
+        repeats: int = 9, threads: int = 2, seed: int = 0, dropout: float = -1.0) -> dict:
+    """dropout: the backbone's dropout probability (-1: the checkpoint's, as in the default experiment)."""
     candidates, flops, setups = {}, {}, {}
     for name in methods:
         config = load_config(overrides=[f"threads={threads}", f"seed={seed}", f"model.max_length={max_length}",
-                                        "data.max_train_samples=256", "data.max_test_samples=16"], method=name)
+                                        "data.max_train_samples=256", "data.max_test_samples=16",
+                                        f"model.dropout={dropout}"], method=name)
         exp = build_experiment(config)
         exp.model.load_trainable_state(exp.method.initial_state(exp.model).params)
         counter = FlopCounter(exp.model)
@@ -59,6 +61,7 @@ def run(out: Path, methods: tuple[str, ...] = ("ubsmoe", "hetlora"), batch_size:
             candidates[f"{name}@{budget}"] = _step(exp, budget, batch, counter, flops, f"{name}@{budget}")
     medians = interleaved_medians(candidates, repeats)
     result = {"benchmark": "tiers", "batch_size": batch_size, "max_length": max_length, "threads": threads,
+              "dropout": "checkpoint" if dropout < 0 else dropout,
               "repeats": repeats, "torch": torch.__version__, "methods": {}}
     for name in methods:
         tiers = {str(b): {"train_flops": flops[f"{name}@{b}"], "median_s": medians[f"{name}@{b}"]} for b in BUDGETS}
@@ -76,7 +79,7 @@ def run(out: Path, methods: tuple[str, ...] = ("ubsmoe", "hetlora"), batch_size:
 
 def to_markdown(result: dict) -> str:
     lines = [f"# One local step per tier (batch {result['batch_size']} x {result['max_length']} tokens, "
-             f"{result['threads']} threads, median of {result['repeats']})", "",
+             f"{result['threads']} threads, median of {result['repeats']}, backbone dropout: {result['dropout']})", "",
              "| method | tier | training FLOPs | median step ms |", "|---|---|---|---|"]
     for name, entry in result["methods"].items():
         for tier, t in entry["tiers"].items():

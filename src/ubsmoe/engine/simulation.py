@@ -54,6 +54,7 @@ def validate(config: ExperimentConfig) -> None:
         (config.model.lora_rank >= 1, "model.lora_rank must be >= 1"),
         (config.model.router_init in ("calibrated", "centroid"), "model.router_init must be calibrated or centroid"),
         (config.threads >= 1, "threads must be >= 1"),
+        (config.model.dropout < 1, "model.dropout must be below 1 (-1 keeps the checkpoint's dropout)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -78,7 +79,8 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
     method = method_cls(options, k_max=0)
     spec = method.model_spec(ModelSpec(
         backbone=config.model.backbone, num_experts=config.model.num_experts, lora_rank=config.model.lora_rank,
-        lora_alpha=config.model.lora_alpha, router_init=config.model.router_init, seed=config.seed))
+        lora_alpha=config.model.lora_alpha, router_init=config.model.router_init, seed=config.seed,
+        dropout=None if config.model.dropout < 0 else config.model.dropout))
     calibration = None
     if spec.num_experts > 1 and spec.router_init == "calibrated":
         # The server's calibration set: a few unlabelled training texts (labels are never read).

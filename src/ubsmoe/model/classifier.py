@@ -30,6 +30,7 @@ class ModelSpec:
     lora_alpha: float = 16.0
     router_init: str = "calibrated"
     seed: int = 0
+    dropout: float | None = None  # every backbone dropout layer's probability; None keeps the checkpoint's
 
 
 class MoEClassifier(nn.Module):
@@ -211,6 +212,10 @@ def build_classifier(spec: ModelSpec, num_labels: int, calibration_batches=None)
         raise ValueError(f"num_experts must be >= 1, got {spec.num_experts}")
     generator = torch.Generator().manual_seed(spec.seed)
     model, family = load_dense_backbone(spec.backbone)
+    if spec.dropout is not None:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = spec.dropout
     layers = family.layers(model)
     calibration = None
     if spec.num_experts > 1 and spec.router_init == "calibrated":
