@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ubsmoe.bench.timing import interleaved_medians
 from ubsmoe.config import load_config
+from ubsmoe.engine.local_training import local_step
 from ubsmoe.engine.simulation import build_experiment
 from ubsmoe.methods.base import ClientInfo, top_k_for_budget
 from ubsmoe.methods.ubsmoe import UBSMoE, UBSMoEOptions
@@ -28,7 +28,8 @@ def run(out: Path, budget: float = 0.25, batch_size: int = 16, max_length: int =
     model = exp.model
     k_max = exp.method.k_max
     client = ClientInfo(client_id=0, budget=budget, num_examples=batch_size)
-    input_ids, attention_mask, labels = exp.train.batch(torch.arange(batch_size))
+    batch = exp.train.batch(torch.arange(batch_size))
+    attention_mask = batch[1]
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step_fn(pg: bool):
@@ -36,14 +37,8 @@ def run(out: Path, budget: float = 0.25, batch_size: int = 16, max_length: int =
 
         def fn():
             method.setup_client(model, client)
-            optimizer = torch.optim.AdamW(params, lr=0.0)  # lr 0: the model stays the same for every call
             model.train()
-            loss = F.cross_entropy(model(input_ids, attention_mask), labels)
-            extra = method.local_loss(model, client)
-            optimizer.zero_grad(set_to_none=True)
-            (loss if extra is None else loss + extra).backward()
-            method.after_backward(model, client)
-            optimizer.step()
+            local_step(model, method, client, batch, torch.optim.AdamW(params, lr=0.0))  # lr 0: the model stays put
             method.teardown_client(model, client)
         return fn
 

@@ -12,10 +12,10 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ubsmoe.bench.timing import interleaved_medians
 from ubsmoe.config import load_config
+from ubsmoe.engine.local_training import local_step
 from ubsmoe.engine.simulation import build_experiment
 from ubsmoe.methods.base import ClientInfo
 from ubsmoe.metrics.flops import FlopCounter
@@ -26,20 +26,13 @@ BUDGETS = (0.25, 0.5, 0.75, 1.0)
 def _step(exp, budget: float, batch, counter: FlopCounter, flops: dict, key: str):
     model, method = exp.model, exp.method
     client = ClientInfo(client_id=0, budget=budget, num_examples=len(batch[2]))
-    input_ids, attention_mask, labels = batch
     params = [p for p in model.parameters() if p.requires_grad]
 
     def fn():
         method.setup_client(model, client)
-        optimizer = torch.optim.AdamW(params, lr=0.0)  # lr 0: every call sees the same model
         model.train()
-        loss = F.cross_entropy(model(input_ids, attention_mask), labels)
-        extra = method.local_loss(model, client)
-        optimizer.zero_grad(set_to_none=True)
-        (loss if extra is None else loss + extra).backward()
-        method.after_backward(model, client)
-        optimizer.step()
-        flops[key] = counter.count(attention_mask, training=True).total
+        local_step(model, method, client, batch, torch.optim.AdamW(params, lr=0.0))  # lr 0: the model stays put
+        flops[key] = counter.count(batch[1], training=True).total
         method.teardown_client(model, client)
     return fn
 

@@ -28,6 +28,19 @@ def shuffled_batches(indices: torch.Tensor, batch_size: int, generator: torch.Ge
         yield from order.split(batch_size)
 
 
+def local_step(model: MoEClassifier, method: FederatedMethod, client: ClientInfo, batch, optimizer) -> torch.Tensor:
+    """One optimiser step on batch (input_ids (B, S), attention_mask (B, S), labels (B,)) with the method's
+    extra loss and gradient adjustments; returns the task loss (detached)."""
+    input_ids, attention_mask, labels = batch
+    loss = F.cross_entropy(model(input_ids, attention_mask), labels)
+    extra = method.local_loss(model, client)
+    optimizer.zero_grad(set_to_none=True)
+    (loss if extra is None else loss + extra).backward()
+    method.after_backward(model, client)
+    optimizer.step()
+    return loss.detach()
+
+
 def train_local(model: MoEClassifier, method: FederatedMethod, client: ClientInfo, data: TokenizedDataset,
                 indices: torch.Tensor, config: TrainConfig, generator: torch.Generator, progress=None,
                 flop_counter: FlopCounter | None = None) -> dict:
@@ -44,13 +57,9 @@ def train_local(model: MoEClassifier, method: FederatedMethod, client: ClientInf
     started = time.perf_counter()
     for _ in range(steps):
         start = time.perf_counter()
-        input_ids, attention_mask, labels = data.batch(next(batches))
-        loss = F.cross_entropy(model(input_ids, attention_mask), labels)
-        extra = method.local_loss(model, client)
-        optimizer.zero_grad(set_to_none=True)
-        (loss if extra is None else loss + extra).backward()
-        method.after_backward(model, client)
-        optimizer.step()
+        batch = data.batch(next(batches))
+        attention_mask = batch[1]
+        loss = local_step(model, method, client, batch, optimizer)
         seconds.append(time.perf_counter() - start)
         tokens += int(attention_mask.sum())
         if flop_counter is not None:
