@@ -16,7 +16,7 @@ from ubsmoe.methods.flexlora import FlexLoRA
 from ubsmoe.methods.florist import energy_rank, thresholded_pair
 from ubsmoe.methods.flora import stack_factors
 from ubsmoe.methods.hetlora import HetLoRA, HetLoRAOptions, next_rank, tail_norm
-from ubsmoe.methods.low_rank import Adapter, factors_from_update, truncated
+from ubsmoe.methods.low_rank import Adapter, factors_from_svd, truncated
 from ubsmoe.methods.smoe_aux import switch_balance_loss
 from ubsmoe.methods.smoe_bias import bias_step
 from ubsmoe.model.moe_layer import RoutingRecord
@@ -110,7 +110,6 @@ def test_flexlora_averages_products_and_full_rank_svd_reproduces_them():
     new = method.aggregate(state, updates)
 
     expected = (10 * products[0] + 20 * products[1] + 30 * products[2]) / 60
-    assert torch.allclose(new.extra["updates"]["m.lora_a"], expected)
     full = method._params_at_rank(new, 5)  # rank 5 = full rank of a 6 x 5 update
     assert torch.allclose(ADAPTER.product(full), expected)
     low = method._params_at_rank(new, 2)  # rank 2: the best rank-2 approximation (Eckart-Young)
@@ -119,7 +118,7 @@ def test_flexlora_averages_products_and_full_rank_svd_reproduces_them():
 
 
 def test_svd_factors_are_zero_padded_to_r_max():
-    a, b = factors_from_update(rand(6, 5), rank=2, r_max=4, scale=0.5)
+    a, b = factors_from_svd(torch.linalg.svd(rand(6, 5), full_matrices=False), rank=2, r_max=4, scale=0.5)
     assert a.shape == (6, 4) and b.shape == (4, 5)
     assert a[:, 2:].abs().sum() == 0 and b[2:].abs().sum() == 0
 

@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from ubsmoe.config import option
-from ubsmoe.methods.base import ClientInfo, ClientUpdate, Params, ServerState, register, top_k_for_budget
+from ubsmoe.methods.base import (
+    ClientInfo, ClientUpdate, Params, ServerState, register, top_k_for_budget, weighted_delta_average,
+)
 from ubsmoe.methods.smoe import SparseMoE
 from ubsmoe.model import MoEClassifier
 from ubsmoe.model.moe_layer import MoEHook
@@ -26,6 +28,10 @@ from ubsmoe.model.moe_layer import MoEHook
 class A3SMoEOptions:
     temperature: float = option(1.0, "t: expert updates weighted by (activation share)^t * data size; 0 = FedAvg")
     rescale: bool = option(True, "learnable output rescaling for clients with K_c < K_max")
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"method.temperature must be >= 0, got {self.temperature}")
 
 
 class OutputRescaling(MoEHook):
@@ -51,24 +57,16 @@ class A3SMoE(SparseMoE):
     description = "A3SMoE: activation-aware expert aggregation and output rescaling for low-K clients"
     Options = A3SMoEOptions
 
-    hook = OutputRescaling()
-
-    def __init__(self, options: A3SMoEOptions, k_max: int):
-        super().__init__(options, k_max)
-        if options.temperature < 0:
-            raise ValueError(f"method.temperature must be >= 0, got {options.temperature}")
-
-    def initial_state(self, model: MoEClassifier) -> ServerState:
-        if model.num_experts < 2:
-            raise ValueError("a3smoe needs a sparse model: set model.num_experts >= 2")
+    def prepare_model(self, model: MoEClassifier) -> None:
         self.expert_names = model.expert_tensors()
         self.scale_names = []
         if self.options.rescale:
             for layer in model.moe_layers:
                 layer.register_parameter("output_scale", nn.Parameter(torch.ones(())))
-            names = {id(p): n for n, p in model.named_parameters()}
-            self.scale_names = [names[id(layer.output_scale)] for layer in model.moe_layers]
-        return ServerState(params=model.trainable_state(), extra={"scales": {}})
+            self.scale_names = [model.state_name(layer.output_scale) for layer in model.moe_layers]
+
+    def initial_state(self, model: MoEClassifier) -> ServerState:
+        return replace(super().initial_state(model), extra={"scales": {}})
 
     def _rescaled(self, k: int) -> bool:
         return self.options.rescale and k < self.k_max
@@ -85,15 +83,8 @@ class A3SMoE(SparseMoE):
     def eval_params(self, state: ServerState, budget: float) -> Params:
         return self._with_scales(state, top_k_for_budget(self.k_max, budget))
 
-    def setup_client(self, model: MoEClassifier, client: ClientInfo) -> None:
-        super().setup_client(model, client)
-        if self._rescaled(top_k_for_budget(self.k_max, client.budget)):
-            for layer in model.moe_layers:
-                layer.hooks.append(self.hook)
-
-    def teardown_client(self, model: MoEClassifier, client: ClientInfo) -> None:
-        for layer in model.moe_layers:
-            layer.hooks = [h for h in layer.hooks if h is not self.hook]
+    def client_hooks(self, model: MoEClassifier, client: ClientInfo) -> list[MoEHook]:
+        return [OutputRescaling()] if self._rescaled(top_k_for_budget(self.k_max, client.budget)) else []
 
     def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
         if not updates:
@@ -102,28 +93,21 @@ class A3SMoE(SparseMoE):
         routed = torch.stack([u.routing.routed for u in updates])
         tokens = torch.stack([u.routing.tokens for u in updates])
         weights = activation_weights(routed, tokens, sizes, self.options.temperature)  # (C, L, E)
-        fedavg = sizes / sizes.sum()
-        params = {}
-        for name, value in state.params.items():
-            if name in self.scale_names:
-                params[name] = value  # the per-K scalars live in extra; the global entry stays 1
-                continue
-            if name in self.expert_names:
-                w = weights[:, self.expert_names[name]]  # (C, E)
-                shape = (-1,) + (1,) * (value.dim() - 1)
-                step = sum(u.delta[name] * w[c].to(value.dtype).view(shape) for c, u in enumerate(updates))
-            else:
-                step = sum(u.delta[name] * float(fedavg[c]) for c, u in enumerate(updates))
-            params[name] = value + step
+        # FedAvg for the shared tensors; the per-K scalars live in extra and their global entries stay 1
+        params = weighted_delta_average({n: v for n, v in state.params.items() if n not in self.expert_names
+                                         and n not in self.scale_names}, updates)
+        params |= {n: state.params[n] for n in self.scale_names}
+        for name, layer_index in self.expert_names.items():
+            value, w = state.params[name], weights[:, layer_index]  # w: (C, E)
+            shape = (-1,) + (1,) * (value.dim() - 1)
+            params[name] = value + sum(u.delta[name] * w[c].to(value.dtype).view(shape) for c, u in enumerate(updates))
         scales = dict(state.extra["scales"])
         by_k: dict[int, list[ClientUpdate]] = {}
         for u in updates:
             by_k.setdefault(top_k_for_budget(self.k_max, u.client.budget), []).append(u)
         for k, group in by_k.items():
-            if not self._rescaled(k):
-                continue
-            total = sum(u.client.num_examples for u in group)
-            start = self._with_scales(state, k)
-            scales[k] = [start[n] + sum(u.delta[n] * (u.client.num_examples / total) for u in group)
-                         for n in self.scale_names]
+            if self._rescaled(k):
+                start = self._with_scales(state, k)
+                averaged = weighted_delta_average({n: start[n] for n in self.scale_names}, group)
+                scales[k] = [averaged[n] for n in self.scale_names]
         return replace(state, params=params, extra={"scales": scales})

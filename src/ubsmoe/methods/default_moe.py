@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ubsmoe.config import option
-from ubsmoe.methods.base import ClientInfo, ServerState, register
+from ubsmoe.methods.base import ClientInfo, register
 from ubsmoe.methods.smoe import SparseMoE
 from ubsmoe.model import MoEClassifier
 from ubsmoe.model.moe_layer import MoEHook, RoutingRecord, SlotLayout, SparseMoEFFN
@@ -25,6 +25,10 @@ from ubsmoe.model.moe_layer import MoEHook, RoutingRecord, SlotLayout, SparseMoE
 @dataclass
 class DefaultMoEOptions:
     ema_decay: float = option(0.95, "beta, the decay of the moving average of each expert's mean output")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"method.ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 def expert_mean_outputs(layer: SparseMoEFFN, layout: SlotLayout, activation: torch.Tensor
@@ -37,9 +41,9 @@ def expert_mean_outputs(layer: SparseMoEFFN, layout: SlotLayout, activation: tor
     E = layer.num_experts
     counts = torch.tensor(layout.counts, dtype=activation.dtype)
     sums = activation.new_zeros(E, activation.shape[1]).index_add_(0, layout.expert, activation)
-    means = sums / counts.clamp_min(1).unsqueeze(1)  # (E, h)
-    down = layer.w_down + layer.lora_scale * (layer.lora_down_a @ layer.lora_down_b)  # (E, h, d)
-    return torch.bmm(means.unsqueeze(1), down).squeeze(1), counts > 0
+    means = (sums / counts.clamp_min(1).unsqueeze(1)).unsqueeze(1)  # (E, 1, h)
+    low_rank = torch.bmm(torch.bmm(means, layer.lora_down_a), layer.lora_down_b) * layer.lora_scale  # through r
+    return (torch.bmm(means, layer.w_down) + low_rank).squeeze(1), counts > 0
 
 
 class DefaultOutputs(MoEHook):
@@ -78,26 +82,9 @@ class DefaultMoE(SparseMoE):
     description = "Default MoE: moving-average default outputs for inactive experts (dense router gradient)"
     Options = DefaultMoEOptions
 
-    def __init__(self, options: DefaultMoEOptions, k_max: int):
-        super().__init__(options, k_max)
-        if not 0 <= options.ema_decay < 1:
-            raise ValueError(f"method.ema_decay must be in [0, 1), got {options.ema_decay}")
-        self.hook: DefaultOutputs | None = None
-
-    def initial_state(self, model: MoEClassifier) -> ServerState:
-        if model.num_experts < 2:
-            raise ValueError("default-moe needs a sparse model: set model.num_experts >= 2")
+    def prepare_model(self, model: MoEClassifier) -> None:
         for layer in model.moe_layers:
             model.share_buffer(layer, "expert_defaults", torch.zeros(layer.num_experts, layer.d_model))
-        return super().initial_state(model)
 
-    def setup_client(self, model: MoEClassifier, client: ClientInfo) -> None:
-        super().setup_client(model, client)
-        self.hook = DefaultOutputs(self.options.ema_decay, update=client.client_id >= 0)
-        for layer in model.moe_layers:
-            layer.hooks.append(self.hook)
-
-    def teardown_client(self, model: MoEClassifier, client: ClientInfo) -> None:
-        for layer in model.moe_layers:
-            layer.hooks = [h for h in layer.hooks if h is not self.hook]
-        self.hook = None
+    def client_hooks(self, model: MoEClassifier, client: ClientInfo) -> list[MoEHook]:
+        return [DefaultOutputs(self.options.ema_decay, update=client.client_id >= 0)]  # defaults learn in training

@@ -15,8 +15,7 @@ from dataclasses import replace
 import torch
 
 from ubsmoe.methods.base import ClientInfo, ClientUpdate, Params, ServerState, register
-from ubsmoe.methods.low_rank import HeterogeneousRankMethod, factors_from_update, rank_for_budget, set_rank
-from ubsmoe.model import MoEClassifier
+from ubsmoe.methods.low_rank import HeterogeneousRankMethod, factors_from_svd
 
 
 def weighted_product_average(products: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
@@ -31,26 +30,20 @@ class FlexLoRA(HeterogeneousRankMethod):
     description = "FlexLoRA: full-size weighted update average, SVD redistribution at each client's rank"
 
     def _params_at_rank(self, state: ServerState, rank: int) -> Params:
-        updates = state.extra.get("updates")
-        if updates is None:
+        decompositions = state.extra.get("svd")
+        if decompositions is None:
             return state.params
         params = dict(state.params)
         for adapter in self.adapters:
-            params[adapter.a], params[adapter.b] = factors_from_update(updates[adapter.a], rank, self.r_max,
-                                                                       adapter.scale)
+            params[adapter.a], params[adapter.b] = factors_from_svd(decompositions[adapter.a], rank, self.r_max,
+                                                                    adapter.scale)
         return params
 
     def client_params(self, state: ServerState, client: ClientInfo) -> Params:
         return self._params_at_rank(state, self.client_rank(client))
 
-    def eval_key(self, budget: float) -> int:
-        return rank_for_budget(self.r_max, budget)
-
     def eval_params(self, state: ServerState, budget: float) -> Params:
         return self._params_at_rank(state, self.eval_key(budget))
-
-    def setup_eval(self, model: MoEClassifier, budget: float) -> None:
-        set_rank(model, self.eval_key(budget))
 
     def client_update(self, model, start: Params, client: ClientInfo, routing) -> ClientUpdate:
         update = super().client_update(model, start, client, routing)
@@ -66,6 +59,7 @@ class FlexLoRA(HeterogeneousRankMethod):
         for adapter in self.adapters:  # the factors are rebuilt from the updates for every client
             params[adapter.a], params[adapter.b] = state.params[adapter.a], state.params[adapter.b]
         sizes = [u.client.num_examples for u in updates]
-        averaged = {ad.a: weighted_product_average([u.extra["products"][ad.a] for u in updates], sizes)
-                    for ad in self.adapters}
-        return replace(state, params=params, extra={"updates": averaged})
+        # one SVD per adapter and round; every client and tier takes its top ranks from it
+        svd = {ad.a: torch.linalg.svd(weighted_product_average([u.extra["products"][ad.a] for u in updates], sizes),
+                                      full_matrices=False) for ad in self.adapters}
+        return replace(state, params=params, extra={"svd": svd})

@@ -26,6 +26,10 @@ from ubsmoe.methods.low_rank import Adapter, MergingMethod
 class FLoRISTOptions:
     tau: float = option(0.9, "energy threshold: keep the fewest singular values holding this share of the energy")
 
+    def __post_init__(self) -> None:
+        if not 0 < self.tau <= 1:
+            raise ValueError(f"method.tau must be in (0, 1], got {self.tau}")
+
 
 def energy_rank(singular_values: torch.Tensor, tau: float) -> int:
     """The smallest r with sum_{i<r} s_i^2 >= tau * sum_i s_i^2 (s sorted descending, 1-D)."""
@@ -53,11 +57,6 @@ class FLoRIST(MergingMethod):
     name = "florist"
     description = "FLoRIST: SVD of stacked adapters, energy-thresholded global low-rank pair merged each round"
     Options = FLoRISTOptions
-
-    def __init__(self, options: FLoRISTOptions, k_max: int):
-        super().__init__(options, k_max)
-        if not 0 < options.tau <= 1:
-            raise ValueError(f"method.tau must be in (0, 1], got {options.tau}")
 
     def round_update(self, adapter: Adapter, factors, sizes) -> tuple[torch.Tensor, dict]:
         stacked_a, stacked_b = stack_factors(factors, sizes)

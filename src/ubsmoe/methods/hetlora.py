@@ -18,7 +18,7 @@ import torch
 
 from ubsmoe.config import option
 from ubsmoe.methods.base import ClientInfo, ClientUpdate, Params, ServerState, register
-from ubsmoe.methods.low_rank import HeterogeneousRankMethod, set_rank, truncated
+from ubsmoe.methods.low_rank import HeterogeneousRankMethod, truncated
 from ubsmoe.model import MoEClassifier
 
 
@@ -27,13 +27,23 @@ class HetLoRAOptions:
     prune_lambda: float = option(1e-3, "weight of the rank self-pruning regulariser (0 turns self-pruning off)")
     prune_gamma: float = option(0.99, "rank decay factor gamma: the tail is ranks floor(gamma r) .. r")
 
+    def __post_init__(self) -> None:
+        if not 0 < self.prune_gamma <= 1:
+            raise ValueError(f"method.prune_gamma must be in (0, 1], got {self.prune_gamma}")
+        if self.prune_lambda < 0:
+            raise ValueError(f"method.prune_lambda must be >= 0, got {self.prune_lambda}")
 
-def tail_norm(a: torch.Tensor, b: torch.Tensor, start: int, rank: int) -> torch.Tensor:
-    """||a[..., start:rank] @ b[..., start:rank, :]||_F summed over leading dimensions, without
-    forming the product: ||A B||_F^2 = trace((A^T A)(B B^T))."""
-    a, b = a[..., start:rank], b[..., start:rank, :]
+
+def product_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """||a @ b||_F for a (..., in, r), b (..., r, out), summed over leading dimensions, without forming
+    the product: ||A B||_F^2 = sum((A^T A) * (B B^T))."""
     gram = (a.transpose(-1, -2) @ a) * (b @ b.transpose(-1, -2))
     return (gram.sum((-1, -2)).clamp_min(0) + 1e-12).sqrt().sum()
+
+
+def tail_norm(a: torch.Tensor, b: torch.Tensor, start: int, rank: int) -> torch.Tensor:
+    """||a[..., start:rank] @ b[..., start:rank, :]||_F summed over leading dimensions."""
+    return product_norm(a[..., start:rank], b[..., start:rank, :])
 
 
 def next_rank(rank: int, gamma: float, tail_before: float, tail_after: float) -> int:
@@ -49,21 +59,11 @@ class HetLoRA(HeterogeneousRankMethod):
 
     def __init__(self, options: HetLoRAOptions, k_max: int):
         super().__init__(options, k_max)
-        if not 0 < options.prune_gamma <= 1:
-            raise ValueError(f"method.prune_gamma must be in (0, 1], got {options.prune_gamma}")
-        if options.prune_lambda < 0:
-            raise ValueError(f"method.prune_lambda must be >= 0, got {options.prune_lambda}")
         self.ranks: dict[int, int] = {}  # client id -> its current (possibly self-pruned) rank
-        self._tail_start: dict[str, float] = {}
+        self._tail_start: dict[int, float] = {}  # client id -> tail norm when its local training began
 
     def client_rank(self, client: ClientInfo) -> int:
         return self.ranks.get(client.client_id, super().client_rank(client))
-
-    def eval_key(self, budget: float) -> int:
-        return super().client_rank(ClientInfo(-1, budget, 0))
-
-    def setup_eval(self, model: MoEClassifier, budget: float) -> None:
-        set_rank(model, self.eval_key(budget))
 
     def _tail(self, rank: int) -> int:
         return int(self.options.prune_gamma * rank)
@@ -105,7 +105,7 @@ class HetLoRA(HeterogeneousRankMethod):
                 trained = {n: state.params[n] + u.delta[n] for n in (adapter.a, adapter.b)}
                 a, b = truncated(trained, adapter, u.extra["rank"])
                 padded.append((a, b))
-                weights.append(float((adapter.scale * (a @ b)).norm()))
+                weights.append(adapter.scale * float(product_norm(a, b)))
             total = sum(weights)
             if total == 0:  # nothing trained this adapter: keep the global one
                 params[adapter.a], params[adapter.b] = state.params[adapter.a], state.params[adapter.b]

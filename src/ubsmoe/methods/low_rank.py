@@ -8,13 +8,13 @@ truncated adapter is a prefix of the full one.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
 
 from ubsmoe.methods.base import (
-    ClientInfo, ClientUpdate, FederatedMethod, Params, ServerState, tensor_bytes, weighted_delta_average,
+    ClientInfo, ClientUpdate, FederatedMethod, Params, ServerState, tensor_bytes, top_k_for_budget,
+    weighted_delta_average,
 )
 from ubsmoe.model import MoEClassifier, ModelSpec
 from ubsmoe.model.lora import LoRALinear
@@ -40,16 +40,16 @@ class Adapter:
 
 def adapters(model: MoEClassifier) -> list[Adapter]:
     """Every LoRA pair of the model: attention projections and the FFN matrices."""
-    names = {id(p): n for n, p in model.named_parameters()}  # each tensor under its first (state) name
+    name = model.state_name
     found = []
     for module in model.modules():
         if isinstance(module, LoRALinear):
-            found.append(Adapter(names[id(module.lora_a)], names[id(module.lora_b)], module.scale, "linear",
-                                 names[id(module.base.weight)]))
+            found.append(Adapter(name(module.lora_a), name(module.lora_b), module.scale, "linear",
+                                 name(module.base.weight)))
     for layer in model.moe_layers:
         for matrix in layer.adapted:
-            found.append(Adapter(names[id(getattr(layer, f"lora_{matrix}_a"))], names[id(getattr(layer, f"lora_{matrix}_b"))],
-                                 layer.lora_scale, "stacked", names[id(getattr(layer, f"w_{matrix}"))]))
+            found.append(Adapter(name(getattr(layer, f"lora_{matrix}_a")), name(getattr(layer, f"lora_{matrix}_b")),
+                                 layer.lora_scale, "stacked", name(getattr(layer, f"w_{matrix}"))))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     return [a for a in found if a.a in trainable and a.b in trainable]
 
@@ -66,8 +66,8 @@ def set_rank(model: MoEClassifier, rank: int) -> None:
 
 
 def rank_for_budget(r_max: int, budget: float) -> int:
-    """r_c = max(1, floor(r_max * beta))."""
-    return max(1, math.floor(r_max * budget + 1e-9))
+    """r_c = max(1, floor(r_max * beta)): the same rule as the sparse methods' K_c."""
+    return top_k_for_budget(r_max, budget)
 
 
 def truncated(params: Params, adapter: Adapter, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,16 +78,15 @@ def truncated(params: Params, adapter: Adapter, rank: int) -> tuple[torch.Tensor
     return a, b
 
 
-def factors_from_update(update: torch.Tensor, rank: int, r_max: int, scale: float
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best rank-``rank`` factors of ``update`` (..., in, out), zero-padded to ``r_max`` ranks.
-
-    a = U_r (orthonormal columns), b = S_r V_r^T / scale, so that scale * a @ b is the truncated SVD.
-    """
-    u, s, vh = torch.linalg.svd(update, full_matrices=False)
+def factors_from_svd(svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rank: int, r_max: int, scale: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-``rank`` factors of an update (..., in, out) given its thin SVD (u, s, vh),
+    zero-padded to ``r_max`` ranks: a = U_r (orthonormal columns), b = S_r V_r^T / scale, so that
+    scale * a @ b is the truncated SVD."""
+    u, s, vh = svd
     rank = min(rank, s.shape[-1])
-    a = update.new_zeros(*update.shape[:-1], r_max)
-    b = update.new_zeros(*update.shape[:-2], r_max, update.shape[-1])
+    a = u.new_zeros(*u.shape[:-1], r_max)
+    b = vh.new_zeros(*vh.shape[:-2], r_max, vh.shape[-1])
     a[..., :rank] = u[..., :rank]
     b[..., :rank, :] = s[..., :rank, None] * vh[..., :rank, :] / scale
     return a, b
@@ -120,6 +119,10 @@ class HeterogeneousRankMethod(FederatedMethod):
 
     def client_rank(self, client: ClientInfo) -> int:
         return rank_for_budget(self.r_max, client.budget)
+
+    def eval_key(self, budget: float) -> int | str:
+        """A tier's model is the global one at the tier's rank r_c."""
+        return rank_for_budget(self.r_max, budget)
 
     def setup_client(self, model: MoEClassifier, client: ClientInfo) -> None:
         set_rank(model, self.client_rank(client))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ubsmoe.config import option
-from ubsmoe.methods.base import ClientInfo, ServerState, register
+from ubsmoe.methods.base import ClientInfo, register
 from ubsmoe.methods.smoe import SparseMoE
 from ubsmoe.model import MoEClassifier
 from ubsmoe.model.moe_layer import MoEHook
@@ -44,23 +44,12 @@ class SMoEBias(SparseMoE):
     description = "sparse MoE with auxiliary-loss-free balancing (per-expert selection bias)"
     Options = SMoEBiasOptions
 
-    hook = SelectionBias()
-
-    def initial_state(self, model: MoEClassifier) -> ServerState:
-        if model.num_experts < 2:
-            raise ValueError("smoe-bias needs a sparse model: set model.num_experts >= 2")
+    def prepare_model(self, model: MoEClassifier) -> None:
         for layer in model.moe_layers:
             model.share_buffer(layer, "selection_bias", torch.zeros(layer.num_experts))
-        return super().initial_state(model)
 
-    def setup_client(self, model: MoEClassifier, client: ClientInfo) -> None:
-        super().setup_client(model, client)
-        for layer in model.moe_layers:
-            layer.hooks.append(self.hook)
-
-    def teardown_client(self, model: MoEClassifier, client: ClientInfo) -> None:
-        for layer in model.moe_layers:
-            layer.hooks = [h for h in layer.hooks if h is not self.hook]
+    def client_hooks(self, model: MoEClassifier, client: ClientInfo) -> list[MoEHook]:
+        return [SelectionBias()]
 
     def after_backward(self, model: MoEClassifier, client: ClientInfo) -> None:
         for layer in model.moe_layers:

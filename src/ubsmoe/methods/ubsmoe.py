@@ -16,10 +16,12 @@ from dataclasses import dataclass, replace
 import torch
 
 from ubsmoe.config import option
-from ubsmoe.methods.base import ClientInfo, ClientUpdate, FederatedMethod, ServerState, register, top_k_for_budget
+from ubsmoe.methods.base import ClientInfo, ClientUpdate, ServerState, register, top_k_for_budget
+from ubsmoe.methods.smoe import SparseMoE
 from ubsmoe.model import MoEClassifier
+from ubsmoe.model.moe_layer import MoEHook
 from ubsmoe.model.modulated_routing import ModulatedRouting, range_penalty
-from ubsmoe.model.pseudo_gradient import PseudoGradient, sparsity_factor
+from ubsmoe.model.pseudo_gradient import RHO_RULES, PseudoGradient, sparsity_factor
 
 
 @dataclass
@@ -34,6 +36,14 @@ class UBSMoEOptions:
     phi_min: float = option(-1.0, "lower end of phi's allowed range")
     phi_max: float = option(1.0, "upper end of phi's allowed range")
     rho: str = option("1-k/m", "pseudo-gradient scale rho_c: 1-k/m, m/k or kmax/k")
+
+    def __post_init__(self) -> None:
+        if self.rho not in RHO_RULES:
+            raise ValueError(f"method.rho must be one of {', '.join(RHO_RULES)}, got {self.rho!r}")
+        if not 0 <= self.zeta <= 1:
+            raise ValueError(f"method.zeta must be in [0, 1], got {self.zeta}")
+        if self.phi_min > self.phi_max:
+            raise ValueError("method.phi_min must not exceed method.phi_max")
 
 
 def utilisation_target(routed: torch.Tensor, tokens: torch.Tensor, top_k: torch.Tensor, eps: float
@@ -51,20 +61,10 @@ def utilisation_target(routed: torch.Tensor, tokens: torch.Tensor, top_k: torch.
 
 
 @register
-class UBSMoE(FederatedMethod):
+class UBSMoE(SparseMoE):
     name = "ubsmoe"
     description = "UB-SMoE: sparse MoE with Dynamic Modulated Routing and the Universal Pseudo-Gradient"
     Options = UBSMoEOptions
-
-    def __init__(self, options: UBSMoEOptions, k_max: int):
-        super().__init__(options, k_max)
-        if options.rho not in ("1-k/m", "m/k", "kmax/k"):
-            raise ValueError(f"method.rho must be 1-k/m, m/k or kmax/k, got {options.rho!r}")
-        if not 0 <= options.zeta <= 1:
-            raise ValueError(f"method.zeta must be in [0, 1], got {options.zeta}")
-        if options.phi_min > options.phi_max:
-            raise ValueError("method.phi_min must not exceed method.phi_max")
-        self.hooks: list = []
 
     def candidates(self, num_experts: int) -> int:
         n = self.options.candidates or min(num_experts, 2 * self.k_max)
@@ -73,16 +73,12 @@ class UBSMoE(FederatedMethod):
         return n
 
     # ------------------------------------------------------------------ server
-    def initial_state(self, model: MoEClassifier) -> ServerState:
-        if model.num_experts < 2:
-            raise ValueError("ubsmoe needs a sparse model: set model.num_experts >= 2")
+    def prepare_model(self, model: MoEClassifier) -> None:
         if self.options.dmr:
             self.candidates(model.num_experts)  # fail before training if N_p is out of range
             for layer in model.moe_layers:
                 layer.modulation.requires_grad_(True)
-        names = {id(p): n for n, p in model.named_parameters()}
-        self.phi_names = [names[id(layer.modulation)] for layer in model.moe_layers]
-        return ServerState(params=model.trainable_state())
+        self.phi_names = [model.state_name(layer.modulation) for layer in model.moe_layers]
 
     def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
         state = super().aggregate(state, updates)  # FedAvg, phi included: phi_bar
@@ -105,22 +101,14 @@ class UBSMoE(FederatedMethod):
         return {"phi": [state.params[name].tolist() for name in self.phi_names]} | state.extra
 
     # ------------------------------------------------------------------ client
-    def setup_client(self, model: MoEClassifier, client: ClientInfo) -> None:
-        k = top_k_for_budget(self.k_max, client.budget)
-        model.set_top_k(k)
-        self.hooks = []
+    def client_hooks(self, model: MoEClassifier, client: ClientInfo) -> list[MoEHook]:
+        hooks: list[MoEHook] = []
         if self.options.dmr:
-            self.hooks.append(ModulatedRouting(self.candidates(model.num_experts)))
+            hooks.append(ModulatedRouting(self.candidates(model.num_experts)))
         if self.options.pg and client.client_id >= 0:  # training only, not evaluation
-            rho = sparsity_factor(self.options.rho, k, self.k_max, model.num_experts)
-            self.hooks.append(PseudoGradient(rho))
-        for layer in model.moe_layers:
-            layer.hooks.extend(self.hooks)
-
-    def teardown_client(self, model: MoEClassifier, client: ClientInfo) -> None:
-        for layer in model.moe_layers:
-            layer.hooks = [h for h in layer.hooks if h not in self.hooks]
-        self.hooks = []
+            k = top_k_for_budget(self.k_max, client.budget)
+            hooks.append(PseudoGradient(sparsity_factor(self.options.rho, k, self.k_max, model.num_experts)))
+        return hooks
 
     def local_loss(self, model: MoEClassifier, client: ClientInfo) -> torch.Tensor | None:
         if not (self.options.dmr and self.options.reg):
@@ -133,6 +121,3 @@ class UBSMoE(FederatedMethod):
             if isinstance(hook, PseudoGradient):
                 for layer in model.moe_layers:
                     hook.apply(layer)
-
-    def eval_key(self, budget: float) -> int:
-        return top_k_for_budget(self.k_max, budget)

@@ -53,13 +53,14 @@ class FlopCounter:
     def __init__(self, model: nn.Module):
         self.model = model
         blocks = model.family.layers(model.backbone)
-        moe_ids = {id(m) for layer in model.moe_layers for m in layer.modules()}
-        moe_ids |= {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}  # counted with their LoRA
+        # MoE layers are counted from their routing, LoRA-wrapped linears together with their LoRA
+        skip = {id(m) for layer in model.moe_layers for m in layer.modules()}
+        skip |= {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
         self.frozen_linear = 0  # sum of in * out of the blocks' frozen linears
         self.lora_modules: list[LoRALinear] = []
         for block in blocks:
             for module in block.modules():
-                if id(module) in moe_ids:
+                if id(module) in skip:
                     continue
                 if isinstance(module, LoRALinear):
                     self.lora_modules.append(module)

@@ -106,11 +106,27 @@ class MoEClassifier(nn.Module):
                     raise KeyError(f"{name!r} is not a trainable parameter of this model")
                 tensors[name].copy_(value)
 
+    def state_name(self, tensor: torch.Tensor) -> str:
+        """The name a parameter of the model has in ``trainable_state`` (its first path: a module that is
+        also registered under ``moe_layers`` keeps the backbone's path)."""
+        for name, p in self.named_parameters():
+            if p is tensor:
+                return name
+        raise KeyError("the tensor is not a parameter of this model")
+
     def expert_tensors(self) -> dict[str, int]:
         """Name -> layer index of every trainable tensor stacked by expert (leading dimension E)."""
-        names = {id(p): n for n, p in self.named_parameters()}
-        return {names[id(p)]: i for i, layer in enumerate(self.moe_layers)
+        return {self.state_name(p): i for i, layer in enumerate(self.moe_layers)
                 for n, p in layer.named_parameters() if n.startswith("lora_") and p.requires_grad}
+
+    def attach_hooks(self, hooks: list) -> None:
+        """Every MoE layer runs these hooks (after the ones it has) from now on."""
+        for layer in self.moe_layers:
+            layer.hooks.extend(hooks)
+
+    def detach_hooks(self, hooks: list) -> None:
+        for layer in self.moe_layers:
+            layer.hooks = [h for h in layer.hooks if not any(h is other for other in hooks)]
 
     def reset_routing_counters(self) -> None:
         for layer in self.moe_layers:

@@ -102,9 +102,12 @@ def _per_token_sum(values: torch.Tensor, layout: SlotLayout, num_tokens: int) ->
     return values.new_zeros(num_tokens, values.shape[1]).index_add_(0, layout.token, values)
 
 
+RHO_RULES = ("1-k/m", "m/k", "kmax/k")
+
+
 def sparsity_factor(rule: str, k: int, k_max: int, num_experts: int) -> float:
     """rho_c: ``1-k/m`` (default), ``m/k`` or ``kmax/k``."""
-    rules = {"1-k/m": 1 - k / num_experts, "m/k": num_experts / k, "kmax/k": k_max / k}
+    rules = dict(zip(RHO_RULES, (1 - k / num_experts, num_experts / k, k_max / k)))
     if rule not in rules:
-        raise ValueError(f"unknown rho rule {rule!r}; choose one of {', '.join(rules)}")
+        raise ValueError(f"unknown rho rule {rule!r}; choose one of {', '.join(RHO_RULES)}")
     return rules[rule]
