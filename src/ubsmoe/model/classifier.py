@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ubsmoe.model import fast_dropout
 from ubsmoe.model.backbones import BackboneFamily, family_of, resolve_backbone_path
 from ubsmoe.model.lora import LoRALinear
 from ubsmoe.model.moe_layer import RoutingContext, SparseMoEFFN
@@ -174,7 +175,8 @@ def load_tokenizer(backbone: str):
 
 
 def load_dense_backbone(backbone: str) -> tuple[nn.Module, BackboneFamily]:
-    """The pretrained Hugging Face model (no task head), frozen, and its family."""
+    """The pretrained Hugging Face model (no task head), frozen, with CPU-cheap dropout (``fast_dropout``),
+    and its family."""
     from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 
@@ -190,6 +192,7 @@ def load_dense_backbone(backbone: str) -> tuple[nn.Module, BackboneFamily]:
         hf_logging.set_verbosity(verbosity)
     for p in model.parameters():
         p.requires_grad_(False)
+    fast_dropout.install(model)
     return model, family
 
 
