@@ -7,14 +7,25 @@ import time
 from typing import Callable
 
 
-def interleaved_medians(candidates: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Run every candidate once per round, ``warmup + repeats`` rounds; median seconds per candidate."""
+def interleaved_times(candidates: dict[str, Callable[[], float | None]], repeats: int, warmup: int = 2
+                      ) -> dict[str, list[float]]:
+    """Run every candidate once per round, ``warmup + repeats`` rounds; seconds per candidate and round.
+
+    A candidate that returns a number has timed itself (the part of its work that counts); otherwise
+    the whole call is timed. Entry i of every list comes from the same round.
+    """
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for round_index in range(warmup + repeats):
         for name, fn in candidates.items():
             start = time.perf_counter()
-            fn()
-            elapsed = time.perf_counter() - start
+            own = fn()
+            elapsed = time.perf_counter() - start if own is None else own
             if round_index >= warmup:
                 times[name].append(elapsed)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def interleaved_medians(candidates: dict[str, Callable[[], float | None]], repeats: int, warmup: int = 2
+                        ) -> dict[str, float]:
+    """The median of ``interleaved_times`` per candidate."""
+    return {name: statistics.median(values) for name, values in interleaved_times(candidates, repeats, warmup).items()}

@@ -98,7 +98,10 @@ class MoEHook:
         ``layout.token[s]``): tensors holds ``tokens`` (T, d) the layer's input, ``up`` and ``gate``
         (S, h) the projections (``gate`` None for ungated FFNs), ``activation`` (S, h) after the
         activation, ``hidden`` (S, h) the activation times the gate (what the down-projection reads),
-        and ``gates`` (S,). Register tensor hooks here to capture per-token gradients (pseudo-gradients)."""
+        ``gates`` (S,), ``projected`` {"up", "gate": (T, E, r)} every token's LoRA input projection
+        x A_e for every expert, and ``down_low_rank`` (T*E, r): hidden A_e of the down-projection's LoRA at
+        the active (token, expert) pairs, zero elsewhere (its gradient is s g B_e^T for output gradient g).
+        Register tensor hooks here to capture per-token gradients (pseudo-gradients)."""
 
     def training_flops(self, layer: "SparseMoEFFN", tokens: int) -> float:
         """Matmul FLOPs the hook adds to one training step of the layer on ``tokens`` real tokens (the FLOP
@@ -266,9 +269,11 @@ class SparseMoEFFN(nn.Module):
         activation (S, h/E) rather than the output (S, d): the same value over fewer numbers.
         """
         T = x.shape[0]
+        projections = {}
 
         def project(name: str, bias: torch.Tensor | None = None) -> torch.Tensor:  # (S, h)
             projected, b = self._input_lora(name, x)
+            projections[name] = projected
             return GroupedUpProjection.apply(x, projected.reshape(T * self.num_experts, -1), getattr(self, f"w_{name}"),
                                              b, bias, self.lora_scale, layout.token, layout.pair, layout.ends,
                                              layout.counts)
@@ -277,13 +282,14 @@ class SparseMoEFFN(nn.Module):
         gate = project("gate") if self.w_gate is not None else None
         hidden = self._hidden(up, gate, None)
         gated = hidden * slot_gates.unsqueeze(1)
-        if self.hooks:
-            tensors = {"tokens": x, "up": up, "gate": gate, "activation": hidden, "hidden": gated, "gates": slot_gates}
-            for hook in self.hooks:
-                hook.observe_experts(self, layout, tensors)
         a, b = self._lora_factors("down")
         y, low_rank = GroupedDownProjection.apply(gated, self.w_down, a, layout.token, layout.pair, T, layout.ends,
                                                   layout.counts)
+        if self.hooks:
+            tensors = {"tokens": x, "up": up, "gate": gate, "activation": hidden, "hidden": gated, "gates": slot_gates,
+                       "projected": projections, "down_low_rank": low_rank}
+            for hook in self.hooks:
+                hook.observe_experts(self, layout, tensors)
         return torch.addmm(y, low_rank.view(T, -1), b.reshape(-1, self.d_model) * self.lora_scale)
 
     def _all_experts(self, x: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:

@@ -6,7 +6,8 @@ For every LoRA-carrying matrix W of expert i, with G_j(x) the true gradient of W
 and the LoRA factors of W_i receive s G_tilde_i B_i^T and s A_i^T G_tilde_i (s = alpha / r) on top of
 their true gradients. G_j(x) is an outer product in(x) delta_j(x)^T, so every sum is taken through
 A_i or B_i first (the factor trick): no per-token (in x out) matrix is formed and no inactive expert
-runs forward; the cost per expert is O(T r (d + h)).
+runs forward; the cost per expert is O(T r (d + h)), and the layer's own pass already holds two of the
+products.
 
 Up- and gate-projections share their input x across experts, so G_hat(x) = x delta_bar(x)^T with
 delta_bar(x) = sum_j delta_j(x) / P(x). The down-projection shares its output gradient g(x), so
@@ -21,16 +22,21 @@ from ubsmoe.model.moe_layer import MoEHook, SlotLayout, SparseMoEFFN
 
 
 class PseudoGradient(MoEHook):
-    """Captures what one forward/backward of a layer needs, then adds the pseudo-gradients (``apply``)."""
+    """Captures what one forward/backward of a layer needs, then adds the pseudo-gradients (``apply``).
+
+    Two of the products come free from the layer's own pass: x A_i for every expert is the forward's
+    LoRA input projection, and s g(x) B_i^T of the down-projection is the gradient of its low-rank table.
+    """
 
     def __init__(self, rho: float):
         self.rho = rho
         self.saved: dict[SparseMoEFFN, dict] = {}
 
     def observe_experts(self, layer: SparseMoEFFN, layout: SlotLayout, tensors: dict) -> None:
-        saved = {"layout": layout, "tokens": tensors["tokens"].detach(), "hidden": tensors["hidden"].detach()}
+        saved = {"layout": layout, "tokens": tensors["tokens"].detach(), "hidden": tensors["hidden"].detach(),
+                 "projected": {n: p.detach() for n, p in tensors["projected"].items()}}
         self.saved[layer] = saved
-        for name in ("up", "gate"):
+        for name in ("up", "gate", "down_low_rank"):
             if tensors[name] is not None and tensors[name].requires_grad:
                 tensors[name].register_hook(lambda grad, name=name: saved.__setitem__(f"d_{name}", grad))
 
@@ -43,10 +49,10 @@ class PseudoGradient(MoEHook):
         return output
 
     def training_flops(self, layer: SparseMoEFFN, tokens: int) -> float:
-        """Per adapted matrix, four (T x E r) products with its input and output widths."""
+        """Per adapted matrix, three (T x E r) products: 2 T E r (in + out + the hidden width h)."""
         if layer.top_k == layer.num_experts:
             return 0.0
-        return 4.0 * tokens * layer.num_experts * layer.lora_rank * (layer.d_model + layer.d_hidden) * len(layer.adapted)
+        return 2.0 * tokens * layer.num_experts * layer.lora_rank * (layer.d_model + 2 * layer.d_hidden) * len(layer.adapted)
 
     def compute(self, layer: SparseMoEFFN) -> dict[str, torch.Tensor]:
         """The pseudo-gradients of the layer's LoRA factors, by parameter name (``lora_up_a``, ...).
@@ -63,38 +69,40 @@ class PseudoGradient(MoEHook):
         active = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, saved["experts"], True)
         active_mass = (probs * active).sum(1, keepdim=True)  # P(x): (T, 1)
         weight = (probs * ~active * self.rho).unsqueeze(2)  # rho p_i(x) for inactive pairs: (T, E, 1)
+        s = layer.lora_scale
         grads = {}
         for name in ("up", "gate"):
             if f"d_{name}" in saved:
                 delta_bar = _per_token_sum(saved[f"d_{name}"], layout, T) / active_mass  # (T, h)
-                grads |= self._factor_grads(layer, name, x, delta_bar, weight)
+                b = getattr(layer, f"lora_{name}_b").detach()  # (E, r, h)
+                through_b = (delta_bar @ b.permute(2, 0, 1).reshape(-1, E * b.shape[1])).view(T, E, -1) * s
+                grads |= _factor_grads(name, x, delta_bar, saved["projected"][name], through_b, weight, s)
         hidden_bar = _per_token_sum(saved["hidden"], layout, T) / active_mass  # (T, h)
-        grads |= self._factor_grads(layer, "down", hidden_bar, saved["d_out"], weight)
+        a = layer.lora_down_a.detach()  # (E, h, r)
+        through_a = (hidden_bar @ a.permute(1, 0, 2).reshape(a.shape[1], -1)).view(T, E, -1)
+        through_b = saved["d_down_low_rank"].view(T, E, -1)  # s g(x) B_i^T, from the backward pass
+        grads |= _factor_grads("down", hidden_bar, saved["d_out"], through_a, through_b, weight, s)
         return grads
-
-    @staticmethod
-    def _factor_grads(layer: SparseMoEFFN, name: str, inputs: torch.Tensor, deltas: torch.Tensor,
-                      weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        """G_hat(x) = inputs(x) deltas(x)^T; inputs: (T, in), deltas: (T, out), weight: (T, E, 1).
-
-        grad A_i = s sum_x w_i(x) inputs(x) (deltas(x) B_i^T)   -> (E, in, r)
-        grad B_i = s sum_x w_i(x) (inputs(x) A_i)^T deltas(x)   -> (E, r, out)
-        """
-        a, b = getattr(layer, f"lora_{name}_a"), getattr(layer, f"lora_{name}_b")  # (E, in, r), (E, r, out)
-        E, d_in, r = a.shape
-        T = inputs.shape[0]
-        s = layer.lora_scale
-        through_b = (deltas @ b.detach().permute(2, 0, 1).reshape(-1, E * r)).view(T, E, r) * weight
-        through_a = (inputs @ a.detach().permute(1, 0, 2).reshape(d_in, E * r)).view(T, E, r) * weight
-        grad_a = (inputs.T @ through_b.reshape(T, E * r)).view(d_in, E, r).permute(1, 0, 2) * s
-        grad_b = (through_a.reshape(T, E * r).T @ deltas).view(E, r, -1) * s
-        return {f"lora_{name}_a": grad_a, f"lora_{name}_b": grad_b}
 
     def apply(self, layer: SparseMoEFFN) -> None:
         """Add the pseudo-gradients to the LoRA factors' gradients."""
         for name, grad in self.compute(layer).items():
             param = getattr(layer, name)
             param.grad = grad.clone() if param.grad is None else param.grad.add_(grad)
+
+
+def _factor_grads(name: str, inputs: torch.Tensor, deltas: torch.Tensor, through_a: torch.Tensor,
+                  through_b: torch.Tensor, weight: torch.Tensor, s: float) -> dict[str, torch.Tensor]:
+    """G_hat(x) = inputs(x) deltas(x)^T for every token; inputs: (T, in), deltas: (T, out), weight: (T, E, 1),
+    through_a = inputs(x) A_i: (T, E, r), through_b = s deltas(x) B_i^T: (T, E, r).
+
+    grad A_i = sum_x w_i(x) inputs(x) (s deltas(x) B_i^T)   -> (E, in, r)
+    grad B_i = s sum_x w_i(x) (inputs(x) A_i)^T deltas(x)   -> (E, r, out)
+    """
+    T, E, r = through_a.shape
+    grad_a = (inputs.T @ (through_b * weight).reshape(T, E * r)).view(-1, E, r).permute(1, 0, 2)
+    grad_b = ((through_a * (weight * s)).reshape(T, E * r).T @ deltas).view(E, r, -1)
+    return {f"lora_{name}_a": grad_a, f"lora_{name}_b": grad_b}
 
 
 def _per_token_sum(values: torch.Tensor, layout: SlotLayout, num_tokens: int) -> torch.Tensor:
