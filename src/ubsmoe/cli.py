@@ -81,7 +81,7 @@ def _bench(args) -> int:
     if args.name == "tiers":
         from ubsmoe.bench.tiers import run
 
-        run(Path(args.out), dropout=args.dropout)
+        run(Path(args.out), dropout=args.dropout, max_length=args.max_length)
         print(Path(args.out).with_suffix(".md").read_text())
         return 0
     if args.name == "upcycle":
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", required=True, help="result JSON path (a .md summary is written beside it)")
     bench.add_argument("--dropout", type=float, default=-1.0,
                        help="tiers only: backbone dropout probability (-1 keeps the checkpoint's)")
+    bench.add_argument("--max-length", type=int, default=128,
+                       help="tiers only: tokens per text of the timed batch (16 texts)")
     bench.set_defaults(func=_bench)
     return parser
 

@@ -199,7 +199,7 @@ class SparseMoEFFN(nn.Module):
         flat = hidden.reshape(-1, self.d_model)
         mask = self.context.token_mask
         token_index = None
-        if mask is not None:
+        if mask is not None and not bool(mask.all()):  # with no padding in the batch, no gather or scatter
             token_index = mask.reshape(-1).nonzero().squeeze(1)
             x = flat.index_select(0, token_index)
         else:
