@@ -75,8 +75,11 @@ def main() -> None:
                 folder = args.out / f"{name}-s{seed}"
                 if (folder / "results.json").is_file():
                     continue
-                subprocess.run([sys.executable, "-m", "ubsmoe", "run", "--quiet", "--out", str(folder),
-                                f"seed={seed}", *extra], check=True)
+                # options first, then every key=value override together (argparse takes one run of them)
+                options = [a for a in extra if "=" not in a]
+                overrides = [a for a in extra if "=" in a]
+                subprocess.run([sys.executable, "-m", "ubsmoe", "run", "--quiet", "--out", str(folder), *options,
+                                f"seed={seed}", *overrides], check=True)
     summary = summarise(args.out, args.seeds)
     (args.out / "evidence.json").write_text(json.dumps(summary, indent=2))
     (args.out / "evidence.md").write_text(to_markdown(summary))
