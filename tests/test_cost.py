@@ -24,20 +24,23 @@ def one_layer_model(tmp_path_factory):
 #   scores and values: 2 * 2 * B * S^2 * 32                                              =  6,400
 #   LoRA on query and value: 2 * 2 * 10 * 4 * (32 + 32)                                  = 10,240
 #   experts (up and down, frozen) per slot: 2 * 2 * 32 * 16 = 2,048; slots = 7 K
-#   expert LoRA per slot: 2 * 2 * 4 * (32 + 16) = 768
+#   expert LoRA, model-width factor for all E experts on the 7 tokens: 2 * 2 * 7 * 4 * 4 * 32 = 14,336
+#   expert LoRA, expert-width factor per slot: 2 * 2 * 4 * 16 = 256
 #   router: 2 * 7 * 32 * 4                                                               =  1,792
 #   head on the 2 pooled vectors: 2 * 2 * 32 * 3                                         =    384
-# Inference: 100,736 + 7 K (2,048 + 768). Training: frozen matrices x 2 (forward + input gradient),
-# trainable ones and attention scores x 3 (forward + input and weight gradients):
-#   163,840 + 19,200 + 30,720 + 5,376 + 1,152 = 220,288, plus 7 K (4,096 + 2,304).
-@pytest.mark.parametrize("k,inference,training", [(1, 120_448, 265_088), (2, 140_160, 309_888)])
+# Inference: 115,072 + 7 K (2,048 + 256). Training: frozen matrices x 2 (forward + input gradient),
+# trainable ones and attention scores x 3 (forward + input and weight gradients), except that the
+# block reads the frozen embeddings: query, key and value need no input gradient (-61,440), nor do
+# the LoRA factors A of query and value (-5,120):
+#   163,840 + 19,200 + 30,720 + 43,008 + 5,376 + 1,152 - 66,560 = 196,736, plus 7 K (4,096 + 768).
+@pytest.mark.parametrize("k,inference,training", [(1, 131_200, 230_784), (2, 147_328, 264_832)])
 def test_flop_counter_matches_a_hand_count(one_layer_model, k, inference, training):
     model = one_layer_model
     model.set_top_k(k)
+    counter = FlopCounter(model)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
     ids = torch.randint(5, 20, mask.shape)
     model(ids, mask)
-    counter = FlopCounter(model)
 
     assert counter.count(mask, training=False).total == inference
     assert counter.count(mask, training=True).total == training
@@ -102,3 +105,37 @@ def test_pseudo_gradient_work_is_counted_in_training_only(one_layer_model):
         assert counter.count(mask, training=True).hooks == 0
     finally:
         layer.hooks.clear()
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_flop_counter_agrees_with_torch_on_every_matmul_run(tmp_path, monkeypatch, k):
+    """Two blocks (the first reads the frozen embeddings: no input gradients), with the pseudo-gradient,
+    the fused expert matmuls as plain per-expert matmuls so that torch's FlopCounterMode sees them all."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ubsmoe.model import grouped_lora
+    from ubsmoe.model.pseudo_gradient import PseudoGradient
+
+    monkeypatch.setattr(grouped_lora, "_HAS_GROUPED_MM", False)
+    folder = write_tiny_bert(tmp_path, hidden=32, layers=2, ffn=64)
+    model = build_classifier(ModelSpec(backbone=str(folder), num_experts=4, lora_rank=4, router_init="centroid"),
+                             num_labels=3)
+    model.set_top_k(k)
+    for layer in model.moe_layers:
+        layer.hooks.append(PseudoGradient(rho=0.5))
+    counter = FlopCounter(model)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    ids = torch.randint(5, 20, mask.shape)
+    with FlopCounterMode(display=False) as torch_count:
+        model(ids, mask).sum().backward()
+        for layer in model.moe_layers:
+            layer.hooks[0].apply(layer)
+    counted = counter.count(mask, training=True)
+    # What torch does not see: CPU attention through SDPA (scores and values, forward and backward),
+    # 3 * 2 * 2 * B * S^2 * 32 per block = 38,400 for two blocks.
+    # What torch sees and the counter leaves out: in the fused up-projection, the bias column and the
+    # alignment padding (32 + 4 + 1 -> 40 columns: 4 extra) on each of the 7 K slots, forward and
+    # input gradient: 2 * 2 * 7 K * 4 * 16 = 1,792 K per block; none at K = M (no fused matmul).
+    fused_extra = 2 * 2 * 7 * k * 4 * 16 * 2 if k < 4 else 0
+    assert torch_count.get_total_flops() == counted.total - 38_400 + fused_extra
+    assert counted.hooks > 0 if k < 4 else counted.hooks == 0

@@ -5,14 +5,19 @@ Counted, with a multiply-add as 2 FLOPs:
   positions (padding included: attention runs on it); its LoRA on the active rank;
 - attention scores and the weighted sum of values, 2 x B x S^2 x (heads x head dim) each;
 - each MoE layer on its routed (token, expert) slots only (padding is never routed): the frozen expert
-  matrices, their LoRA at the active rank, and the router on the real tokens;
+  matrices, the router on the real tokens, and LoRA at the active rank as the layer computes it: the
+  factor on the model-width side (A of up/gate, B of down) for every expert on every real token, in one
+  dense (T, d) x (d, E r) product, the factor on the expert-width side per slot;
 - the task head on the pooled vectors;
 - in training, the backward pass: a frozen matrix needs the input gradient only (1 x its forward),
-  a trainable one the input and the weight gradients (2 x), attention scores 2 x; plus what the
+  and none where its input needs no gradient (the first block's projections read the frozen
+  embeddings; seen in the forward, not assumed), a trainable one the input and the weight gradients
+  (2 x), attention scores 2 x; plus what the
   layers' method hooks declare (``MoEHook.training_flops``: the Universal Pseudo-Gradient's factor
-  products, 4 T E r (in + out) per matrix).
-Not counted: embeddings, normalisation, activations, softmax, and the optimiser (all linear in the
-number of parameters or positions and small next to the matmuls).
+  products, 2 T E r (d + 2 h) per matrix).
+Not counted: embeddings, normalisation, activations, softmax, the optimiser (all linear in the
+number of parameters or positions and small next to the matmuls), and the bias column and alignment
+padding that ride in the fused expert matmuls (implementation overhead, a few columns of d).
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ class FlopCounter:
         # MoE layers are counted from their routing, LoRA-wrapped linears together with their LoRA
         skip = {id(m) for layer in model.moe_layers for m in layer.modules()}
         skip |= {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
-        self.frozen_linear = 0  # sum of in * out of the blocks' frozen linears
+        self.frozen_linears: list[nn.Linear] = []
         self.lora_modules: list[LoRALinear] = []
         for block in blocks:
             for module in block.modules():
@@ -65,13 +70,21 @@ class FlopCounter:
                 if isinstance(module, LoRALinear):
                     self.lora_modules.append(module)
                 elif isinstance(module, nn.Linear):
-                    self.frozen_linear += module.in_features * module.out_features
+                    self.frozen_linears.append(module)
+        # Whether each linear's input needed a gradient in the last forward: the first block's
+        # projections read the frozen embeddings, so their backward stops at the weights' own terms.
+        self.input_needs_grad: dict[nn.Module, bool] = {}
+        for module in self.frozen_linears + self.lora_modules:
+            module.register_forward_pre_hook(self._note_input)
         config = model.backbone.config
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         self.attention_width = heads * head_dim
         self.num_blocks = len(blocks)
         self.head_size = model.head.in_features * model.head.out_features
+
+    def _note_input(self, module: nn.Module, args: tuple) -> None:
+        self.input_needs_grad[module] = bool(args and isinstance(args[0], torch.Tensor) and args[0].requires_grad)
 
     def count(self, attention_mask: torch.Tensor, training: bool) -> PassFlops:
         """FLOPs of the pass the model just ran on a batch with this mask (B, S); reads each MoE
@@ -81,17 +94,25 @@ class FlopCounter:
         tokens = int(attention_mask.sum())
         grad = 1 if training else 0  # backward multipliers: frozen 1x, trainable 2x
         flops = PassFlops()
-        frozen = 2 * positions * self.frozen_linear
+        frozen = 0.0
+        for module in self.frozen_linears:
+            input_grad = grad * self.input_needs_grad.get(module, True)
+            frozen += 2 * positions * module.in_features * module.out_features * (1 + input_grad)
         for module in self.lora_modules:
-            frozen += 2 * positions * module.base.in_features * module.base.out_features
-            flops.lora += 2 * positions * module.active_rank * (module.base.in_features + module.base.out_features) * (1 + 2 * grad)
+            base, rank = module.base, module.active_rank
+            input_grad = grad * self.input_needs_grad.get(module, True)
+            frozen += 2 * positions * base.in_features * base.out_features * (1 + input_grad)
+            # x A and (x A) B, their weight gradients, the gradient of x A, and that of x if it needs one
+            flops.lora += 2 * positions * rank * ((base.in_features + base.out_features) * (1 + grad)
+                                                  + base.out_features * grad + base.in_features * input_grad)
         scores = 2 * 2 * batch * seq * seq * self.attention_width * self.num_blocks
-        flops.attention = frozen * (1 + grad) + scores * (1 + 2 * grad)
+        flops.attention = frozen + scores * (1 + 2 * grad)
         for layer in self.model.moe_layers:
             slots = tokens * (layer.top_k if layer.router is not None else 1)
             matrices = len(layer.adapted)
             flops.experts += 2 * slots * layer.d_model * layer.d_hidden * matrices * (1 + grad)
-            flops.lora += 2 * slots * layer.active_rank * (layer.d_model + layer.d_hidden) * matrices * (1 + 2 * grad)
+            lora_macs = tokens * layer.num_experts * layer.d_model + slots * layer.d_hidden  # per rank and matrix
+            flops.lora += 2 * lora_macs * layer.active_rank * matrices * (1 + 2 * grad)
             if layer.router is not None:
                 flops.router += 2 * tokens * layer.d_model * layer.num_experts * (1 + 2 * grad)
             if training:

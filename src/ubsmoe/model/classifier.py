@@ -175,8 +175,8 @@ def load_tokenizer(backbone: str):
 
 
 def load_dense_backbone(backbone: str) -> tuple[nn.Module, BackboneFamily]:
-    """The pretrained Hugging Face model (no task head), frozen, with CPU-cheap dropout (``fast_dropout``),
-    and its family."""
+    """The pretrained Hugging Face model (no task head, no pooler: the classifier pools the hidden
+    states itself), frozen, with CPU-cheap dropout (``fast_dropout``), and its family."""
     from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 
@@ -190,6 +190,8 @@ def load_dense_backbone(backbone: str) -> tuple[nn.Module, BackboneFamily]:
         model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     finally:
         hf_logging.set_verbosity(verbosity)
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None  # BERT's [CLS] dense + tanh: computed for nothing, the head reads our own pooling
     for p in model.parameters():
         p.requires_grad_(False)
     fast_dropout.install(model)
