@@ -90,14 +90,29 @@ def run(out: Path, methods: tuple[str, ...] = ("ubsmoe", "hetlora"), batch_size:
     return result
 
 
+def goal_verdicts(result: dict) -> list[str]:
+    """One line per goal, met or not, from the same-round ratios (the steadier reading)."""
+    methods, lines = result["methods"], []
+    if "ubsmoe" in methods:
+        r = methods["ubsmoe"]["low_tier_reduction"]
+        for what, value, goal in (("FLOPs", r["train_flops"], 0.40), ("step time", r["step_time_paired"], 0.35)):
+            lines.append(f"ubsmoe low tier, {what}: {value:.0%} against at least {goal:.0%}: "
+                         f"{'met' if value >= goal else 'not met'}")
+    if "hetlora" in methods:
+        value = methods["hetlora"]["low_tier_reduction"]["step_time_paired"]
+        lines.append(f"hetlora low tier, step time: {value:.0%} against under 10%: {'met' if value < 0.10 else 'not met'}")
+    return lines
+
+
 def to_markdown(result: dict) -> str:
     lines = [f"# One local step per tier (batch {result['batch_size']} x {result['max_length']} tokens, "
              f"{result['threads']} threads, median of {result['repeats']} turns of {result['steps_per_turn']} steps, "
              f"backbone dropout: {result['dropout']})", "",
-             "| method | tier | training FLOPs | median step ms |", "|---|---|---|---|"]
+             "| method | tier | training FLOPs | median step ms | GFLOP/s |", "|---|---|---|---|---|"]
     for name, entry in result["methods"].items():
         for tier, t in entry["tiers"].items():
-            lines.append(f"| {name} | β={tier} | {t['train_flops'] / 1e9:.1f} G | {t['median_s'] * 1e3:.0f} |")
+            lines.append(f"| {name} | β={tier} | {t['train_flops'] / 1e9:.1f} G | {t['median_s'] * 1e3:.0f} | "
+                         f"{t['train_flops'] / t['median_s'] / 1e9:.0f} |")
     lines += ["", "| method | low tier saves, FLOPs | low tier saves, step time (medians) "
                   "| same-round ratio: median [quartiles] |", "|---|---|---|---|"]
     for name, entry in result["methods"].items():
@@ -107,4 +122,7 @@ def to_markdown(result: dict) -> str:
                      f"{r['step_time_paired']:.0%} [{q1:.0%}, {q3:.0%}] |")
     lines += ["", "Goal: the sparse low tier (K = 2 of 8) saves at least 40 % of the FLOPs and 35 % of the step "
                   "time; the heterogeneous-rank low tier saves under 10 %."]
+    verdicts = goal_verdicts(result)
+    if verdicts:
+        lines += [""] + [f"- {v}" for v in verdicts]
     return "\n".join(lines) + "\n"
