@@ -262,6 +262,12 @@ class SparseMoEFFN(nn.Module):
             up = up + b_up
         return self.activation(gate) * up if gate is not None else self.activation(up)
 
+    def _apply_gates(self, hidden: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """hidden (..., h) times gates (...); straight-through gates are exactly 1, so no multiply."""
+        if self.gate_mode == "straight_through":
+            return _UnitGate.apply(hidden, gates)
+        return hidden * gates.unsqueeze(-1)
+
     def _routed_experts(self, x: torch.Tensor, layout: "SlotLayout", slot_gates: torch.Tensor) -> torch.Tensor:
         """Experts on their slots, grouped by expert. x: (T, d); slot_gates: (S,) -> (T, d).
 
@@ -281,7 +287,7 @@ class SparseMoEFFN(nn.Module):
         up = project("up", self.b_up)
         gate = project("gate") if self.w_gate is not None else None
         hidden = self._hidden(up, gate, None)
-        gated = hidden * slot_gates.unsqueeze(1)
+        gated = self._apply_gates(hidden, slot_gates)
         a, b = self._lora_factors("down")
         y, low_rank = GroupedDownProjection.apply(gated, self.w_down, a, layout.token, layout.pair, T, layout.ends,
                                                   layout.counts)
@@ -299,16 +305,37 @@ class SparseMoEFFN(nn.Module):
         def project(name: str) -> torch.Tensor:  # (T, E, h)
             weight = getattr(self, f"w_{name}").permute(1, 0, 2).reshape(self.d_model, E * h)
             projected, b = self._input_lora(name, x)
-            low_rank = torch.bmm(projected.transpose(0, 1), b).transpose(0, 1)  # (T, E, h)
-            return (x @ weight).view(T, E, h) + low_rank * self.lora_scale
+            out = (x @ weight).view(T, E, h)
+            # LoRA added in place through an (E, T, h) view: the result keeps the (T, E, h) layout that
+            # the activation and the down-projection read (an out-of-place add would follow bmm's layout)
+            out.transpose(0, 1).baddbmm_(projected.transpose(0, 1), b * self.lora_scale)
+            return out
 
         hidden = self._hidden(project("up"), project("gate") if self.w_gate is not None else None, self.b_up)
         if gates is not None:
-            hidden = hidden * gates.unsqueeze(2)
+            hidden = self._apply_gates(hidden, gates)
         a, b = self._lora_factors("down")
         low_rank = torch.bmm(hidden.transpose(0, 1), a)  # (E, T, r)
         y = hidden.reshape(T, E * h) @ self.w_down.reshape(E * h, self.d_model)
         return torch.addmm(y, low_rank.transpose(0, 1).reshape(T, -1), b.reshape(-1, self.d_model) * self.lora_scale)
+
+
+class _UnitGate(torch.autograd.Function):
+    """hidden * gates for gates whose value is exactly 1 (straight-through): the forward returns hidden
+    unchanged, the backward gives hidden the gradient as it is and the gates sum(hidden * grad, -1).
+
+    hidden: (..., h), gates: (...) -> (..., h).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(hidden)
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (hidden,) = ctx.saved_tensors
+        return grad, (hidden * grad).sum(-1) if ctx.needs_input_grad[1] else None
 
 
 @dataclass
