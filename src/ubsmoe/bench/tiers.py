@@ -4,20 +4,20 @@ The default backbone (MiniLM; UB-SMoE upcycled to M = 8 experts, HetLoRA on the 
 r_max = 8), one batch of real BBC News training texts, interleaved in one process: every tier's step
 runs once per round, so machine noise hits all alike. A turn is a client's first few local steps in a
 row; the time is that of ``local_step`` (forward, backward, the method's gradient adjustments, the
-optimiser step) averaged over the turn's steps after the first; the client set-up is not timed. Writes per method and tier the counted training FLOPs of the step and its median time, and the
-low tier's reductions against the top tier: from the medians, and as the median over rounds of the
-same round's ratio (less sensitive to slow drifts of the machine's speed).
+optimiser step) averaged over the turn's steps after the first; the client set-up is not timed.
+Writes per method and tier the counted training FLOPs of the step and its median time, and the low
+tier's reductions against the top tier: from the medians, and as the median over rounds of the same
+round's ratio (less sensitive to slow drifts of the machine's speed).
 """
 
 from __future__ import annotations
 
 import json
+import statistics
+import time
 from pathlib import Path
 
 import torch
-
-import statistics
-import time
 
 from ubsmoe.bench.timing import interleaved_times
 from ubsmoe.config import load_config

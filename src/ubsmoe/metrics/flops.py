@@ -11,10 +11,10 @@ Counted, with a multiply-add as 2 FLOPs:
 - the task head on the pooled vectors;
 - in training, the backward pass: a frozen matrix needs the input gradient only (1 x its forward),
   and none where its input needs no gradient (the first block's projections read the frozen
-  embeddings; seen in the forward, not assumed), a trainable one the input and the weight gradients
-  (2 x), attention scores 2 x; plus what the
-  layers' method hooks declare (``MoEHook.training_flops``: the Universal Pseudo-Gradient's factor
-  products, 2 T E r (d + 2 h) per matrix).
+  embeddings; seen in the forward, not assumed); a trainable one needs the input and the weight
+  gradients (2 x); attention scores 2 x; plus what the layers' method hooks declare
+  (``MoEHook.training_flops``: the Universal Pseudo-Gradient's factor products, 2 T E r (d + 2 h)
+  per matrix).
 Not counted: embeddings, normalisation, activations, softmax, the optimiser (all linear in the
 number of parameters or positions and small next to the matmuls), and the bias column and alignment
 padding that ride in the fused expert matmuls (implementation overhead, a few columns of d).
