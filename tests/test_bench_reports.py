@@ -29,3 +29,23 @@ def test_tiers_markdown_shows_the_rate_and_the_verdicts():
     assert "| ubsmoe | β=0.25 | 60.0 G | 600 | 100 |" in text  # 60 GFLOP in 0.6 s
     assert "| ubsmoe | 43% | 30% | 33% [31%, 35%] |" in text
     assert "- ubsmoe low tier, step time: 33% against at least 35%: not met" in text
+
+
+def test_tiers_markdown_splits_the_step_and_states_what_the_goal_asks():
+    result = _result(0.43, 0.33, 0.02)
+    result["part_repeats"] = 5
+    low = {"ffn_forward": 0.08, "ffn_backward": 0.1, "method_gradients": 0.02, "optimizer": 0.005, "rest": 0.395}
+    high = {"ffn_forward": 0.2, "ffn_backward": 0.28, "method_gradients": 0.0, "optimizer": 0.005, "rest": 0.415}
+    for entry in result["methods"].values():
+        entry["tiers"]["0.25"]["parts_s"], entry["tiers"]["1.0"]["parts_s"] = low, high
+    text = to_markdown(result)
+    assert "| ubsmoe | β=0.25 | 80 | 100 | 20 | 5 | 395 | 600 |" in text
+    assert "| ubsmoe | β=1.0 | 200 | 280 | 0 | 5 | 415 | 900 |" in text
+    # 65 % of 900 ms is 585 ms; the low tier's optimiser and rest take 400, leaving 185 of the 200 it needs
+    assert ("the top tier's step takes 900 ms, so a 35% saving asks at most 585 ms of the low tier. Its parts "
+            "that do not depend on K (optimiser and rest) take 400 ms, which leaves 185 ms for its FFN layers and "
+            "the method's gradient work; they take 200 ms.") in text
+
+
+def test_tiers_markdown_without_parts_has_no_split():
+    assert "Where a step's time goes" not in to_markdown(_result(0.43, 0.33, 0.02))

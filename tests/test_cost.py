@@ -46,6 +46,15 @@ def test_flop_counter_matches_a_hand_count(one_layer_model, k, inference, traini
     assert counter.count(mask, training=True).total == training
 
 
+def test_flop_counter_takes_its_hooks_off(one_layer_model):
+    model = one_layer_model
+    hooks = lambda: sum(len(m._forward_pre_hooks) for m in model.modules())  # noqa: E731
+    before = hooks()
+    with FlopCounter(model) as counter:
+        assert hooks() == before + len(counter.frozen_linears) + len(counter.lora_modules) > before
+    assert hooks() == before
+
+
 def test_flop_counter_follows_the_active_lora_rank(one_layer_model):
     model = one_layer_model
     model.set_top_k(1)

@@ -7,7 +7,9 @@ row; the time is that of ``local_step`` (forward, backward, the method's gradien
 optimiser step) averaged over the turn's steps after the first; the client set-up is not timed.
 Writes per method and tier the counted training FLOPs of the step and its median time, and the low
 tier's reductions against the top tier: from the medians, and as the median over rounds of the same
-round's ratio (less sensitive to slow drifts of the machine's speed).
+round's ratio (less sensitive to slow drifts of the machine's speed). Further turns with timing hooks
+(``step_parts``) split each tier's step into the FFN layers, the method's gradient work, the optimiser
+and the rest, which does not depend on the tier.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ubsmoe.bench.step_parts import PARTS, StepParts
 from ubsmoe.bench.timing import interleaved_times
 from ubsmoe.config import load_config
 from ubsmoe.engine.local_training import local_step
@@ -30,9 +33,12 @@ BUDGETS = (0.25, 0.5, 0.75, 1.0)
 # A client runs its local steps back to back; so does each turn here, and the first step of a turn,
 # which pays for the switch from another tier's shapes (allocator, caches), is not counted.
 STEPS_PER_TURN = 3
+GOAL_TIME_SAVING = 0.35
 
 
-def _step(exp, budget: float, batch, counter: FlopCounter, flops: dict, key: str):
+def _turn(exp, budget: float, batch, counter: FlopCounter, flops: dict, key: str, parts: dict | None = None):
+    """A turn of ``STEPS_PER_TURN`` local steps; returns the mean seconds of the steps after the first.
+    With ``parts``, the turn runs with timing hooks and appends the mean split of those steps to parts[key]."""
     model, method = exp.model, exp.method
     client = ClientInfo(client_id=0, budget=budget, num_examples=len(batch[2]))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -41,21 +47,31 @@ def _step(exp, budget: float, batch, counter: FlopCounter, flops: dict, key: str
         method.setup_client(model, client)
         model.train()
         optimizer = torch.optim.AdamW(params, lr=0.0)  # lr 0: the model stays put
-        seconds = []
-        for _ in range(STEPS_PER_TURN):
-            start = time.perf_counter()
-            local_step(model, method, client, batch, optimizer)
-            seconds.append(time.perf_counter() - start)
+        hooks = StepParts(model, method, optimizer) if parts is not None else None
+        seconds, splits = [], []
+        try:
+            for _ in range(STEPS_PER_TURN):
+                start = time.perf_counter()
+                local_step(model, method, client, batch, optimizer)
+                seconds.append(time.perf_counter() - start)
+                if hooks is not None:
+                    splits.append(hooks.split(seconds[-1]))
+        finally:
+            if hooks is not None:
+                hooks.close()
         flops[key] = counter.count(batch[1], training=True).total
         method.teardown_client(model, client)
+        if parts is not None:
+            parts.setdefault(key, []).append({p: statistics.mean(s[p] for s in splits[1:]) for p in PARTS})
         return statistics.mean(seconds[1:])
     return fn
 
 
 def run(out: Path, methods: tuple[str, ...] = ("ubsmoe", "hetlora"), batch_size: int = 16, max_length: int = 128,
-        repeats: int = 11, threads: int = 2, seed: int = 0, dropout: float = -1.0) -> dict:
-    """dropout: the backbone's dropout probability (-1: the checkpoint's, as in the default experiment)."""
-    candidates, flops, setups = {}, {}, {}
+        repeats: int = 11, part_repeats: int = 5, threads: int = 2, seed: int = 0, dropout: float = -1.0) -> dict:
+    """dropout: the backbone's dropout probability (-1: the checkpoint's, as in the default experiment);
+    part_repeats: turns per tier with timing hooks, for the split of a step into its parts."""
+    candidates, hooked, parts, flops, setups = {}, {}, {}, {}, {}
     for name in methods:
         config = load_config(overrides=[f"threads={threads}", f"seed={seed}", f"model.max_length={max_length}",
                                         "data.max_train_samples=256", "data.max_test_samples=16",
@@ -66,15 +82,20 @@ def run(out: Path, methods: tuple[str, ...] = ("ubsmoe", "hetlora"), batch_size:
         batch = exp.train.batch(torch.arange(batch_size))
         setups[name] = exp
         for budget in BUDGETS:
-            candidates[f"{name}@{budget}"] = _step(exp, budget, batch, counter, flops, f"{name}@{budget}")
+            key = f"{name}@{budget}"
+            candidates[key] = _turn(exp, budget, batch, counter, flops, key)
+            hooked[key] = _turn(exp, budget, batch, counter, flops, key, parts)
     times = interleaved_times(candidates, repeats)
+    interleaved_times(hooked, part_repeats, warmup=0)
     result = {"benchmark": "tiers", "batch_size": batch_size, "max_length": max_length, "threads": threads,
               "steps_per_turn": STEPS_PER_TURN,
               "dropout": "checkpoint" if dropout < 0 else dropout,
-              "repeats": repeats, "torch": torch.__version__, "methods": {}}
+              "repeats": repeats, "part_repeats": part_repeats, "torch": torch.__version__, "methods": {}}
     for name in methods:
         tiers = {str(b): {"train_flops": flops[f"{name}@{b}"], "median_s": statistics.median(times[f"{name}@{b}"]),
-                          "step_s": times[f"{name}@{b}"]} for b in BUDGETS}
+                          "step_s": times[f"{name}@{b}"],
+                          "parts_s": {p: statistics.median(t[p] for t in parts[f"{name}@{b}"]) for p in PARTS}}
+                 for b in BUDGETS}
         low, high = tiers[str(BUDGETS[0])], tiers[str(BUDGETS[-1])]
         paired = [1 - lo / hi for lo, hi in zip(low["step_s"], high["step_s"])]
         result["methods"][name] = {
@@ -95,13 +116,47 @@ def goal_verdicts(result: dict) -> list[str]:
     methods, lines = result["methods"], []
     if "ubsmoe" in methods:
         r = methods["ubsmoe"]["low_tier_reduction"]
-        for what, value, goal in (("FLOPs", r["train_flops"], 0.40), ("step time", r["step_time_paired"], 0.35)):
+        goals = (("FLOPs", r["train_flops"], 0.40), ("step time", r["step_time_paired"], GOAL_TIME_SAVING))
+        for what, value, goal in goals:
             lines.append(f"ubsmoe low tier, {what}: {value:.0%} against at least {goal:.0%}: "
                          f"{'met' if value >= goal else 'not met'}")
     if "hetlora" in methods:
         value = methods["hetlora"]["low_tier_reduction"]["step_time_paired"]
         lines.append(f"hetlora low tier, step time: {value:.0%} against under 10%: {'met' if value < 0.10 else 'not met'}")
     return lines
+
+
+def time_goal_budget(result: dict) -> str | None:
+    """What the step-time goal asks of UB-SMoE's low tier, read from the hooked turns' parts: the time
+    left for the parts that shrink with K once the others are paid for. None without those parts."""
+    entry = result["methods"].get("ubsmoe")
+    if entry is None or "parts_s" not in entry["tiers"][str(BUDGETS[0])]:
+        return None
+    low, high = entry["tiers"][str(BUDGETS[0])]["parts_s"], entry["tiers"][str(BUDGETS[-1])]["parts_s"]
+    allowed = (1 - GOAL_TIME_SAVING) * sum(high.values())
+    fixed = low["optimizer"] + low["rest"]
+    scaling = low["ffn_forward"] + low["ffn_backward"] + low["method_gradients"]
+    return (f"With timing hooks on, the top tier's step takes {sum(high.values()) * 1e3:.0f} ms, so a "
+            f"{GOAL_TIME_SAVING:.0%} saving asks at most {allowed * 1e3:.0f} ms of the low tier. Its parts that "
+            f"do not depend on K (optimiser and rest) take {fixed * 1e3:.0f} ms, which leaves "
+            f"{(allowed - fixed) * 1e3:.0f} ms for its FFN layers and the method's gradient work; "
+            f"they take {scaling * 1e3:.0f} ms.")
+
+
+def _parts_table(result: dict) -> list[str]:
+    if not all("parts_s" in t for entry in result["methods"].values() for t in entry["tiers"].values()):
+        return []
+    lines = ["", f"Where a step's time goes (ms; median of {result.get('part_repeats', '?')} turns with timing hooks, "
+                 "which cost a little time themselves). Rest: attention, norms, dropouts, embeddings, head, loss, "
+                 "autograd; the same work in every tier.", "",
+             "| method | tier | FFN forward | FFN backward | method's gradient work | optimiser | rest | step |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, entry in result["methods"].items():
+        for tier, t in entry["tiers"].items():
+            cells = " | ".join(f"{t['parts_s'][p] * 1e3:.0f}" for p in PARTS)
+            lines.append(f"| {name} | β={tier} | {cells} | {sum(t['parts_s'].values()) * 1e3:.0f} |")
+    budget = time_goal_budget(result)
+    return lines + (["", budget] if budget else [])
 
 
 def to_markdown(result: dict) -> str:
@@ -125,4 +180,5 @@ def to_markdown(result: dict) -> str:
     verdicts = goal_verdicts(result)
     if verdicts:
         lines += [""] + [f"- {v}" for v in verdicts]
+    lines += _parts_table(result)
     return "\n".join(lines) + "\n"

@@ -53,7 +53,10 @@ class PassFlops:
 
 
 class FlopCounter:
-    """Counts a model's matmul FLOPs per batch; built once per model (it reads the architecture)."""
+    """Counts a model's matmul FLOPs per batch; built once per model (it reads the architecture).
+
+    It keeps forward pre-hooks on the model's linear layers; ``close`` (or leaving a ``with`` block)
+    takes them off."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -74,14 +77,26 @@ class FlopCounter:
         # Whether each linear's input needed a gradient in the last forward: the first block's
         # projections read the frozen embeddings, so their backward stops at the weights' own terms.
         self.input_needs_grad: dict[nn.Module, bool] = {}
-        for module in self.frozen_linears + self.lora_modules:
-            module.register_forward_pre_hook(self._note_input)
+        self._handles = [module.register_forward_pre_hook(self._note_input)
+                         for module in self.frozen_linears + self.lora_modules]
         config = model.backbone.config
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         self.attention_width = heads * head_dim
         self.num_blocks = len(blocks)
         self.head_size = model.head.in_features * model.head.out_features
+
+    def close(self) -> None:
+        """Take the counter's hooks off the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> "FlopCounter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _note_input(self, module: nn.Module, args: tuple) -> None:
         self.input_needs_grad[module] = bool(args and isinstance(args[0], torch.Tensor) and args[0].requires_grad)

@@ -1,0 +1,82 @@
+"""Where one local training step spends its time, measured with timing hooks.
+
+Hooks on the FFN layers (``model.moe_layers``: the MoE layers, or the dense FFNs of a one-expert model),
+on the method's ``after_backward`` and on the optimiser's step split a step into:
+
+- ``ffn_forward`` and ``ffn_backward``: the FFN layers' own forward and backward (routing, experts,
+  LoRA, the method's routing hooks); this is the part that shrinks with K;
+- ``method_gradients``: the method's gradient work after the backward (UB-SMoE's pseudo-gradient);
+- ``optimizer``: the optimiser's step;
+- ``rest``: everything else (attention, norms, dropouts, embeddings, head, loss, the autograd
+  engine), the same work in every tier.
+
+The hooks cost a little time themselves, so these parts come from turns of their own, not from the
+turns that give a benchmark's step times.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+PARTS = ("ffn_forward", "ffn_backward", "method_gradients", "optimizer", "rest")
+
+
+class StepParts:
+    """Timing hooks on one model, method and optimiser; ``split(step_seconds)`` reads and resets them.
+
+    Use as a context manager (or call ``close``): the hooks come off and ``method.after_backward`` is
+    the method's own again.
+    """
+
+    def __init__(self, model, method, optimizer: torch.optim.Optimizer):
+        self.seconds = dict.fromkeys(PARTS[:-1], 0.0)
+        self._started: dict[str, float] = {}
+        self._handles = []
+        for layer in model.moe_layers:
+            self._handles += [
+                layer.register_forward_pre_hook(lambda *_: self._start("ffn_forward")),
+                layer.register_forward_hook(lambda *_: self._stop("ffn_forward")),
+                layer.register_full_backward_pre_hook(lambda *_: self._start("ffn_backward")),
+                layer.register_full_backward_hook(lambda *_: self._stop("ffn_backward")),
+            ]
+        self._handles += [optimizer.register_step_pre_hook(lambda *_: self._start("optimizer")),
+                          optimizer.register_step_post_hook(lambda *_: self._stop("optimizer"))]
+        self._method = method
+        own = method.after_backward
+
+        def after_backward(*args, **kwargs):
+            self._start("method_gradients")
+            try:
+                return own(*args, **kwargs)
+            finally:
+                self._stop("method_gradients")
+
+        method.after_backward = after_backward  # an instance attribute, removed by close()
+
+    def _start(self, part: str) -> None:
+        self._started[part] = time.perf_counter()
+
+    def _stop(self, part: str) -> None:
+        self.seconds[part] += time.perf_counter() - self._started.pop(part)
+
+    def split(self, step_seconds: float) -> dict[str, float]:
+        """The parts, in seconds, of the steps run since the last call, which took ``step_seconds`` in
+        all; ``rest`` is what the hooked parts leave. Resets the counts."""
+        parts = dict(self.seconds)
+        parts["rest"] = step_seconds - sum(parts.values())
+        self.seconds = dict.fromkeys(PARTS[:-1], 0.0)
+        return parts
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._method.__dict__.pop("after_backward", None)
+
+    def __enter__(self) -> "StepParts":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,69 @@
+"""Timing hooks that split a local step into its parts: they change nothing and come off cleanly."""
+
+import torch
+
+from ubsmoe.bench.step_parts import PARTS, StepParts
+from ubsmoe.config import load_config
+from ubsmoe.engine.local_training import local_step
+from ubsmoe.engine.simulation import build_experiment
+from ubsmoe.methods.base import ClientInfo
+
+from test_engine import tiny_overrides, tiny_task  # noqa: F401  (fixture)
+
+
+def _two_steps(exp, start: dict, with_parts: bool):
+    """Two seeded UB-SMoE steps of a low-tier client from the trainable tensors ``start``; returns
+    (losses, trainable tensors after, parts or None)."""
+    model, method = exp.model, exp.method
+    model.load_trainable_state(start)
+    client = ClientInfo(client_id=0, budget=0.5, num_examples=8)
+    method.setup_client(model, client)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=0.01)
+    batch = exp.train.batch(torch.arange(8))
+    hooks = StepParts(model, method, optimizer) if with_parts else None
+    torch.manual_seed(0)
+    losses = [local_step(model, method, client, batch, optimizer).item() for _ in range(2)]
+    parts = hooks.split(1.0) if hooks is not None else None
+    if hooks is not None:
+        hooks.close()
+    method.teardown_client(model, client)
+    return losses, {n: t.clone() for n, t in model.trainable_state().items()}, parts
+
+
+def test_step_parts_change_nothing_and_come_off(tiny_bert, tiny_task):  # noqa: F811
+    config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task), method="ubsmoe")
+    exp = build_experiment(config)
+    start = {n: t.clone() for n, t in exp.method.initial_state(exp.model).params.items()}
+    plain_losses, plain_state, _ = _two_steps(exp, start, with_parts=False)
+    losses, state, parts = _two_steps(exp, start, with_parts=True)
+
+    assert losses == plain_losses
+    assert all(torch.equal(state[n], plain_state[n]) for n in plain_state)
+    assert set(parts) == set(PARTS)
+    # K = 2 of 4: the FFN layers run both ways and the pseudo-gradient runs after the backward
+    assert all(parts[p] > 0 for p in ("ffn_forward", "ffn_backward", "method_gradients", "optimizer"))
+    assert abs(sum(parts.values()) - 1.0) < 1e-12 and parts["rest"] > 0  # rest: what the parts leave of 1 s
+    for layer in exp.model.moe_layers:
+        assert not (layer._forward_pre_hooks or layer._forward_hooks or layer._backward_pre_hooks
+                    or layer._backward_hooks)
+    assert "after_backward" not in vars(exp.method)
+
+
+def test_step_parts_reset_after_each_split(tiny_bert, tiny_task):  # noqa: F811
+    config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task), method="smoe")
+    exp = build_experiment(config)
+    model, method = exp.model, exp.method
+    model.load_trainable_state(method.initial_state(model).params)
+    client = ClientInfo(client_id=0, budget=1.0, num_examples=8)
+    method.setup_client(model, client)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    with StepParts(model, method, optimizer) as hooks:
+        local_step(model, method, client, exp.train.batch(torch.arange(8)), optimizer)
+        first = hooks.split(1.0)
+        second = hooks.split(0.5)
+    assert first["ffn_forward"] > 0 and first["optimizer"] > 0
+    assert second == {"ffn_forward": 0.0, "ffn_backward": 0.0, "method_gradients": 0.0, "optimizer": 0.0, "rest": 0.5}
+    assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
