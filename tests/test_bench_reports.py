@@ -16,9 +16,9 @@ def _result(ubsmoe_flops: float, ubsmoe_time: float, hetlora_time: float) -> dic
 
 def test_goal_verdicts_follow_the_thresholds():
     assert goal_verdicts(_result(0.43, 0.36, 0.02)) == [
-        "ubsmoe low tier, FLOPs: 43% against at least 40%: met",
-        "ubsmoe low tier, step time: 36% against at least 35%: met",
-        "hetlora low tier, step time: 2% against under 10%: met",
+        "ubsmoe low tier, FLOPs: 43.0% against at least 40%: met",
+        "ubsmoe low tier, step time: 36.0% against at least 35%: met",
+        "hetlora low tier, step time: 2.0% against under 10%: met",
     ]
     lines = goal_verdicts(_result(0.39, 0.33, 0.12))
     assert [line.rsplit(": ", 1)[1] for line in lines] == ["not met", "not met", "not met"]
@@ -28,7 +28,9 @@ def test_tiers_markdown_shows_the_rate_and_the_verdicts():
     text = to_markdown(_result(0.43, 0.33, 0.02))
     assert "| ubsmoe | β=0.25 | 60.0 G | 600 | 100 |" in text  # 60 GFLOP in 0.6 s
     assert "| ubsmoe | 43% | 30% | 33% [31%, 35%] |" in text
-    assert "- ubsmoe low tier, step time: 33% against at least 35%: not met" in text
+    assert "- ubsmoe low tier, step time: 33.0% against at least 35%: not met" in text
+    # just under the goal reads as just under it, not as the goal
+    assert "step time: 34.9% against at least 35%: not met" in to_markdown(_result(0.43, 0.3494, 0.02))
 
 
 def test_tiers_markdown_splits_the_step_and_states_what_the_goal_asks():
