@@ -10,8 +10,7 @@ on the method's ``after_backward`` and on the optimiser's step split a step into
 - ``rest``: everything else (attention, norms, dropouts, embeddings, head, loss, the autograd
   engine), the same work in every tier.
 
-The hooks cost a little time themselves, so these parts come from turns of their own, not from the
-turns that give a benchmark's step times.
+So that the hooks cannot touch a benchmark's step times, the parts come from turns of their own.
 """
 
 from __future__ import annotations

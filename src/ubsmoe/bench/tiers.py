@@ -149,7 +149,7 @@ def _parts_table(result: dict) -> list[str]:
     if not all("parts_s" in t for entry in result["methods"].values() for t in entry["tiers"].values()):
         return []
     lines = ["", f"Where a step's time goes (ms; median of {result.get('part_repeats', '?')} turns with timing hooks, "
-                 "which cost a little time themselves). Rest: attention, norms, dropouts, embeddings, head, loss, "
+                 "run apart from the timed turns). Rest: attention, norms, dropouts, embeddings, head, loss, "
                  "autograd; the same work in every tier.", "",
              "| method | tier | FFN forward | FFN backward | method's gradient work | optimiser | rest | step |",
              "|---|---|---|---|---|---|---|---|"]
