@@ -1,5 +1,7 @@
 """Timing hooks that split a local step into its parts: they change nothing and come off cleanly."""
 
+from types import SimpleNamespace
+
 import torch
 
 from ubsmoe.bench.step_parts import PARTS, StepParts
@@ -67,3 +69,21 @@ def test_step_parts_reset_after_each_split(tiny_bert, tiny_task):  # noqa: F811
     assert first["ffn_forward"] > 0 and first["optimizer"] > 0
     assert second == {"ffn_forward": 0.0, "ffn_backward": 0.0, "method_gradients": 0.0, "optimizer": 0.0, "rest": 0.5}
     assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+
+
+def test_step_parts_put_back_a_wrapper_that_was_there():
+    class Method:
+        def after_backward(self, model, client):
+            return "class"
+
+    method, model = Method(), SimpleNamespace(moe_layers=[])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    method.after_backward = lambda model, client: "instance"  # e.g. another StepParts still open
+    with StepParts(model, method, optimizer) as hooks:
+        assert method.after_backward(None, None) == "instance"
+        assert hooks.split(1.0)["method_gradients"] > 0
+    assert method.after_backward(None, None) == "instance"
+    del method.after_backward
+    with StepParts(model, method, optimizer):
+        pass
+    assert "after_backward" not in vars(method) and method.after_backward(None, None) == "class"

@@ -43,6 +43,7 @@ class StepParts:
         self._handles += [optimizer.register_step_pre_hook(lambda *_: self._start("optimizer")),
                           optimizer.register_step_post_hook(lambda *_: self._stop("optimizer"))]
         self._method = method
+        self._previous = vars(method).get("after_backward")  # an instance attribute already there, if any
         own = method.after_backward
 
         def after_backward(*args, **kwargs):
@@ -52,7 +53,7 @@ class StepParts:
             finally:
                 self._stop("method_gradients")
 
-        method.after_backward = after_backward  # an instance attribute, removed by close()
+        method.after_backward = after_backward  # an instance attribute, undone by close()
 
     def _start(self, part: str) -> None:
         self._started[part] = time.perf_counter()
@@ -72,7 +73,10 @@ class StepParts:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._method.__dict__.pop("after_backward", None)
+        if self._previous is None:
+            vars(self._method).pop("after_backward", None)
+        else:
+            self._method.after_backward = self._previous
 
     def __enter__(self) -> "StepParts":
         return self

@@ -33,7 +33,8 @@ BUDGETS = (0.25, 0.5, 0.75, 1.0)
 # A client runs its local steps back to back; so does each turn here, and the first step of a turn,
 # which pays for the switch from another tier's shapes (allocator, caches), is not counted.
 STEPS_PER_TURN = 3
-GOAL_TIME_SAVING = 0.35
+# The goals for the low tier against the top tier
+GOAL_FLOP_SAVING, GOAL_TIME_SAVING, HETLORA_TIME_SAVING_BELOW = 0.40, 0.35, 0.10
 
 
 def _turn(exp, budget: float, batch, counter: FlopCounter, flops: dict, key: str, parts: dict | None = None):
@@ -117,14 +118,14 @@ def goal_verdicts(result: dict) -> list[str]:
     methods, lines = result["methods"], []
     if "ubsmoe" in methods:
         r = methods["ubsmoe"]["low_tier_reduction"]
-        goals = (("FLOPs", r["train_flops"], 0.40), ("step time", r["step_time_paired"], GOAL_TIME_SAVING))
+        goals = (("FLOPs", r["train_flops"], GOAL_FLOP_SAVING), ("step time", r["step_time_paired"], GOAL_TIME_SAVING))
         for what, value, goal in goals:
             lines.append(f"ubsmoe low tier, {what}: {value:.1%} against at least {goal:.0%}: "
                          f"{'met' if value >= goal else 'not met'}")
     if "hetlora" in methods:
         value = methods["hetlora"]["low_tier_reduction"]["step_time_paired"]
-        lines.append(f"hetlora low tier, step time: {value:.1%} against under 10%: "
-                     f"{'met' if value < 0.10 else 'not met'}")
+        lines.append(f"hetlora low tier, step time: {value:.1%} against under {HETLORA_TIME_SAVING_BELOW:.0%}: "
+                     f"{'met' if value < HETLORA_TIME_SAVING_BELOW else 'not met'}")
     return lines
 
 
@@ -177,8 +178,9 @@ def to_markdown(result: dict) -> str:
         q1, q3 = r["step_time_paired_quartiles"]
         lines.append(f"| {name} | {r['train_flops']:.0%} | {r['step_time']:.0%} | "
                      f"{r['step_time_paired']:.0%} [{q1:.0%}, {q3:.0%}] |")
-    lines += ["", "Goal: the sparse low tier (K = 2 of 8) saves at least 40 % of the FLOPs and 35 % of the step "
-                  "time; the heterogeneous-rank low tier saves under 10 %."]
+    lines += ["", f"Goal: the sparse low tier (K = 2 of 8) saves at least {GOAL_FLOP_SAVING:.0%} of the FLOPs and "
+                  f"{GOAL_TIME_SAVING:.0%} of the step time; the heterogeneous-rank low tier saves under "
+                  f"{HETLORA_TIME_SAVING_BELOW:.0%}."]
     verdicts = goal_verdicts(result)
     if verdicts:
         lines += [""] + [f"- {v}" for v in verdicts]
