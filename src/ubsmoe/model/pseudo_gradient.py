@@ -68,7 +68,9 @@ class PseudoGradient(MoEHook):
         T, E = probs.shape
         active = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, saved["experts"], True)
         active_mass = (probs * active).sum(1, keepdim=True)  # P(x): (T, 1)
-        weight = (probs * ~active * self.rho).unsqueeze(2)  # rho p_i(x) for inactive pairs: (T, E, 1)
+        # rho p_i(x) for inactive pairs, repeated over the rank: (T, E, r). Multiplying (T, E, r) tables by a
+        # (T, E, 1) broadcast runs an inner loop of r elements, ten times slower than same-shape tensors.
+        weight = (probs * ~active * self.rho).unsqueeze(2).expand(T, E, layer.lora_rank).contiguous()
         s = layer.lora_scale
         grads = {}
         for name in ("up", "gate"):
@@ -93,7 +95,7 @@ class PseudoGradient(MoEHook):
 
 def _factor_grads(name: str, inputs: torch.Tensor, deltas: torch.Tensor, through_a: torch.Tensor,
                   through_b: torch.Tensor, weight: torch.Tensor, s: float) -> dict[str, torch.Tensor]:
-    """G_hat(x) = inputs(x) deltas(x)^T for every token; inputs: (T, in), deltas: (T, out), weight: (T, E, 1),
+    """G_hat(x) = inputs(x) deltas(x)^T for every token; inputs: (T, in), deltas: (T, out), weight: (T, E, r),
     through_a = inputs(x) A_i: (T, E, r), through_b = s deltas(x) B_i^T: (T, E, r).
 
     grad A_i = sum_x w_i(x) inputs(x) (s deltas(x) B_i^T)   -> (E, in, r)
