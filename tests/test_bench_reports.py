@@ -51,3 +51,12 @@ def test_tiers_markdown_splits_the_step_and_states_what_the_goal_asks():
 
 def test_tiers_markdown_without_parts_has_no_split():
     assert "Where a step's time goes" not in to_markdown(_result(0.43, 0.33, 0.02))
+
+
+def test_bench_refuses_a_thread_count_below_one_before_running(tmp_path, capsys):
+    from ubsmoe.cli import main
+
+    out = tmp_path / "tiers.json"
+    assert main(["bench", "tiers", "--out", str(out), "--threads", "0"]) == 2
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+    assert not out.exists()

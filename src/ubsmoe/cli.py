@@ -66,22 +66,24 @@ def _report(args) -> int:
 
 
 def _bench(args) -> int:
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     if args.name == "moe-layer":
         from ubsmoe.bench.moe_layer import run
 
-        result = run(Path(args.out))
+        result = run(Path(args.out), threads=args.threads)
         print(Path(args.out).with_suffix(".md").read_text())
         return 0 if result else 1
     if args.name == "pg-step":
         from ubsmoe.bench.pg_step import run
 
-        run(Path(args.out))
+        run(Path(args.out), threads=args.threads)
         print(Path(args.out).with_suffix(".md").read_text())
         return 0
     if args.name == "tiers":
         from ubsmoe.bench.tiers import run
 
-        run(Path(args.out), dropout=args.dropout, max_length=args.max_length)
+        run(Path(args.out), dropout=args.dropout, max_length=args.max_length, threads=args.threads)
         print(Path(args.out).with_suffix(".md").read_text())
         return 0
     if args.name == "upcycle":
@@ -132,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tiers only: backbone dropout probability (-1 keeps the checkpoint's)")
     bench.add_argument("--max-length", type=int, default=128,
                        help="tiers only: tokens per text of the timed batch (16 texts)")
+    bench.add_argument("--threads", type=int, default=2,
+                       help="CPU threads torch may use in the timed benchmarks (moe-layer, pg-step, tiers)")
     bench.set_defaults(func=_bench)
     return parser
 
