@@ -67,3 +67,17 @@ def test_compare_refuses_unknown_methods_before_running(tmp_path, capsys):
     assert "nosuch" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
+
+
+def test_rebuilt_report_keeps_the_comparisons_method_order(comparison, tmp_path):
+    out, _, _ = comparison
+    folder = tmp_path / "order"
+    for run in out.glob("*-s0"):
+        (folder / run.name).mkdir(parents=True)
+        (folder / run.name / "results.json").write_text((run / "results.json").read_text())
+    build_report(folder, methods=["smoe", "hetlora"])
+    assert main(["report", str(folder)]) == 0
+    assert list(json.loads((folder / "compare.json").read_text())["methods"]) == ["smoe", "hetlora"]
+    (folder / "compare.json").write_text("{not json")  # an unreadable summary: back to the order of names
+    assert main(["report", str(folder)]) == 0
+    assert list(json.loads((folder / "compare.json").read_text())["methods"]) == ["hetlora", "smoe"]

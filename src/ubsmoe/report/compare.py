@@ -52,9 +52,20 @@ def load_runs(out: Path, methods: list[str] | None = None, seeds: list[int] | No
         runs.setdefault(results["method"], []).append(results)
     if methods:
         runs = {m: runs[m] for m in methods if m in runs}
+    else:  # a rebuilt report keeps the order the comparison gave its methods; new methods follow by name
+        order = [m for m in _saved_method_order(out) if m in runs]
+        runs = {m: runs[m] for m in order + [m for m in runs if m not in order]}
     if not runs:
         raise FileNotFoundError(f"no finished runs (*/results.json) in {out}; run `ubsmoe compare` first")
     return runs
+
+
+def _saved_method_order(out: Path) -> list[str]:
+    """The methods of ``out/compare.json`` in their order; none when the file is missing or unreadable."""
+    try:
+        return list(json.loads((out / "compare.json").read_text())["methods"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:

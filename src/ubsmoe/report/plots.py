@@ -73,24 +73,41 @@ def accuracy_by_method(methods: dict):
     return figure
 
 
+TIER_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
 def accuracy_vs_compute(methods: dict):
-    figure, ax = plt.subplots(figsize=(6.4, 4.2))
+    """One line per method through its tiers (colour: method; marker: tier), training compute on x."""
+    from matplotlib.lines import Line2D
+
+    figure, ax = plt.subplots(figsize=(7.2, 4.2))
+    tiers_seen: list[str] = []
+    method_handles = []
     for method, entry in methods.items():
         if "cost" not in entry:
             continue
-        xs, ys = [], []
-        for tier in entry["tiers"]:
-            cost = entry["cost"][tier]
-            if "train_flops_per_token" in cost:
-                xs.append(cost["train_flops_per_token"])
-                ys.append(entry["accuracy"][tier]["mean"])
-        ax.plot(xs, ys, marker="o", label=method)
-        for x, y, tier in zip(xs, ys, entry["tiers"]):
-            ax.annotate(f"β={tier}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("training FLOPs per token")
+        points = [(entry["cost"][t]["train_flops_per_token"] / 1e6, entry["accuracy"][t]["mean"], t)
+                  for t in entry["tiers"] if "train_flops_per_token" in entry["cost"].get(t, {})]
+        if not points:
+            continue
+        (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], alpha=0.8)
+        method_handles.append(Line2D([], [], color=line.get_color(), label=method))
+        for x, y, tier in points:
+            if tier not in tiers_seen:
+                tiers_seen.append(tier)
+            marker = TIER_MARKERS[tiers_seen.index(tier) % len(TIER_MARKERS)]
+            ax.plot([x], [y], marker=marker, color=line.get_color(), markersize=7, linestyle="none")
+    ax.set_xlabel("training MFLOPs per token")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    tier_handles = [Line2D([], [], marker=TIER_MARKERS[i % len(TIER_MARKERS)], color="0.35", linestyle="none",
+                           label=f"β={tier}") for i, tier in enumerate(tiers_seen)]
+    # Both legends outside the axes, on the right, so that they never hide a point
+    methods_legend = ax.legend(handles=method_handles, fontsize=8, title="method", title_fontsize=8,
+                               loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    ax.add_artist(methods_legend)
+    ax.legend(handles=tier_handles, fontsize=8, title="tier", title_fontsize=8, loc="lower left",
+              bbox_to_anchor=(1.02, 0.0))
     figure.tight_layout()
     return figure
 
