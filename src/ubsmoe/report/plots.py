@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def make_plots(summary: dict, folder: Path) -> list[tuple[str, Path]]:
@@ -46,13 +47,17 @@ def accuracy_per_round(methods: dict):
             ax.plot(range(1, len(values) + 1), values, marker="o", label=f"β={tier}")
         ax.set_title(method)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for ax in axes[:, 0]:
         ax.set_ylabel("test accuracy")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
     figure.tight_layout()
+    # one legend for every panel, above them, where it hides no line (the saved figure's bounds include it)
+    figure.legend(handles, labels, fontsize=8, ncol=len(labels), loc="lower center", bbox_to_anchor=(0.5, 1.0),
+                  frameon=False)
     return figure
 
 
@@ -67,7 +72,7 @@ def accuracy_by_method(methods: dict):
         ax.bar(xs, means, width, yerr=stds, capsize=2, label=f"β={tier}")
     ax.set_xticks(range(len(methods)), list(methods), rotation=20)
     ax.set_ylabel("test accuracy")
-    ax.legend(fontsize=8, ncol=len(tiers))
+    ax.legend(fontsize=8, ncol=len(tiers), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)  # above the bars
     ax.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     return figure
