@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
@@ -83,8 +84,6 @@ TIER_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 def accuracy_vs_compute(methods: dict):
     """One line per method through its tiers (colour: method; marker: tier), training compute on x."""
-    from matplotlib.lines import Line2D
-
     figure, ax = plt.subplots(figsize=(7.2, 4.2))
     tiers_seen: list[str] = []
     method_handles = []
@@ -107,12 +106,12 @@ def accuracy_vs_compute(methods: dict):
     ax.grid(alpha=0.3)
     tier_handles = [Line2D([], [], marker=TIER_MARKERS[i % len(TIER_MARKERS)], color="0.35", linestyle="none",
                            label=f"β={tier}") for i, tier in enumerate(tiers_seen)]
-    # Both legends outside the axes, on the right, so that they never hide a point
-    methods_legend = ax.legend(handles=method_handles, fontsize=8, title="method", title_fontsize=8,
-                               loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    ax.add_artist(methods_legend)
-    ax.legend(handles=tier_handles, fontsize=8, title="tier", title_fontsize=8, loc="lower left",
-              bbox_to_anchor=(1.02, 0.0))
+    if method_handles:  # both legends outside the axes, on the right, so that they never hide a point
+        methods_legend = ax.legend(handles=method_handles, fontsize=8, title="method", title_fontsize=8,
+                                   loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        ax.add_artist(methods_legend)
+        ax.legend(handles=tier_handles, fontsize=8, title="tier", title_fontsize=8, loc="lower left",
+                  bbox_to_anchor=(1.02, 0.0))
     figure.tight_layout()
     return figure
 
