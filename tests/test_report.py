@@ -68,7 +68,6 @@ def test_compare_refuses_unknown_methods_before_running(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
-
 def test_rebuilt_report_keeps_the_comparisons_method_order(comparison, tmp_path):
     out, _, _ = comparison
     folder = tmp_path / "order"

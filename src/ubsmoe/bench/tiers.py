@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -48,18 +49,14 @@ def _turn(exp, budget: float, batch, counter: FlopCounter, flops: dict, key: str
         method.setup_client(model, client)
         model.train()
         optimizer = torch.optim.AdamW(params, lr=0.0)  # lr 0: the model stays put
-        hooks = StepParts(model, method, optimizer) if parts is not None else None
         seconds, splits = [], []
-        try:
+        with StepParts(model, method, optimizer) if parts is not None else nullcontext() as hooks:
             for _ in range(STEPS_PER_TURN):
                 start = time.perf_counter()
                 local_step(model, method, client, batch, optimizer)
                 seconds.append(time.perf_counter() - start)
                 if hooks is not None:
                     splits.append(hooks.split(seconds[-1]))
-        finally:
-            if hooks is not None:
-                hooks.close()
         flops[key] = counter.count(batch[1], training=True).total
         method.teardown_client(model, client)
         if parts is not None:
