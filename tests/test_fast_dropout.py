@@ -71,8 +71,10 @@ def _reference(query, key, value, allowed, keep, p):
     return (torch.where(keep, probs, 0.0) / (1 - p) @ value).transpose(1, 2)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, fast_dropout.CHUNK_BYTES], ids=["one sequence a chunk", "one chunk"])
 @pytest.mark.parametrize("case", ["padded encoder", "causal decoder with grouped keys"])
-def test_attention_with_dropout_matches_the_explicit_computation(case):
+def test_attention_with_dropout_matches_the_explicit_computation(case, chunk_bytes, monkeypatch):
+    monkeypatch.setattr(fast_dropout, "CHUNK_BYTES", chunk_bytes)
     g = torch.Generator().manual_seed(0)
     batch, heads, length, dim = 3, 4, 9, 8
     kv_heads = 4 if case == "padded encoder" else 2
@@ -95,6 +97,29 @@ def test_attention_with_dropout_matches_the_explicit_computation(case):
     grads = torch.autograd.grad(out.square().sum(), (query, key, value))
     expected = _reference(query, key, value, allowed, keep, p)
     expected_grads = torch.autograd.grad(expected.square().sum(), (query, key, value))
+
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_attention_with_an_additive_mask_and_a_frozen_key(monkeypatch):
+    # Chunks of two sequences over a batch of three; the key needs no gradient (as in a first layer).
+    monkeypatch.setattr(fast_dropout, "CHUNK_BYTES", 2 * 4 * 6 * 6 * 8)
+    g = torch.Generator().manual_seed(3)
+    query, value = (torch.randn(3, 4, 6, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    key = torch.randn(3, 4, 6, 5, generator=g, dtype=torch.float64)
+    allowed = torch.ones(3, 1, 6, 6, dtype=torch.bool)
+    allowed[2, :, :, 4:] = False
+    additive = torch.zeros(3, 1, 6, 6, dtype=torch.float64).masked_fill(~allowed, torch.finfo(torch.float64).min)
+    torch.manual_seed(4)
+    keep = fast_dropout.keep_mask((3, 4, 6, 6), 0.2)
+
+    torch.manual_seed(4)
+    out, _ = fast_dropout.attention_forward(_Attention(False, 1), query, key, value, additive, dropout=0.2)
+    grads = torch.autograd.grad(out.sum(), (query, value))
+    expected = _reference(query, key, value, allowed, keep, 0.2)
+    expected_grads = torch.autograd.grad(expected.sum(), (query, value))
 
     torch.testing.assert_close(out, expected)
     for got, want in zip(grads, expected_grads):

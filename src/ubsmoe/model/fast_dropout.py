@@ -5,8 +5,9 @@ machines), and attention dropout pushes ``scaled_dot_product_attention`` off its
 the unfused one. Together that is a quarter of a low-tier training step of the default model, a cost
 that does not shrink with K. Here a keep-mask is read from 16 random bits per element, drawn 64 at a
 time from torch's default generator (seeded like every other draw), and attention with dropout runs
-as plain matmuls around a softmax. Without dropout (evaluation, or p = 0) attention stays on
-Hugging Face's own SDPA path.
+a few sequences at a time (``_DroppedAttention``): each chunk's scores, softmax, dropout and product
+with the values stay in cache, in buffers reused from chunk to chunk. Without dropout (evaluation, or
+p = 0) attention stays on Hugging Face's own SDPA path.
 
 The drop probability is ``round(p * 65536) / 65536`` (p = 0.1 drops with probability 0.100006). Kept
 values are scaled by 1 / (1 - p) as in ``torch.nn.Dropout``.
@@ -71,8 +72,8 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       **kwargs) -> tuple[torch.Tensor, None]:
     """A Hugging Face attention function: query (B, H, Lq, dh), key and value (B, H_kv, Lk, dh) ->
-    ((B, Lq, H, dh), None). Without dropout it is Hugging Face's SDPA; with dropout the probabilities
-    are computed explicitly and dropped with ``keep_mask``."""
+    ((B, Lq, H, dh), None). Without dropout it is Hugging Face's SDPA; with dropout it is
+    ``_DroppedAttention`` with a ``keep_mask`` over the probabilities."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     if dropout == 0.0 or query.device.type != "cpu" or kwargs.get("position_bias") is not None:
@@ -81,19 +82,93 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query * scaling, key.transpose(2, 3))  # (B, H, Lq, Lk)
-    q_len, k_len = scores.shape[-2:]
+    q_len, k_len = query.shape[2], key.shape[2]
     is_causal = kwargs.get("is_causal")
     is_causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
     if attention_mask is None and is_causal and q_len > 1:
-        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + attention_mask
-    probs = _Dropout.apply(torch.softmax(scores, dim=-1), dropout)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+    return _DroppedAttention.apply(query, key, value, attention_mask, dropout, scaling), None
+
+
+CHUNK_BYTES = 3 << 19
+"""Size of one chunk's (sequences, H, Lq, Lk) score block: 1.5 MiB stays within the L2 caches of two cores."""
+
+
+class _DroppedAttention(torch.autograd.Function):
+    """dropout(softmax(q kᵀ * scaling + mask)) v, a chunk of sequences at a time.
+
+    forward(query (B, H, Lq, dh), key and value (B, H, Lk, dh), mask, p, scaling) -> (B, Lq, H, dh).
+    mask: None, bool (True where attending is allowed) or additive float, broadcastable to (B, H, Lq, Lk).
+    The keep-mask is drawn for the whole batch at once (the same draws as an unchunked pass). Saved for
+    the backward: the probabilities and the keep-mask (1 byte per element); the kept probabilities
+    are recomputed chunk by chunk rather than stored. The 1 / (1 - p) scale multiplies the (B, Lq, H,
+    dh) output and incoming gradient instead of the (B, H, Lq, Lk) probabilities.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, p, scaling):
+        batch, heads, q_len, dim = query.shape
+        k_len = key.shape[2]
+        keep = keep_mask((batch, heads, q_len, k_len), p).view(torch.uint8)
+        scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
+        chunk = _chunk_sequences(query, k_len)
+        if mask is not None:
+            mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+            mask = ~mask if mask.dtype == torch.bool else mask  # bool masks become "blocked"
+        scaled_query = query * scaling
+        probs = query.new_empty(batch, heads, q_len, k_len)
+        out = query.new_empty(batch, q_len, heads, dim)
+        scores, chunk_out = query.new_empty(chunk, heads, q_len, k_len), query.new_empty(chunk, heads, q_len, dim)
+        for start in range(0, batch, chunk):
+            rows = slice(start, min(batch, start + chunk))
+            n = rows.stop - rows.start
+            s = torch.matmul(scaled_query[rows], key[rows].transpose(2, 3), out=scores[:n])
+            if mask is not None:
+                m = mask[rows] if mask.shape[0] > 1 else mask
+                s.masked_fill_(m, torch.finfo(s.dtype).min) if m.dtype == torch.bool else s.add_(m)
+            torch.ops.aten._softmax.out(s, -1, False, out=probs[rows])
+            kept = torch.mul(probs[rows], keep[rows], out=s)
+            torch.mul(torch.matmul(kept, value[rows], out=chunk_out[:n]).transpose(1, 2), scale, out=out[rows])
+        ctx.save_for_backward(query, key, value, probs, keep)
+        ctx.scale, ctx.scaling, ctx.chunk = scale, scaling, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, probs, keep = ctx.saved_tensors
+        batch, heads, q_len, dim = query.shape
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        grad_q = torch.empty_like(query) if need_q else None
+        grad_k = torch.empty_like(key) if need_k else None
+        grad_v = torch.empty_like(value) if need_v else None
+        chunk = ctx.chunk
+        block, grad_scores = (query.new_empty(chunk, heads, q_len, key.shape[2]) for _ in range(2))
+        grad_chunk = query.new_empty(chunk, heads, q_len, dim)
+        for start in range(0, batch, chunk):
+            rows = slice(start, min(batch, start + chunk))
+            n = rows.stop - rows.start
+            g = torch.mul(grad[rows].transpose(1, 2), ctx.scale, out=grad_chunk[:n])  # (n, H, Lq, dh)
+            if need_v:
+                kept = torch.mul(probs[rows], keep[rows], out=block[:n])
+                torch.matmul(kept.transpose(2, 3), g, out=grad_v[rows])
+            if need_q or need_k:
+                grad_kept = torch.matmul(g, value[rows].transpose(2, 3), out=block[:n]).mul_(keep[rows])
+                gs = torch.ops.aten._softmax_backward_data.out(grad_kept, probs[rows], -1, probs.dtype,
+                                                                grad_input=grad_scores[:n])
+                if need_q:
+                    torch.matmul(gs, key[rows], out=grad_q[rows])
+                if need_k:
+                    torch.matmul(gs.transpose(2, 3), query[rows], out=grad_k[rows])
+        for g in (grad_q, grad_k):
+            if g is not None:
+                g.mul_(ctx.scaling)
+        return grad_q, grad_k, grad_v, None, None, None
+
+
+def _chunk_sequences(query: torch.Tensor, k_len: int) -> int:
+    """How many sequences one chunk takes: as many as fit ``CHUNK_BYTES`` of scores, at least one."""
+    per_sequence = query.shape[1] * query.shape[2] * k_len * query.element_size()
+    return max(1, min(query.shape[0], CHUNK_BYTES // per_sequence))
 
 
 def install(model: nn.Module) -> None:
