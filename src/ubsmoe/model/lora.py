@@ -33,7 +33,13 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""
         r = self.active_rank
-        return self.base(x) + (x @ self.lora_a[:, :r]) @ (self.lora_b[:r] * self.scale)  # scale the small factor
+        flat = x.reshape(-1, x.shape[-1])  # (N, in)
+        weight, bias = self.base.weight, self.base.bias
+        out = flat @ weight.T if bias is None else torch.addmm(bias, flat, weight.T)  # (N, out)
+        # The update is accumulated into the frozen product in place (its backward does not read it):
+        # no second (N, out) tensor and no separate addition. The small factor carries the scale.
+        out.addmm_(flat @ self.lora_a[:, :r], self.lora_b[:r] * self.scale)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def kaiming_uniform(shape: tuple[int, ...], fan_in: int, generator: torch.Generator | None) -> torch.Tensor:
