@@ -101,12 +101,17 @@ def run(out: Path, methods: tuple[str, ...] = ("ubsmoe", "hetlora"), batch_size:
             "low_tier_reduction": {"train_flops": 1 - low["train_flops"] / high["train_flops"],
                                    "step_time": 1 - low["median_s"] / high["median_s"],
                                    "step_time_paired": statistics.median(paired),
-                                   "step_time_paired_quartiles": statistics.quantiles(paired, n=4)[::2]},
+                                   "step_time_paired_quartiles": _quartiles(paired)},
         }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     out.with_suffix(".md").write_text(to_markdown(result))
     return result
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    """[first, third] quartile; a single round's value stands for both."""
+    return statistics.quantiles(values, n=4)[::2] if len(values) > 1 else values * 2
 
 
 def goal_verdicts(result: dict) -> list[str]:
