@@ -132,7 +132,10 @@ class _DroppedAttention(torch.autograd.Function):
             s = torch.matmul(scaled_query[rows], key[rows].transpose(2, 3), out=scores[:n])
             if mask is not None:
                 m = mask[rows] if mask.shape[0] > 1 else mask
-                s.masked_fill_(m, torch.finfo(s.dtype).min) if m.dtype == torch.bool else s.add_(m)
+                if m.dtype == torch.bool:
+                    s.masked_fill_(m, torch.finfo(s.dtype).min)
+                else:
+                    s.add_(m)
             torch.ops.aten._softmax.out(s, -1, False, out=probs[rows])
             kept = torch.mul(probs[rows], keep[rows], out=s)
             torch.mul(torch.matmul(kept, value[rows], out=chunk_out[:n]).transpose(1, 2), scale, out=out[rows])

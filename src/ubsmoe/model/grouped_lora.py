@@ -40,7 +40,7 @@ def _padded_width(width: int) -> int:
 def grouped_outer(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Per-group a_eᵀ b_e. a: (S, m), b: (S, n) -> (E, m, n): the weight gradient of a grouped matmul."""
     # A loop of transposed views: BLAS reads aᵀ in place, where the grouped kernel needs a copy of it.
-    if b.shape[1] < a.shape[1]:  # a narrow right factor: (b_eᵀ a_e)ᵀ ran 2.5 times faster (h = 192, r = 8)
+    if b.shape[1] < a.shape[1]:  # a narrow right factor: (b_eᵀ a_e)ᵀ ran 2.5 times faster alone (h = 192, r = 8)
         return torch.stack([pb.T @ pa for pa, pb in zip(a.split(counts), b.split(counts))]).transpose(1, 2)
     return torch.stack([pa.T @ pb for pa, pb in zip(a.split(counts), b.split(counts))])
 
