@@ -126,6 +126,16 @@ def test_attention_with_an_additive_mask_and_a_frozen_key(monkeypatch):
         torch.testing.assert_close(got, want)
 
 
+def test_attention_dropping_everything_gives_zeros_not_nans():
+    q, k, v = (torch.randn(2, 3, 5, 4, requires_grad=True) for _ in range(3))
+
+    out, _ = fast_dropout.attention_forward(_Attention(False, 1), q, k, v, None, dropout=1.0)
+    out.sum().backward()
+
+    assert torch.equal(out, torch.zeros_like(out))
+    assert all(torch.equal(t.grad, torch.zeros_like(t)) for t in (q, k, v))
+
+
 def test_attention_without_dropout_is_huggingface_sdpa():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

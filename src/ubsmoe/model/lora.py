@@ -34,8 +34,7 @@ class LoRALinear(nn.Module):
         """x: (..., in) -> (..., out)."""
         r = self.active_rank
         flat = x.reshape(-1, x.shape[-1])  # (N, in)
-        weight, bias = self.base.weight, self.base.bias
-        out = flat @ weight.T if bias is None else torch.addmm(bias, flat, weight.T)  # (N, out)
+        out = self.base(flat)  # (N, out), a fresh tensor
         # The update is accumulated into the frozen product in place (its backward does not read it):
         # no second (N, out) tensor and no separate addition. The small factor carries the scale.
         out.addmm_(flat @ self.lora_a[:, :r], self.lora_b[:r] * self.scale)
