@@ -24,16 +24,17 @@ def one_layer_model(tmp_path_factory):
 #   scores and values: 2 * 2 * B * S^2 * 32                                              =  6,400
 #   LoRA on query and value: 2 * 2 * 10 * 4 * (32 + 32)                                  = 10,240
 #   experts (up and down, frozen) per slot: 2 * 2 * 32 * 16 = 2,048; slots = 7 K
-#   expert LoRA, model-width factor for all E experts on the 7 tokens: 2 * 2 * 7 * 4 * 4 * 32 = 14,336
-#   expert LoRA, expert-width factor per slot: 2 * 2 * 4 * 16 = 256
+#   K < M: the experts' merged weights W + s A B, once per batch: 2 * 2 * 4 * 32 * 16 * 4  = 32,768
 #   router: 2 * 7 * 32 * 4                                                               =  1,792
 #   head on the 2 pooled vectors: 2 * 2 * 32 * 3                                         =    384
-# Inference: 115,072 + 7 K (2,048 + 256). Training: frozen matrices x 2 (forward + input gradient),
+# Inference: 133,504 + 7 K * 2,048. Training: frozen matrices x 2 (forward + input gradient),
 # trainable ones and attention scores x 3 (forward + input and weight gradients), except that the
 # block reads the frozen embeddings: query, key and value need no input gradient (-61,440), nor do
-# the LoRA factors A of query and value (-5,120):
-#   163,840 + 19,200 + 30,720 + 43,008 + 5,376 + 1,152 - 66,560 = 196,736, plus 7 K (4,096 + 768).
-@pytest.mark.parametrize("k,inference,training", [(1, 131_200, 230_784), (2, 147_328, 264_832)])
+# the LoRA factors A of query and value (-5,120). The expert LoRA adds, per matrix, two products for
+# its model-width factor over all E experts and 7 tokens, 2 * 2 * 7 * 4 * 4 * 32 * 2 = 28,672, and two
+# per slot for the other, 2 * 2 * 4 * 16 * 2 = 512 per slot:
+#   163,840 + 19,200 + 30,720 + 32,768 + 28,672 + 5,376 + 1,152 - 66,560 = 215,168, plus 7 K (4,096 + 512).
+@pytest.mark.parametrize("k,inference,training", [(1, 147_840, 247_424), (2, 162_176, 279_680)])
 def test_flop_counter_matches_a_hand_count(one_layer_model, k, inference, training):
     model = one_layer_model
     model.set_top_k(k)
@@ -107,8 +108,8 @@ def test_pseudo_gradient_work_is_counted_in_training_only(one_layer_model):
     layer = model.moe_layers[0]
     layer.hooks.append(PseudoGradient(rho=0.75))
     try:
-        # 2 T E r (d + 2 h_E) per adapted matrix: 2 * 3 * 4 * 4 * (32 + 2 * 16) * 2
-        assert counter.count(mask, training=True).hooks == 12_288
+        # 4 T E r h_E per adapted matrix: 4 * 3 * 4 * 4 * 16 * 2
+        assert counter.count(mask, training=True).hooks == 6_144
         assert counter.count(mask, training=False).hooks == 0
         model.set_top_k(4)  # every expert active: nothing to pseudo-update
         assert counter.count(mask, training=True).hooks == 0

@@ -88,18 +88,50 @@ def test_fused_projections_pass_gradcheck():
     layout = SlotLayout.from_experts(experts, S_E)
     dd = dict(dtype=torch.float64)
     x = torch.randn(T, d, **dd, requires_grad=True)
-    projected = torch.randn(T * S_E, r, **dd, requires_grad=True)
     w_up, b_up = torch.randn(S_E, d, h, **dd), torch.randn(S_E, h, **dd)
+    a_up = torch.randn(S_E, d, r, **dd, requires_grad=True)
     b = torch.randn(S_E, r, h, **dd, requires_grad=True)
-    up = lambda x_, p_, b_: GroupedUpProjection.apply(x_, p_, w_up, b_, b_up, 0.5, layout.token, layout.pair,  # noqa: E731
-                                                      layout.ends, layout.counts)
-    assert torch.autograd.gradcheck(up, (x, projected, b))
+    up = lambda x_, a_, b_: GroupedUpProjection.apply(x_, a_, w_up, b_, b_up, 0.5, layout.token, layout.pair,  # noqa: E731
+                                                      layout.ends, layout.counts, "up", {})[0]
+    assert torch.autograd.gradcheck(up, (x, a_up, b))
     hidden = torch.randn(layout.token.shape[0], h, **dd, requires_grad=True)
     w_down = torch.randn(S_E, h, d, **dd)
     a = torch.randn(S_E, h, r, **dd, requires_grad=True)
-    down = lambda h_, a_: GroupedDownProjection.apply(h_, w_down, a_, layout.token, layout.pair, T,  # noqa: E731
-                                                      layout.ends, layout.counts)
-    assert torch.autograd.gradcheck(down, (hidden, a))
+    b_down = torch.randn(S_E, r, d, **dd, requires_grad=True)
+    down = lambda h_, a_, b_: GroupedDownProjection.apply(h_, w_down, a_, b_, 0.5, layout.token, layout.pair, T,  # noqa: E731
+                                                          layout.ends, layout.counts, {})
+    assert torch.autograd.gradcheck(down, (hidden, a, b_down))
+
+
+def test_hooks_rows_join_the_model_width_factor_gradients():
+    """Rows a hook leaves in ``extra_rows`` add rowsᵀ-products to grad A_up (x^T rows) and grad B_down
+    (rows^T g), and the down backward leaves s g B_e^T for every token and expert."""
+    g = torch.Generator().manual_seed(1)
+    T, S_E, d, h, r = 5, 3, 4, 6, 2
+    layout = SlotLayout.from_experts(torch.rand(T, S_E, generator=g).topk(2, -1).indices, S_E)
+    dd = dict(dtype=torch.float64)
+    x, grad_y = torch.randn(T, d, **dd), torch.randn(T, d, **dd)
+    w_up, w_down = torch.randn(S_E, d, h, **dd), torch.randn(S_E, h, d, **dd)
+    factors = [torch.randn(shape, **dd, requires_grad=True) for shape in ((S_E, d, r), (S_E, r, h), (S_E, h, r), (S_E, r, d))]
+    rows_up, rows_down = torch.randn(T, S_E * r, **dd), torch.randn(T, S_E * r, **dd)
+
+    def grads(extra: dict) -> list[torch.Tensor]:
+        a_up, b_up, a_down, b_down = factors
+        up = GroupedUpProjection.apply(x, a_up, w_up, b_up, None, 0.5, layout.token, layout.pair, layout.ends,
+                                       layout.counts, "up", extra)[0]
+        y = GroupedDownProjection.apply(torch.tanh(up), w_down, a_down, b_down, 0.5, layout.token, layout.pair, T,
+                                        layout.ends, layout.counts, extra)
+        return list(torch.autograd.grad(y, factors, grad_y))
+
+    plain, extra = grads({}), {"up": rows_up, "down": rows_down}
+    with_rows = grads(extra)
+
+    torch.testing.assert_close(with_rows[0] - plain[0], (x.T @ rows_up).view(d, S_E, r).permute(1, 0, 2))
+    torch.testing.assert_close(with_rows[3] - plain[3], (rows_down.T @ grad_y).view(S_E, r, d))
+    torch.testing.assert_close(with_rows[1], plain[1])
+    torch.testing.assert_close(with_rows[2], plain[2])
+    assert not {"up", "down"} & set(extra)  # taken once
+    torch.testing.assert_close(extra["down_through_b"], 0.5 * grad_y @ factors[3].detach().permute(2, 0, 1).reshape(d, -1))
 
 
 def test_active_experts_get_lora_gradients_and_inactive_experts_none():

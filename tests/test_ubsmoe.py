@@ -98,21 +98,30 @@ def brute_force_pseudo_gradients(layer, x, upstream, rho):
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("k", [1, 2])
 def test_vectorised_pseudo_gradient_equals_brute_force(gated, k):
+    """The gradients with the hook (its rows in the layer's backward, then ``apply``) minus those without."""
     layer = moe_from(dense_ffn(gated)).double()
     layer.set_top_k(k)
-    hook = PseudoGradient(rho=0.7)
-    layer.hooks.append(hook)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(9, D, generator=g, dtype=torch.float64)
     upstream = torch.randn(9, D, generator=g, dtype=torch.float64)
+    factors = {name: p for name, p in layer.named_parameters() if name.startswith("lora_")}
 
-    (layer(x.unsqueeze(0))[0] * upstream).sum().backward()
-    got = hook.compute(layer)
+    def gradients(hook: PseudoGradient | None) -> dict[str, torch.Tensor]:
+        layer.hooks = [hook] if hook else []
+        layer.zero_grad(set_to_none=True)
+        (layer(x.unsqueeze(0))[0] * upstream).sum().backward()
+        if hook:
+            hook.apply(layer)
+        return {name: p.grad.clone() for name, p in factors.items()}
+
+    plain, hook = gradients(None), PseudoGradient(rho=0.7)
+    with_pg = gradients(hook)
     expected = brute_force_pseudo_gradients(layer, x, upstream, rho=0.7)
 
-    assert set(got) == set(expected)
+    assert set(expected) == set(factors)
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(with_pg[name] - plain[name], expected[name], rtol=1e-9, atol=1e-12)
+    assert hook.compute(layer) == {}  # nothing left over once applied
 
 
 def one_step_gradients(pg: bool, k: int):

@@ -4,8 +4,10 @@ Hooks on the FFN layers (``model.moe_layers``: the MoE layers, or the dense FFNs
 on the method's ``after_backward`` and on the optimiser's step split a step into:
 
 - ``ffn_forward`` and ``ffn_backward``: the FFN layers' own forward and backward (routing, experts,
-  LoRA, the method's routing hooks); this is the part that shrinks with K;
-- ``method_gradients``: the method's gradient work after the backward (UB-SMoE's pseudo-gradient);
+  LoRA, the method's hooks inside them, among which half of UB-SMoE's pseudo-gradient); this is the part
+  that shrinks with K;
+- ``method_gradients``: the method's gradient work after the backward (the other half of UB-SMoE's
+  pseudo-gradient);
 - ``optimizer``: the optimiser's step;
 - ``rest``: everything else (attention, norms, dropouts, embeddings, head, loss, the autograd
   engine), the same work in every tier.

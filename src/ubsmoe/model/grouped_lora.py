@@ -1,10 +1,16 @@
-"""Expert projections with LoRA fused into the frozen grouped matmul, with hand-written backward passes.
+"""Expert projections with LoRA merged into the frozen grouped matmul, with hand-written backward passes.
 
 A rank-r LoRA costs few FLOPs but, done as separate matmuls, several extra passes over the (slots,
-hidden) activations, which on a CPU cost as much as the frozen matmul itself. Here the low-rank factor
-rides along as r extra columns of the frozen matmul's input (up-projection) or output (down-projection),
-so each activation is read and written once. The backward passes compute input gradients and LoRA
-gradients only: the frozen expert weights never get a weight gradient.
+hidden) activations, which on a CPU cost as much as the frozen matmul itself. Here each expert's
+projection runs through its merged weight W_e + s A_e B_e (E d h r FLOPs per matrix, once per batch),
+and what the LoRA gradients need rides along as r extra columns of a matmul that runs anyway: A_e in the
+down-projection's forward, s B_e in the up-projection's backward. The backward passes compute input
+gradients and LoRA gradients only: the frozen expert weights never get a weight gradient.
+
+The gradient of the factor on the model-width side (A of up and gate, B of down) is one dense product
+over all (token, expert) pairs, with zero rows at the inactive pairs; a method hook may add its own rows
+to it (``extra_rows``), which is how the pseudo-gradient reaches inactive experts' A_up and B_down
+without a product of its own.
 
 Slots are the S = T*K (token, expert) pairs sorted by expert (``SlotLayout``); ``pair`` indexes the
 flattened (T, E) table of a token's projections for every expert.
@@ -46,91 +52,124 @@ def grouped_outer(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, counts: 
 
 
 class GroupedUpProjection(torch.autograd.Function):
-    """Slots' frozen up-projection plus LoRA, as one grouped matmul.
+    """Slots' up-projection through the merged weight W_e + s A_e B_e, as one grouped matmul.
 
-    forward(x (T, d), projected (T*E, r) = x A_e for every token and expert, w (E, d, h), b (E, r, h),
-    bias (E, h) or None, scale, token (S,), pair (S,), ends, counts)
-    -> (S, h) = x_t W_e + scale * (x_t A_e) B_e + bias_e per slot. The frozen bias rides as a column of ones.
+    forward(x (T, d), a (E, d, r), w (E, d, h), b (E, r, h), bias (E, h) or None, scale, token (S,),
+    pair (S,), ends, counts, name, extra_rows (dict)) -> (out (S, h) = x_t (W_e + s A_e B_e) + bias_e per
+    slot, projected (T, E r) = x A_i for every token and expert, not differentiable; (T, 0) when no LoRA
+    factor needs a gradient).
+
+    The backward matmul carries s B_e as r extra columns, so it yields the input gradient through the
+    merged weight and, per slot, s grad B_eᵀ: the rows whose dense product with x gives the gradient of
+    every A_i at once, grad A = xᵀ rows (rows: (T, E r), zero at inactive pairs). A hook may add rows of
+    its own before this backward runs (``extra_rows[name]``; the pseudo-gradient does), for free.
+    The gradient of B_e is the grouped (x_t A_e)ᵀ grad. The frozen bias rides as a column of ones.
     """
 
     @staticmethod
-    def forward(ctx, x, projected, w, b, bias, scale, token, pair, ends, counts):
+    def forward(ctx, x, a, w, b, bias, scale, token, pair, ends, counts, name, extra_rows):
         _require_frozen(w)
-        d, rank = x.shape[1], projected.shape[1]
-        width = d + rank + (bias is not None)
+        num_tokens, d = x.shape
+        num_experts, _, rank = a.shape
+        width = d + (bias is not None)
         padded = _padded_width(width)  # grouped matmuls need rows of a multiple of 16 bytes
-        inputs = x.new_empty(token.shape[0], padded)  # (S, d + r [+ 1] + padding)
+        inputs = x.new_empty(token.shape[0], padded)  # (S, d [+ 1] + padding)
         torch.index_select(x, 0, token, out=inputs[:, :d])
-        torch.index_select(projected, 0, pair, out=inputs[:, d : d + rank])
-        inputs[:, d + rank :] = 0.0
-        parts = [w, b * scale]
+        inputs[:, d:] = 0.0
+        parts = [torch.baddbmm(w, a, b, alpha=scale)]
         if bias is not None:
-            inputs[:, d + rank] = 1.0
+            inputs[:, d] = 1.0
             parts.append(bias.unsqueeze(1))
-        parts.append(w.new_zeros(w.shape[0], padded - width, w.shape[2]))
-        weight = torch.cat(parts, 1)  # (E, padded, h)
-        ctx.save_for_backward(inputs, weight, token, pair, ends)
-        ctx.rank = rank
-        ctx.scale, ctx.counts, ctx.shapes = scale, counts, (x.shape, projected.shape)
-        return grouped_mm(inputs, weight, ends, counts)
+        parts += [w.new_zeros(num_experts, padded - width, w.shape[2]), b * scale]
+        weight = torch.cat(parts, 1)  # (E, padded + r, h): merged weight, bias, padding, then s B
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+            projected = x @ a.permute(1, 0, 2).reshape(d, num_experts * rank)  # (T, E r)
+        else:  # no LoRA gradient to compute (evaluation)
+            projected = x.new_empty(num_tokens, 0)
+        ctx.save_for_backward(x, inputs, weight, projected, token, pair, ends)
+        ctx.scale, ctx.counts, ctx.name, ctx.extra_rows = scale, counts, name, extra_rows
+        ctx.mark_non_differentiable(projected)
+        return grouped_mm(inputs, weight[:, :padded], ends, counts), projected
 
     @staticmethod
-    def backward(ctx, grad):
-        inputs, weight, token, pair, ends = ctx.saved_tensors
-        x_shape, projected_shape = ctx.shapes
-        d = x_shape[1]
-        rank = ctx.rank
+    def backward(ctx, grad, _):
+        x, inputs, weight, projected, token, pair, ends = ctx.saved_tensors
+        num_tokens, d = x.shape
+        padded = inputs.shape[1]
+        rank = weight.shape[1] - padded
         grad = grad.contiguous()
-        grad_inputs = grouped_mm(grad, weight.transpose(1, 2), ends, ctx.counts)  # (S, d + r [+ 1])
-        grad_x = grad_projected = grad_b = None
+        grad_inputs = grouped_mm(grad, weight.transpose(1, 2), ends, ctx.counts)  # (S, padded + r)
+        grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             # Scatter the full contiguous rows: index_add_ is several times slower on a column slice.
-            grad_x = grad.new_zeros(x_shape[0], grad_inputs.shape[1]).index_add_(0, token, grad_inputs)[:, :d]
+            grad_x = grad.new_zeros(num_tokens, grad_inputs.shape[1]).index_add_(0, token, grad_inputs)[:, :d]
         if ctx.needs_input_grad[1]:
-            grad_projected = grad.new_zeros(projected_shape).index_copy_(0, pair, grad_inputs[:, d : d + rank])
+            rows = grad.new_zeros(projected.numel() // rank, rank)
+            rows = rows.index_copy_(0, pair, grad_inputs[:, padded:]).view(projected.shape)  # (T, E r)
+            extra = ctx.extra_rows.pop(ctx.name, None)
+            if extra is not None:
+                rows += extra
+            grad_a = (x.T @ rows).view(d, -1, rank).permute(1, 0, 2)
         if ctx.needs_input_grad[3]:
-            grad_b = grouped_outer(inputs[:, d : d + rank], grad, ends, ctx.counts) * ctx.scale
-        return grad_x, grad_projected, None, grad_b, None, None, None, None, None, None
+            slot_projected = projected.view(-1, rank).index_select(0, pair)  # x_t A_e per slot: (S, r)
+            grad_b = grouped_outer(slot_projected, grad, ends, ctx.counts).mul_(ctx.scale)
+        return grad_x, grad_a, None, grad_b, None, None, None, None, None, None, None, None
 
 
 class GroupedDownProjection(torch.autograd.Function):
-    """Slots' frozen down-projection plus the LoRA down-factor, as one grouped matmul, scattered to tokens.
+    """Slots' down-projection through the merged weight W_e + s A_e B_e, as one grouped matmul, scattered
+    to tokens.
 
-    forward(hidden (S, h), w (E, h, d), a (E, h, r), token (S,), pair (S,), num_tokens, ends, counts)
-    -> (y (T, d) = sum over a token's slots of hidden W_e, low_rank (T*E, r) = hidden A_e at each
-    active (token, expert) pair and zero elsewhere). The caller finishes the LoRA with one token-level
-    matmul of low_rank by the stacked B factors.
+    forward(hidden (S, h), w (E, h, d), a (E, h, r), b (E, r, d), scale, token (S,), pair (S,), num_tokens,
+    ends, counts, extra_rows (dict)) -> y (T, d) = sum over a token's slots of hidden (W_e + s A_e B_e).
+
+    The forward matmul carries A_e as r extra columns: hidden A_e per slot, kept for the backward. The
+    backward forms s g B_iᵀ for every token and expert in one dense product (T, E r), from which the
+    gradient of A_e is the grouped hiddenᵀ (s g B_eᵀ), and leaves it in ``extra_rows["down_through_b"]``
+    for hooks; the gradient of every B_i is one dense product rowsᵀ g with rows = s hidden A_e at the
+    active pairs plus a hook's ``extra_rows["down"]`` (set during the forward).
     """
 
     @staticmethod
-    def forward(ctx, hidden, w, a, token, pair, num_tokens, ends, counts):
+    def forward(ctx, hidden, w, a, b, scale, token, pair, num_tokens, ends, counts, extra_rows):
         _require_frozen(w)
-        d, rank = w.shape[2], a.shape[2]
+        num_experts, _, d = w.shape
+        rank = a.shape[2]
         padding = _padded_width(d + rank) - d - rank  # aligned rows for the grouped kernel
-        parts = [w, a] + ([w.new_zeros(w.shape[0], w.shape[1], padding)] if padding else [])
-        weight = torch.cat(parts, 2)  # (E, h, d + r + padding)
-        out = grouped_mm(hidden, weight, ends, counts)[:, : d + rank]  # (S, d + r)
-        y = hidden.new_zeros(num_tokens, d + rank).index_add_(0, token, out)[:, :d]
-        low_rank = hidden.new_zeros(num_tokens * w.shape[0], rank).index_copy_(0, pair, out[:, d:])
-        ctx.save_for_backward(hidden, weight, token, pair, ends)
-        ctx.counts = counts
-        return y, low_rank
+        merged = torch.baddbmm(w, a, b, alpha=scale)
+        if ctx.needs_input_grad[3]:  # the A columns, for B's gradient
+            weight = torch.cat([merged, a] + ([w.new_zeros(num_experts, w.shape[1], padding)] if padding else []), 2)
+        else:
+            weight = merged
+        out = grouped_mm(hidden, weight, ends, counts)  # (S, d [+ r + padding])
+        # Scatter the full contiguous rows: index_add_ is several times slower on a column slice.
+        y = hidden.new_zeros(num_tokens, out.shape[1]).index_add_(0, token, out)[:, :d]
+        low_rank = out[:, d : d + rank].clone() if ctx.needs_input_grad[3] else None  # hidden A_e: (S, r)
+        ctx.save_for_backward(hidden, weight, low_rank, b, token, pair, ends)
+        ctx.scale, ctx.counts, ctx.extra_rows = scale, counts, extra_rows
+        return y
 
     @staticmethod
-    def backward(ctx, grad_y, grad_low_rank):
-        hidden, weight, token, pair, ends = ctx.saved_tensors
-        d = grad_y.shape[1]
-        rank = grad_low_rank.shape[1]
-        grad_out = grad_y.new_empty(token.shape[0], weight.shape[2])  # (S, d + r + padding)
-        torch.index_select(grad_y, 0, token, out=grad_out[:, :d])
-        torch.index_select(grad_low_rank, 0, pair, out=grad_out[:, d : d + rank])
-        grad_out[:, d + rank :] = 0.0
-        grad_hidden = grad_a = None
+    def backward(ctx, grad_y):
+        hidden, weight, low_rank, b, token, pair, ends = ctx.saved_tensors
+        num_experts, rank, d = b.shape
+        num_tokens = grad_y.shape[0]
+        grad_y = grad_y.contiguous()
+        through_b = (grad_y @ b.permute(2, 0, 1).reshape(d, -1)).mul_(ctx.scale)  # s g B_iᵀ: (T, E r)
+        ctx.extra_rows["down_through_b"] = through_b
+        grad_hidden = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_hidden = grouped_mm(grad_out, weight.transpose(1, 2), ends, ctx.counts)
+            grad_hidden = grouped_mm(grad_y.index_select(0, token), weight[:, :, :d].transpose(1, 2), ends, ctx.counts)
         if ctx.needs_input_grad[2]:
-            grad_a = grouped_outer(hidden, grad_out[:, d : d + rank], ends, ctx.counts)
-        return grad_hidden, None, grad_a, None, None, None, None, None
+            grad_a = grouped_outer(hidden, through_b.view(-1, rank).index_select(0, pair), ends, ctx.counts)
+        if ctx.needs_input_grad[3]:
+            rows = grad_y.new_zeros(num_tokens * num_experts, rank).index_copy_(0, pair, low_rank)
+            rows = rows.view(num_tokens, -1).mul_(ctx.scale)  # s hidden A_e at the active pairs: (T, E r)
+            extra = ctx.extra_rows.pop("down", None)
+            if extra is not None:
+                rows += extra
+            grad_b = (rows.T @ grad_y).view(num_experts, rank, d)
+        return grad_hidden, None, grad_a, grad_b, None, None, None, None, None, None, None
 
 
 def _require_frozen(w: torch.Tensor) -> None:

@@ -99,8 +99,13 @@ class MoEHook:
         (S, h) the projections (``gate`` None for ungated FFNs), ``activation`` (S, h) after the
         activation, ``hidden`` (S, h) the activation times the gate (what the down-projection reads),
         ``gates`` (S,), ``projected`` {"up", "gate": (T, E, r)} every token's LoRA input projection
-        x A_e for every expert, and ``down_low_rank`` (T*E, r): hidden A_e of the down-projection's LoRA at
-        the active (token, expert) pairs, zero elsewhere (its gradient is s g B_e^T for output gradient g).
+        x A_e for every expert, and ``extra_rows``, a dict shared with the layer's backward: a hook may
+        set ``extra_rows["up"]`` / ``["gate"]`` (T, E*r), added to the rows whose product x^T rows is the
+        gradient of every A_e of that matrix (before the backward reaches it: in a gradient hook of the
+        projection's output), and ``extra_rows["down"]`` (T, E*r), added to the rows whose product
+        rows^T g with the layer's output gradient g is the gradient of every B_e of the down-projection
+        (here, in the forward). The backward leaves ``extra_rows["down_through_b"]`` (T, E*r):
+        s g(x) B_e^T for every token and expert.
         Register tensor hooks here to capture per-token gradients (pseudo-gradients)."""
 
     def training_flops(self, layer: "SparseMoEFFN", tokens: int) -> float:
@@ -271,32 +276,33 @@ class SparseMoEFFN(nn.Module):
     def _routed_experts(self, x: torch.Tensor, layout: "SlotLayout", slot_gates: torch.Tensor) -> torch.Tensor:
         """Experts on their slots, grouped by expert. x: (T, d); slot_gates: (S,) -> (T, d).
 
-        LoRA rides inside the frozen grouped matmuls (``grouped_lora``); the gate multiplies the hidden
-        activation (S, h/E) rather than the output (S, d): the same value over fewer numbers.
+        Each projection runs through its merged weight W + s A B (``grouped_lora``); the gate multiplies the
+        hidden activation (S, h/E) rather than the output (S, d): the same value over fewer numbers.
         """
         T = x.shape[0]
+        extra_rows: dict[str, torch.Tensor] = {}  # what hooks add to the LoRA weight gradients, and read back
         projections = {}
 
         def project(name: str, bias: torch.Tensor | None = None) -> torch.Tensor:  # (S, h)
-            projected, b = self._input_lora(name, x)
-            projections[name] = projected
-            return GroupedUpProjection.apply(x, projected.reshape(T * self.num_experts, -1), getattr(self, f"w_{name}"),
-                                             b, bias, self.lora_scale, layout.token, layout.pair, layout.ends,
-                                             layout.counts)
+            a, b = self._lora_factors(name)
+            out, projected = GroupedUpProjection.apply(x, a, getattr(self, f"w_{name}"), b, bias, self.lora_scale,
+                                                       layout.token, layout.pair, layout.ends, layout.counts, name,
+                                                       extra_rows)
+            projections[name] = projected.view(T, self.num_experts, projected.shape[1] // self.num_experts)
+            return out
 
         up = project("up", self.b_up)
         gate = project("gate") if self.w_gate is not None else None
         hidden = self._hidden(up, gate, None)
         gated = self._apply_gates(hidden, slot_gates)
-        a, b = self._lora_factors("down")
-        y, low_rank = GroupedDownProjection.apply(gated, self.w_down, a, layout.token, layout.pair, T, layout.ends,
-                                                  layout.counts)
         if self.hooks:
             tensors = {"tokens": x, "up": up, "gate": gate, "activation": hidden, "hidden": gated, "gates": slot_gates,
-                       "projected": projections, "down_low_rank": low_rank}
+                       "projected": projections, "extra_rows": extra_rows}
             for hook in self.hooks:
                 hook.observe_experts(self, layout, tensors)
-        return torch.addmm(y, low_rank.view(T, -1), b.reshape(-1, self.d_model) * self.lora_scale)
+        a, b = self._lora_factors("down")
+        return GroupedDownProjection.apply(gated, self.w_down, a, b, self.lora_scale, layout.token, layout.pair, T,
+                                           layout.ends, layout.counts, extra_rows)
 
     def _all_experts(self, x: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
         """Every expert on every token as one wide FFN. x: (T, d); gates: (T, E) or None -> (T, d)."""

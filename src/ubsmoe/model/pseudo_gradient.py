@@ -12,6 +12,11 @@ products.
 Up- and gate-projections share their input x across experts, so G_hat(x) = x delta_bar(x)^T with
 delta_bar(x) = sum_j delta_j(x) / P(x). The down-projection shares its output gradient g(x), so
 G_hat(x) = h_bar(x) g(x)^T with h_bar(x) = sum_j gate_j hidden_j(x) / P(x).
+
+Of the four factor gradients per expert, two are products the layer's own backward runs anyway
+(``grouped_lora``): grad A_up = x^T rows and grad B_down = rows^T g over all (token, expert) pairs. The
+pseudo-gradient adds its rows to those (``extra_rows``) and costs no product of its own there; the other
+two, for B_up and A_down, are computed after the backward by ``apply``.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ from ubsmoe.model.moe_layer import MoEHook, SlotLayout, SparseMoEFFN
 
 
 class PseudoGradient(MoEHook):
-    """Captures what one forward/backward of a layer needs, then adds the pseudo-gradients (``apply``).
+    """Adds the pseudo-gradients to the LoRA factors' gradients of the layers it is attached to.
 
-    Two of the products come free from the layer's own pass: x A_i for every expert is the forward's
-    LoRA input projection, and s g(x) B_i^T of the down-projection is the gradient of its low-rank table.
+    During the forward it prepares the rows for B_down, in a gradient hook of the up (and gate)
+    projection those for A_up (A_gate), both taken by the layer's backward; ``apply`` adds the rest
+    after the backward. Two of the products come free from the layer's own pass: x A_i for every expert
+    is the forward's LoRA input projection, and s g(x) B_i^T of the down-projection is formed by its backward.
     """
 
     def __init__(self, rho: float):
@@ -33,78 +40,73 @@ class PseudoGradient(MoEHook):
         self.saved: dict[SparseMoEFFN, dict] = {}
 
     def observe_experts(self, layer: SparseMoEFFN, layout: SlotLayout, tensors: dict) -> None:
-        saved = {"layout": layout, "tokens": tensors["tokens"].detach(), "hidden": tensors["hidden"].detach(),
-                 "projected": {n: p.detach() for n, p in tensors["projected"].items()}}
-        self.saved[layer] = saved
-        for name in ("up", "gate", "down_low_rank"):
-            if tensors[name] is not None and tensors[name].requires_grad:
-                tensors[name].register_hook(lambda grad, name=name: saved.__setitem__(f"d_{name}", grad))
-
-    def adjust_output(self, layer: SparseMoEFFN, output: torch.Tensor, record) -> torch.Tensor:
-        saved = self.saved.get(layer)
-        if saved is not None and output.requires_grad:
-            saved["probs"] = record.probs.detach()
-            saved["experts"] = record.experts
-            output.register_hook(lambda grad: saved.__setitem__("d_out", grad))
-        return output
-
-    def training_flops(self, layer: SparseMoEFFN, tokens: int) -> float:
-        """Per adapted matrix, three (T x E r) products: 2 T E r (in + out + the hidden width h)."""
-        if layer.top_k == layer.num_experts:
-            return 0.0
-        return 2.0 * tokens * layer.num_experts * layer.lora_rank * (layer.d_model + 2 * layer.d_hidden) * len(layer.adapted)
-
-    def compute(self, layer: SparseMoEFFN) -> dict[str, torch.Tensor]:
-        """The pseudo-gradients of the layer's LoRA factors, by parameter name (``lora_up_a``, ...).
-
-        Empty when the last forward activated every expert or no backward has run since.
-        """
-        saved = self.saved.pop(layer, None)
-        if saved is None or "d_out" not in saved:
-            return {}
+        self.saved.pop(layer, None)
+        if not tensors["hidden"].requires_grad:
+            return
         if layer.active_rank != layer.lora_rank:
             raise ValueError("pseudo-gradients assume every client trains the full LoRA rank")
-        layout, x, probs = saved["layout"], saved["tokens"], saved["probs"]
+        record = layer.last_routing
+        probs = record.probs.detach()
         T, E = probs.shape
-        active = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, saved["experts"], True)
+        active = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, record.experts, True)
         active_mass = (probs * active).sum(1, keepdim=True)  # P(x): (T, 1)
         # rho p_i(x) for inactive pairs, repeated over the rank: (T, E, r). Multiplying (T, E, r) tables by a
         # (T, E, 1) broadcast runs an inner loop of r elements, ten times slower than same-shape tensors.
         weight = (probs * ~active * self.rho).unsqueeze(2).expand(T, E, layer.lora_rank).contiguous()
         s = layer.lora_scale
-        grads = {}  # fresh intermediates are scaled in place: fewer large allocations, the same numbers
-        for name in ("up", "gate"):
-            if f"d_{name}" in saved:
-                delta_bar = _per_token_sum(saved[f"d_{name}"], layout, T).div_(active_mass)  # (T, h)
-                b = getattr(layer, f"lora_{name}_b").detach()  # (E, r, h)
-                through_b = (delta_bar @ b.permute(2, 0, 1).reshape(-1, E * b.shape[1])).view(T, E, -1).mul_(s)
-                grads |= _factor_grads(name, x, delta_bar, saved["projected"][name], through_b, weight, s)
-        hidden_bar = _per_token_sum(saved["hidden"], layout, T).div_(active_mass)  # (T, h)
+        saved = {"layout": layout, "weight": weight, "active_mass": active_mass, "extra_rows": tensors["extra_rows"],
+                 "projected": {n: p.detach() for n, p in tensors["projected"].items()}}
+        # B_down: s sum_x w_i(x) (h_bar(x) A_i)^T g(x), as rows s w_i(x) h_bar(x) A_i next to the layer's own
+        hidden_bar = _per_token_sum(tensors["hidden"].detach(), layout, T).div_(active_mass)  # (T, h)
         a = layer.lora_down_a.detach()  # (E, h, r)
         through_a = (hidden_bar @ a.permute(1, 0, 2).reshape(a.shape[1], -1)).view(T, E, -1)
-        through_b = saved["d_down_low_rank"].view(T, E, -1)  # s g(x) B_i^T, from the backward pass
-        grads |= _factor_grads("down", hidden_bar, saved["d_out"], through_a, through_b, weight, s)
+        tensors["extra_rows"]["down"] = through_a.mul_(weight).mul_(s).view(T, -1)
+        saved["hidden_bar"] = hidden_bar
+        self.saved[layer] = saved
+        for name in ("up", "gate"):
+            if tensors[name] is not None and tensors[name].requires_grad:
+                tensors[name].register_hook(lambda grad, name=name: self._input_side_rows(layer, saved, name, grad))
+
+    def _input_side_rows(self, layer: SparseMoEFFN, saved: dict, name: str, grad: torch.Tensor) -> None:
+        """On the gradient (S, h) of the ``name`` projection: delta_bar, and the rows for A_name,
+        s w_i(x) delta_bar(x) B_i^T (grad A_i = x^T rows)."""
+        T, E = saved["weight"].shape[:2]
+        delta_bar = _per_token_sum(grad, saved["layout"], T).div_(saved["active_mass"])  # (T, h)
+        b = getattr(layer, f"lora_{name}_b").detach()  # (E, r, h)
+        through_b = (delta_bar @ b.permute(2, 0, 1).reshape(-1, E * b.shape[1])).view(T, E, -1)
+        saved["extra_rows"][name] = through_b.mul_(saved["weight"]).mul_(layer.lora_scale).view(T, -1)
+        saved[f"delta_bar_{name}"] = delta_bar
+
+    def training_flops(self, layer: SparseMoEFFN, tokens: int) -> float:
+        """Per adapted matrix, two (T x E r) products with the hidden width h: 4 T E r h."""
+        if layer.top_k == layer.num_experts:
+            return 0.0
+        return 4.0 * tokens * layer.num_experts * layer.lora_rank * layer.d_hidden * len(layer.adapted)
+
+    def compute(self, layer: SparseMoEFFN) -> dict[str, torch.Tensor]:
+        """The pseudo-gradients of B_up (B_gate) and A_down by parameter name (``lora_up_b``, ...): the
+        part the layer's backward did not add. Empty when the last forward activated every expert or no
+        backward has run since."""
+        saved = self.saved.pop(layer, None)
+        if saved is None or "down_through_b" not in saved["extra_rows"]:
+            return {}
+        weight, s = saved["weight"], layer.lora_scale
+        T, E, r = weight.shape
+        grads = {}
+        for name in ("up", "gate"):
+            if f"delta_bar_{name}" in saved:  # grad B_i = s sum_x w_i(x) (x A_i)^T delta_bar(x)
+                rows = (saved["projected"][name] * weight).mul_(s).view(T, E * r)
+                grads[f"lora_{name}_b"] = (rows.T @ saved[f"delta_bar_{name}"]).view(E, r, -1)
+        # grad A_i of the down-projection = sum_x w_i(x) h_bar(x) (s g(x) B_i^T)
+        through_b = saved["extra_rows"]["down_through_b"].view(T, E, r)
+        grads["lora_down_a"] = (saved["hidden_bar"].T @ (through_b * weight).view(T, E * r)).view(-1, E, r).permute(1, 0, 2)
         return grads
 
     def apply(self, layer: SparseMoEFFN) -> None:
-        """Add the pseudo-gradients to the LoRA factors' gradients."""
+        """Add the pseudo-gradients that the layer's backward did not to the LoRA factors' gradients."""
         for name, grad in self.compute(layer).items():
             param = getattr(layer, name)
             param.grad = grad.clone() if param.grad is None else param.grad.add_(grad)
-
-
-def _factor_grads(name: str, inputs: torch.Tensor, deltas: torch.Tensor, through_a: torch.Tensor,
-                  through_b: torch.Tensor, weight: torch.Tensor, s: float) -> dict[str, torch.Tensor]:
-    """G_hat(x) = inputs(x) deltas(x)^T for every token; inputs: (T, in), deltas: (T, out), weight: (T, E, r),
-    through_a = inputs(x) A_i: (T, E, r), through_b = s deltas(x) B_i^T: (T, E, r).
-
-    grad A_i = sum_x w_i(x) inputs(x) (s deltas(x) B_i^T)   -> (E, in, r)
-    grad B_i = s sum_x w_i(x) (inputs(x) A_i)^T deltas(x)   -> (E, r, out)
-    """
-    T, E, r = through_a.shape
-    grad_a = (inputs.T @ (through_b * weight).reshape(T, E * r)).view(-1, E, r).permute(1, 0, 2)
-    grad_b = ((through_a * (weight * s)).reshape(T, E * r).T @ deltas).view(E, r, -1)
-    return {f"lora_{name}_a": grad_a, f"lora_{name}_b": grad_b}
 
 
 def _per_token_sum(values: torch.Tensor, layout: SlotLayout, num_tokens: int) -> torch.Tensor:
