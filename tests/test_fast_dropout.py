@@ -32,6 +32,15 @@ def test_keep_mask_follows_the_generator():
     assert fast_dropout.keep_mask((10, 7), 0.0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_scaled_keep_mask_is_the_keep_mask_times_the_dropout_scale(dtype):
+    keep = fast_dropout.keep_mask((40, 30), 0.3, torch.Generator().manual_seed(2))
+    factor = fast_dropout.scaled_keep_mask((40, 30), 0.3, dtype, torch.Generator().manual_seed(2))
+
+    assert factor.dtype == dtype and factor.shape == (40, 30)
+    assert torch.equal(factor, torch.where(keep, torch.tensor(1 / 0.7, dtype=dtype), torch.tensor(0, dtype=dtype)))
+
+
 def test_dropout_scales_kept_values_and_masks_the_gradient():
     x = torch.randn(37, 19, dtype=torch.float64, requires_grad=True)
     torch.manual_seed(3)
@@ -124,6 +133,26 @@ def test_attention_with_an_additive_mask_and_a_frozen_key(monkeypatch):
     torch.testing.assert_close(out, expected)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want)
+
+
+def test_bool_and_additive_masks_give_the_same_bits():
+    # A bool mask is turned into an additive one; s + finfo.min rounds to finfo.min, as a fill would.
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(3, 2, 6, 4, generator=g) * 10 for _ in range(3))
+    allowed = torch.ones(3, 1, 6, 6, dtype=torch.bool)
+    allowed[0, :, :, 3:] = False
+    allowed[2, :, :, 5:] = False
+    additive = torch.zeros(3, 1, 6, 6).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    outputs = []
+    for mask in (allowed, additive):
+        torch.manual_seed(9)
+        outputs.append(fast_dropout.attention_forward(_Attention(False, 1), q, k, v, mask, dropout=0.2)[0])
+
+    assert torch.equal(outputs[0], outputs[1])
+    torch.manual_seed(9)
+    keep = fast_dropout.keep_mask((3, 2, 6, 6), 0.2)
+    expected = _reference(q.double(), k.double(), v.double(), allowed, keep, 0.2)
+    torch.testing.assert_close(outputs[0].double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_attention_dropping_everything_gives_zeros_not_nans():

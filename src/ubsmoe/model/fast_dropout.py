@@ -31,28 +31,49 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, generator: torch.Ge
     The bits come from numpy's SFC64 seeded by one draw from ``generator`` (torch's default one if None):
     twice as fast as torch's Mersenne Twister, and as reproducible under ``torch.manual_seed``.
     """
-    n = math.prod(shape)
+    return torch.from_numpy(_keep_array(math.prod(shape), p, generator)).view(shape)
+
+
+def scaled_keep_mask(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """keep / (1 - p) as a ``dtype`` tensor of ``shape``, from the same draws as ``keep_mask``: the factor
+    dropout multiplies by. A float product is vectorised where ``torch.where`` on a bool mask is not (ten
+    times faster on this project's machines), and the value 1 / (1 - p) rounded to ``dtype`` is the one
+    ``torch.nn.Dropout`` scales by."""
+    keep = _keep_array(math.prod(shape), p, generator)
+    scale = 1.0 / (1.0 - p)
+    if dtype in _NUMPY_FLOATS:  # numpy converts and scales about twice as fast as torch
+        factor = keep.astype(_NUMPY_FLOATS[dtype])
+        factor *= scale  # the scale is rounded to the array's dtype first, as torch does with a Python scalar
+        return torch.from_numpy(factor).view(shape)
+    return torch.from_numpy(keep).to(dtype).mul_(scale).view(shape)
+
+
+_NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _keep_array(n: int, p: float, generator: torch.Generator | None) -> np.ndarray:
+    """(n,) bool: True with probability 1 - round(p * 2^16) / 2^16, one 16-bit draw per element."""
     seed = int(torch.randint(1 << 62, (1,), generator=generator))
     words = np.random.SFC64(seed).random_raw(-(-n // 4))  # (ceil(n / 4),) uint64
     bits = words.view(np.int16)[:n]  # uniform on [-2^15, 2^15)
     # numpy's int16 comparison is vectorised; torch's ran 5 times slower on this project's machines
-    return torch.from_numpy(np.greater_equal(bits, round(p * _RESOLUTION) - (_RESOLUTION >> 1))).view(shape)
+    return np.greater_equal(bits, round(p * _RESOLUTION) - (_RESOLUTION >> 1))
 
 
 class _Dropout(torch.autograd.Function):
-    """x * keep / (1 - p); the backward applies the same mask (saved as 1 byte per element)."""
+    """x * (keep / (1 - p)); the backward multiplies by the same factor (saved, one element per element)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        keep = keep_mask(x.shape, p)
-        ctx.save_for_backward(keep)
-        ctx.scale = 1.0 / (1.0 - p)
-        return torch.where(keep, x, 0.0).mul_(ctx.scale)
+        factor = scaled_keep_mask(x.shape, p, x.dtype)
+        ctx.save_for_backward(factor)
+        return x * factor
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (keep,) = ctx.saved_tensors
-        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None
+        (factor,) = ctx.saved_tensors
+        return grad * factor, None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -121,7 +142,9 @@ class _DroppedAttention(torch.autograd.Function):
         chunk = _chunk_sequences(query, k_len)
         if mask is not None:
             mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
-            mask = ~mask if mask.dtype == torch.bool else mask  # bool masks become "blocked"
+            if mask.dtype == torch.bool:  # an additive mask: adding is 8 times faster than masked_fill_
+                # s + finfo.min rounds to finfo.min for any score below 1e31: the same values as a fill
+                mask = torch.zeros(mask.shape, dtype=query.dtype).masked_fill_(~mask, torch.finfo(query.dtype).min)
         scaled_query = query * scaling
         probs = query.new_empty(batch, heads, q_len, k_len)
         out = query.new_empty(batch, q_len, heads, dim)
@@ -131,11 +154,7 @@ class _DroppedAttention(torch.autograd.Function):
             n = rows.stop - rows.start
             s = torch.matmul(scaled_query[rows], key[rows].transpose(2, 3), out=scores[:n])
             if mask is not None:
-                m = mask[rows] if mask.shape[0] > 1 else mask
-                if m.dtype == torch.bool:
-                    s.masked_fill_(m, torch.finfo(s.dtype).min)
-                else:
-                    s.add_(m)
+                s.add_(mask[rows] if mask.shape[0] > 1 else mask)
             torch.ops.aten._softmax.out(s, -1, False, out=probs[rows])
             kept = torch.mul(probs[rows], keep[rows], out=s)
             torch.mul(torch.matmul(kept, value[rows], out=chunk_out[:n]).transpose(1, 2), scale, out=out[rows])
