@@ -143,13 +143,14 @@ def test_flop_counter_agrees_with_torch_on_every_matmul_run(tmp_path, monkeypatc
     counted = counter.count(mask, training=True)
     # What torch does not see: CPU attention through SDPA (scores and values, forward and backward),
     # 3 * 2 * 2 * B * S^2 * 32 per block = 38,400 for two blocks.
-    # What torch sees and the counter leaves out: in the fused up-projection, the bias column and the
-    # alignment padding (32 + 4 + 1 -> 40 columns: 4 extra) on each of the 7 K slots, forward and
-    # input gradient: 2 * 2 * 7 K * 4 * 16 = 1,792 K per block; none at K = M (no fused matmul).
-    # At K = M the up-projection's LoRA is added by an in-place baddbmm_, which torch's counter skips:
-    # 2 * T E r h = 2 * 7 * 4 * 4 * 16 = 3,584 per block.
-    # The attention adapters add x A B to the frozen product by an in-place addmm_, skipped as well:
-    # 2 * 10 positions * r * 32 = 2,560 for each of the 4 adapted projections (query and value, two blocks).
-    fused_extra = 2 * 2 * 7 * k * 4 * 16 * 2 if k < 4 else -3_584 * 2
+    # What torch sees and the counter leaves out: the bias column and the alignment padding of the fused
+    # routed matmuls (K < M). The up-projection's inputs take 44 columns (32 + the bias column, rounded
+    # so that 44 + r = 48 makes 64-byte rows), 12 more than d, forward and input gradient:
+    # 2 * 2 * 7 K * 12 * 16 = 5,376 K per block; the down-projection's forward carries 12 padding
+    # columns after its 32 + r: 2 * 7 K * 16 * 12 = 2,688 K per block. None at K = M (no padding there).
+    # The attention adapters add x A B to the frozen product by an in-place addmm_, which torch's counter
+    # skips: 2 * 10 positions * r * 32 = 2,560 for each of the 4 adapted projections (query and value,
+    # two blocks).
+    fused_extra = (5_376 + 2_688) * k * 2 if k < 4 else 0
     assert torch_count.get_total_flops() == counted.total - 38_400 + fused_extra - 4 * 2_560
     assert counted.hooks > 0 if k < 4 else counted.hooks == 0

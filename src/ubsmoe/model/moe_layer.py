@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ubsmoe.model.grouped_lora import GroupedDownProjection, GroupedUpProjection
+from ubsmoe.model.grouped_lora import (DenseDownProjection, DenseUpProjection, GroupedDownProjection,
+                                       GroupedUpProjection)
 from ubsmoe.model.lora import kaiming_uniform
 
 GATE_MODES = ("straight_through", "softmax", "softmax_renorm")
@@ -252,15 +253,6 @@ class SparseMoEFFN(nn.Module):
             return a, b
         return a[:, :, : self.active_rank].contiguous(), b[:, : self.active_rank].contiguous()
 
-    def _input_lora(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every expert's LoRA down-projection of the tokens in one matmul: x (T, d) @ (d, E*r).
-
-        Returns (projected (T, E, r), b (E, r, out)). A token routed to K experts is read once.
-        """
-        a, b = self._lora_factors(name)
-        projected = x @ a.permute(1, 0, 2).reshape(self.d_model, -1)
-        return projected.view(x.shape[0], self.num_experts, -1), b
-
     def _hidden(self, up: torch.Tensor, gate: torch.Tensor | None, b_up: torch.Tensor | None) -> torch.Tensor:
         """The activation: act(up + b_up) or, for gated FFNs, act(gate) * up."""
         if b_up is not None:
@@ -305,25 +297,19 @@ class SparseMoEFFN(nn.Module):
                                            layout.ends, layout.counts, extra_rows)
 
     def _all_experts(self, x: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
-        """Every expert on every token as one wide FFN. x: (T, d); gates: (T, E) or None -> (T, d)."""
-        T, E, h = x.shape[0], self.num_experts, self.d_hidden
+        """Every expert on every token as one wide FFN through the merged weights W + s A B
+        (``grouped_lora``'s dense projections). x: (T, d); gates: (T, E) or None -> (T, d)."""
 
-        def project(name: str) -> torch.Tensor:  # (T, E, h)
-            weight = getattr(self, f"w_{name}").permute(1, 0, 2).reshape(self.d_model, E * h)
-            projected, b = self._input_lora(name, x)
-            out = (x @ weight).view(T, E, h)
-            # LoRA added in place through an (E, T, h) view: the result keeps the (T, E, h) layout that
-            # the activation and the down-projection read (an out-of-place add would follow bmm's layout)
-            out.transpose(0, 1).baddbmm_(projected.transpose(0, 1), b * self.lora_scale)
+        def project(name: str, bias: torch.Tensor | None = None) -> torch.Tensor:  # (T, E, h)
+            a, b = self._lora_factors(name)
+            out, _ = DenseUpProjection.apply(x, a, getattr(self, f"w_{name}"), b, bias, self.lora_scale)
             return out
 
-        hidden = self._hidden(project("up"), project("gate") if self.w_gate is not None else None, self.b_up)
+        hidden = self._hidden(project("up", self.b_up), project("gate") if self.w_gate is not None else None, None)
         if gates is not None:
             hidden = self._apply_gates(hidden, gates)
         a, b = self._lora_factors("down")
-        low_rank = torch.bmm(hidden.transpose(0, 1), a)  # (E, T, r)
-        y = hidden.reshape(T, E * h) @ self.w_down.reshape(E * h, self.d_model)
-        return torch.addmm(y, low_rank.transpose(0, 1).reshape(T, -1), b.reshape(-1, self.d_model) * self.lora_scale)
+        return DenseDownProjection.apply(hidden, self.w_down, a, b, self.lora_scale)
 
 
 class _UnitGate(torch.autograd.Function):
