@@ -48,3 +48,25 @@ def test_a_fresh_adapter_leaves_the_layer_unchanged():
 def test_rank_below_one_is_refused():
     with pytest.raises(ValueError, match="rank must be >= 1"):
         LoRALinear(nn.Linear(3, 3), 0, alpha=1.0)
+
+
+def test_an_unfrozen_base_layer_is_refused():
+    layer = adapter(bias=True)
+    layer.base.weight.requires_grad_(True)
+
+    with pytest.raises(ValueError, match="keep base.weight and base.bias frozen"):
+        layer(torch.randn(2, 6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("columns", [3, 8, 16, 40])
+def test_narrow_products_equal_the_direct_ones_and_pass_gradcheck(columns):
+    from ubsmoe.model.matmul import NarrowLinear, narrow_product
+
+    g = torch.Generator().manual_seed(columns)
+    x = torch.randn(2, 9, 6, dtype=torch.float64, generator=g)
+    w = torch.randn(2, 6, columns, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(narrow_product(x, w), x @ w, rtol=1e-12, atol=1e-12)
+    weight = torch.randn(columns, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    inputs = x[0].clone().requires_grad_()
+    assert NarrowLinear.apply(inputs, weight).is_contiguous()
+    assert torch.autograd.gradcheck(NarrowLinear.apply, (inputs, weight))

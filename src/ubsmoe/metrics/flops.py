@@ -118,9 +118,11 @@ class FlopCounter:
             base, rank = module.base, module.active_rank
             input_grad = grad * self.input_needs_grad.get(module, True)
             frozen += 2 * positions * base.in_features * base.out_features * (1 + input_grad)
-            # x A and (x A) B, their weight gradients, the gradient of x A, and that of x if it needs one
+            # x A and (x A) B, their weight gradients and the gradient of x A; if x needs a gradient, it
+            # flows through the merged weight W + s (A B)ᵀ: one merge per batch, no product of its own
             flops.lora += 2 * positions * rank * ((base.in_features + base.out_features) * (1 + grad)
-                                                  + base.out_features * grad + base.in_features * input_grad)
+                                                  + base.out_features * grad)
+            flops.lora += 2 * rank * base.in_features * base.out_features * input_grad
         scores = 2 * 2 * batch * seq * seq * self.attention_width * self.num_blocks
         flops.attention = frozen + scores * (1 + 2 * grad)
         for layer in self.model.moe_layers:

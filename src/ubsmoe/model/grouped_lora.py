@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ubsmoe.model.matmul import narrow_product
+
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -91,7 +93,7 @@ class GroupedUpProjection(torch.autograd.Function):
         parts += [w.new_zeros(num_experts, padded - width, w.shape[2]), b * scale]
         weight = torch.cat(parts, 1)  # (E, padded + r, h): merged weight, bias, padding, then s B
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
-            projected = x @ a.permute(1, 0, 2).reshape(d, num_experts * rank)  # (T, E r)
+            projected = narrow_product(x, a.permute(1, 0, 2).reshape(d, -1)).contiguous()  # x A_e: (T, E r)
         else:  # no LoRA gradient to compute (evaluation)
             projected = x.new_empty(num_tokens, 0)
         ctx.save_for_backward(x, inputs, weight, projected, token, pair, ends)
@@ -117,7 +119,7 @@ class GroupedUpProjection(torch.autograd.Function):
             extra = ctx.extra_rows.pop(ctx.name, None)
             if extra is not None:
                 rows += extra
-            grad_a = (x.T @ rows).view(d, -1, rank).permute(1, 0, 2)
+            grad_a = narrow_product(x.T, rows).reshape(d, -1, rank).permute(1, 0, 2)
         if ctx.needs_input_grad[3]:
             slot_projected = projected.view(-1, rank).index_select(0, pair)  # x_t A_e per slot: (S, r)
             grad_b = grouped_outer(slot_projected, grad, ends, ctx.counts).mul_(ctx.scale)
@@ -163,7 +165,8 @@ class GroupedDownProjection(torch.autograd.Function):
         num_experts, rank, d = b.shape
         num_tokens = grad_y.shape[0]
         grad_y = grad_y.contiguous()
-        through_b = (grad_y @ b.permute(2, 0, 1).reshape(d, -1)).mul_(ctx.scale)  # s g B_iᵀ: (T, E r)
+        # s g B_iᵀ: (T, E r)
+        through_b = narrow_product(grad_y, b.permute(2, 0, 1).reshape(d, -1)).mul_(ctx.scale).contiguous()
         ctx.extra_rows["down_through_b"] = through_b
         grad_hidden = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -207,7 +210,7 @@ class DenseUpProjection(torch.autograd.Function):
         wide = torch.baddbmm(w, a, b, alpha=scale).permute(1, 0, 2).reshape(d, width)  # (d, E h)
         out = x @ wide if bias is None else torch.addmm(bias.reshape(width), x, wide)  # (T, E h)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
-            projected = x @ a.permute(1, 0, 2).reshape(d, num_experts * rank)  # (T, E r)
+            projected = narrow_product(x, a.permute(1, 0, 2).reshape(d, -1)).contiguous()  # x A_e: (T, E r)
         else:  # no LoRA gradient to compute (evaluation)
             projected = x.new_empty(num_tokens, 0)
         ctx.save_for_backward(x, wide, projected, b)
@@ -225,9 +228,9 @@ class DenseUpProjection(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad.reshape(num_tokens, -1) @ wide.T
         if ctx.needs_input_grad[1]:
-            rows = torch.bmm(by_expert, b.transpose(1, 2)).mul_(ctx.scale)  # s g_e B_eᵀ: (E, T, r)
+            rows = narrow_product(by_expert, b.transpose(1, 2)).mul_(ctx.scale)  # s g_e B_eᵀ: (E, T, r)
             rows = rows.transpose(0, 1).reshape(num_tokens, -1)  # (T, E r)
-            grad_a = (x.T @ rows).view(x.shape[1], num_experts, rank).permute(1, 0, 2)
+            grad_a = narrow_product(x.T, rows).reshape(x.shape[1], num_experts, rank).permute(1, 0, 2)
         if ctx.needs_input_grad[3]:
             by_expert_projected = projected.view(num_tokens, num_experts, rank).permute(1, 2, 0)  # (E, r, T)
             grad_b = torch.bmm(by_expert_projected, by_expert).mul_(ctx.scale)
@@ -252,7 +255,7 @@ class DenseDownProjection(torch.autograd.Function):
         num_tokens, num_experts, h = hidden.shape
         merged = torch.baddbmm(w, a, b, alpha=scale).view(num_experts * h, -1)  # (E h, d)
         y = hidden.reshape(num_tokens, -1) @ merged
-        low_rank = torch.bmm(hidden.transpose(0, 1), a) if ctx.needs_input_grad[3] else None  # (E, T, r)
+        low_rank = narrow_product(hidden.transpose(0, 1), a) if ctx.needs_input_grad[3] else None  # (E, T, r)
         ctx.save_for_backward(hidden, merged, low_rank, a, b)
         ctx.scale = scale
         return y
@@ -266,9 +269,10 @@ class DenseDownProjection(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_hidden = (grad_y @ merged.T).view(num_tokens, num_experts, h)
         if ctx.needs_input_grad[2]:
-            through_b = (grad_y @ b.permute(2, 0, 1).reshape(d, -1)).mul_(ctx.scale)  # s g B_eᵀ: (T, E r)
-            by_expert = through_b.view(num_tokens, num_experts, rank).transpose(0, 1)  # (E, T, r)
-            grad_a = torch.bmm(hidden.permute(1, 2, 0), by_expert)  # (E, h, r)
+            # s g B_eᵀ: (T, E r)
+            through_b = narrow_product(grad_y, b.permute(2, 0, 1).reshape(d, -1)).mul_(ctx.scale)
+            by_expert = through_b.reshape(num_tokens, num_experts, rank).transpose(0, 1)  # (E, T, r)
+            grad_a = narrow_product(hidden.permute(1, 2, 0), by_expert)  # (E, h, r)
         if ctx.needs_input_grad[3]:
             rows = low_rank.transpose(1, 2).reshape(num_experts * rank, num_tokens)  # (E r, T)
             grad_b = (rows @ grad_y).mul_(ctx.scale).view(num_experts, rank, d)

@@ -18,6 +18,7 @@ from torch import nn
 from ubsmoe.model.grouped_lora import (DenseDownProjection, DenseUpProjection, GroupedDownProjection,
                                        GroupedUpProjection)
 from ubsmoe.model.lora import kaiming_uniform
+from ubsmoe.model.matmul import NarrowLinear
 
 GATE_MODES = ("straight_through", "softmax", "softmax_renorm")
 
@@ -221,7 +222,7 @@ class SparseMoEFFN(nn.Module):
         """x: (T, d) real tokens -> (T, d) combined expert outputs (without ``b_down``)."""
         if self.router is None:
             return self._all_experts(x, None)
-        scores = self.router(x)  # (T, E)
+        scores = NarrowLinear.apply(x, self.router.weight)  # (T, E): x W_rᵀ in MKL's fast orientation
         select, logits = scores, scores
         for hook in self.hooks:
             select, logits = hook.modulate(self, select, logits)
