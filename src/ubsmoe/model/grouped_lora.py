@@ -14,6 +14,11 @@ without a product of its own.
 
 Slots are the S = T*K (token, expert) pairs sorted by expert (``SlotLayout``); ``pair`` indexes the
 flattened (T, E) table of a token's projections for every expert.
+
+When every expert takes every token (K = M, or a dense FFN with one expert), ``DenseUpProjection`` and
+``DenseDownProjection`` do the same with no slots: one wide matmul through the merged weights of all
+experts, and the rank-r products batched over experts. Products with fewer than 16 output columns run
+in MKL's fast orientation (``matmul.narrow_product``).
 """
 
 from __future__ import annotations
