@@ -261,13 +261,13 @@ class DenseDownProjection(torch.autograd.Function):
         merged = torch.baddbmm(w, a, b, alpha=scale).view(num_experts * h, -1)  # (E h, d)
         y = hidden.reshape(num_tokens, -1) @ merged
         low_rank = narrow_product(hidden.transpose(0, 1), a) if ctx.needs_input_grad[3] else None  # (E, T, r)
-        ctx.save_for_backward(hidden, merged, low_rank, a, b)
+        ctx.save_for_backward(hidden, merged, low_rank, b)
         ctx.scale = scale
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        hidden, merged, low_rank, a, b = ctx.saved_tensors
+        hidden, merged, low_rank, b = ctx.saved_tensors
         num_tokens, num_experts, h = hidden.shape
         rank, d = b.shape[1:]
         grad_hidden = grad_a = grad_b = None
