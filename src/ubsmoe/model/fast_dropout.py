@@ -37,7 +37,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, generator: torch.Ge
 def scaled_keep_mask(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """keep / (1 - p) as a ``dtype`` tensor of ``shape``, from the same draws as ``keep_mask``: the factor
-    dropout multiplies by. A float product is vectorised where ``torch.where`` on a bool mask is not (ten
+    dropout multiplies by. A float product is vectorised where ``torch.where`` on a bool mask is not (nine
     times faster on this project's machines), and the value 1 / (1 - p) rounded to ``dtype`` is the one
     ``torch.nn.Dropout`` scales by."""
     keep = _keep_array(math.prod(shape), p, generator)

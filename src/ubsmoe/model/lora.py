@@ -51,7 +51,8 @@ class _LoRAProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, scale):
         if weight.requires_grad or (bias is not None and bias.requires_grad):
-            raise ValueError("LoRALinear computes no gradient for its base layer: keep base.weight and base.bias frozen")
+            raise ValueError("LoRALinear computes no gradient for its base layer: "
+                             "keep base.weight and base.bias frozen")
         out = torch.nn.functional.linear(x, weight, bias)  # (N, out), a fresh tensor
         projected = narrow_product(x, a)  # x A: (N, r)
         out.addmm_(projected, b, alpha=scale)  # in place: no second (N, out) tensor
