@@ -59,6 +59,27 @@ def _up_input_width(width: int, rank: int) -> int:
     return _round_up(padded + rank, 16) - rank if rank % 4 == 0 else padded
 
 
+def _every_expert_input(ctx, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """x A_e for every token and expert, (T, E r), when a LoRA factor needs a gradient; (T, 0) otherwise
+    (evaluation). x: (T, d), a: (E, d, r). Not differentiable."""
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+        projected = narrow_product(x, a.permute(1, 0, 2).reshape(x.shape[1], -1)).contiguous()
+    else:
+        projected = x.new_empty(x.shape[0], 0)
+    ctx.mark_non_differentiable(projected)
+    return projected
+
+
+def _input_factor_grad(x: torch.Tensor, rows: torch.Tensor, rank: int) -> torch.Tensor:
+    """Gradient of every expert's A from its rows: xᵀ rows. x: (T, d), rows: (T, E r) -> (E, d, r)."""
+    return narrow_product(x.T, rows).reshape(x.shape[1], -1, rank).permute(1, 0, 2)
+
+
+def _through_b(grad_y: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """s g B_eᵀ for every token and expert: grad_y (T, d), b (E, r, d) -> (T, E r), contiguous."""
+    return narrow_product(grad_y, b.permute(2, 0, 1).reshape(b.shape[2], -1)).mul_(scale).contiguous()
+
+
 def grouped_outer(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Per-group a_eᵀ b_e. a: (S, m), b: (S, n) -> (E, m, n): the weight gradient of a grouped matmul."""
     # A loop of transposed views: BLAS reads aᵀ in place, where the grouped kernel needs a copy of it.
@@ -83,7 +104,7 @@ class GroupedUpProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, w, b, bias, scale, token, pair, ends, counts, name, extra_rows):
         _require_frozen(w)
-        num_tokens, d = x.shape
+        d = x.shape[1]
         num_experts, _, rank = a.shape
         width = d + (bias is not None)
         padded = _up_input_width(width, rank)
@@ -96,13 +117,9 @@ class GroupedUpProjection(torch.autograd.Function):
             parts.append(bias.unsqueeze(1))
         parts += [w.new_zeros(num_experts, padded - width, w.shape[2]), b * scale]
         weight = torch.cat(parts, 1)  # (E, padded + r, h): merged weight, bias, padding, then s B
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
-            projected = narrow_product(x, a.permute(1, 0, 2).reshape(d, -1)).contiguous()  # x A_e: (T, E r)
-        else:  # no LoRA gradient to compute (evaluation)
-            projected = x.new_empty(num_tokens, 0)
+        projected = _every_expert_input(ctx, x, a)  # x A_e: (T, E r)
         ctx.save_for_backward(x, inputs, weight, projected, token, pair, ends)
         ctx.scale, ctx.counts, ctx.name, ctx.extra_rows = scale, counts, name, extra_rows
-        ctx.mark_non_differentiable(projected)
         return grouped_mm(inputs, weight[:, :padded], ends, counts), projected
 
     @staticmethod
@@ -123,7 +140,7 @@ class GroupedUpProjection(torch.autograd.Function):
             extra = ctx.extra_rows.pop(ctx.name, None)
             if extra is not None:
                 rows += extra
-            grad_a = narrow_product(x.T, rows).reshape(d, -1, rank).permute(1, 0, 2)
+            grad_a = _input_factor_grad(x, rows, rank)
         if ctx.needs_input_grad[3]:
             slot_projected = projected.view(-1, rank).index_select(0, pair)  # x_t A_e per slot: (S, r)
             grad_b = grouped_outer(slot_projected, grad, ends, ctx.counts).mul_(ctx.scale)
@@ -169,8 +186,7 @@ class GroupedDownProjection(torch.autograd.Function):
         num_experts, rank, d = b.shape
         num_tokens = grad_y.shape[0]
         grad_y = grad_y.contiguous()
-        # s g B_iᵀ: (T, E r)
-        through_b = narrow_product(grad_y, b.permute(2, 0, 1).reshape(d, -1)).mul_(ctx.scale).contiguous()
+        through_b = _through_b(grad_y, b, ctx.scale)  # s g B_iᵀ: (T, E r)
         ctx.extra_rows["down_through_b"] = through_b
         grad_hidden = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -209,17 +225,13 @@ class DenseUpProjection(torch.autograd.Function):
     def forward(ctx, x, a, w, b, bias, scale):
         _require_frozen(w)
         num_tokens, d = x.shape
-        num_experts, _, rank = a.shape
+        num_experts = a.shape[0]
         width = num_experts * w.shape[2]
         wide = torch.baddbmm(w, a, b, alpha=scale).permute(1, 0, 2).reshape(d, width)  # (d, E h)
         out = x @ wide if bias is None else torch.addmm(bias.reshape(width), x, wide)  # (T, E h)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
-            projected = narrow_product(x, a.permute(1, 0, 2).reshape(d, -1)).contiguous()  # x A_e: (T, E r)
-        else:  # no LoRA gradient to compute (evaluation)
-            projected = x.new_empty(num_tokens, 0)
+        projected = _every_expert_input(ctx, x, a)  # x A_e: (T, E r)
         ctx.save_for_backward(x, wide, projected, b)
         ctx.scale = scale
-        ctx.mark_non_differentiable(projected)
         return out.view(num_tokens, num_experts, -1), projected
 
     @staticmethod
@@ -234,7 +246,7 @@ class DenseUpProjection(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             rows = narrow_product(by_expert, b.transpose(1, 2)).mul_(ctx.scale)  # s g_e B_eᵀ: (E, T, r)
             rows = rows.transpose(0, 1).reshape(num_tokens, -1)  # (T, E r)
-            grad_a = narrow_product(x.T, rows).reshape(x.shape[1], num_experts, rank).permute(1, 0, 2)
+            grad_a = _input_factor_grad(x, rows, rank)
         if ctx.needs_input_grad[3]:
             by_expert_projected = projected.view(num_tokens, num_experts, rank).permute(1, 2, 0)  # (E, r, T)
             grad_b = torch.bmm(by_expert_projected, by_expert).mul_(ctx.scale)
@@ -273,9 +285,8 @@ class DenseDownProjection(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_hidden = (grad_y @ merged.T).view(num_tokens, num_experts, h)
         if ctx.needs_input_grad[2]:
-            # s g B_eᵀ: (T, E r)
-            through_b = narrow_product(grad_y, b.permute(2, 0, 1).reshape(d, -1)).mul_(ctx.scale)
-            by_expert = through_b.reshape(num_tokens, num_experts, rank).transpose(0, 1)  # (E, T, r)
+            through_b = _through_b(grad_y, b, ctx.scale)  # s g B_eᵀ: (T, E r)
+            by_expert = through_b.view(num_tokens, num_experts, rank).transpose(0, 1)  # (E, T, r)
             grad_a = narrow_product(hidden.permute(1, 2, 0), by_expert)  # (E, h, r)
         if ctx.needs_input_grad[3]:
             rows = low_rank.transpose(1, 2).reshape(num_experts * rank, num_tokens)  # (E r, T)
