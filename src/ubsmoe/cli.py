@@ -83,7 +83,8 @@ def _bench(args) -> int:
     if args.name == "tiers":
         from ubsmoe.bench.tiers import run
 
-        run(Path(args.out), dropout=args.dropout, max_length=args.max_length, threads=args.threads)
+        run(Path(args.out), backbone=args.backbone, batch_size=args.batch_size, dropout=args.dropout,
+            max_length=args.max_length, threads=args.threads, repeats=args.repeats, part_repeats=args.part_repeats)
         print(Path(args.out).with_suffix(".md").read_text())
         return 0
     if args.name == "upcycle":
@@ -132,8 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", required=True, help="result JSON path (a .md summary is written beside it)")
     bench.add_argument("--dropout", type=float, default=-1.0,
                        help="tiers only: backbone dropout probability (-1 keeps the checkpoint's)")
-    bench.add_argument("--max-length", type=int, default=128,
-                       help="tiers only: tokens per text of the timed batch (16 texts)")
+    bench.add_argument("--backbone", default="minilm",
+                       help="tiers only: the backbone (built-in name, checkpoint folder or .gguf file)")
+    bench.add_argument("--batch-size", type=int, default=16, help="tiers only: texts in the timed batch")
+    bench.add_argument("--max-length", type=int, default=128, help="tiers only: tokens per text of the timed batch")
+    bench.add_argument("--repeats", type=int, default=11, help="tiers only: timed turns per tier")
+    bench.add_argument("--part-repeats", type=int, default=5,
+                       help="tiers only: turns per tier with timing hooks (where a step's time goes)")
     bench.add_argument("--threads", type=int, default=2,
                        help="CPU threads torch may use in the timed benchmarks (moe-layer, pg-step, tiers)")
     bench.set_defaults(func=_bench)

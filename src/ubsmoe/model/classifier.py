@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ubsmoe.model import fast_dropout
-from ubsmoe.model.backbones import BackboneFamily, family_of, resolve_backbone_path
+from ubsmoe.model.backbones import BackboneFamily, family_of, resolve_backbone
 from ubsmoe.model.lora import LoRALinear
 from ubsmoe.model.moe_layer import RoutingContext, SparseMoEFFN
 from ubsmoe.model.upcycle import ROUTER_INITS, calibrated_router, centroid_router, split_ffn
@@ -168,7 +168,8 @@ def load_tokenizer(backbone: str):
     """The backbone's own tokenizer, with a padding token (decoders reuse end-of-sequence)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone_path(backbone), local_files_only=True)
+    source = resolve_backbone(backbone)
+    tokenizer = AutoTokenizer.from_pretrained(source.folder, **source.pretrained_kwargs())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -180,14 +181,14 @@ def load_dense_backbone(backbone: str) -> tuple[nn.Module, BackboneFamily]:
     from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 
-    path = resolve_backbone_path(backbone)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    source = resolve_backbone(backbone)
+    config = AutoConfig.from_pretrained(source.folder, **source.pretrained_kwargs())
     family = family_of(config.model_type)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        model = AutoModel.from_pretrained(source.folder, dtype=torch.float32, **source.pretrained_kwargs())
     finally:
         hf_logging.set_verbosity(verbosity)
     if getattr(model, "pooler", None) is not None:
