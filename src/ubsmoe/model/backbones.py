@@ -16,6 +16,7 @@ from torch import nn
 
 from ubsmoe.model.upcycle import DenseFFN
 
+
 @dataclass(frozen=True)
 class BuiltinBackbone:
     """A backbone whose weights install from the package registry: ``entry`` (a checkpoint folder, or a

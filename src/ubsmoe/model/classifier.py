@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ubsmoe.model import fast_dropout
+from ubsmoe.model import fast_dropout, fast_norm
 from ubsmoe.model.backbones import BackboneFamily, family_of, resolve_backbone
 from ubsmoe.model.lora import LoRALinear
 from ubsmoe.model.moe_layer import RoutingContext, SparseMoEFFN
@@ -177,7 +177,8 @@ def load_tokenizer(backbone: str):
 
 def load_dense_backbone(backbone: str) -> tuple[nn.Module, BackboneFamily]:
     """The pretrained Hugging Face model (no task head, no pooler: the classifier pools the hidden
-    states itself), frozen, with CPU-cheap dropout (``fast_dropout``), and its family."""
+    states itself), frozen, with CPU-cheap dropout (``fast_dropout``) and RMSNorm (``fast_norm``), and
+    its family."""
     from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 
@@ -196,6 +197,7 @@ def load_dense_backbone(backbone: str) -> tuple[nn.Module, BackboneFamily]:
     for p in model.parameters():
         p.requires_grad_(False)
     fast_dropout.install(model)
+    fast_norm.install(model)
     return model, family
 
 
