@@ -51,19 +51,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class FastRMSNorm(nn.Module):
     """A drop-in for the Hugging Face RMSNorm it replaces (same ``weight`` parameter, same epsilon).
     float32 and float64 inputs take ``rms_norm`` (float64 stays float64, where Hugging Face rounds
-    through float32); lower precisions keep Hugging Face's float32 recipe."""
+    through float32); lower precisions run the replaced class's own forward."""
 
-    def __init__(self, weight: nn.Parameter, eps: float):
+    def __init__(self, replaced: nn.Module):
         super().__init__()
-        self.weight = weight
-        self.variance_epsilon = eps
+        self.weight = replaced.weight
+        self.variance_epsilon = replaced.variance_epsilon
+        self._replaced_forward = type(replaced).forward  # reads only weight and variance_epsilon
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype in (torch.float32, torch.float64):
             return rms_norm(x, self.weight, self.variance_epsilon)
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * normed.to(x.dtype)
+        return self._replaced_forward(self, x)
 
 
 def install(model: nn.Module) -> int:
@@ -72,6 +71,6 @@ def install(model: nn.Module) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child).__name__ in NORM_CLASSES:
-                setattr(parent, name, FastRMSNorm(child.weight, child.variance_epsilon))
+                setattr(parent, name, FastRMSNorm(child))
                 swapped += 1
     return swapped
