@@ -3,11 +3,16 @@
 import json
 
 import pytest
+import torch
 
 from ubsmoe.data.bbc_news import load_bbc_news
-from ubsmoe.data.dataset import TextDataset, stratified_split
+from ubsmoe.data.dataset import TextDataset, drop_duplicates, duplicate_key, stratified_split
 from ubsmoe.data.sources import load_train_test
 from ubsmoe.data.text_files import load_text_file
+from ubsmoe.config import load_config
+from ubsmoe.engine.simulation import build_experiment
+
+from test_engine import tiny_overrides, tiny_task  # noqa: F401  (fixture)
 
 
 def test_bbc_news_has_2225_articles_in_5_topics():
@@ -44,10 +49,79 @@ def test_missing_column_names_the_columns_and_the_fix(tmp_path):
 def test_separate_test_file_uses_training_label_numbering(tmp_path):
     (tmp_path / "train.csv").write_text("text,label\na,pos\nb,neg\n")
     (tmp_path / "test.csv").write_text("text,label\nc,pos\n")
-    train, test = load_train_test(str(tmp_path / "train.csv"), 0, test_file=str(tmp_path / "test.csv"))
+    data = load_train_test(str(tmp_path / "train.csv"), test_file=str(tmp_path / "test.csv"))
+    train, test = data.train, data.test
     assert train.label_names == ["neg", "pos"] and test.labels == [1]
 
 
 def test_unknown_dataset_is_refused():
     with pytest.raises(ValueError, match="unknown dataset 'imdb'"):
-        load_train_test("imdb", 0)
+        load_train_test("imdb")
+
+
+def assert_no_test_text_in_training(train: TextDataset, test: TextDataset, prefix_words: int) -> None:
+    train_keys = {duplicate_key(t, prefix_words) for t in train.texts}
+    assert not [t for t in test.texts if duplicate_key(t, prefix_words) in train_keys]
+    assert not set(test.texts) & set(train.texts)
+
+
+def test_bbc_news_duplicates_are_removed_before_the_split_and_no_test_text_is_trained_on():
+    """Regression: BBC News holds about 100 repeated articles; 30 test articles were in training."""
+    data = load_train_test("bbc_news")
+
+    # 101 articles repeat another word for word; 19 more share their first 40 words with another
+    assert data.duplicates_removed == 120
+    assert len(data.train) + len(data.test) == 2225 - 120
+    assert_no_test_text_in_training(data.train, data.test, prefix_words=40)
+    assert load_train_test("bbc_news", dedup_prefix_words=0).duplicates_removed == 101
+
+
+def test_split_depends_on_split_seed_only(tmp_path):
+    """The test split is fixed by ``split_seed``, so seeds of a comparison share one test set."""
+    rows = [{"text": f"text number {i}", "label": i % 3} for i in range(60)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+
+    first, again = load_train_test(str(tmp_path / "d.jsonl")), load_train_test(str(tmp_path / "d.jsonl"))
+    other = load_train_test(str(tmp_path / "d.jsonl"), split_seed=1)
+
+    assert first.test.texts == again.test.texts
+    assert first.test.texts != other.test.texts
+
+
+def test_experiment_seed_leaves_the_test_set_alone(tiny_bert, tiny_task):  # noqa: F811
+    """Regression: the test split used to move with the training seed, mixing test-set variance into
+    the spread over seeds."""
+    def test_ids(*extra):
+        return build_experiment(load_config(overrides=tiny_overrides(tiny_bert, tiny_task) + list(extra),
+                                            method="smoe")).test.input_ids
+
+    assert torch.equal(test_ids("seed=0"), test_ids("seed=3"))
+    assert not torch.equal(test_ids("seed=0"), test_ids("seed=0", "data.split_seed=1"))
+
+
+def test_user_file_duplicates_and_test_file_leaks_are_removed(tmp_path):
+    """Whitespace and case variants are one text; a training text that is also in the test file is dropped."""
+    texts = ["alpha beta gamma", "alpha  beta\tgamma", "ALPHA beta gamma", "delta epsilon", "zeta eta",
+             "theta iota", "kappa lambda", "mu nu", "xi omicron", "pi rho"]
+    rows = [{"text": t, "label": ["x", "y"][i % 2]} for i, t in enumerate(texts)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "test.jsonl").write_text(json.dumps({"text": "Delta   epsilon", "label": "y"}))
+
+    split = load_train_test(str(tmp_path / "train.jsonl"), test_fraction=0.25)
+    with_file = load_train_test(str(tmp_path / "train.jsonl"), test_file=str(tmp_path / "test.jsonl"))
+
+    assert split.duplicates_removed == 2 and len(split.train) + len(split.test) == 8
+    assert_no_test_text_in_training(split.train, split.test, prefix_words=40)
+    assert with_file.duplicates_removed == 3 and "delta epsilon" not in with_file.train.texts
+    assert with_file.test.texts == ["Delta   epsilon"]
+    assert_no_test_text_in_training(with_file.train, with_file.test, prefix_words=40)
+
+
+def test_drop_duplicates_by_prefix_keeps_the_first():
+    data = TextDataset(["a b c d", "a b c e", "a b x"], [0, 1, 0], ["p", "q"])
+
+    whole, removed_whole = drop_duplicates(data)
+    prefix, removed_prefix = drop_duplicates(data, prefix_words=3)
+
+    assert removed_whole == 0 and whole.texts == data.texts
+    assert removed_prefix == 1 and prefix.texts == ["a b c d", "a b x"] and prefix.labels == [0, 0]

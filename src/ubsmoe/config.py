@@ -48,6 +48,10 @@ class DataConfig:
     test_fraction: float = option(0.2, "share of each label held out for testing when there is no test_file")
     max_train_samples: int = option(0, "use at most this many training samples (0: all)")
     max_test_samples: int = option(0, "use at most this many test samples (0: all)")
+    split_seed: int = option(0, "seed of the train/test split and the sample caps, independent of `seed`, "
+                                "so that every seed is scored on the same test texts")
+    dedup_prefix_words: int = option(40, "texts whose first N words agree (case-folded, whitespace-normalised) "
+                                         "are duplicates, and only the first is kept; 0 compares whole texts")
 
 
 @dataclass

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ubsmoe.data.bbc_news import load_bbc_news
-from ubsmoe.data.dataset import TokenizedDataset, stratified_split, tokenize
+from ubsmoe.data.dataset import TokenizedDataset, tokenize
+from ubsmoe.data.sources import load_train_test
 from ubsmoe.model import MoEHook, ModelSpec, build_classifier, load_tokenizer
 from ubsmoe.model.classifier import load_dense_backbone
 
@@ -47,7 +47,8 @@ def pooled_outputs(forward, data: TokenizedDataset, batch_size: int = 32) -> tor
 def run(out: Path, ks: tuple[int, ...] = (1, 2, 4, 6, 8), num_experts: int = 8, max_length: int = 128,
         eval_articles: int = 150, calibration_articles: int = 64, threads: int = 2, seed: int = 0) -> dict:
     torch.set_num_threads(threads)
-    train, test = stratified_split(load_bbc_news(), 0.2, seed)
+    data = load_train_test("bbc_news")  # the experiments' deduplicated split
+    train, test = data.train, data.test
     tokenizer = load_tokenizer("minilm")
     step = max(1, len(test) // eval_articles)
     evaluation = tokenize(test.subset(range(0, len(test), step)), tokenizer, max_length)

@@ -34,6 +34,28 @@ class TextDataset:
         return TextDataset([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names)
 
 
+def duplicate_key(text: str, prefix_words: int) -> str:
+    """What two texts must share to count as duplicates: their case-folded words, or the first
+    ``prefix_words`` of them (0: all). Texts that agree on the words a truncating model reads are the
+    same input to it."""
+    words = text.casefold().split()
+    return " ".join(words[:prefix_words] if prefix_words > 0 else words)
+
+
+def drop_duplicates(dataset: TextDataset, prefix_words: int = 0,
+                    seen: set[str] | None = None) -> tuple[TextDataset, int]:
+    """Keep the first of every group of duplicates (``duplicate_key``), and drop texts whose key is in
+    ``seen`` -> (deduplicated dataset, number removed)."""
+    seen = set(seen or ())
+    keep = []
+    for index, text in enumerate(dataset.texts):
+        key = duplicate_key(text, prefix_words)
+        if key not in seen:
+            seen.add(key)
+            keep.append(index)
+    return dataset.subset(keep), len(dataset) - len(keep)
+
+
 def stratified_split(dataset: TextDataset, test_fraction: float, seed: int) -> tuple[TextDataset, TextDataset]:
     """Split each label's samples by ``test_fraction`` with a fixed seed -> (train, test)."""
     if not 0 < test_fraction < 1:

@@ -38,6 +38,7 @@ class Experiment:
     clients: list[ClientInfo]
     client_indices: list[torch.Tensor]
     tiers: list[float]
+    duplicates_removed: int
 
 
 def validate(config: ExperimentConfig) -> None:
@@ -55,6 +56,7 @@ def validate(config: ExperimentConfig) -> None:
         (config.model.router_init in ("calibrated", "centroid"), "model.router_init must be calibrated or centroid"),
         (config.threads >= 1, "threads must be >= 1"),
         (config.model.dropout < 1, "model.dropout must be below 1 (-1 keeps the checkpoint's dropout)"),
+        (config.data.dedup_prefix_words >= 0, "data.dedup_prefix_words must be >= 0 (0 compares whole texts)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -67,10 +69,11 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
     options = resolve_method_options(config, method_cls.Options)
     validate(config)
     torch.manual_seed(config.seed)
-    train_texts, test_texts = load_train_test(
-        config.data.dataset, config.seed, config.data.test_fraction, config.data.test_file,
+    data = load_train_test(
+        config.data.dataset, config.data.split_seed, config.data.test_fraction, config.data.test_file,
         config.data.text_column, config.data.label_column, config.data.max_train_samples,
-        config.data.max_test_samples)
+        config.data.max_test_samples, config.data.dedup_prefix_words)
+    train_texts, test_texts = data.train, data.test
     tokenizer = load_tokenizer(config.model.backbone)
     train = tokenize(train_texts, tokenizer, config.model.max_length)
     test = tokenize(test_texts, tokenizer, config.model.max_length)
@@ -89,7 +92,7 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
     model = build_classifier(spec, train_texts.num_labels, calibration_batches=calibration)
     method.k_max = config.model.top_k_max if (config.model.top_k_max and spec.num_experts > 1) else spec.num_experts
     return Experiment(config, method, model, train, test, train_texts.label_names, clients,
-                      [torch.from_numpy(p) for p in parts], tiers(config.federation))
+                      [torch.from_numpy(p) for p in parts], tiers(config.federation), data.duplicates_removed)
 
 
 def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict:
@@ -145,6 +148,7 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
         "label_names": exp.label_names,
         "num_train": len(exp.train),
         "num_test": len(exp.test),
+        "duplicates_removed": exp.duplicates_removed,
         "tiers": exp.tiers,
         "clients": [{"id": c.client_id, "budget": c.budget, "num_examples": c.num_examples,
                      "label_counts": np.bincount(exp.train.labels[exp.client_indices[c.client_id]].numpy(),

@@ -1,0 +1,132 @@
+"""Same-seed determinism of every registered method with dropout on, and per-tier evaluation checked
+tier by tier, without ``evaluate_tiers``' shared-model cache."""
+
+import pytest
+import torch
+
+from test_engine import tiny_overrides, tiny_task  # noqa: F401  (fixture)
+from ubsmoe.config import load_config
+from ubsmoe.engine.evaluation import evaluate, evaluate_tiers
+from ubsmoe.engine.local_training import train_local
+from ubsmoe.engine.simulation import build_experiment, run_experiment, seed_for
+from ubsmoe.engine.clients import sample_clients
+from ubsmoe.methods import REGISTRY
+from ubsmoe.methods.base import RoutingStats
+
+DROPOUT = 0.1  # the tiny backbone's checkpoint has dropout 0: switch it on so the masks' seeding is exercised
+CHEAP = {"model.dropout": DROPOUT, "federation.rounds": 2, "train.local_steps": 2}
+
+
+def config_for(tiny_bert, tiny_task, method, **extra):
+    return load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **(CHEAP | extra)), method=method)
+
+
+def recorded_numbers(results: dict) -> list[dict]:
+    """Per round: each tier's accuracy and loss, the test loss and every client's train loss."""
+    return [{"tier_accuracy": h["tier_accuracy"], "tier_loss": h["tier_loss"], "test_loss": h["test_loss"],
+             "train_loss": {c["id"]: c["train_loss"] for c in h["clients"]}} for h in results["history"]]
+
+
+def train_losses(results: dict) -> list[float]:
+    return [c["train_loss"] for h in results["history"] for c in h["clients"]]
+
+
+def two_forwards_in_train_mode(exp) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of one training batch, computed twice by the experiment's model in train mode."""
+    model = exp.model
+    model.load_trainable_state(exp.method.initial_state(model).params)
+    input_ids, attention_mask, _ = exp.train.batch(torch.arange(8))
+    model.train()
+    with torch.no_grad():
+        return model(input_ids, attention_mask), model(input_ids, attention_mask)
+
+
+def run_rounds(exp, rounds: int):
+    """The server state after ``rounds`` rounds of ``exp``, trained as ``run_experiment`` trains them."""
+    config, method, model = exp.config, exp.method, exp.model
+    state = method.initial_state(model)
+    for round_index in range(1, rounds + 1):
+        updates = []
+        for client in sample_clients(exp.clients, config.federation.fraction_fit, round_index, config.seed):
+            start = method.client_params(state, client)
+            model.load_trainable_state(start)
+            method.setup_client(model, client)
+            torch.manual_seed(seed_for(config.seed, round_index, client.client_id))
+            generator = torch.Generator().manual_seed(seed_for(config.seed + 1, round_index, client.client_id))
+            train_local(model, method, client, exp.train, exp.client_indices[client.client_id], config.train,
+                        generator)
+            routing = None
+            if model.num_experts > 1:
+                routed, tokens, _ = model.routing_counts()
+                routing = RoutingStats(routed, tokens)
+            updates.append(method.client_update(model, start, client, routing))
+            method.teardown_client(model, client)
+        state = method.aggregate(state, updates)
+    return state
+
+
+def evaluate_each_tier(exp, state) -> dict[float, dict]:
+    """{budget: evaluate(...)} with every tier's model loaded, set up and evaluated on its own (no cache)."""
+    method, model = exp.method, exp.model
+    results = {}
+    for budget in exp.tiers:
+        model.load_trainable_state(method.eval_params(state, budget))
+        method.setup_eval(model, budget)
+        try:
+            results[budget] = evaluate(model, exp.test, exp.config.train.eval_batch_size)
+        finally:
+            method.teardown_eval(model, budget)
+    return results
+
+
+# ------------------------------------------------------------------------------------ determinism
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_same_seed_gives_bit_identical_numbers_with_dropout(tiny_bert, tiny_task, method):
+    """Guards: with dropout on, a run is a function of its config and seed alone, for every method."""
+    config = config_for(tiny_bert, tiny_task, method)
+    other_seed = config_for(tiny_bert, tiny_task, method, seed=config.seed + 1)
+    first_logits, second_logits = two_forwards_in_train_mode(build_experiment(config))
+
+    runs = [run_experiment(config, show_progress=False) for _ in range(2)]
+    reseeded = run_experiment(other_seed, show_progress=False)
+
+    assert not torch.equal(first_logits, second_logits), "dropout is not active: the test would be vacuous"
+    assert runs[0]["config"]["model"]["dropout"] == DROPOUT
+    assert recorded_numbers(runs[0]) == recorded_numbers(runs[1])
+    assert len(train_losses(runs[0])) == 2 * 2  # two clients, two rounds: every number above was compared
+    assert train_losses(reseeded) != train_losses(runs[0])
+
+
+# ------------------------------------------------------------------------------- per-tier evaluation
+@pytest.mark.parametrize("method", ["fedavg-lora", "flora", "florist"])
+def test_tiers_holding_one_model_evaluate_alike_when_evaluated_one_by_one(tiny_bert, tiny_task, method):
+    """Guards: the methods whose tiers share a model really give every tier the same model (not only the
+    same cached result), and ``evaluate_tiers`` reports what evaluating each tier on its own gives."""
+    exp = build_experiment(config_for(tiny_bert, tiny_task, method, **{"federation.budgets": "0.25,0.5,1.0"}))
+    state = run_rounds(exp, rounds=1)
+
+    reported = evaluate_tiers(exp.model, exp.method, state, exp.test, exp.tiers, exp.config.train.eval_batch_size)
+    separate = evaluate_each_tier(exp, state)
+
+    assert len({exp.method.eval_key(b) for b in exp.tiers}) == 1  # evaluate_tiers took its cached path
+    assert len({exp.method.client_rank(c) for c in exp.clients}) > 1 if hasattr(exp.method, "client_rank") else True
+    numbers = {b: (r["accuracy"], r["loss"]) for b, r in separate.items()}
+    assert len(set(numbers.values())) == 1, numbers
+    assert numbers == {b: (r["accuracy"], r["loss"]) for b, r in reported.items()}
+
+
+@pytest.mark.parametrize("method", ["hetlora", "flexlora"])
+def test_tiers_holding_different_models_evaluate_differently(tiny_bert, tiny_task, method):
+    """Guards: the tier-by-tier check above can fail: the heterogeneous-rank methods' tiers differ, and
+    ``evaluate_tiers`` still reports each tier's own evaluation."""
+    exp = build_experiment(config_for(tiny_bert, tiny_task, method))
+    state = run_rounds(exp, rounds=1)
+
+    reported = evaluate_tiers(exp.model, exp.method, state, exp.test, exp.tiers, exp.config.train.eval_batch_size)
+    separate = evaluate_each_tier(exp, state)
+
+    low, high = exp.tiers[0], exp.tiers[-1]
+    assert exp.method.eval_key(low) != exp.method.eval_key(high)
+    assert separate[low]["loss"] != separate[high]["loss"]
+    assert {b: (r["accuracy"], r["loss"]) for b, r in separate.items()} == \
+        {b: (r["accuracy"], r["loss"]) for b, r in reported.items()}
