@@ -1,12 +1,15 @@
 """UB-SMoE: DMR's server statistics and routing, the range regulariser, and the pseudo-gradient."""
 
+import math
+
 import pytest
 import torch
 
-from ubsmoe.config import load_config
-from ubsmoe.engine.simulation import run_experiment
+from ubsmoe.config import ConfigError, load_config
+from ubsmoe.engine.simulation import build_experiment, run_experiment
 from ubsmoe.methods.base import ClientInfo, ClientUpdate, RoutingStats, ServerState
 from ubsmoe.methods.ubsmoe import UBSMoE, UBSMoEOptions, utilisation_target
+from ubsmoe.model.moe_layer import GATE_MODES
 from ubsmoe.model.modulated_routing import ModulatedRouting, range_penalty
 from ubsmoe.model.pseudo_gradient import PseudoGradient, sparsity_factor
 
@@ -62,31 +65,48 @@ def test_range_regulariser_value_and_gradient():
     assert phi.grad.tolist() == pytest.approx([-1.0, 0.0, 0.0, 2.0])
 
 
-def brute_force_pseudo_gradients(layer, x, upstream, rho):
-    """Per token, per active expert, the full gradient of its effective weight matrices; then the
-    definition of G_hat and G_tilde, and the chain rule into the LoRA factors."""
+def gate_value(mode: str, probs: torch.Tensor, active: list[int], j: int) -> torch.Tensor:
+    """w_j, the value expert j's output is multiplied by in the forward."""
+    if mode == "straight_through":
+        return torch.ones((), dtype=probs.dtype)
+    if mode == "softmax_renorm":
+        return probs[j] / probs[active].sum()
+    return probs[j]
+
+
+def brute_force_pseudo_gradients(layer, x, upstream, rho, modulation=None, candidates=None):
+    """Per token, per active expert, the full gradient of its effective weight matrices as the layer runs
+    it (gate included); then SPEC section 5's G_hat = sum_j (p_j / P) G_j / w_j and G_tilde, and the chain
+    rule into the LoRA factors. x, upstream: (T, d) real tokens; ``modulation`` (E,) is added to the
+    logits of each token's top-``candidates`` experts by raw score (DMR)."""
     s = layer.lora_scale
     names = ["up", "down"] + (["gate"] if layer.w_gate is not None else [])
-    probs = torch.softmax(layer.router(x), -1).detach()
-    active = probs.topk(layer.top_k, -1).indices
+    logits = layer.router(x).detach()
+    if modulation is not None:
+        inside = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, logits.topk(candidates, -1).indices, True)
+        logits = logits + inside * modulation
+    probs = torch.softmax(logits, -1)
+    active = logits.topk(layer.top_k, -1).indices
     effective = {n: (getattr(layer, f"w_{n}") + s * getattr(layer, f"lora_{n}_a") @ getattr(layer, f"lora_{n}_b")).detach()
                  for n in names}
     g_tilde = {n: torch.zeros_like(effective[n]) for n in names}
     for t in range(x.shape[0]):
         g_hat = {n: 0 for n in names}
-        for j in active[t].tolist():
+        chosen = active[t].tolist()
+        mass = probs[t, chosen].sum()
+        for j in chosen:
             w = {n: effective[n][j].clone().requires_grad_(True) for n in names}
             up = x[t] @ w["up"] + (layer.b_up[j] if layer.b_up is not None else 0)
             hidden = layer.activation(x[t] @ w["gate"]) * up if "gate" in w else layer.activation(up)
-            out = hidden @ w["down"]
+            gate = gate_value(layer.gate_mode, probs[t], chosen, j)
+            out = (gate * hidden) @ w["down"]
             grads = torch.autograd.grad((out * upstream[t]).sum(), [w[n] for n in names])
             for n, g in zip(names, grads):
-                g_hat[n] = g_hat[n] + g
-        mass = probs[t, active[t]].sum()
+                g_hat[n] = g_hat[n] + (probs[t, j] / mass) * g / gate
         for i in range(layer.num_experts):
-            if i not in active[t].tolist():
+            if i not in chosen:
                 for n in names:
-                    g_tilde[n][i] += rho * probs[t, i] * g_hat[n] / mass
+                    g_tilde[n][i] += rho * probs[t, i] * g_hat[n]
     expected = {}
     for n in names:
         a, b = getattr(layer, f"lora_{n}_a").detach(), getattr(layer, f"lora_{n}_b").detach()
@@ -95,33 +115,64 @@ def brute_force_pseudo_gradients(layer, x, upstream, rho):
     return expected
 
 
-@pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("k", [1, 2])
-def test_vectorised_pseudo_gradient_equals_brute_force(gated, k):
-    """The gradients with the hook (its rows in the layer's backward, then ``apply``) minus those without."""
-    layer = moe_from(dense_ffn(gated)).double()
-    layer.set_top_k(k)
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(9, D, generator=g, dtype=torch.float64)
-    upstream = torch.randn(9, D, generator=g, dtype=torch.float64)
+def pseudo_gradient_of(layer, x, upstream, mask=None, hooks=()) -> tuple[dict, PseudoGradient]:
+    """The LoRA factors' gradients with a PseudoGradient hook minus those without. x, upstream: (B, S, d)."""
     factors = {name: p for name, p in layer.named_parameters() if name.startswith("lora_")}
+    layer.context.token_mask = mask
 
     def gradients(hook: PseudoGradient | None) -> dict[str, torch.Tensor]:
-        layer.hooks = [hook] if hook else []
+        layer.hooks = list(hooks) + ([hook] if hook else [])
         layer.zero_grad(set_to_none=True)
-        (layer(x.unsqueeze(0))[0] * upstream).sum().backward()
+        (layer(x) * upstream).sum().backward()
         if hook:
             hook.apply(layer)
         return {name: p.grad.clone() for name, p in factors.items()}
 
     plain, hook = gradients(None), PseudoGradient(rho=0.7)
     with_pg = gradients(hook)
+    return {name: with_pg[name] - plain[name] for name in factors}, hook
+
+
+@pytest.mark.parametrize("gate_mode", GATE_MODES)
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("k", [1, 2])
+def test_vectorised_pseudo_gradient_equals_brute_force(gated, k, gate_mode):
+    """The gradients with the hook (its rows in the layer's backward, then ``apply``) minus those without,
+    against SPEC section 5 computed token by token, under every gate mode."""
+    layer = moe_from(dense_ffn(gated)).double()
+    layer.gate_mode = gate_mode
+    layer.set_top_k(k)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(9, D, generator=g, dtype=torch.float64)
+    upstream = torch.randn(9, D, generator=g, dtype=torch.float64)
+
+    added, hook = pseudo_gradient_of(layer, x.unsqueeze(0), upstream.unsqueeze(0))
     expected = brute_force_pseudo_gradients(layer, x, upstream, rho=0.7)
 
-    assert set(expected) == set(factors)
+    assert set(expected) == set(added)
     for name in expected:
-        torch.testing.assert_close(with_pg[name] - plain[name], expected[name], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(added[name], expected[name], rtol=1e-9, atol=1e-12)
     assert hook.compute(layer) == {}  # nothing left over once applied
+
+
+def test_pseudo_gradient_under_modulated_routing_and_padding():
+    """DMR changes the probabilities and the selection; padding tokens are neither routed nor counted."""
+    layer = moe_from(dense_ffn(True)).double()
+    layer.set_top_k(2)
+    layer.modulation.data = torch.tensor([0.8, -0.6, 0.3, -0.2], dtype=torch.float64)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, D, generator=g, dtype=torch.float64)
+    upstream = torch.randn(2, 5, D, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+
+    added, _ = pseudo_gradient_of(layer, x, upstream, mask, hooks=[ModulatedRouting(candidates=3)])
+    expected = brute_force_pseudo_gradients(layer, x[mask], upstream[mask], rho=0.7,
+                                            modulation=layer.modulation.detach(), candidates=3)
+    unmodulated = brute_force_pseudo_gradients(layer, x[mask], upstream[mask], rho=0.7)
+
+    for name in expected:
+        torch.testing.assert_close(added[name], expected[name], rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(added["lora_up_b"], unmodulated["lora_up_b"])  # DMR mattered here
 
 
 def one_step_gradients(pg: bool, k: int):
@@ -162,14 +213,51 @@ def test_rho_rules():
         sparsity_factor("k", 2, 8, 8)
 
 
-def test_ubsmoe_end_to_end_updates_phi_and_reaches_every_expert(tiny_bert, tiny_task):  # noqa: F811
-    config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **{"federation.budgets": "0.25,1.0"}),
-                         method="ubsmoe")
+@pytest.mark.parametrize("pg", [True, False])
+def test_ubsmoe_end_to_end_reaches_every_expert_only_with_the_pseudo_gradient(tiny_bert, tiny_task, pg):  # noqa: F811
+    """No client runs K = M (every client K = 1 of 8, one short text per step), so without the pseudo-gradient
+    some (layer, expert) pairs get no update; with it none is left out. phi moves away from zero."""
+    config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **{
+        "model.num_experts": 8, "federation.budgets": "0.125", "federation.rounds": 1, "train.local_steps": 1,
+        "train.batch_size": 1}) + [f"method.pg={str(pg).lower()}"], method="ubsmoe")
+
     results = run_experiment(config, show_progress=False)
+
     balance = results["final"]["balance"]
-    assert balance["experts_without_update"] == 0.0  # pseudo-gradients reach the idle experts
-    assert len(balance["train"]["cv"]) == 2 and 0 <= balance["tiers"]["0.25"]["mean_entropy"] <= 1
-    assert results["config"]["method"]["zeta"] == 0.5 and results["config"]["method"]["pg"] is True
+    assert results["k_max"] == 8 and results["tiers"] == [0.125]  # K = 1: no client runs every expert
+    if pg:
+        assert balance["experts_without_update"] == 0.0
+    else:
+        assert balance["experts_without_update"] > 0.1
+    phi = torch.tensor(results["final"]["server"]["phi"])
+    assert phi.shape == (2, 8) and phi.abs().min() > 0 and phi.abs().max() <= 1
+    assert len(balance["train"]["cv"]) == 2 and 0 <= balance["tiers"]["0.125"]["mean_entropy"] <= 1
+
+
+@pytest.mark.parametrize("gate_mode", GATE_MODES)
+def test_ubsmoe_runs_under_every_gate_mode(tiny_bert, tiny_task, gate_mode):  # noqa: F811
+    """model.gate_mode reaches every layer, DMR and the pseudo-gradient train under it, and it changes the numbers."""
+    overrides = tiny_overrides(tiny_bert, tiny_task, **{"federation.budgets": "0.25,0.5", "federation.rounds": 1})
+
+    experiment = build_experiment(load_config(overrides=overrides + [f"model.gate_mode={gate_mode}"], method="ubsmoe"))
+    results = run_experiment(load_config(overrides=overrides + [f"model.gate_mode={gate_mode}"], method="ubsmoe"),
+                             show_progress=False)
+    reference = run_experiment(load_config(overrides=overrides, method="ubsmoe"), show_progress=False)
+
+    assert {layer.gate_mode for layer in experiment.model.moe_layers} == {gate_mode}
+    assert results["config"]["model"]["gate_mode"] == gate_mode
+    assert results["final"]["balance"]["experts_without_update"] == 0.0
+    assert torch.tensor(results["final"]["server"]["phi"]).abs().min() > 0
+    losses = [c["train_loss"] for c in results["history"][-1]["clients"]]
+    reference_losses = [c["train_loss"] for c in reference["history"][-1]["clients"]]
+    assert all(math.isfinite(v) for v in losses)
+    assert (losses == reference_losses) == (gate_mode == "straight_through")
+
+
+def test_unknown_gate_mode_is_refused(tiny_bert, tiny_task):  # noqa: F811
+    config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task) + ["model.gate_mode=sigmoid"], method="ubsmoe")
+    with pytest.raises(ConfigError, match="model.gate_mode must be one of straight_through, softmax, softmax_renorm"):
+        run_experiment(config, show_progress=False)
 
 
 def test_candidate_set_outside_its_range_is_refused(tiny_bert, tiny_task):  # noqa: F811

@@ -34,6 +34,9 @@ class ModelConfig:
     lora_rank: int = option(8, "LoRA rank r (the largest rank for heterogeneous-rank methods)")
     lora_alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / rank")
     router_init: str = option("calibrated", "router initialisation of upcycled experts: calibrated or centroid")
+    gate_mode: str = option("straight_through", "gate value of a selected expert: straight_through (value 1, "
+                                                "gradient to the router; K = M equals the dense FFN), softmax (p_i) "
+                                                "or softmax_renorm (p_i over the active experts' sum)")
     calibration_samples: int = option(64, "unlabelled training texts used to calibrate the routers")
     dropout: float = option(-1.0, "dropout probability of every backbone dropout layer; -1 keeps the checkpoint's")
     max_length: int = option(64, "tokens per text after truncation")

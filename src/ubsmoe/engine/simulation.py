@@ -23,6 +23,7 @@ from ubsmoe.metrics.balance import experts_without_update, load_balance
 from ubsmoe.metrics.flops import FlopCounter
 from ubsmoe.methods.base import ClientInfo, FederatedMethod, RoutingStats, get_method
 from ubsmoe.model import MoEClassifier, ModelSpec, build_classifier, load_tokenizer
+from ubsmoe.model.moe_layer import GATE_MODES
 
 
 @dataclass
@@ -54,6 +55,7 @@ def validate(config: ExperimentConfig) -> None:
          f"model.top_k_max must be in [0, model.num_experts={config.model.num_experts}] (0 means all)"),
         (config.model.lora_rank >= 1, "model.lora_rank must be >= 1"),
         (config.model.router_init in ("calibrated", "centroid"), "model.router_init must be calibrated or centroid"),
+        (config.model.gate_mode in GATE_MODES, f"model.gate_mode must be one of {', '.join(GATE_MODES)}"),
         (config.threads >= 1, "threads must be >= 1"),
         (config.model.dropout < 1, "model.dropout must be below 1 (-1 keeps the checkpoint's dropout)"),
         (config.data.dedup_prefix_words >= 0, "data.dedup_prefix_words must be >= 0 (0 compares whole texts)"),
@@ -82,7 +84,8 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
     method = method_cls(options, k_max=0)
     spec = method.model_spec(ModelSpec(
         backbone=config.model.backbone, num_experts=config.model.num_experts, lora_rank=config.model.lora_rank,
-        lora_alpha=config.model.lora_alpha, router_init=config.model.router_init, seed=config.seed,
+        lora_alpha=config.model.lora_alpha, router_init=config.model.router_init, gate_mode=config.model.gate_mode,
+        seed=config.seed,
         dropout=None if config.model.dropout < 0 else config.model.dropout))
     calibration = None
     if spec.num_experts > 1 and spec.router_init == "calibrated":

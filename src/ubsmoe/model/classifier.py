@@ -30,6 +30,7 @@ class ModelSpec:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     router_init: str = "calibrated"
+    gate_mode: str = "straight_through"  # see SparseMoEFFN: straight_through, softmax or softmax_renorm
     seed: int = 0
     dropout: float | None = None  # every backbone dropout layer's probability; None keeps the checkpoint's
 
@@ -259,7 +260,7 @@ def build_classifier(spec: ModelSpec, num_labels: int, calibration_batches=None)
         moe = SparseMoEFFN(
             split.w_up, split.w_down, dense.activation, w_gate=split.w_gate, b_up=split.b_up,
             b_down=split.b_down, router_weight=router, lora_rank=spec.lora_rank,
-            lora_alpha=spec.lora_alpha, context=context, generator=generator,
+            lora_alpha=spec.lora_alpha, gate_mode=spec.gate_mode, context=context, generator=generator,
         )
         family.install_ffn(layer, moe)
         for _, (parent, attr) in family.attention(layer).items():

@@ -1,17 +1,20 @@
 """The Universal Pseudo-Gradient: a learning signal for the experts a token did not activate.
 
-For every LoRA-carrying matrix W of expert i, with G_j(x) the true gradient of W_j from token x,
-    G_hat(x) = sum_{j in A(x)} G_j(x) / sum_{j in A(x)} p_j(x)       (gradient per unit of gate)
+For every LoRA-carrying matrix W of expert i, with G_j(x) the true gradient of W_j from token x, w_j(x)
+the gate value expert j had in the forward and P(x) = sum_{k in A(x)} p_k(x),
+    G_hat(x) = sum_{j in A(x)} (p_j(x) / P(x)) G_j(x) / w_j(x)     (probability-weighted gradient per unit of gate)
     G_tilde_i = rho * sum_{x : i not in A(x)} p_i(x) G_hat(x)
 and the LoRA factors of W_i receive s G_tilde_i B_i^T and s A_i^T G_tilde_i (s = alpha / r) on top of
-their true gradients. G_j(x) is an outer product in(x) delta_j(x)^T, so every sum is taken through
-A_i or B_i first (the factor trick): no per-token (in x out) matrix is formed and no inactive expert
-runs forward; the cost per expert is O(T r (d + h)), and the layer's own pass already holds two of the
-products.
+their true gradients. Per slot the weight of G_j is c_j = (p_j / P) / w_j: 1 / P for softmax gates
+(w_j = p_j), p_j / P for the straight-through gate of upcycled models (w_j = 1), 1 for softmax gates
+renormalised over the active experts (w_j = p_j / P). G_j(x) is an outer product in(x) delta_j(x)^T, so
+every sum is taken through A_i or B_i first (the factor trick): no per-token (in x out) matrix is formed
+and no inactive expert runs forward; the cost per expert is O(T r (d + h)), and the layer's own pass
+already holds two of the products.
 
 Up- and gate-projections share their input x across experts, so G_hat(x) = x delta_bar(x)^T with
-delta_bar(x) = sum_j delta_j(x) / P(x). The down-projection shares its output gradient g(x), so
-G_hat(x) = h_bar(x) g(x)^T with h_bar(x) = sum_j gate_j hidden_j(x) / P(x).
+delta_bar(x) = sum_j c_j delta_j(x). The down-projection shares its output gradient g(x) and reads
+w_j a_j(x) (a_j the activation), so G_hat(x) = h_bar(x) g(x)^T with h_bar(x) = sum_j (p_j / P) a_j(x).
 
 Of the four factor gradients per expert, two are products the layer's own backward runs anyway
 (``grouped_lora``): grad A_up = x^T rows and grad B_down = rows^T g over all (token, expert) pairs. The
@@ -49,15 +52,19 @@ class PseudoGradient(MoEHook):
         probs = record.probs.detach()
         T, E = probs.shape
         active = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, record.experts, True)
-        active_mass = (probs * active).sum(1, keepdim=True)  # P(x): (T, 1)
-        # rho p_i(x) for inactive pairs, repeated over the rank: (T, E, r). Multiplying (T, E, r) tables by a
-        # (T, E, 1) broadcast runs an inner loop of r elements, ten times slower than same-shape tensors.
+        active_mass = (probs * active).sum(1)  # P(x): (T,)
+        # q_i(x) = rho p_i(x) for inactive pairs (0 for active ones), repeated over the rank: (T, E, r).
+        # Multiplying (T, E, r) tables by a (T, E, 1) broadcast runs an inner loop of r elements, ten times
+        # slower than same-shape tensors.
         weight = (probs * ~active * self.rho).unsqueeze(2).expand(T, E, layer.lora_rank).contiguous()
         s = layer.lora_scale
-        saved = {"layout": layout, "weight": weight, "active_mass": active_mass, "extra_rows": tensors["extra_rows"],
+        # p_j / P per slot, and c_j = (p_j / P) / w_j, the weight of an active expert's gradient in G_hat
+        share = probs.reshape(-1).index_select(0, layout.pair).div_(active_mass.index_select(0, layout.token))
+        per_gate = share / tensors["gates"].detach().clamp_min(torch.finfo(share.dtype).tiny)  # (S,)
+        saved = {"layout": layout, "weight": weight, "per_gate": per_gate.unsqueeze(1), "extra_rows": tensors["extra_rows"],
                  "projected": {n: p.detach() for n, p in tensors["projected"].items()}}
-        # B_down: s sum_x w_i(x) (h_bar(x) A_i)^T g(x), as rows s w_i(x) h_bar(x) A_i next to the layer's own
-        hidden_bar = _per_token_sum(tensors["hidden"].detach(), layout, T).div_(active_mass)  # (T, h)
+        # B_down: s sum_x q_i(x) (h_bar(x) A_i)^T g(x), as rows s q_i(x) h_bar(x) A_i next to the layer's own
+        hidden_bar = _per_token_sum(tensors["activation"].detach() * share.unsqueeze(1), layout, T)  # (T, h)
         a = layer.lora_down_a.detach()  # (E, h, r)
         through_a = (hidden_bar @ a.permute(1, 0, 2).reshape(a.shape[1], -1)).view(T, E, -1)
         tensors["extra_rows"]["down"] = through_a.mul_(weight).mul_(s).view(T, -1)
@@ -69,9 +76,9 @@ class PseudoGradient(MoEHook):
 
     def _input_side_rows(self, layer: SparseMoEFFN, saved: dict, name: str, grad: torch.Tensor) -> None:
         """On the gradient (S, h) of the ``name`` projection: delta_bar, and the rows for A_name,
-        s w_i(x) delta_bar(x) B_i^T (grad A_i = x^T rows)."""
+        s q_i(x) delta_bar(x) B_i^T (grad A_i = x^T rows)."""
         T, E = saved["weight"].shape[:2]
-        delta_bar = _per_token_sum(grad, saved["layout"], T).div_(saved["active_mass"])  # (T, h)
+        delta_bar = _per_token_sum(grad * saved["per_gate"], saved["layout"], T)  # (T, h)
         b = getattr(layer, f"lora_{name}_b").detach()  # (E, r, h)
         through_b = (delta_bar @ b.permute(2, 0, 1).reshape(-1, E * b.shape[1])).view(T, E, -1)
         saved["extra_rows"][name] = through_b.mul_(saved["weight"]).mul_(layer.lora_scale).view(T, -1)
@@ -94,10 +101,10 @@ class PseudoGradient(MoEHook):
         T, E, r = weight.shape
         grads = {}
         for name in ("up", "gate"):
-            if f"delta_bar_{name}" in saved:  # grad B_i = s sum_x w_i(x) (x A_i)^T delta_bar(x)
+            if f"delta_bar_{name}" in saved:  # grad B_i = s sum_x q_i(x) (x A_i)^T delta_bar(x)
                 rows = (saved["projected"][name] * weight).mul_(s).view(T, E * r)
                 grads[f"lora_{name}_b"] = (rows.T @ saved[f"delta_bar_{name}"]).view(E, r, -1)
-        # grad A_i of the down-projection = sum_x w_i(x) h_bar(x) (s g(x) B_i^T)
+        # grad A_i of the down-projection = sum_x q_i(x) h_bar(x) (s g(x) B_i^T)
         through_b = saved["extra_rows"]["down_through_b"].view(T, E, r)
         grads["lora_down_a"] = (saved["hidden_bar"].T @ (through_b * weight).view(T, E * r)).view(-1, E, r).permute(1, 0, 2)
         return grads
