@@ -5,18 +5,21 @@ routed to it (updated at every training forward, d_i <- beta d_i + (1 - beta) me
 that received tokens). In the forward sum an inactive expert contributes its default output with the
 gate the layer uses (straight-through: value 1, gradient d/dp_i; softmax gates: p_i), so the router
 receives a gradient for every expert while the inactive experts' weights receive none (d is constant
-to autograd). The defaults travel with the trainable state and are averaged by data size.
+to autograd). The defaults travel with the trainable state. The server averages each expert's default
+by data size over the clients that updated it (a client at K = M runs the dense path and updates none;
+a weak client only those that received tokens), so a client that did not update a default does not pull
+it back towards its old value; a default no client updated keeps its value.
 Tier model: the global one at the tier's K_c, defaults included.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ubsmoe.config import option
-from ubsmoe.methods.base import ClientInfo, register
+from ubsmoe.methods.base import ClientInfo, ClientUpdate, Params, RoutingStats, ServerState, register
 from ubsmoe.methods.smoe import SparseMoE
 from ubsmoe.model import MoEClassifier
 from ubsmoe.model.moe_layer import MoEHook, RoutingRecord, SlotLayout, SparseMoEFFN
@@ -52,6 +55,7 @@ class DefaultOutputs(MoEHook):
     def __init__(self, decay: float, update: bool):
         self.decay = decay
         self.update = update
+        self.updated: dict[SparseMoEFFN, torch.Tensor] = {}  # layer -> (E,) bool: defaults this client moved
 
     def observe_experts(self, layer, layout: SlotLayout, tensors: dict) -> None:
         if not (self.update and layer.training):
@@ -60,6 +64,7 @@ class DefaultOutputs(MoEHook):
             means, seen = expert_mean_outputs(layer, layout, tensors["activation"].detach())
             blended = self.decay * layer.expert_defaults + (1 - self.decay) * means
             layer.expert_defaults.copy_(torch.where(seen.unsqueeze(1), blended, layer.expert_defaults))
+            self.updated[layer] = self.updated.get(layer, torch.zeros_like(seen)) | seen
 
     def adjust_output(self, layer, output: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
         if layer.top_k == layer.num_experts:
@@ -83,8 +88,31 @@ class DefaultMoE(SparseMoE):
     Options = DefaultMoEOptions
 
     def prepare_model(self, model: MoEClassifier) -> None:
-        for layer in model.moe_layers:
-            model.share_buffer(layer, "expert_defaults", torch.zeros(layer.num_experts, layer.d_model))
+        self.default_names = [model.share_buffer(layer, "expert_defaults", torch.zeros(layer.num_experts, layer.d_model))
+                              for layer in model.moe_layers]
 
     def client_hooks(self, model: MoEClassifier, client: ClientInfo) -> list[MoEHook]:
         return [DefaultOutputs(self.options.ema_decay, update=client.client_id >= 0)]  # defaults learn in training
+
+    def client_update(self, model: MoEClassifier, start: Params, client: ClientInfo,
+                      routing: RoutingStats | None) -> ClientUpdate:
+        """The deltas, and ``defaults_updated`` (L, E) bool: which experts' defaults this client moved."""
+        update = super().client_update(model, start, client, routing)
+        (hook,) = [h for h in self.hooks if isinstance(h, DefaultOutputs)]
+        update.extra["defaults_updated"] = torch.stack(
+            [hook.updated.get(layer, torch.zeros(layer.num_experts, dtype=torch.bool)) for layer in model.moe_layers])
+        return update
+
+    def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
+        """FedAvg, except each expert's default: the data-weighted mean delta of the clients that updated it."""
+        new = super().aggregate(state, updates)
+        if not updates:
+            return new
+        params = dict(new.params)
+        for index, name in enumerate(self.default_names):
+            weights = torch.stack([u.extra["defaults_updated"][index].to(state.params[name].dtype) * u.client.num_examples
+                                   for u in updates])  # (C, E)
+            total = weights.sum(0)
+            step = sum(w.unsqueeze(1) * u.delta[name] for w, u in zip(weights, updates))
+            params[name] = state.params[name] + step / total.clamp_min(1).unsqueeze(1)
+        return replace(new, params=params)
