@@ -6,10 +6,10 @@ import torch
 
 from test_engine import tiny_overrides, tiny_task  # noqa: F401  (fixture)
 from ubsmoe.config import load_config
+from ubsmoe.engine.clients import sample_clients
 from ubsmoe.engine.evaluation import evaluate, evaluate_tiers
 from ubsmoe.engine.local_training import train_local
 from ubsmoe.engine.simulation import build_experiment, run_experiment, seed_for
-from ubsmoe.engine.clients import sample_clients
 from ubsmoe.methods import REGISTRY
 from ubsmoe.methods.base import RoutingStats
 
@@ -84,15 +84,15 @@ def test_same_seed_gives_bit_identical_numbers_with_dropout(tiny_bert, tiny_task
     """Guards: with dropout on, a run is a function of its config and seed alone, for every method."""
     config = config_for(tiny_bert, tiny_task, method)
     other_seed = config_for(tiny_bert, tiny_task, method, seed=config.seed + 1)
-    first_logits, second_logits = two_forwards_in_train_mode(build_experiment(config))
 
+    first_logits, second_logits = two_forwards_in_train_mode(build_experiment(config))
     runs = [run_experiment(config, show_progress=False) for _ in range(2)]
     reseeded = run_experiment(other_seed, show_progress=False)
 
     assert not torch.equal(first_logits, second_logits), "dropout is not active: the test would be vacuous"
     assert runs[0]["config"]["model"]["dropout"] == DROPOUT
     assert recorded_numbers(runs[0]) == recorded_numbers(runs[1])
-    assert len(train_losses(runs[0])) == 2 * 2  # two clients, two rounds: every number above was compared
+    assert len(train_losses(runs[0])) == 2 * 2  # two clients, two rounds: nothing compared is missing
     assert train_losses(reseeded) != train_losses(runs[0])
 
 

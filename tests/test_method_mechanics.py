@@ -22,9 +22,6 @@ from ubsmoe.methods.ubsmoe import UBSMoE, UBSMoEOptions
 from ubsmoe.model.modulated_routing import ModulatedRouting
 from ubsmoe.model.pseudo_gradient import PseudoGradient
 
-G = torch.Generator().manual_seed(0)
-
-
 def experiment(tiny_bert, tiny_task, method, *extra):  # noqa: F811
     return build_experiment(load_config(overrides=tiny_overrides(tiny_bert, tiny_task) + list(extra), method=method))
 
@@ -122,9 +119,10 @@ def test_evaluation_routes_with_dmr_at_the_tier_k_without_pseudo_gradient(tiny_b
 
 
 # ---------------------------------------------------------------------------------------- A3SMoE
-def random_update(state, client, layers, tokens, scale=0.1):
-    delta = {name: torch.randn(value.shape, generator=G) * scale for name, value in state.params.items()}
-    routed = torch.stack([torch.randint(0, tokens + 1, (E,), generator=G) for _ in range(layers)]).double()
+def random_update(state, client, layers, tokens, g):
+    """Random deltas (0.1 N(0, 1)) for every tensor and random routing counts out of ``tokens`` per layer."""
+    delta = {name: torch.randn(value.shape, generator=g) * 0.1 for name, value in state.params.items()}
+    routed = torch.stack([torch.randint(0, tokens + 1, (E,), generator=g) for _ in range(layers)]).double()
     return ClientUpdate(client, delta, RoutingStats(routed, torch.full((layers,), float(tokens), dtype=torch.float64)))
 
 
@@ -138,15 +136,16 @@ def test_a3smoe_tempered_aggregation_and_per_k_scales_by_hand(tiny_bert, tiny_ta
     state = method.initial_state(model)
     layers = len(model.moe_layers)
     low, high = ClientInfo(0, 0.5, 10), ClientInfo(1, 1.0, 30)  # K = 2 and K = 4 = K_max
-    updates = [random_update(state, low, layers, 20), random_update(state, high, layers, 40)]
+    g = torch.Generator().manual_seed(0)
+    updates = [random_update(state, low, layers, 20, g), random_update(state, high, layers, 40, g)]
     scales = method.scale_names
     assert len(scales) == layers and set(method.expert_names) and not set(scales) & set(method.expert_names)
 
     first = method.aggregate(state, updates)
-    second = method.aggregate(first, [random_update(first, high, layers, 40)])  # no K = 2 client this round
+    second = method.aggregate(first, [random_update(first, high, layers, 40, g)])  # no K = 2 client this round
     starts = [method.client_params(second, ClientInfo(i, 0.5, n)) for i, n in ((2, 10), (3, 20))]
-    third_updates = [random_update(second, ClientInfo(2, 0.5, 10), layers, 20),
-                     random_update(second, ClientInfo(3, 0.5, 20), layers, 20)]
+    third_updates = [random_update(second, ClientInfo(2, 0.5, 10), layers, 20, g),
+                     random_update(second, ClientInfo(3, 0.5, 20), layers, 20, g)]
     third = method.aggregate(second, third_updates)
 
     for name, value in state.params.items():
@@ -186,7 +185,8 @@ def test_a3smoe_evaluates_the_low_tier_with_its_stored_scales(tiny_bert, tiny_ta
     method, model = exp.method, exp.model
     state = method.initial_state(model)
     low = ClientInfo(0, 0.5, 10)
-    state = method.aggregate(state, [random_update(state, low, len(model.moe_layers), 20)])
+    state = method.aggregate(state, [random_update(state, low, len(model.moe_layers), 20,
+                                                   torch.Generator().manual_seed(1))])
     stored = state.extra["scales"][2]
     assert all(abs(s.item() - 1) > 1e-3 for s in stored)
     unit = replace(state, extra={"scales": {2: [torch.ones(()) for _ in stored]}})

@@ -6,7 +6,9 @@ import pytest
 
 from test_engine import tiny_overrides, tiny_task  # noqa: F401  (fixture)
 from ubsmoe.cli import main
+from ubsmoe.config import ConfigError
 from ubsmoe.report.compare import build_report, run_comparison
+from ubsmoe.report.variants import Variant, parse_variants
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +82,102 @@ def test_rebuilt_report_keeps_the_comparisons_method_order(comparison, tmp_path)
     (folder / "compare.json").write_text("{not json")  # an unreadable summary: back to the order of names
     assert main(["report", str(folder)]) == 0
     assert list(json.loads((folder / "compare.json").read_text())["methods"]) == ["hetlora", "smoe"]
+
+
+# ---------------------------------------------------------------------------------------- variants
+def test_variants_are_parsed_from_the_command_line_form():
+    plain, ablation, several = parse_variants("ubsmoe, ubsmoe:pg=false,ubsmoe:zeta=0.25:federation.rounds=3")
+
+    assert plain == Variant("ubsmoe", "ubsmoe") and plain.folder(0) == "ubsmoe-s0"
+    assert ablation.overrides == ("method.pg=false",) and ablation.folder(2) == "ubsmoe_pg=false-s2"
+    assert several.overrides == ("method.zeta=0.25", "federation.rounds=3")
+    assert several.label == "ubsmoe:zeta=0.25:federation.rounds=3"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("ubsmoe,pg=false", "does not start with a method name"),
+    ("ubsmoe:pg", "'pg' is not key=value"),
+    ("ubsmoe,ubsmoe", "variants listed twice: ubsmoe"),
+    (" , ", "at least one method or variant"),
+])
+def test_malformed_variants_are_refused(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_variants(text)
+
+
+def test_variants_from_a_toml_file(tmp_path):
+    path = tmp_path / "variants.toml"
+    path.write_text('variants = ["smoe", "ubsmoe:pg=false",\n'
+                    '  {method = "ubsmoe", label = "low only", federation = {budgets = [0.25]}, zeta = 0.5, dmr = true}]\n')
+
+    variants = parse_variants(str(path))
+
+    assert [v.label for v in variants] == ["smoe", "ubsmoe:pg=false", "low only"]
+    assert variants[2].overrides == ("federation.budgets=0.25", "method.zeta=0.5", "method.dmr=true")
+    assert variants[2].folder(0) == "low_only-s0"
+
+
+@pytest.fixture(scope="module")
+def ablation(tiny_bert, tiny_task, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablation")
+    overrides = tiny_overrides(tiny_bert, tiny_task, **{"federation.rounds": 1, "train.local_steps": 2,
+                                                        "federation.budgets": "0.25,0.5"})
+    summary = run_comparison(parse_variants("ubsmoe,ubsmoe:pg=false,hetlora"), [0], out, overrides=overrides,
+                             show_progress=False)
+    return out, overrides, summary
+
+
+def test_compare_runs_variants_of_one_method_into_their_own_folders(ablation):
+    out, _, summary = ablation
+
+    runs = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/results.json")}
+
+    assert sorted(runs) == ["hetlora-s0", "ubsmoe-s0", "ubsmoe_pg=false-s0"]
+    assert runs["ubsmoe_pg=false-s0"]["variant"] == "ubsmoe:pg=false"
+    assert runs["ubsmoe_pg=false-s0"]["config"]["method"]["pg"] is False
+    assert runs["ubsmoe-s0"]["config"]["method"]["pg"] is True
+    assert list(summary["methods"]) == ["ubsmoe", "ubsmoe:pg=false", "hetlora"]
+    assert summary["methods"]["ubsmoe:pg=false"]["method"] == "ubsmoe"
+    assert summary["methods"]["ubsmoe:pg=false"]["accuracy"]["0.25"]["mean"] == \
+        runs["ubsmoe_pg=false-s0"]["final"]["tier_accuracy"]["0.25"]
+    gain = summary["headline"]["low_resource_gain"]
+    assert gain["ubsmoe_variant"] == "ubsmoe" and gain["best_heterogeneous_rank"] == "hetlora"
+    report = (out / "report.md").read_text()
+    assert "| ubsmoe:pg=false | 1 |" in report and "Expert load imbalance" in report
+
+
+def test_compare_refuses_to_resume_a_run_made_with_another_config(ablation):
+    out, overrides, _ = ablation
+
+    with pytest.raises(ConfigError, match=r"differing keys: train.lr.*another --out folder"):
+        run_comparison(parse_variants("ubsmoe"), [0], out, overrides=overrides + ["train.lr=0.5"], show_progress=False)
+
+
+def test_compare_names_an_unreadable_results_file(ablation, tmp_path):
+    out, overrides, _ = ablation
+    folder = tmp_path / "broken"
+    (folder / "ubsmoe-s0").mkdir(parents=True)
+    (folder / "ubsmoe-s0" / "results.json").write_text('{"method": "ubs')
+
+    with pytest.raises(ConfigError, match=r"ubsmoe-s0/results.json is unreadable"):
+        run_comparison(parse_variants("ubsmoe"), [0], folder, overrides=overrides, show_progress=False)
+
+
+def test_compare_checks_every_variant_before_the_first_run(tiny_bert, tiny_task, tmp_path, capsys):
+    overrides = tiny_overrides(tiny_bert, tiny_task)
+
+    code = main(["compare", "--variants", "smoe,ubsmoe:zeta=2", "--out", str(tmp_path), *overrides])
+
+    assert code == 2 and "method.zeta must be in [0, 1]" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_parallel_jobs_give_the_numbers_of_one_job(ablation, tmp_path):
+    out, overrides, summary = ablation
+
+    parallel = run_comparison(parse_variants("ubsmoe,ubsmoe:pg=false"), [0], tmp_path, overrides=overrides,
+                              show_progress=False, jobs=2)
+
+    for label in ("ubsmoe", "ubsmoe:pg=false"):
+        assert parallel["methods"][label]["accuracy"] == summary["methods"][label]["accuracy"]
+        assert parallel["methods"][label]["train_load_cv"] == summary["methods"][label]["train_load_cv"]

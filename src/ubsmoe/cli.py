@@ -37,20 +37,19 @@ def _run(args) -> int:
 
 
 def _compare(args) -> int:
-    from ubsmoe.methods import get_method
     from ubsmoe.report.compare import run_comparison
+    from ubsmoe.report.variants import parse_variants
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods:
-        raise ConfigError("--methods needs at least one method name, e.g. --methods ubsmoe,smoe,hetlora")
-    for name in methods:
-        get_method(name)  # unknown names fail before anything runs
+    if (args.methods is None) == (args.variants is None):
+        raise ConfigError("give either --methods (ubsmoe,smoe,hetlora) or --variants (ubsmoe,ubsmoe:pg=false, "
+                          "or a .toml file), not both")
+    variants = parse_variants(args.methods if args.methods is not None else args.variants)
     try:
         seeds = [int(s) for s in args.seeds.split(",")] if "," in args.seeds else list(range(int(args.seeds)))
     except ValueError:
         raise ConfigError(f"--seeds must be a count (3) or a list (0,1,2), got {args.seeds!r}") from None
     out = Path(args.out)
-    run_comparison(methods, seeds, out, args.config, args.overrides, show_progress=not args.quiet)
+    run_comparison(variants, seeds, out, args.config, args.overrides, show_progress=not args.quiet, jobs=args.jobs)
     print((out / "report.md").read_text().split("## Plots")[0])
     print(f"report: {out / 'report.html'}  data: {out / 'compare.json'}")
     return 0
@@ -59,9 +58,9 @@ def _compare(args) -> int:
 def _report(args) -> int:
     from ubsmoe.report.compare import build_report
 
-    out = Path(args.folder)
-    build_report(out)
-    print(f"report: {out / 'report.md'}, {out / 'report.html'}")
+    to = Path(args.out) if args.out else Path(args.folder)
+    build_report(Path(args.folder), to=to)
+    print(f"report: {to / 'report.md'}, {to / 'report.html'}")
     return 0
 
 
@@ -116,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Run every method with the same config and seeds (finished runs in OUT are "
                                          "skipped, so an interrupted comparison resumes), then write OUT/compare.json, "
                                          "OUT/report.md and OUT/report.html.")
-    compare.add_argument("--methods", required=True, help="comma-separated method names, e.g. ubsmoe,smoe,hetlora")
+    compare.add_argument("--methods", help="comma-separated method names, e.g. ubsmoe,smoe,hetlora")
+    compare.add_argument("--variants", help="comma-separated variants method[:key=value...], e.g. "
+                                            "ubsmoe,ubsmoe:pg=false,ubsmoe:dmr=false (a bare key is a method option), "
+                                            "or a .toml file with a `variants` list")
+    compare.add_argument("--jobs", type=int, default=1,
+                         help="runs at a time, each in its own process (set threads=1 with jobs=2 on 2 cores)")
     compare.add_argument("--seeds", default="1", help="a number of seeds (3 = 0,1,2) or a list (0,5,7)")
     compare.add_argument("--out", required=True, help="comparison folder")
     compare.add_argument("--config", help="TOML config file")
@@ -126,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="rebuild a comparison report from its saved results")
     report.add_argument("folder", help="a comparison folder (written by `ubsmoe compare`)")
+    report.add_argument("--out", help="write the report here instead of into the comparison folder")
     report.set_defaults(func=_report)
 
     bench = sub.add_parser("bench", help="run a benchmark")

@@ -1,55 +1,130 @@
-"""``ubsmoe compare`` and ``ubsmoe report``: several methods over seeds, one report.
+"""``ubsmoe compare`` and ``ubsmoe report``: several methods, or variants of one, over seeds, one report.
 
-A comparison folder holds one run folder per (method, seed), ``<method>-s<seed>/results.json``, and the
+A comparison folder holds one run folder per (variant, seed), ``<variant>-s<seed>/results.json``, and the
 report built from them: ``compare.json`` (every number), ``report.md`` and a self-contained
-``report.html`` (plots embedded as PNG data, no network needed).
+``report.html`` (plots embedded as PNG data, no network needed). Variants are methods with settings
+(``ubsmoe:pg=false``, see ``report.variants``); a plain method name is a variant without settings.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
 
-from ubsmoe.config import load_config
+from ubsmoe.config import ConfigError, ExperimentConfig, load_config, resolve_method_options
 from ubsmoe.report.summary import human, write_results
-
-HETEROGENEOUS_RANK = ("hetlora", "flexlora", "flora", "florist")
-
-
-def run_folder(out: Path, method: str, seed: int) -> Path:
-    return out / f"{method}-s{seed}"
+from ubsmoe.report.variants import Variant, parse_variant
 
 
-def run_comparison(methods: list[str], seeds: list[int], out: Path, config_path: str | None = None,
-                   overrides: list[str] | None = None, show_progress: bool = True) -> dict:
-    """Run every (method, seed) not finished yet in ``out``, one after another, then write the report."""
+def plan_runs(variants: list[Variant], seeds: list[int], config_path: str | None = None,
+              overrides: list[str] | None = None) -> dict[tuple[str, int], ExperimentConfig]:
+    """The resolved config of every (variant label, seed), every key and method option checked."""
+    from ubsmoe.engine.simulation import validate
+    from ubsmoe.methods import get_method
+
+    configs = {}
+    for variant in variants:
+        try:
+            method = get_method(variant.method)
+        except KeyError as error:
+            raise ConfigError(f"variant {variant.label!r}: {error.args[0]}") from None
+        for seed in seeds:
+            config = load_config(config_path, list(overrides or []) + list(variant.overrides) + [f"seed={seed}"],
+                                 method=variant.method)
+            try:
+                resolve_method_options(config, method.Options)
+            except ValueError as error:  # a method's options check their values in __post_init__
+                raise ConfigError(f"variant {variant.label!r}: {error}") from None
+            validate(config)
+            configs[(variant.label, seed)] = config
+    return configs
+
+
+def finished_run(folder: Path, config: ExperimentConfig) -> bool:
+    """Whether ``folder`` holds a finished run of exactly ``config``; a finished run of another config, or an
+    unreadable results file, is an error that names the file."""
+    path = folder / "results.json"
+    if not path.is_file():
+        return False
+    try:
+        stored = json.loads(path.read_text())["config"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"{path} is unreadable ({error}); delete it to run that variant again") from None
+    wanted = json.loads(json.dumps(config.to_dict()))
+    differing = sorted(k for k in set(_flat(stored)) | set(_flat(wanted)) if _flat(stored).get(k) != _flat(wanted).get(k))
+    if differing:
+        raise ConfigError(f"{path} holds a run with another config (differing keys: {', '.join(differing)}); "
+                          "use another --out folder, or delete that run to replace it")
+    return True
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def run_comparison(variants: list[Variant | str], seeds: list[int], out: Path, config_path: str | None = None,
+                   overrides: list[str] | None = None, show_progress: bool = True, jobs: int = 1) -> dict:
+    """Run every (variant, seed) not finished yet in ``out`` (``jobs`` at a time, each in its own process
+    when jobs > 1), then write the report. Every config is checked before the first run."""
+    variants = [parse_variant(v) if isinstance(v, str) else v for v in variants]
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    configs = plan_runs(variants, seeds, config_path, overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    pending = []
+    for variant in variants:
+        for seed in seeds:
+            folder = out / variant.folder(seed)
+            if finished_run(folder, configs[(variant.label, seed)]):
+                if show_progress:
+                    print(f"{folder.name}: finished earlier, skipped")
+                continue
+            pending.append((configs[(variant.label, seed)], folder, variant.label))
+    if jobs == 1:
+        for config, folder, label in pending:
+            if show_progress:
+                print(f"{folder.name}: running")
+            run_one(config, folder, label, show_progress)
+    elif pending:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(run_one, config, folder, label, False): folder for config, folder, label in pending}
+            for done, future in enumerate(as_completed(futures), 1):
+                future.result()  # a failed run stops the comparison with its own error
+                if show_progress:
+                    print(f"{futures[future].name}: finished ({done}/{len(futures)})")
+    return build_report(out, [v.label for v in variants], seeds)
+
+
+def run_one(config: ExperimentConfig, folder: Path, label: str, show_progress: bool) -> None:
+    """One run of the comparison, written to ``folder`` with its variant's label."""
     from ubsmoe.engine.simulation import run_experiment
 
-    configs = {(m, s): load_config(config_path, list(overrides or []) + [f"seed={s}"], method=m)
-               for m in methods for s in seeds}  # every config is checked before anything runs
-    out.mkdir(parents=True, exist_ok=True)
-    for (method, seed), config in configs.items():
-        folder = run_folder(out, method, seed)
-        if (folder / "results.json").is_file():
-            if show_progress:
-                print(f"{folder.name}: finished earlier, skipped")
-            continue
-        if show_progress:
-            print(f"{folder.name}: running")
-        write_results(run_experiment(config, show_progress=show_progress), folder)
-    return build_report(out, methods, seeds)
+    results = run_experiment(config, show_progress=show_progress)
+    write_results({"variant": label} | results, folder)
 
 
 def load_runs(out: Path, methods: list[str] | None = None, seeds: list[int] | None = None) -> dict[str, list[dict]]:
-    """{method: [results of each seed]} from the run folders in ``out`` (all of them by default)."""
+    """{variant label: [results of each seed]} from the run folders in ``out`` (all of them by default);
+    runs written before variants existed are labelled by their method."""
     runs: dict[str, list[dict]] = {}
     for path in sorted(out.glob("*/results.json")):
-        results = json.loads(path.read_text())
-        seed = results["config"]["seed"]
-        if (methods and results["method"] not in methods) or (seeds and seed not in seeds):
+        try:
+            results = json.loads(path.read_text())
+            label, seed = results.get("variant", results["method"]), results["config"]["seed"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ConfigError(f"{path} is unreadable ({error}); delete it or run the comparison again") from None
+        if (methods and label not in methods) or (seeds and seed not in seeds):
             continue
-        runs.setdefault(results["method"], []).append(results)
+        runs.setdefault(label, []).append(results)
     if methods:
         runs = {m: runs[m] for m in methods if m in runs}
     else:  # a rebuilt report keeps the order the comparison gave its methods; new methods follow by name
@@ -73,14 +148,15 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 
 
 def summarise(runs: dict[str, list[dict]]) -> dict:
-    """Per method: seeds, per-tier and average accuracy (mean, std), accuracy per round, cost per tier
-    (means over seeds), the low tier's reductions and the final expert load per tier; then the headline
-    figures."""
+    """Per variant: its method, seeds, per-tier and average accuracy (mean, std), accuracy per round, cost
+    per tier (means over seeds), the low tier's reductions, the final expert load per tier and the
+    training load's CV; then the headline figures and the differences beyond one standard deviation."""
     methods = {}
     for method, results in runs.items():
         tiers = list(results[0]["final"]["tier_accuracy"])
         rounds = len(results[0]["history"])
         entry = {
+            "method": results[0]["method"],
             "seeds": [r["config"]["seed"] for r in results],
             "tiers": tiers,
             "accuracy": {t: _mean_std([r["final"]["tier_accuracy"][t] for r in results]) for t in tiers},
@@ -98,8 +174,27 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
             entry["expert_load"] = {t: _mean_matrix([r["final"]["tier_expert_load"][t] for r in results]) for t in tiers}
             entry["load_cv"] = {t: statistics.mean(r["final"]["balance"]["tiers"][t]["mean_cv"] for r in results)
                                 for t in tiers}
+            entry["train_load_cv"] = _mean_std([r["final"]["balance"]["train"]["mean_cv"] for r in results])
         methods[method] = entry
-    return {"methods": methods, "headline": headline(methods)}
+    return {"methods": methods, "headline": headline(methods), "beyond_one_std": beyond_one_std(methods)}
+
+
+def beyond_one_std(methods: dict) -> list[dict]:
+    """Every (variant, tier or average) whose mean accuracy differs from the first variant's by more than
+    the larger of the two standard deviations over seeds (needs two seeds or more)."""
+    reference, *others = methods
+    found = []
+    for label in others:
+        for key in methods[reference]["tiers"] + ["average"]:
+            ours = methods[reference]["average"] if key == "average" else methods[reference]["accuracy"].get(key)
+            theirs = methods[label]["average"] if key == "average" else methods[label]["accuracy"].get(key)
+            if ours is None or theirs is None or min(len(methods[reference]["seeds"]), len(methods[label]["seeds"])) < 2:
+                continue
+            difference = theirs["mean"] - ours["mean"]
+            if abs(difference) > max(ours["std"], theirs["std"]):
+                found.append({"variant": label, "reference": reference, "tier": key, "difference": difference,
+                              "std": max(ours["std"], theirs["std"])})
+    return found
 
 
 def _mean_matrix(matrices: list[list[list[float]]]) -> list[list[float]]:
@@ -108,18 +203,24 @@ def _mean_matrix(matrices: list[list[list[float]]]) -> list[list[float]]:
 
 
 def headline(methods: dict) -> dict:
-    """The low tier's compute reduction for each method, and UB-SMoE's low-resource gain: its lowest-tier
-    accuracy divided by the best heterogeneous-rank method's."""
+    """The low tier's compute reduction for each variant, and UB-SMoE's low-resource gain: its lowest-tier
+    accuracy (the variant labelled ``ubsmoe``, else the first UB-SMoE variant) divided by the best
+    heterogeneous-rank variant's."""
+    from ubsmoe.methods import get_method
+    from ubsmoe.methods.low_rank import HeterogeneousRankMethod
+
     result: dict = {"low_tier_reduction": {m: e.get("low_tier_reduction", {}) for m, e in methods.items()}}
-    if "ubsmoe" in methods:
-        low = methods["ubsmoe"]["tiers"][0]
-        rivals = {m: methods[m]["accuracy"][low]["mean"] for m in HETEROGENEOUS_RANK if m in methods}
+    ours = "ubsmoe" if "ubsmoe" in methods else next((m for m, e in methods.items() if e["method"] == "ubsmoe"), None)
+    if ours is not None:
+        low = methods[ours]["tiers"][0]
+        rivals = {m: e["accuracy"][low]["mean"] for m, e in methods.items()
+                  if issubclass(get_method(e["method"]), HeterogeneousRankMethod) and low in e["accuracy"]}
         if rivals:
             best = max(rivals, key=rivals.get)
-            result["low_resource_gain"] = {"tier": low, "ubsmoe": methods["ubsmoe"]["accuracy"][low]["mean"],
+            accuracy = methods[ours]["accuracy"][low]["mean"]
+            result["low_resource_gain"] = {"tier": low, "ubsmoe": accuracy, "ubsmoe_variant": ours,
                                            "best_heterogeneous_rank": best, "its_accuracy": rivals[best],
-                                           "gain": methods["ubsmoe"]["accuracy"][low]["mean"] / rivals[best]
-                                           if rivals[best] > 0 else float("inf")}
+                                           "gain": accuracy / rivals[best] if rivals[best] > 0 else float("inf")}
     return result
 
 
@@ -157,10 +258,19 @@ def tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         result.append(("Low-resource gain", ["tier", "UB-SMoE", "best heterogeneous-rank method", "its accuracy", "gain"],
                        [[f"β={gain['tier']}", f"{gain['ubsmoe']:.4f}", gain["best_heterogeneous_rank"],
                          f"{gain['its_accuracy']:.4f}", f"{gain['gain']:.2f}x"]]))
-    balance = [[m] + [f"{e['load_cv'][t]:.3f}" for t in tiers] for m, e in methods.items() if "load_cv" in e]
+    balance = [[m, f"{e['train_load_cv']['mean']:.3f} ± {e['train_load_cv']['std']:.3f}"]
+               + [f"{e['load_cv'][t]:.3f}" for t in tiers] for m, e in methods.items() if "load_cv" in e]
     if balance:
-        result.append(("Expert load imbalance on the test set (mean CV over layers; 0 = balanced)",
-                       ["method"] + [f"β={t}" for t in tiers], balance))
+        result.append(("Expert load imbalance (mean CV over layers; 0 = balanced): global training load of the "
+                       "last round, and each tier on the test set", ["method", "training"]
+                       + [f"test, β={t}" for t in tiers], balance))
+    beyond = summary.get("beyond_one_std")
+    if beyond is not None and len(methods) > 1:
+        rows = [[d["variant"], d["tier"] if d["tier"] == "average" else f"β={d['tier']}", f"{d['difference']:+.4f}",
+                 f"{d['std']:.4f}"] for d in beyond]
+        reference = next(iter(methods))
+        result.append((f"Accuracy differences from {reference} beyond one standard deviation (the larger of the "
+                       "two over seeds)" + ("" if rows else ": none"), ["variant", "tier", "difference", "std"], rows))
     return result
 
 
@@ -177,24 +287,44 @@ def html_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------- the report
-def build_report(out: Path, methods: list[str] | None = None, seeds: list[int] | None = None) -> dict:
-    """Write compare.json, report.md, report.html and the plots (plots/*.png) from the runs in ``out``."""
+def build_report(out: Path, methods: list[str] | None = None, seeds: list[int] | None = None,
+                 to: Path | None = None) -> dict:
+    """Write compare.json, report.md, report.html and the plots (plots/*.png) from the runs in ``out``, into
+    ``to`` (``out`` by default)."""
     from ubsmoe.report.plots import make_plots
 
-    summary = summarise(load_runs(out, methods, seeds))
-    (out / "compare.json").write_text(json.dumps(summary, indent=2))
-    plots = make_plots(summary, out / "plots")
+    runs = load_runs(out, methods, seeds)
+    summary = summarise(runs)
+    to = to or out
+    to.mkdir(parents=True, exist_ok=True)
+    summary["setting"] = setting(runs)
+    (to / "compare.json").write_text(json.dumps(summary, indent=2))
+    plots = make_plots(summary, to / "plots")
     all_tables = tables(summary)
-    md = ["# Comparison", ""]
+    md = ["# Comparison", "", summary["setting"], ""]
     for title, header, rows in all_tables:
         md += [f"## {title}", "", *markdown_table(header, rows), ""]
     md += ["## Plots", ""] + [f"![{title}](plots/{path.name})" for title, path in plots] + [""]
-    (out / "report.md").write_text("\n".join(md))
-    (out / "report.html").write_text(report_html(all_tables, plots))
+    (to / "report.md").write_text("\n".join(md))
+    (to / "report.html").write_text(report_html(summary["setting"], all_tables, plots))
     return summary
 
 
-def report_html(all_tables, plots) -> str:
+def setting(runs: dict[str, list[dict]]) -> str:
+    """One sentence on what the runs share, read from the first run (variants may change some of it)."""
+    first = next(iter(runs.values()))[0]
+    config = first["config"]
+    model, federation = config["model"], config["federation"]
+    duplicates = f", {first['duplicates_removed']} duplicates removed" if "duplicates_removed" in first else ""
+    return (f"{config['data']['dataset']} ({first['num_train']} train / {first['num_test']} test texts{duplicates}), "
+            f"backbone {model['backbone']} with M = {model['num_experts']} experts (K_max = {first['k_max']}), "
+            f"LoRA rank {model['lora_rank']}; {federation['num_clients']} clients in tiers β = "
+            f"{', '.join(map(str, first['tiers']))}, {federation['rounds']} rounds of {config['train']['local_steps']} "
+            f"local steps (batch {config['train']['batch_size']}). Seeds: "
+            f"{', '.join(str(s) for s in sorted({r['config']['seed'] for rs in runs.values() for r in rs}))}.")
+
+
+def report_html(setting_text: str, all_tables, plots) -> str:
     import base64
     from html import escape
 
@@ -202,7 +332,8 @@ def report_html(all_tables, plots) -> str:
              "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}",
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;"
              "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}",
-             "img{max-width:100%;margin:1em 0}</style></head><body><h1>Comparison</h1>"]
+             "img{max-width:100%;margin:1em 0}</style></head><body><h1>Comparison</h1>",
+             f"<p>{escape(setting_text)}</p>"]
     for title, header, rows in all_tables:
         parts.append(f"<h2>{escape(title)}</h2>{html_table(header, rows)}")
     for title, path in plots:

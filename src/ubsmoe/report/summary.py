@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
 def write_results(results: dict, out_dir: Path) -> None:
+    """results.json and summary.md, each written whole or not at all (temporary file, fsync, rename), so
+    that a results file that exists is complete."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    (out_dir / "summary.md").write_text(summary_markdown(results))
+    write_atomically(out_dir / "summary.md", summary_markdown(results))
+    write_atomically(out_dir / "results.json", json.dumps(results, indent=2))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
 
 
 def tier_table(results: dict) -> str:
