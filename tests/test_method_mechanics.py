@@ -22,6 +22,7 @@ from ubsmoe.methods.ubsmoe import UBSMoE, UBSMoEOptions
 from ubsmoe.model.modulated_routing import ModulatedRouting
 from ubsmoe.model.pseudo_gradient import PseudoGradient
 
+
 def experiment(tiny_bert, tiny_task, method, *extra):  # noqa: F811
     return build_experiment(load_config(overrides=tiny_overrides(tiny_bert, tiny_task) + list(extra), method=method))
 

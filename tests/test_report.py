@@ -122,8 +122,8 @@ def ablation(tiny_bert, tiny_task, tmp_path_factory):
     out = tmp_path_factory.mktemp("ablation")
     overrides = tiny_overrides(tiny_bert, tiny_task, **{"federation.rounds": 1, "train.local_steps": 2,
                                                         "federation.budgets": "0.25,0.5"})
-    summary = run_comparison(parse_variants("ubsmoe,ubsmoe:pg=false,hetlora"), [0], out, overrides=overrides,
-                             show_progress=False)
+    summary = run_comparison(parse_variants("ubsmoe,ubsmoe:pg=false,hetlora,smoe:federation.budgets=0.25"), [0], out,
+                             overrides=overrides, show_progress=False)
     return out, overrides, summary
 
 
@@ -132,11 +132,12 @@ def test_compare_runs_variants_of_one_method_into_their_own_folders(ablation):
 
     runs = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/results.json")}
 
-    assert sorted(runs) == ["hetlora-s0", "ubsmoe-s0", "ubsmoe_pg=false-s0"]
+    assert sorted(runs) == ["hetlora-s0", "smoe_federation.budgets=0.25-s0", "ubsmoe-s0", "ubsmoe_pg=false-s0"]
     assert runs["ubsmoe_pg=false-s0"]["variant"] == "ubsmoe:pg=false"
     assert runs["ubsmoe_pg=false-s0"]["config"]["method"]["pg"] is False
     assert runs["ubsmoe-s0"]["config"]["method"]["pg"] is True
-    assert list(summary["methods"]) == ["ubsmoe", "ubsmoe:pg=false", "hetlora"]
+    assert list(summary["methods"]) == ["ubsmoe", "ubsmoe:pg=false", "hetlora", "smoe:federation.budgets=0.25"]
+    assert runs["smoe_federation.budgets=0.25-s0"]["tiers"] == [0.25]
     assert summary["methods"]["ubsmoe:pg=false"]["method"] == "ubsmoe"
     assert summary["methods"]["ubsmoe:pg=false"]["accuracy"]["0.25"]["mean"] == \
         runs["ubsmoe_pg=false-s0"]["final"]["tier_accuracy"]["0.25"]
@@ -144,6 +145,7 @@ def test_compare_runs_variants_of_one_method_into_their_own_folders(ablation):
     assert gain["ubsmoe_variant"] == "ubsmoe" and gain["best_heterogeneous_rank"] == "hetlora"
     report = (out / "report.md").read_text()
     assert "| ubsmoe:pg=false | 1 |" in report and "Expert load imbalance" in report
+    assert "| smoe:federation.budgets=0.25 | 1 | " in report and " | – | " in report  # a variant with one tier
 
 
 def test_compare_refuses_to_resume_a_run_made_with_another_config(ablation):

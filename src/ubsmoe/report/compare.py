@@ -224,15 +224,20 @@ def headline(methods: dict) -> dict:
     return result
 
 
+def all_tiers(methods: dict) -> list[str]:
+    """Every tier any variant reports, ascending (variants may run different tiers)."""
+    return sorted({t for e in methods.values() for t in e["tiers"]}, key=float)
+
+
 # ---------------------------------------------------------------------------------------- tables
 def tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) of every table of the report."""
     methods = summary["methods"]
-    tiers = next(iter(methods.values()))["tiers"]
-    fmt = lambda s: f"{s['mean']:.4f} ± {s['std']:.4f}"  # noqa: E731
+    tiers = all_tiers(methods)
+    fmt = lambda s: "–" if s is None else f"{s['mean']:.4f} ± {s['std']:.4f}"  # noqa: E731
     main = ("Accuracy per budget tier (mean ± std over seeds)",
             ["method", "seeds"] + [f"β={t}" for t in tiers] + ["average"],
-            [[m, str(len(e["seeds"]))] + [fmt(e["accuracy"][t]) for t in tiers] + [fmt(e["average"])]
+            [[m, str(len(e["seeds"]))] + [fmt(e["accuracy"].get(t)) for t in tiers] + [fmt(e["average"])]
              for m, e in methods.items()])
     result = [main]
     cost_rows = []
@@ -259,7 +264,8 @@ def tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                        [[f"β={gain['tier']}", f"{gain['ubsmoe']:.4f}", gain["best_heterogeneous_rank"],
                          f"{gain['its_accuracy']:.4f}", f"{gain['gain']:.2f}x"]]))
     balance = [[m, f"{e['train_load_cv']['mean']:.3f} ± {e['train_load_cv']['std']:.3f}"]
-               + [f"{e['load_cv'][t]:.3f}" for t in tiers] for m, e in methods.items() if "load_cv" in e]
+               + [f"{e['load_cv'][t]:.3f}" if t in e["load_cv"] else "–" for t in tiers]
+               for m, e in methods.items() if "load_cv" in e]
     if balance:
         result.append(("Expert load imbalance (mean CV over layers; 0 = balanced): global training load of the "
                        "last round, and each tier on the test set", ["method", "training"]

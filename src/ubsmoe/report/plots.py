@@ -63,13 +63,14 @@ def accuracy_per_round(methods: dict):
 
 
 def accuracy_by_method(methods: dict):
-    tiers = next(iter(methods.values()))["tiers"]
+    tiers = sorted({t for e in methods.values() for t in e["tiers"]}, key=float)
+    missing = {"mean": float("nan"), "std": 0.0}
     figure, ax = plt.subplots(figsize=(max(6, 1.2 * len(methods) * len(tiers) / 2), 3.6))
     width = 0.8 / len(tiers)
     for i, tier in enumerate(tiers):
         xs = [j + (i - (len(tiers) - 1) / 2) * width for j in range(len(methods))]
-        means = [e["accuracy"][tier]["mean"] for e in methods.values()]
-        stds = [e["accuracy"][tier]["std"] for e in methods.values()]
+        means = [e["accuracy"].get(tier, missing)["mean"] for e in methods.values()]
+        stds = [e["accuracy"].get(tier, missing)["std"] for e in methods.values()]
         ax.bar(xs, means, width, yerr=stds, capsize=2, label=f"β={tier}")
     ax.set_xticks(range(len(methods)), list(methods), rotation=20)
     ax.set_ylabel("test accuracy")
