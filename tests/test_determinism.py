@@ -111,7 +111,8 @@ def recorded_tier_numbers(results: dict) -> dict[str, tuple[float, float]]:
 
 @pytest.mark.parametrize("method", ["fedavg-lora", "flora", "florist"])
 def test_tiers_holding_one_model_evaluate_alike_when_evaluated_one_by_one(tiny_bert, tiny_task, method):
-    """Guards: tiers sharing an eval key really hold the same model, so evaluate_tiers' shared result is true."""
+    """Guards: the tiers of these methods really hold the same model (fedavg-lora shares one evaluation,
+    FLoRA and FLoRIST evaluate each tier at its own rank), so their equal accuracies are measured."""
     config = config_for(tiny_bert, tiny_task, method, **ONE_ROUND_TWO_RANKS)
     exp = build_experiment(config)
 
@@ -120,9 +121,23 @@ def test_tiers_holding_one_model_evaluate_alike_when_evaluated_one_by_one(tiny_b
     separate = evaluate_each_tier(exp, state)
     recorded = run_experiment(config, show_progress=False)
 
-    assert len(exp.tiers) == 2 and len({exp.method.eval_key(b) for b in exp.tiers}) == 1  # the cached path
+    assert len(exp.tiers) == 2
+    assert len({exp.method.eval_key(b) for b in exp.tiers}) == (1 if method == "fedavg-lora" else 2)
     assert len(set(tier_numbers(separate).values())) == 1, tier_numbers(separate)
     assert tier_numbers(separate) == tier_numbers(reported) == recorded_tier_numbers(recorded)
+
+
+@pytest.mark.parametrize("method", ["flora", "florist"])
+def test_merged_model_tiers_count_their_own_inference_flops(tiny_bert, tiny_task, method):
+    """Regression: FLoRA and FLoRIST tiers shared one evaluation, so every tier reported the first tier's
+    inference FLOPs (rank 1) and the low tier's inference reduction read 0."""
+    config = config_for(tiny_bert, tiny_task, method, **ONE_ROUND_TWO_RANKS)
+
+    cost = run_experiment(config, show_progress=False)["cost"]
+
+    low, high = cost["tiers"]["0.25"], cost["tiers"]["1.0"]
+    assert low["inference_flops_per_token"] < high["inference_flops_per_token"]
+    assert cost["low_tier_reduction"]["inference_flops_per_token"] > 0
 
 
 @pytest.mark.parametrize("method", ["flexlora", "hetlora"])

@@ -70,7 +70,6 @@ def test_two_clients_two_rounds_end_to_end(tiny_bert, tiny_task, method):
         assert np.allclose(np.sum(load, axis=1), 2.0)
     else:
         assert results["k_max"] == 1
-        assert results["final"]["tier_accuracy"]["0.5"] == results["final"]["tier_accuracy"]["1.0"]
 
 
 def test_training_learns_the_tiny_task(tiny_bert, tiny_task):

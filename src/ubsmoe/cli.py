@@ -86,6 +86,12 @@ def _bench(args) -> int:
             max_length=args.max_length, threads=args.threads, repeats=args.repeats, part_repeats=args.part_repeats)
         print(Path(args.out).with_suffix(".md").read_text())
         return 0
+    if args.name == "dmr-reach":
+        from ubsmoe.bench.dmr_reach import run
+
+        run(Path(args.out), threads=args.threads)
+        print(Path(args.out).with_suffix(".md").read_text())
+        return 0
     if args.name == "upcycle":
         from ubsmoe.bench.upcycle_fidelity import run
 
@@ -134,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=_report)
 
     bench = sub.add_parser("bench", help="run a benchmark")
-    bench.add_argument("name", choices=["moe-layer", "pg-step", "tiers", "upcycle"])
+    bench.add_argument("name", choices=["moe-layer", "pg-step", "tiers", "upcycle", "dmr-reach"])
     bench.add_argument("--out", required=True, help="result JSON path (a .md summary is written beside it)")
     bench.add_argument("--dropout", type=float, default=-1.0,
                        help="tiers only: backbone dropout probability (-1 keeps the checkpoint's)")

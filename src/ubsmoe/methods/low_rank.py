@@ -158,7 +158,9 @@ class HeterogeneousRankMethod(FederatedMethod):
 class MergingMethod(HeterogeneousRankMethod):
     """Base of the methods that merge each round's aggregated update into the frozen base weights
     (FLoRA, FLoRIST): every client starts each round from the same fresh adapters (the initial ones,
-    b = 0) at its rank r_c on top of the merged base, so every tier holds the same model.
+    b = 0) at its rank r_c on top of the merged base, so every tier holds the same model. Tiers are still
+    evaluated one by one (the key is the rank): their predictions agree, but each runs its own rank-r_c
+    adapter, and its inference FLOPs are counted at that rank.
 
     In simulation all clients share one model object, so the server's merge into its base is what each
     client would do on its own copy after receiving the broadcast update.
@@ -206,9 +208,6 @@ class MergingMethod(HeterogeneousRankMethod):
             lead = a[..., 0, 0].numel()
             total += lead * rank * (a.shape[-2] + b.shape[-1]) * a.element_size()
         return total
-
-    def eval_key(self, budget: float) -> str:
-        return "merged"
 
     def round_report(self, state: ServerState) -> dict:
         return {"merged": state.extra.get("adapters", {})}

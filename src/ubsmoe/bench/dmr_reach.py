@@ -1,6 +1,6 @@
 """How far Dynamic Modulated Routing's target can balance the low tier, on the upcycled router's real scores.
 
-    python benchmarks/dmr_reach.py --out benchmarks/dmr_reach.json
+    ubsmoe bench dmr-reach --out benchmarks/dmr_reach.json
 
 Routes real BBC News training tokens through the default upcycled MiniLM (calibrated routers, before
 training), then, per layer and on the router scores alone (no training), iterates the server's target
@@ -17,7 +17,6 @@ reports the low tier's (K = 2) load CV:
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
@@ -58,13 +57,10 @@ def balancing_bias(scores: torch.Tensor, k: int, steps: int = 400, rate: float =
     return bias
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--texts", type=int, default=256)
-    args = parser.parse_args()
-    exp = build_experiment(load_config(overrides=[f"data.max_train_samples={args.texts}", "data.max_test_samples=16"],
-                                       method="smoe"))
+def run(out: Path, texts: int = 256, threads: int = 2) -> dict:
+    """Route ``texts`` training texts, write ``out`` (JSON) and the markdown table beside it."""
+    exp = build_experiment(load_config(overrides=[f"data.max_train_samples={texts}", "data.max_test_samples=16",
+                                                  f"threads={threads}"], method="smoe"))
     model = exp.model
     model.eval()
     model.set_top_k(2)
@@ -90,8 +86,8 @@ def main() -> None:
     result = {"layers": layers,
               "mean_k2_cv": {k: mean("k2_cv", k) for k in layers[0]["k2_cv"]},
               "mean_phi_spread": {k: mean("phi_spread", k) for k in layers[0]["phi_spread"]}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
     lines = ["# Reach of DMR's target on the low tier (K = 2 of 8), upcycled MiniLM before training", "",
              "| layer | score std | K=2 CV, no phi | mixed tiers | low tier alone | balancing bias | "
              "phi spread: mixed | low alone | needed |", "|---|---|---|---|---|---|---|---|---|"]
@@ -104,9 +100,5 @@ def main() -> None:
     lines.append(f"| mean | | {m['none']:.3f} | {m['mixed_tiers']:.3f} | {m['low_tier_alone']:.3f} "
                  f"| {m['balancing_bias']:.3f} | {s['mixed_tiers']:.2f} | {s['low_tier_alone']:.2f} "
                  f"| {s['balancing_bias']:.2f} |")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
-
-if __name__ == "__main__":
-    main()
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return result
