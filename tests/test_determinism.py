@@ -109,47 +109,36 @@ def recorded_tier_numbers(results: dict) -> dict[str, tuple[float, float]]:
     return {b: (final["tier_accuracy"][b], final["tier_loss"][b]) for b in final["tier_accuracy"]}
 
 
+def evaluated_tiers(tiny_bert, tiny_task, method: str):
+    """One round with tiers at LoRA ranks 1 and 4: (experiment, each tier evaluated on its own, what
+    ``evaluate_tiers`` reports, what ``run_experiment`` records)."""
+    config = config_for(tiny_bert, tiny_task, method, **ONE_ROUND_TWO_RANKS)
+    exp = build_experiment(config)
+    state = run_rounds(exp, config.federation.rounds)
+    reported = evaluate_tiers(exp.model, exp.method, state, exp.test, exp.tiers, config.train.eval_batch_size)
+    return exp, evaluate_each_tier(exp, state), reported, run_experiment(config, show_progress=False)
+
+
 @pytest.mark.parametrize("method", ["fedavg-lora", "flora", "florist"])
 def test_tiers_holding_one_model_evaluate_alike_when_evaluated_one_by_one(tiny_bert, tiny_task, method):
     """Guards: the tiers of these methods really hold the same model (fedavg-lora shares one evaluation,
-    FLoRA and FLoRIST evaluate each tier at its own rank), so their equal accuracies are measured."""
-    config = config_for(tiny_bert, tiny_task, method, **ONE_ROUND_TWO_RANKS)
-    exp = build_experiment(config)
-
-    state = run_rounds(exp, config.federation.rounds)
-    reported = evaluate_tiers(exp.model, exp.method, state, exp.test, exp.tiers, config.train.eval_batch_size)
-    separate = evaluate_each_tier(exp, state)
-    recorded = run_experiment(config, show_progress=False)
+    FLoRA and FLoRIST evaluate each tier at its own rank), so their equal accuracies are measured.
+    Regression: FLoRA and FLoRIST tiers shared one evaluation, so every tier reported the first tier's
+    inference FLOPs (rank 1) and the low tier's inference reduction read 0."""
+    exp, separate, reported, recorded = evaluated_tiers(tiny_bert, tiny_task, method)
 
     assert len(exp.tiers) == 2
     assert len({exp.method.eval_key(b) for b in exp.tiers}) == (1 if method == "fedavg-lora" else 2)
     assert len(set(tier_numbers(separate).values())) == 1, tier_numbers(separate)
     assert tier_numbers(separate) == tier_numbers(reported) == recorded_tier_numbers(recorded)
-
-
-@pytest.mark.parametrize("method", ["flora", "florist"])
-def test_merged_model_tiers_count_their_own_inference_flops(tiny_bert, tiny_task, method):
-    """Regression: FLoRA and FLoRIST tiers shared one evaluation, so every tier reported the first tier's
-    inference FLOPs (rank 1) and the low tier's inference reduction read 0."""
-    config = config_for(tiny_bert, tiny_task, method, **ONE_ROUND_TWO_RANKS)
-
-    cost = run_experiment(config, show_progress=False)["cost"]
-
-    low, high = cost["tiers"]["0.25"], cost["tiers"]["1.0"]
-    assert low["inference_flops_per_token"] < high["inference_flops_per_token"]
-    assert cost["low_tier_reduction"]["inference_flops_per_token"] > 0
+    if method != "fedavg-lora":  # each tier runs its own rank-r_c adapter
+        assert recorded["cost"]["low_tier_reduction"]["inference_flops_per_token"] > 0
 
 
 @pytest.mark.parametrize("method", ["flexlora", "hetlora"])
 def test_tiers_holding_different_models_evaluate_differently(tiny_bert, tiny_task, method):
     """Guards: the one-by-one tier check can fail: heterogeneous-rank tiers give different losses."""
-    config = config_for(tiny_bert, tiny_task, method, **ONE_ROUND_TWO_RANKS)
-    exp = build_experiment(config)
-
-    state = run_rounds(exp, config.federation.rounds)
-    reported = evaluate_tiers(exp.model, exp.method, state, exp.test, exp.tiers, config.train.eval_batch_size)
-    separate = evaluate_each_tier(exp, state)
-    recorded = run_experiment(config, show_progress=False)
+    exp, separate, reported, recorded = evaluated_tiers(tiny_bert, tiny_task, method)
 
     low, high = exp.tiers
     assert exp.method.eval_key(low) != exp.method.eval_key(high)

@@ -228,6 +228,17 @@ def resolve_method_options(config: ExperimentConfig, options_cls) -> Any:
     return options
 
 
+def flatten_keys(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections -> {"section.key": value} (``data.dataset``, ``method.zeta``)."""
+    flat = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat |= flatten_keys(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 def describe(config_cls=ExperimentConfig, prefix: str = "") -> list[tuple[str, str, str]]:
     """(key, default, help) for every field, for ``ubsmoe run --help-config``."""
     rows = []

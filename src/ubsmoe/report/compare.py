@@ -14,7 +14,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
-from ubsmoe.config import ConfigError, ExperimentConfig, load_config, resolve_method_options
+from ubsmoe.config import ConfigError, ExperimentConfig, flatten_keys, load_config, resolve_method_options
 from ubsmoe.report.summary import human, write_results
 from ubsmoe.report.variants import Variant, parse_variant
 
@@ -53,22 +53,12 @@ def finished_run(folder: Path, config: ExperimentConfig) -> bool:
         stored = json.loads(path.read_text())["config"]
     except (ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"{path} is unreadable ({error}); delete it to run that variant again") from None
-    wanted = json.loads(json.dumps(config.to_dict()))
-    differing = sorted(k for k in set(_flat(stored)) | set(_flat(wanted)) if _flat(stored).get(k) != _flat(wanted).get(k))
+    stored, wanted = flatten_keys(stored), flatten_keys(json.loads(json.dumps(config.to_dict())))
+    differing = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
     if differing:
         raise ConfigError(f"{path} holds a run with another config (differing keys: {', '.join(differing)}); "
                           "use another --out folder, or delete that run to replace it")
     return True
-
-
-def _flat(config: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat |= _flat(value, f"{prefix}{key}.")
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def run_comparison(variants: list[Variant | str], seeds: list[int], out: Path, config_path: str | None = None,

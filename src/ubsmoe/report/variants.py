@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ubsmoe.config import ConfigError
+from ubsmoe.config import ConfigError, flatten_keys
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def variants_from_toml(path: Path) -> list[Variant]:
             continue
         if not isinstance(item, dict) or not isinstance(item.get("method"), str):
             raise ConfigError(f"{path}: every entry of `variants` is a string or a table with `method`, got {item!r}")
-        settings = _flatten({k: v for k, v in item.items() if k not in ("method", "label")})
+        settings = flatten_keys({k: v for k, v in item.items() if k not in ("method", "label")})
         overrides = tuple(_override(key, _as_text(value)) for key, value in settings.items())
         label = item.get("label") or ":".join([item["method"]] + [f"{k}={_as_text(v)}" for k, v in settings.items()])
         variants.append(Variant(str(label), item["method"], overrides))
@@ -108,16 +108,6 @@ def unique_labels(variants: list[Variant]) -> list[Variant]:
         if other != variant.label:
             raise ConfigError(f"variants {other!r} and {variant.label!r} would share a run folder; give one a label")
     return variants
-
-
-def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def _as_text(value: Any) -> str:
