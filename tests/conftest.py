@@ -6,6 +6,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_checkpoints import write_tiny_bert, write_tiny_llama  # noqa: E402
+from tiny_experiment import write_tiny_task  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -18,3 +19,8 @@ def tiny_bert(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_task(tmp_path_factory) -> Path:
+    return write_tiny_task(tmp_path_factory.mktemp("task"))

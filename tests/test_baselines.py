@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from test_engine import tiny_overrides, tiny_task  # noqa: F401  (fixture)
+from tiny_experiment import tiny_overrides
 from ubsmoe.config import load_config
 from ubsmoe.engine.simulation import build_experiment, run_experiment
-from ubsmoe.methods.a3smoe import A3SMoE, A3SMoEOptions, activation_weights
+from ubsmoe.methods.a3smoe import activation_weights
 from ubsmoe.methods.base import ClientInfo, ClientUpdate, FederatedMethod, RoutingStats, ServerState
 from ubsmoe.engine.local_training import train_local
 from ubsmoe.methods import REGISTRY

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from test_engine import tiny_overrides, tiny_task  # noqa: F401  (fixture)
+from tiny_experiment import tiny_overrides
 from tiny_checkpoints import write_tiny_bert
 from ubsmoe.config import load_config
 from ubsmoe.engine.simulation import run_experiment

@@ -12,7 +12,7 @@ from ubsmoe.data.text_files import load_text_file
 from ubsmoe.config import load_config
 from ubsmoe.engine.simulation import build_experiment
 
-from test_engine import tiny_overrides, tiny_task  # noqa: F401  (fixture)
+from tiny_experiment import tiny_overrides
 
 
 def test_bbc_news_has_2225_articles_in_5_topics():
@@ -88,7 +88,7 @@ def test_split_depends_on_split_seed_only(tmp_path):
     assert first.test.texts != other.test.texts
 
 
-def test_experiment_seed_leaves_the_test_set_alone(tiny_bert, tiny_task):  # noqa: F811
+def test_experiment_seed_leaves_the_test_set_alone(tiny_bert, tiny_task):
     """Regression: the test split used to move with the training seed, mixing test-set variance into
     the spread over seeds."""
     def test_ids(*extra):

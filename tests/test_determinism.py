@@ -4,7 +4,7 @@ tier by tier, without ``evaluate_tiers``' shared-model cache."""
 import pytest
 import torch
 
-from test_engine import tiny_overrides, tiny_task  # noqa: F401  (fixture)
+from tiny_experiment import tiny_overrides
 from ubsmoe.config import load_config
 from ubsmoe.engine.clients import sample_clients
 from ubsmoe.engine.evaluation import evaluate, evaluate_tiers

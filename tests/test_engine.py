@@ -1,8 +1,5 @@
 """The round engine end to end on a tiny backbone, aggregation, partitions, determinism, CLI errors."""
 
-import json
-import random
-
 import numpy as np
 import pytest
 import torch
@@ -14,37 +11,7 @@ from ubsmoe.engine.clients import client_budgets, sample_clients
 from ubsmoe.engine.simulation import run_experiment
 from ubsmoe.methods.base import ClientInfo, ClientUpdate, FederatedMethod, ServerState, top_k_for_budget
 
-TOPICS = {
-    "business": "bank rates market shares profit economy growth sales".split(),
-    "entertainment": "film music award star show".split(),
-    "sport": "game match team goal win cup".split(),
-}
-
-
-@pytest.fixture(scope="module")
-def tiny_task(tmp_path_factory):
-    """A learnable three-topic JSONL file: each text mixes topic words with filler words."""
-    rng = random.Random(0)
-    filler = "the a of to in and is was".split()
-    rows = []
-    for i in range(120):
-        label = list(TOPICS)[i % 3]
-        words = [rng.choice(TOPICS[label]) for _ in range(4)] + [rng.choice(filler) for _ in range(4)]
-        rng.shuffle(words)
-        rows.append({"text": " ".join(words), "label": label})
-    path = tmp_path_factory.mktemp("task") / "topics.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
-
-
-def tiny_overrides(tiny_bert, tiny_task, **extra):
-    settings = {
-        "model.backbone": tiny_bert, "model.num_experts": 4, "model.lora_rank": 4, "model.max_length": 16,
-        "model.calibration_samples": 16, "data.dataset": tiny_task, "federation.num_clients": 2,
-        "federation.budgets": "0.5,1.0", "federation.rounds": 2, "train.local_steps": 3, "train.batch_size": 8,
-        "train.lr": 0.01,
-    } | extra
-    return [f"{k}={v}" for k, v in settings.items()]
+from tiny_experiment import tiny_overrides
 
 
 @pytest.mark.parametrize("method", ["smoe", "fedavg-lora"])

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from test_engine import tiny_overrides, tiny_task  # noqa: F401  (fixture)
+from tiny_experiment import tiny_overrides
 from test_moe_layer import D, E, dense_ffn, moe_from
 from ubsmoe.config import load_config
 from ubsmoe.engine.evaluation import evaluate_tiers
@@ -23,7 +23,7 @@ from ubsmoe.model.modulated_routing import ModulatedRouting
 from ubsmoe.model.pseudo_gradient import PseudoGradient
 
 
-def experiment(tiny_bert, tiny_task, method, *extra):  # noqa: F811
+def experiment(tiny_bert, tiny_task, method, *extra):
     return build_experiment(load_config(overrides=tiny_overrides(tiny_bert, tiny_task) + list(extra), method=method))
 
 
@@ -87,7 +87,7 @@ def test_phi_gradient_matches_finite_differences_and_the_regulariser_adds_to_it(
 
 
 # ---------------------------------------------------------------------------------------- DMR at evaluation
-def test_evaluation_routes_with_dmr_at_the_tier_k_without_pseudo_gradient(tiny_bert, tiny_task):  # noqa: F811
+def test_evaluation_routes_with_dmr_at_the_tier_k_without_pseudo_gradient(tiny_bert, tiny_task):
     """A tier's model routes by s + phi at its K_c (SPEC 6) but runs no pseudo-gradient hook (that is
     training only); teardown_eval leaves the layers without hooks."""
     exp = experiment(tiny_bert, tiny_task, "ubsmoe")
@@ -127,7 +127,7 @@ def random_update(state, client, layers, tokens, g):
     return ClientUpdate(client, delta, RoutingStats(routed, torch.full((layers,), float(tokens), dtype=torch.float64)))
 
 
-def test_a3smoe_tempered_aggregation_and_per_k_scales_by_hand(tiny_bert, tiny_task):  # noqa: F811
+def test_a3smoe_tempered_aggregation_and_per_k_scales_by_hand(tiny_bert, tiny_task):
     """t = 2: expert i of each stacked LoRA tensor moves by sum_c w_ci delta_ci with
     w_ci = (a_ci / n_c)^2 |D_c| / sum_c' (...), every other tensor by FedAvg; the K = 2 output scales live
     in the server state, persist through a round without K = 2 clients, accumulate the next K = 2 round,
@@ -178,7 +178,7 @@ def test_a3smoe_tempered_aggregation_and_per_k_scales_by_hand(tiny_bert, tiny_ta
         torch.testing.assert_close(got, want + (10 * third_updates[0].delta[n] + 20 * third_updates[1].delta[n]) / 30)
 
 
-def test_a3smoe_evaluates_the_low_tier_with_its_stored_scales(tiny_bert, tiny_task):  # noqa: F811
+def test_a3smoe_evaluates_the_low_tier_with_its_stored_scales(tiny_bert, tiny_task):
     """The K = 2 tier's MoE outputs are its stored scale times the unscaled ones (the first MoE layer,
     whose input the scales do not touch), so changing the stored scale changes the evaluated model; the
     K_max tier runs without rescaling."""
@@ -242,7 +242,7 @@ def test_selection_bias_changes_the_selection_but_not_the_probabilities():
     torch.testing.assert_close(biased.gates, raw.gather(1, biased.experts))
 
 
-def test_selection_bias_update_over_two_rounds_by_hand(tiny_bert, tiny_task):  # noqa: F811
+def test_selection_bias_update_over_two_rounds_by_hand(tiny_bert, tiny_task):
     """After every local step b_i += u sign(mean load - load_i), loads counted from the top-K of s + b on
     that step's batch; the server averages the clients' biases by data size; over two rounds of real
     local training the bias follows this hand computation."""

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from test_engine import tiny_overrides, tiny_task  # noqa: F401  (fixture)
+from tiny_experiment import tiny_overrides
 from ubsmoe.cli import main
 from ubsmoe.config import ConfigError
 from ubsmoe.report.compare import build_report, run_comparison

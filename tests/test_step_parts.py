@@ -10,7 +10,7 @@ from ubsmoe.engine.local_training import local_step
 from ubsmoe.engine.simulation import build_experiment
 from ubsmoe.methods.base import ClientInfo
 
-from test_engine import tiny_overrides, tiny_task  # noqa: F401  (fixture)
+from tiny_experiment import tiny_overrides
 
 
 def _two_steps(exp, start: dict, with_parts: bool):
@@ -34,7 +34,7 @@ def _two_steps(exp, start: dict, with_parts: bool):
     return losses, {n: t.clone() for n, t in model.trainable_state().items()}, parts
 
 
-def test_step_parts_change_nothing_and_come_off(tiny_bert, tiny_task):  # noqa: F811
+def test_step_parts_change_nothing_and_come_off(tiny_bert, tiny_task):
     config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task), method="ubsmoe")
     exp = build_experiment(config)
     start = {n: t.clone() for n, t in exp.method.initial_state(exp.model).params.items()}
@@ -53,7 +53,7 @@ def test_step_parts_change_nothing_and_come_off(tiny_bert, tiny_task):  # noqa: 
     assert "after_backward" not in vars(exp.method)
 
 
-def test_step_parts_reset_after_each_split(tiny_bert, tiny_task):  # noqa: F811
+def test_step_parts_reset_after_each_split(tiny_bert, tiny_task):
     config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task), method="smoe")
     exp = build_experiment(config)
     model, method = exp.model, exp.method

@@ -13,7 +13,7 @@ from ubsmoe.model.moe_layer import GATE_MODES
 from ubsmoe.model.modulated_routing import ModulatedRouting, range_penalty
 from ubsmoe.model.pseudo_gradient import PseudoGradient, sparsity_factor
 
-from test_engine import tiny_overrides, tiny_task  # noqa: F401  (fixture)
+from tiny_experiment import tiny_overrides
 from test_moe_layer import D, E, dense_ffn, moe_from
 
 
@@ -214,7 +214,7 @@ def test_rho_rules():
 
 
 @pytest.mark.parametrize("pg", [True, False])
-def test_ubsmoe_end_to_end_reaches_every_expert_only_with_the_pseudo_gradient(tiny_bert, tiny_task, pg):  # noqa: F811
+def test_ubsmoe_end_to_end_reaches_every_expert_only_with_the_pseudo_gradient(tiny_bert, tiny_task, pg):
     """No client runs K = M (every client K = 1 of 8, one short text per step), so without the pseudo-gradient
     some (layer, expert) pairs get no update; with it none is left out. phi moves away from zero."""
     config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **{
@@ -235,7 +235,7 @@ def test_ubsmoe_end_to_end_reaches_every_expert_only_with_the_pseudo_gradient(ti
 
 
 @pytest.mark.parametrize("gate_mode", GATE_MODES)
-def test_ubsmoe_runs_under_every_gate_mode(tiny_bert, tiny_task, gate_mode):  # noqa: F811
+def test_ubsmoe_runs_under_every_gate_mode(tiny_bert, tiny_task, gate_mode):
     """model.gate_mode reaches every layer, DMR and the pseudo-gradient train under it, and it changes the numbers."""
     overrides = tiny_overrides(tiny_bert, tiny_task, **{"federation.budgets": "0.25,0.5", "federation.rounds": 1})
 
@@ -254,13 +254,13 @@ def test_ubsmoe_runs_under_every_gate_mode(tiny_bert, tiny_task, gate_mode):  # 
     assert (losses == reference_losses) == (gate_mode == "straight_through")
 
 
-def test_unknown_gate_mode_is_refused(tiny_bert, tiny_task):  # noqa: F811
+def test_unknown_gate_mode_is_refused(tiny_bert, tiny_task):
     config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task) + ["model.gate_mode=sigmoid"], method="ubsmoe")
     with pytest.raises(ConfigError, match="model.gate_mode must be one of straight_through, softmax, softmax_renorm"):
         run_experiment(config, show_progress=False)
 
 
-def test_candidate_set_outside_its_range_is_refused(tiny_bert, tiny_task):  # noqa: F811
+def test_candidate_set_outside_its_range_is_refused(tiny_bert, tiny_task):
     config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task) + ["method.candidates=9"], method="ubsmoe")
     with pytest.raises(ValueError, match=r"method.candidates must lie in \[K_max=4, M=4\]"):
         run_experiment(config, show_progress=False)

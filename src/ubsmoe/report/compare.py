@@ -87,10 +87,14 @@ def run_comparison(variants: list[Variant | str], seeds: list[int], out: Path, c
     elif pending:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
             futures = {pool.submit(run_one, config, folder, label, False): folder for config, folder, label in pending}
-            for done, future in enumerate(as_completed(futures), 1):
-                future.result()  # a failed run stops the comparison with its own error
-                if show_progress:
-                    print(f"{futures[future].name}: finished ({done}/{len(futures)})")
+            try:
+                for done, future in enumerate(as_completed(futures), 1):
+                    future.result()  # a failed run stops the comparison with its own error
+                    if show_progress:
+                        print(f"{futures[future].name}: finished ({done}/{len(futures)})")
+            except BaseException:  # runs not started yet are dropped; finished ones stay on disk
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     return build_report(out, [v.label for v in variants], seeds)
 
 
