@@ -5,9 +5,10 @@ import importlib.util
 import pytest
 import torch
 
-from ubsmoe.model import ModelSpec, build_classifier, load_tokenizer
+from ubsmoe.model import ModelSpec, build_model, load_tokenizer
+from ubsmoe.tasks.classification import classification_head
 from ubsmoe.model.backbones import BackboneSource, resolve_backbone
-from ubsmoe.model.classifier import load_dense_backbone
+from ubsmoe.model.moe_model import load_dense_backbone
 
 
 def test_builtin_backbones_resolve_to_installed_files():
@@ -43,13 +44,13 @@ def test_gguf_without_its_reader_packages_names_them(tmp_path, monkeypatch):
 
 def test_smollm2_upcycled_at_k_equal_m_equals_the_dense_model():
     """The real SmolLM2-135M (GGUF, dequantised): 30 SwiGLU layers split into 8 experts each, every expert
-    active, reproduce the dense model's hidden states; the tokenizer pads, and the classifier pools the
+    active, reproduce the dense model's hidden states; the tokenizer pads, and the classification head pools the
     last real token."""
     tokenizer = load_tokenizer("smollm2")
     texts = ["Shares in the bank rose after strong profits.", "The film won the award."]
     enc = tokenizer(texts, padding=True, return_tensors="pt")
     assert enc["attention_mask"].sum(1).tolist() == [len(tokenizer(t)["input_ids"]) for t in texts]
-    model = build_classifier(ModelSpec(backbone="smollm2", num_experts=8, lora_rank=4, router_init="centroid"), 5)
+    model = build_model(ModelSpec(backbone="smollm2", num_experts=8, lora_rank=4, router_init="centroid"), classification_head(5))
     assert model.family.name == "llama" and len(model.moe_layers) == 30
     assert model.moe_layers[0].w_gate.shape == (8, 576, 192)
     dense, _ = load_dense_backbone("smollm2")

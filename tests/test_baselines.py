@@ -308,7 +308,7 @@ def test_default_moe_clients_report_which_defaults_they_updated(tiny_bert, tiny_
     for client in exp.clients:  # budgets 0.5 (K = 2 of 4) and 1.0 (K = M)
         exp.model.load_trainable_state(state.params)
         exp.method.setup_client(exp.model, client)
-        train_local(exp.model, exp.method, client, exp.train, exp.client_indices[client.client_id], exp.config.train,
+        train_local(exp.model, exp.task, exp.method, client, exp.train, exp.client_indices[client.client_id], exp.config.train,
                     torch.Generator().manual_seed(0))
         routed, tokens, _ = exp.model.routing_counts()
         reports[client.budget] = (exp.method.client_update(exp.model, state.params, client, RoutingStats(routed, tokens)),

@@ -8,14 +8,15 @@ from tiny_checkpoints import write_tiny_bert
 from ubsmoe.config import load_config
 from ubsmoe.engine.simulation import run_experiment
 from ubsmoe.metrics.flops import FlopCounter
-from ubsmoe.model import ModelSpec, build_classifier
+from ubsmoe.model import ModelSpec, build_model
+from ubsmoe.tasks.classification import classification_head
 
 
 @pytest.fixture(scope="module")
 def one_layer_model(tmp_path_factory):
     folder = write_tiny_bert(tmp_path_factory.mktemp("one-layer"), hidden=32, layers=1, ffn=64)
-    return build_classifier(ModelSpec(backbone=str(folder), num_experts=4, lora_rank=4, router_init="centroid"),
-                            num_labels=3)
+    return build_model(ModelSpec(backbone=str(folder), num_experts=4, lora_rank=4, router_init="centroid"),
+                       classification_head(3))
 
 
 # d = 32, FFN 64 split into E = 4 experts of width 16, LoRA r = 4, 4 heads x 8 = 32 attention width.
@@ -128,8 +129,8 @@ def test_flop_counter_agrees_with_torch_on_every_matmul_run(tmp_path, monkeypatc
 
     monkeypatch.setattr(grouped_lora, "_HAS_GROUPED_MM", False)
     folder = write_tiny_bert(tmp_path, hidden=32, layers=2, ffn=64)
-    model = build_classifier(ModelSpec(backbone=str(folder), num_experts=4, lora_rank=4, router_init="centroid"),
-                             num_labels=3)
+    model = build_model(ModelSpec(backbone=str(folder), num_experts=4, lora_rank=4, router_init="centroid"),
+                        classification_head(3))
     model.set_top_k(k)
     for layer in model.moe_layers:
         layer.hooks.append(PseudoGradient(rho=0.5))

@@ -52,7 +52,7 @@ def run_rounds(exp, rounds: int):
             method.setup_client(model, client)
             torch.manual_seed(seed_for(config.seed, round_index, client.client_id))
             generator = torch.Generator().manual_seed(seed_for(config.seed + 1, round_index, client.client_id))
-            train_local(model, method, client, exp.train, exp.client_indices[client.client_id], config.train,
+            train_local(model, exp.task, method, client, exp.train, exp.client_indices[client.client_id], config.train,
                         generator)
             routing = None
             if model.num_experts > 1:
@@ -72,7 +72,7 @@ def evaluate_each_tier(exp, state) -> dict[float, dict]:
         model.load_trainable_state(method.eval_params(state, budget))
         method.setup_eval(model, budget)
         try:
-            results[budget] = evaluate(model, exp.test, exp.config.train.eval_batch_size)
+            results[budget] = evaluate(model, exp.task, exp.test, exp.config.train.eval_batch_size)
         finally:
             method.teardown_eval(model, budget)
     return results
@@ -115,7 +115,7 @@ def evaluated_tiers(tiny_bert, tiny_task, method: str):
     config = config_for(tiny_bert, tiny_task, method, **ONE_ROUND_TWO_RANKS)
     exp = build_experiment(config)
     state = run_rounds(exp, config.federation.rounds)
-    reported = evaluate_tiers(exp.model, exp.method, state, exp.test, exp.tiers, config.train.eval_batch_size)
+    reported = evaluate_tiers(exp.model, exp.task, exp.method, state, exp.test, exp.tiers, config.train.eval_batch_size)
     return exp, evaluate_each_tier(exp, state), reported, run_experiment(config, show_progress=False)
 
 

@@ -100,7 +100,7 @@ def test_evaluation_routes_with_dmr_at_the_tier_k_without_pseudo_gradient(tiny_b
                for layer in model.moe_layers]
 
     try:
-        result = evaluate_tiers(model, method, state, exp.test, [0.5], batch_size=64)[0.5]
+        result = evaluate_tiers(model, exp.task, method, state, exp.test, [0.5], batch_size=64)[0.5]
     finally:
         for handle in handles:
             handle.remove()
@@ -196,9 +196,9 @@ def test_a3smoe_evaluates_the_low_tier_with_its_stored_scales(tiny_bert, tiny_ta
     handle = first.register_forward_hook(lambda mod, args, out: outputs.append(out.clone()))
 
     try:
-        scaled = evaluate_tiers(model, method, state, exp.test, [0.5], batch_size=64)[0.5]
+        scaled = evaluate_tiers(model, exp.task, method, state, exp.test, [0.5], batch_size=64)[0.5]
         scaled_out, outputs[:] = list(outputs), []
-        plain = evaluate_tiers(model, method, unit, exp.test, [0.5], batch_size=64)[0.5]
+        plain = evaluate_tiers(model, exp.task, method, unit, exp.test, [0.5], batch_size=64)[0.5]
         plain_out = list(outputs)
     finally:
         handle.remove()
@@ -269,7 +269,7 @@ def test_selection_bias_update_over_two_rounds_by_hand(tiny_bert, tiny_task):
             model.load_trainable_state(start)
             method.setup_client(model, client)
             steps.clear()
-            train_local(model, method, client, exp.train, exp.client_indices[client.client_id], exp.config.train,
+            train_local(model, exp.task, method, client, exp.train, exp.client_indices[client.client_id], exp.config.train,
                         torch.Generator().manual_seed(round_index))
             routed, tokens, _ = model.routing_counts()
             updates.append(method.client_update(model, start, client, RoutingStats(routed, tokens)))

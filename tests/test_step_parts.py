@@ -26,7 +26,7 @@ def _two_steps(exp, start: dict, with_parts: bool):
     batch = exp.train.batch(torch.arange(8))
     hooks = StepParts(model, method, optimizer) if with_parts else None
     torch.manual_seed(0)
-    losses = [local_step(model, method, client, batch, optimizer).item() for _ in range(2)]
+    losses = [local_step(model, exp.task, method, client, batch, optimizer).item() for _ in range(2)]
     parts = hooks.split(1.0) if hooks is not None else None
     if hooks is not None:
         hooks.close()
@@ -63,7 +63,7 @@ def test_step_parts_reset_after_each_split(tiny_bert, tiny_task):
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
     with StepParts(model, method, optimizer) as hooks:
-        local_step(model, method, client, exp.train.batch(torch.arange(8)), optimizer)
+        local_step(model, exp.task, method, client, exp.train.batch(torch.arange(8)), optimizer)
         first = hooks.split(1.0)
         second = hooks.split(0.5)
     assert first["ffn_forward"] > 0 and first["optimizer"] > 0

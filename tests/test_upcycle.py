@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from ubsmoe.model import ModelSpec, build_classifier, load_tokenizer
-from ubsmoe.model.classifier import load_dense_backbone
+from ubsmoe.model import ModelSpec, build_model, load_tokenizer
+from ubsmoe.tasks.classification import classification_head
+from ubsmoe.model.moe_model import load_dense_backbone
 from ubsmoe.model.upcycle import balanced_assign, balanced_kmeans, split_ffn
 
 from test_moe_layer import dense_ffn
@@ -43,7 +44,7 @@ def test_upcycled_backbone_at_k_equal_m_equals_the_dense_backbone(backbone, rout
     tokenizer = load_tokenizer(path)
     enc = tokenizer(["the bank rates market", "a film star show music award win"], padding=True, return_tensors="pt")
     batches = [(enc["input_ids"], enc["attention_mask"])]
-    model = build_classifier(ModelSpec(backbone=path, num_experts=4, lora_rank=4, router_init=router_init), 3,
+    model = build_model(ModelSpec(backbone=path, num_experts=4, lora_rank=4, router_init=router_init), classification_head(3),
                              calibration_batches=batches)
     dense, _ = load_dense_backbone(path)
     model.eval()
@@ -61,7 +62,7 @@ def test_upcycled_backbone_at_k_equal_m_equals_the_dense_backbone(backbone, rout
 
 
 def test_trainable_parameters_are_adapters_routers_and_head_only(tiny_bert):
-    model = build_classifier(ModelSpec(backbone=str(tiny_bert), num_experts=4, lora_rank=4, router_init="centroid"), 3)
+    model = build_model(ModelSpec(backbone=str(tiny_bert), num_experts=4, lora_rank=4, router_init="centroid"), classification_head(3))
     report = model.parameter_report()
     d, h, layers = 32, 64, 2
     assert report["experts_lora_per_expert"] == 2 * 4 * (d + h // 4)
@@ -75,9 +76,9 @@ def test_trainable_parameters_are_adapters_routers_and_head_only(tiny_bert):
 
 def test_calibrated_router_needs_calibration_data(tiny_bert):
     with pytest.raises(ValueError, match="needs calibration batches"):
-        build_classifier(ModelSpec(backbone=str(tiny_bert), num_experts=4, router_init="calibrated"), 3)
+        build_model(ModelSpec(backbone=str(tiny_bert), num_experts=4, router_init="calibrated"), classification_head(3))
 
 
 def test_unknown_backbone_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json missing"):
-        build_classifier(ModelSpec(backbone=str(tmp_path)), 3)
+        build_model(ModelSpec(backbone=str(tmp_path)), classification_head(3))

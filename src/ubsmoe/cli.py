@@ -19,6 +19,15 @@ def _methods(_args) -> int:
     return 0
 
 
+def _tasks(_args) -> int:
+    from ubsmoe.tasks import REGISTRY
+
+    width = max(len(name) for name in REGISTRY)
+    for name in sorted(REGISTRY):
+        print(f"{name:<{width}}  {REGISTRY[name].description}")
+    return 0
+
+
 def _run(args) -> int:
     from ubsmoe.engine.simulation import run_experiment
     from ubsmoe.report.summary import tier_table, write_results
@@ -105,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ubsmoe", description="Resource-adaptive federated fine-tuning with sparse MoE")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("methods", help="list the registered federated methods").set_defaults(func=_methods)
+    sub.add_parser("tasks", help="list the registered tasks (the config's `task`)").set_defaults(func=_tasks)
 
     run = sub.add_parser("run", help="run one federated experiment",
                          description="Run one experiment. Settings: defaults < --config FILE.toml < key=value "

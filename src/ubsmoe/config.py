@@ -82,6 +82,7 @@ class TrainConfig:
 class ExperimentConfig:
     seed: int = option(0, "seed of every random choice")
     threads: int = option(2, "CPU threads torch may use")
+    task: str = option("classification", "what is fine-tuned and scored: classification (see `ubsmoe tasks`)")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)

@@ -38,7 +38,7 @@ def run(out: Path, budget: float = 0.25, batch_size: int = 16, max_length: int =
         def fn():
             method.setup_client(model, client)
             model.train()
-            local_step(model, method, client, batch, torch.optim.AdamW(params, lr=0.0))  # lr 0: the model stays put
+            local_step(model, exp.task, method, client, batch, torch.optim.AdamW(params, lr=0.0))  # lr 0: the model stays put
             method.teardown_client(model, client)
         return fn
 

@@ -54,7 +54,7 @@ def _turn(exp, budget: float, batch, counter: FlopCounter, flops: dict, key: str
         with StepParts(model, method, optimizer) if parts is not None else nullcontext() as hooks:
             for _ in range(STEPS_PER_TURN):
                 start = time.perf_counter()
-                local_step(model, method, client, batch, optimizer)
+                local_step(model, exp.task, method, client, batch, optimizer)
                 seconds.append(time.perf_counter() - start)
                 if hooks is not None:
                     splits.append(hooks.split(seconds[-1]))

@@ -15,8 +15,9 @@ import torch
 
 from ubsmoe.data.dataset import TokenizedDataset, tokenize
 from ubsmoe.data.sources import load_train_test
-from ubsmoe.model import MoEHook, ModelSpec, build_classifier, load_tokenizer
-from ubsmoe.model.classifier import load_dense_backbone
+from ubsmoe.model import MoEHook, ModelSpec, build_model, load_tokenizer
+from ubsmoe.model.moe_model import load_dense_backbone
+from ubsmoe.tasks.classification import classification_head
 
 
 class OracleRouting(MoEHook):
@@ -62,8 +63,8 @@ def run(out: Path, ks: tuple[int, ...] = (1, 2, 4, 6, 8), num_experts: int = 8, 
 
     rows = []
     for init in ("centroid", "calibrated", "oracle"):
-        model = build_classifier(ModelSpec(num_experts=num_experts, router_init="centroid" if init == "oracle" else init,
-                                           seed=seed), 5, calibration_batches=calibration)
+        model = build_model(ModelSpec(num_experts=num_experts, router_init="centroid" if init == "oracle" else init,
+                                      seed=seed), classification_head(5), calibration_batches=calibration)
         model.eval()
         if init == "oracle":
             oracle = OracleRouting()

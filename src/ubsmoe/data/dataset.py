@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -72,9 +73,19 @@ def stratified_split(dataset: TextDataset, test_fraction: float, seed: int) -> t
     return dataset.subset(sorted(train)), dataset.subset(sorted(test))
 
 
+class Batch(NamedTuple):
+    """Rows of a ``TokenizedDataset``: input_ids, attention_mask (B, S); labels as the task defines them
+    ((B,) class labels, or (B, S) target tokens)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
 @dataclass
 class TokenizedDataset:
-    """Token ids padded to one length. input_ids, attention_mask: (N, S); labels: (N,)."""
+    """Token ids padded to one length. input_ids, attention_mask: (N, S); labels: (N, ...) as the task
+    defines them ((N,) class labels for classification)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -83,11 +94,13 @@ class TokenizedDataset:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rows ``indices``, trimmed to the longest real sequence among them -> (ids, mask, labels)."""
+    def batch(self, indices: torch.Tensor) -> Batch:
+        """Rows ``indices``, trimmed to the longest real sequence among them (right padding)."""
         mask = self.attention_mask[indices]
         length = int(mask.sum(1).max())
-        return self.input_ids[indices, :length], mask[:, :length], self.labels[indices]
+        labels = self.labels[indices]
+        return Batch(self.input_ids[indices, :length], mask[:, :length],
+                     labels[:, :length] if labels.dim() == 2 else labels)
 
     def batches(self, batch_size: int, indices: torch.Tensor | None = None):
         """Consecutive batches over ``indices`` (all rows by default), in order."""

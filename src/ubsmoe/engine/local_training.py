@@ -1,4 +1,5 @@
-"""One client's local training on the shared model: AdamW on the trainable tensors, method hooks applied."""
+"""One client's local training on the shared model: AdamW on the trainable tensors, the task's loss, the
+method's hooks applied."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 
 from ubsmoe.config import TrainConfig
-from ubsmoe.data.dataset import TokenizedDataset
+from ubsmoe.data.dataset import Batch, TokenizedDataset
 from ubsmoe.methods.base import ClientInfo, FederatedMethod
 from ubsmoe.metrics.flops import FlopCounter, PassFlops
-from ubsmoe.model import MoEClassifier
+from ubsmoe.model import MoEModel
+from ubsmoe.tasks import Task
 
 
 def local_steps(config: TrainConfig, num_examples: int) -> int:
@@ -28,11 +29,11 @@ def shuffled_batches(indices: torch.Tensor, batch_size: int, generator: torch.Ge
         yield from order.split(batch_size)
 
 
-def local_step(model: MoEClassifier, method: FederatedMethod, client: ClientInfo, batch, optimizer) -> torch.Tensor:
-    """One optimiser step on batch (input_ids (B, S), attention_mask (B, S), labels (B,)) with the method's
-    extra loss and gradient adjustments; returns the task loss (detached)."""
-    input_ids, attention_mask, labels = batch
-    loss = F.cross_entropy(model(input_ids, attention_mask), labels)
+def local_step(model: MoEModel, task: Task, method: FederatedMethod, client: ClientInfo, batch: Batch,
+               optimizer) -> torch.Tensor:
+    """One optimiser step on ``batch`` with the task's loss and the method's extra loss and gradient
+    adjustments; returns the task loss (detached)."""
+    loss = task.loss(model, batch)
     extra = method.local_loss(model, client)
     optimizer.zero_grad(set_to_none=True)
     (loss if extra is None else loss + extra).backward()
@@ -41,7 +42,7 @@ def local_step(model: MoEClassifier, method: FederatedMethod, client: ClientInfo
     return loss.detach()
 
 
-def train_local(model: MoEClassifier, method: FederatedMethod, client: ClientInfo, data: TokenizedDataset,
+def train_local(model: MoEModel, task: Task, method: FederatedMethod, client: ClientInfo, data: TokenizedDataset,
                 indices: torch.Tensor, config: TrainConfig, generator: torch.Generator, progress=None,
                 flop_counter: FlopCounter | None = None) -> dict:
     """Run the client's local steps; returns {"train_loss": mean task loss, "steps", "step_seconds",
@@ -59,7 +60,7 @@ def train_local(model: MoEClassifier, method: FederatedMethod, client: ClientInf
         start = time.perf_counter()
         batch = data.batch(next(batches))
         attention_mask = batch[1]
-        loss = local_step(model, method, client, batch, optimizer)
+        loss = local_step(model, task, method, client, batch, optimizer)
         seconds.append(time.perf_counter() - start)
         tokens += int(attention_mask.sum())
         if flop_counter is not None:

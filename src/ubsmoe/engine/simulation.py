@@ -14,15 +14,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ubsmoe.config import ConfigError, ExperimentConfig, resolve_method_options
-from ubsmoe.data.dataset import TokenizedDataset, tokenize
-from ubsmoe.data.sources import load_train_test
+from ubsmoe.data.dataset import TokenizedDataset
 from ubsmoe.engine.clients import make_clients, sample_clients, tiers
 from ubsmoe.engine.evaluation import evaluate_tiers
 from ubsmoe.engine.local_training import local_steps, train_local
 from ubsmoe.metrics.balance import experts_without_update, load_balance
 from ubsmoe.metrics.flops import FlopCounter
 from ubsmoe.methods.base import ClientInfo, FederatedMethod, RoutingStats, get_method
-from ubsmoe.model import MoEClassifier, ModelSpec, build_classifier, load_tokenizer
+from ubsmoe.tasks import Task, TaskData, get_task
+from ubsmoe.model import MoEModel, ModelSpec, build_model, load_tokenizer
 from ubsmoe.model.moe_layer import GATE_MODES
 
 
@@ -31,15 +31,21 @@ class Experiment:
     """Everything a run needs, built once from the config."""
 
     config: ExperimentConfig
+    task: Task
+    data: TaskData
     method: FederatedMethod
-    model: MoEClassifier
-    train: TokenizedDataset
-    test: TokenizedDataset
-    label_names: list[str]
+    model: MoEModel
     clients: list[ClientInfo]
     client_indices: list[torch.Tensor]
     tiers: list[float]
-    duplicates_removed: int
+
+    @property
+    def train(self) -> TokenizedDataset:
+        return self.data.train
+
+    @property
+    def test(self) -> TokenizedDataset:
+        return self.data.test
 
 
 def validate(config: ExperimentConfig) -> None:
@@ -67,19 +73,18 @@ def validate(config: ExperimentConfig) -> None:
 
 def build_experiment(config: ExperimentConfig) -> Experiment:
     torch.set_num_threads(config.threads)
+    try:
+        task_cls = get_task(config.task)
+    except KeyError as error:
+        raise ConfigError(error.args[0]) from None
     method_cls = get_method(config.method_name)
     options = resolve_method_options(config, method_cls.Options)
     validate(config)
     torch.manual_seed(config.seed)
-    data = load_train_test(
-        config.data.dataset, config.data.split_seed, config.data.test_fraction, config.data.test_file,
-        config.data.text_column, config.data.label_column, config.data.max_train_samples,
-        config.data.max_test_samples, config.data.dedup_prefix_words)
-    train_texts, test_texts = data.train, data.test
-    tokenizer = load_tokenizer(config.model.backbone)
-    train = tokenize(train_texts, tokenizer, config.model.max_length)
-    test = tokenize(test_texts, tokenizer, config.model.max_length)
-    clients, parts = make_clients(config.federation, train_texts.labels, config.seed)
+    task = task_cls(config)
+    data = task.load(load_tokenizer(config.model.backbone))
+    train = data.train
+    clients, parts = make_clients(config.federation, data.partition_keys, config.seed)
 
     method = method_cls(options, k_max=0)
     spec = method.model_spec(ModelSpec(
@@ -92,10 +97,10 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
         # The server's calibration set: a few unlabelled training texts (labels are never read).
         chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
         calibration = [(ids, mask) for ids, mask, _ in train.batches(32, chosen[: config.model.calibration_samples])]
-    model = build_classifier(spec, train_texts.num_labels, calibration_batches=calibration)
+    model = build_model(spec, task.head(data), calibration_batches=calibration)
     method.k_max = config.model.top_k_max if (config.model.top_k_max and spec.num_experts > 1) else spec.num_experts
-    return Experiment(config, method, model, train, test, train_texts.label_names, clients,
-                      [torch.from_numpy(p) for p in parts], tiers(config.federation), data.duplicates_removed)
+    return Experiment(config, task, data, method, model, clients, [torch.from_numpy(p) for p in parts],
+                      tiers(config.federation))
 
 
 def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict:
@@ -122,7 +127,7 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
                 method.setup_client(model, client)
                 torch.manual_seed(seed_for(config.seed, round_index, client.client_id))
                 generator = torch.Generator().manual_seed(seed_for(config.seed + 1, round_index, client.client_id))
-                metrics = train_local(model, method, client, exp.train, exp.client_indices[client.client_id],
+                metrics = train_local(model, exp.task, method, client, exp.train, exp.client_indices[client.client_id],
                                       config.train, generator, progress=bar, flop_counter=flop_counter)
                 routing = None
                 if model.num_experts > 1:
@@ -134,7 +139,7 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
                 method.teardown_client(model, client)
                 updates.append(update)
         state = method.aggregate(state, updates)
-        tier_results = evaluate_tiers(model, method, state, exp.test, exp.tiers, config.train.eval_batch_size,
+        tier_results = evaluate_tiers(model, exp.task, method, state, exp.test, exp.tiers, config.train.eval_batch_size,
                                       flop_counter)
         entry = round_entry(round_index, tier_results, updates)
         entry["cost"] = round_cost(tier_results, updates)
@@ -148,14 +153,15 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
     return {
         "method": method.name,
         "config": config.to_dict(),
-        "label_names": exp.label_names,
+        "task": exp.task.name,
+        "label_names": exp.data.key_names,
         "num_train": len(exp.train),
         "num_test": len(exp.test),
-        "duplicates_removed": exp.duplicates_removed,
+        "duplicates_removed": exp.data.duplicates_removed,
         "tiers": exp.tiers,
         "clients": [{"id": c.client_id, "budget": c.budget, "num_examples": c.num_examples,
-                     "label_counts": np.bincount(exp.train.labels[exp.client_indices[c.client_id]].numpy(),
-                                                 minlength=len(exp.label_names)).tolist()} for c in exp.clients],
+                     "label_counts": np.bincount(np.asarray(exp.data.partition_keys)[exp.client_indices[c.client_id].numpy()],
+                                                 minlength=len(exp.data.key_names)).tolist()} for c in exp.clients],
         "parameters": model.parameter_report(),
         "k_max": method.k_max,
         "history": history,
@@ -170,7 +176,7 @@ def seed_for(seed: int, round_index: int, client_id: int) -> int:
     return int(np.random.SeedSequence([seed, round_index, client_id]).generate_state(1)[0])
 
 
-def round_balance(model: MoEClassifier, tier_results: dict[float, dict], updates) -> dict:
+def round_balance(model: MoEModel, tier_results: dict[float, dict], updates) -> dict:
     """Expert balance of the round: global training load (from the uploaded counts), each tier's load
     on the test set, and the share of experts no client updated."""
     routed = sum(u.routing.routed for u in updates)

@@ -20,7 +20,7 @@ from ubsmoe.methods.base import (
     ClientInfo, ClientUpdate, Params, ServerState, register, top_k_for_budget, weighted_delta_average,
 )
 from ubsmoe.methods.smoe import SparseMoE
-from ubsmoe.model import MoEClassifier
+from ubsmoe.model import MoEModel
 from ubsmoe.model.moe_layer import MoEHook
 
 
@@ -57,7 +57,7 @@ class A3SMoE(SparseMoE):
     description = "A3SMoE: activation-aware expert aggregation and output rescaling for low-K clients"
     Options = A3SMoEOptions
 
-    def prepare_model(self, model: MoEClassifier) -> None:
+    def prepare_model(self, model: MoEModel) -> None:
         self.expert_names = model.expert_tensors()
         self.scale_names = []
         if self.options.rescale:
@@ -65,7 +65,7 @@ class A3SMoE(SparseMoE):
                 layer.register_parameter("output_scale", nn.Parameter(torch.ones(())))
             self.scale_names = [model.state_name(layer.output_scale) for layer in model.moe_layers]
 
-    def initial_state(self, model: MoEClassifier) -> ServerState:
+    def initial_state(self, model: MoEModel) -> ServerState:
         return replace(super().initial_state(model), extra={"scales": {}})
 
     def _rescaled(self, k: int) -> bool:
@@ -83,7 +83,7 @@ class A3SMoE(SparseMoE):
     def eval_params(self, state: ServerState, budget: float) -> Params:
         return self._with_scales(state, top_k_for_budget(self.k_max, budget))
 
-    def client_hooks(self, model: MoEClassifier, client: ClientInfo) -> list[MoEHook]:
+    def client_hooks(self, model: MoEModel, client: ClientInfo) -> list[MoEHook]:
         return [OutputRescaling()] if self._rescaled(top_k_for_budget(self.k_max, client.budget)) else []
 
     def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ubsmoe.model import MoEClassifier, ModelSpec
+from ubsmoe.model import MoEModel, ModelSpec
 
 Params = dict[str, torch.Tensor]
 
@@ -83,7 +83,7 @@ class FederatedMethod:
         return spec
 
     # ------------------------------------------------------------------ server side
-    def initial_state(self, model: MoEClassifier) -> ServerState:
+    def initial_state(self, model: MoEModel) -> ServerState:
         return ServerState(params=model.trainable_state())
 
     def client_params(self, state: ServerState, client: ClientInfo) -> Params:
@@ -113,23 +113,23 @@ class FederatedMethod:
         return {}
 
     # ------------------------------------------------------------------ client side
-    def setup_client(self, model: MoEClassifier, client: ClientInfo) -> None:
+    def setup_client(self, model: MoEModel, client: ClientInfo) -> None:
         """Configure the shared model for this client's training (its K_c, rank, hooks)."""
 
-    def local_loss(self, model: MoEClassifier, client: ClientInfo) -> torch.Tensor | None:
+    def local_loss(self, model: MoEModel, client: ClientInfo) -> torch.Tensor | None:
         """An extra loss term added to the task loss at each local step (regularisers, aux losses)."""
         return None
 
-    def after_backward(self, model: MoEClassifier, client: ClientInfo) -> None:
+    def after_backward(self, model: MoEModel, client: ClientInfo) -> None:
         """Adjust gradients after the backward pass and before the optimiser step."""
 
-    def client_update(self, model: MoEClassifier, start: Params, client: ClientInfo,
+    def client_update(self, model: MoEModel, start: Params, client: ClientInfo,
                       routing: RoutingStats | None) -> ClientUpdate:
         """What the client uploads; by default the delta of every trainable tensor."""
         trained = model.trainable_state()
         return ClientUpdate(client, {n: trained[n] - start[n] for n in start}, routing)
 
-    def teardown_client(self, model: MoEClassifier, client: ClientInfo) -> None:
+    def teardown_client(self, model: MoEModel, client: ClientInfo) -> None:
         """Undo ``setup_client`` (remove hooks) so the shared model is clean for the next client."""
 
     # ------------------------------------------------------------------ evaluation
@@ -141,11 +141,11 @@ class FederatedMethod:
         """The trainable tensors a client of this budget holds after the round."""
         return state.params
 
-    def setup_eval(self, model: MoEClassifier, budget: float) -> None:
+    def setup_eval(self, model: MoEModel, budget: float) -> None:
         """Configure the shared model as a client of this budget runs it at inference."""
         self.setup_client(model, ClientInfo(-1, budget, 0))
 
-    def teardown_eval(self, model: MoEClassifier, budget: float) -> None:
+    def teardown_eval(self, model: MoEModel, budget: float) -> None:
         self.teardown_client(model, ClientInfo(-1, budget, 0))
 
 

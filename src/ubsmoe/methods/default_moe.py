@@ -21,7 +21,7 @@ import torch
 from ubsmoe.config import option
 from ubsmoe.methods.base import ClientInfo, ClientUpdate, Params, RoutingStats, ServerState, register
 from ubsmoe.methods.smoe import SparseMoE
-from ubsmoe.model import MoEClassifier
+from ubsmoe.model import MoEModel
 from ubsmoe.model.moe_layer import MoEHook, RoutingRecord, SlotLayout, SparseMoEFFN
 
 
@@ -87,14 +87,14 @@ class DefaultMoE(SparseMoE):
     description = "Default MoE: moving-average default outputs for inactive experts (dense router gradient)"
     Options = DefaultMoEOptions
 
-    def prepare_model(self, model: MoEClassifier) -> None:
+    def prepare_model(self, model: MoEModel) -> None:
         self.default_names = [model.share_buffer(layer, "expert_defaults", torch.zeros(layer.num_experts, layer.d_model))
                               for layer in model.moe_layers]
 
-    def client_hooks(self, model: MoEClassifier, client: ClientInfo) -> list[MoEHook]:
+    def client_hooks(self, model: MoEModel, client: ClientInfo) -> list[MoEHook]:
         return [DefaultOutputs(self.options.ema_decay, update=client.client_id >= 0)]  # defaults learn in training
 
-    def client_update(self, model: MoEClassifier, start: Params, client: ClientInfo,
+    def client_update(self, model: MoEModel, start: Params, client: ClientInfo,
                       routing: RoutingStats | None) -> ClientUpdate:
         """The deltas, and ``defaults_updated`` (L, E) bool: which experts' defaults this client moved."""
         update = super().client_update(model, start, client, routing)

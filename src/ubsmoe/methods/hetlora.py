@@ -19,7 +19,7 @@ import torch
 from ubsmoe.config import option
 from ubsmoe.methods.base import ClientInfo, ClientUpdate, Params, ServerState, register
 from ubsmoe.methods.low_rank import HeterogeneousRankMethod, truncated
-from ubsmoe.model import MoEClassifier
+from ubsmoe.model import MoEModel
 
 
 @dataclass
@@ -68,18 +68,18 @@ class HetLoRA(HeterogeneousRankMethod):
     def _tail(self, rank: int) -> int:
         return int(self.options.prune_gamma * rank)
 
-    def _tail_norms(self, model: MoEClassifier, rank: int) -> torch.Tensor:
+    def _tail_norms(self, model: MoEModel, rank: int) -> torch.Tensor:
         params = dict(model.named_parameters())
         start = self._tail(rank)
         return sum(tail_norm(params[ad.a], params[ad.b], start, rank) for ad in self.adapters)
 
-    def setup_client(self, model: MoEClassifier, client: ClientInfo) -> None:
+    def setup_client(self, model: MoEModel, client: ClientInfo) -> None:
         super().setup_client(model, client)
         if client.client_id >= 0 and self.options.prune_lambda > 0:
             with torch.no_grad():
                 self._tail_start[client.client_id] = float(self._tail_norms(model, self.client_rank(client)))
 
-    def local_loss(self, model: MoEClassifier, client: ClientInfo) -> torch.Tensor | None:
+    def local_loss(self, model: MoEModel, client: ClientInfo) -> torch.Tensor | None:
         if self.options.prune_lambda <= 0:
             return None
         return self.options.prune_lambda * self._tail_norms(model, self.client_rank(client))

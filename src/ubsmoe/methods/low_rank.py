@@ -16,7 +16,7 @@ from ubsmoe.methods.base import (
     ClientInfo, ClientUpdate, FederatedMethod, Params, ServerState, tensor_bytes, top_k_for_budget,
     weighted_delta_average,
 )
-from ubsmoe.model import MoEClassifier, ModelSpec
+from ubsmoe.model import MoEModel, ModelSpec
 from ubsmoe.model.lora import LoRALinear
 
 
@@ -38,7 +38,7 @@ class Adapter:
         return self.scale * (a @ b)
 
 
-def adapters(model: MoEClassifier) -> list[Adapter]:
+def adapters(model: MoEModel) -> list[Adapter]:
     """Every LoRA pair of the model: attention projections and the FFN matrices."""
     name = model.state_name
     found = []
@@ -54,7 +54,7 @@ def adapters(model: MoEClassifier) -> list[Adapter]:
     return [a for a in found if a.a in trainable and a.b in trainable]
 
 
-def set_rank(model: MoEClassifier, rank: int) -> None:
+def set_rank(model: MoEModel, rank: int) -> None:
     """Every adapter of the model uses its first ``rank`` ranks from now on."""
     for module in model.modules():
         if isinstance(module, LoRALinear):
@@ -92,7 +92,7 @@ def factors_from_svd(svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rank:
     return a, b
 
 
-def merge_into_base(model: MoEClassifier, adapter: Adapter, update: torch.Tensor) -> None:
+def merge_into_base(model: MoEModel, adapter: Adapter, update: torch.Tensor) -> None:
     """Add ``update`` (..., in, out) to the frozen matrix the adapter sits on."""
     weight = dict(model.named_parameters())[adapter.weight]
     with torch.no_grad():
@@ -111,7 +111,7 @@ class HeterogeneousRankMethod(FederatedMethod):
         self.r_max = spec.lora_rank
         return replace(spec, num_experts=1)
 
-    def initial_state(self, model: MoEClassifier) -> ServerState:
+    def initial_state(self, model: MoEModel) -> ServerState:
         self.adapters = adapters(model)
         if not self.adapters:
             raise ValueError(f"{self.name} needs a model with LoRA adapters")
@@ -124,10 +124,10 @@ class HeterogeneousRankMethod(FederatedMethod):
         """A tier's model is the global one at the tier's rank r_c."""
         return rank_for_budget(self.r_max, budget)
 
-    def setup_client(self, model: MoEClassifier, client: ClientInfo) -> None:
+    def setup_client(self, model: MoEModel, client: ClientInfo) -> None:
         set_rank(model, self.client_rank(client))
 
-    def teardown_client(self, model: MoEClassifier, client: ClientInfo) -> None:
+    def teardown_client(self, model: MoEModel, client: ClientInfo) -> None:
         set_rank(model, self.r_max)
 
     def adapter_names(self) -> set[str]:
@@ -166,7 +166,7 @@ class MergingMethod(HeterogeneousRankMethod):
     client would do on its own copy after receiving the broadcast update.
     """
 
-    def initial_state(self, model: MoEClassifier) -> ServerState:
+    def initial_state(self, model: MoEModel) -> ServerState:
         state = super().initial_state(model)
         self.model = model
         self.fresh = {n: state.params[n].clone() for n in self.adapter_names()}

@@ -7,7 +7,7 @@ methods subclass it and say which layer hooks a client runs (``client_hooks``).
 from __future__ import annotations
 
 from ubsmoe.methods.base import ClientInfo, FederatedMethod, ServerState, register, top_k_for_budget
-from ubsmoe.model import MoEClassifier
+from ubsmoe.model import MoEModel
 from ubsmoe.model.moe_layer import MoEHook
 
 
@@ -20,25 +20,25 @@ class SparseMoE(FederatedMethod):
         super().__init__(options, k_max)
         self.hooks: list[MoEHook] = []  # the hooks of the client (or tier) the model is set up for
 
-    def initial_state(self, model: MoEClassifier) -> ServerState:
+    def initial_state(self, model: MoEModel) -> ServerState:
         if model.num_experts < 2:
             raise ValueError(f"{self.name} needs a sparse model: set model.num_experts >= 2")
         self.prepare_model(model)
         return ServerState(params=model.trainable_state())
 
-    def prepare_model(self, model: MoEClassifier) -> None:
+    def prepare_model(self, model: MoEModel) -> None:
         """Add or unfreeze what the method trains or shares (parameters, buffers) before the first state."""
 
-    def client_hooks(self, model: MoEClassifier, client: ClientInfo) -> list[MoEHook]:
+    def client_hooks(self, model: MoEModel, client: ClientInfo) -> list[MoEHook]:
         """The hooks the layers run for this client (client_id < 0: a tier's evaluation); none here."""
         return []
 
-    def setup_client(self, model: MoEClassifier, client: ClientInfo) -> None:
+    def setup_client(self, model: MoEModel, client: ClientInfo) -> None:
         model.set_top_k(top_k_for_budget(self.k_max, client.budget))
         self.hooks = self.client_hooks(model, client)
         model.attach_hooks(self.hooks)
 
-    def teardown_client(self, model: MoEClassifier, client: ClientInfo) -> None:
+    def teardown_client(self, model: MoEModel, client: ClientInfo) -> None:
         model.detach_hooks(self.hooks)
         self.hooks = []
 

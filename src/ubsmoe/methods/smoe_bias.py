@@ -16,7 +16,7 @@ import torch
 from ubsmoe.config import option
 from ubsmoe.methods.base import ClientInfo, register
 from ubsmoe.methods.smoe import SparseMoE
-from ubsmoe.model import MoEClassifier
+from ubsmoe.model import MoEModel
 from ubsmoe.model.moe_layer import MoEHook
 
 
@@ -44,14 +44,14 @@ class SMoEBias(SparseMoE):
     description = "sparse MoE with auxiliary-loss-free balancing (per-expert selection bias)"
     Options = SMoEBiasOptions
 
-    def prepare_model(self, model: MoEClassifier) -> None:
+    def prepare_model(self, model: MoEModel) -> None:
         for layer in model.moe_layers:
             model.share_buffer(layer, "selection_bias", torch.zeros(layer.num_experts))
 
-    def client_hooks(self, model: MoEClassifier, client: ClientInfo) -> list[MoEHook]:
+    def client_hooks(self, model: MoEModel, client: ClientInfo) -> list[MoEHook]:
         return [SelectionBias()]
 
-    def after_backward(self, model: MoEClassifier, client: ClientInfo) -> None:
+    def after_backward(self, model: MoEModel, client: ClientInfo) -> None:
         for layer in model.moe_layers:
             if layer.last_routing is not None:
                 layer.selection_bias.copy_(bias_step(layer.selection_bias, layer.last_routing.experts,

@@ -18,7 +18,7 @@ import torch
 from ubsmoe.config import option
 from ubsmoe.methods.base import ClientInfo, ClientUpdate, ServerState, register, top_k_for_budget
 from ubsmoe.methods.smoe import SparseMoE
-from ubsmoe.model import MoEClassifier
+from ubsmoe.model import MoEModel
 from ubsmoe.model.moe_layer import MoEHook
 from ubsmoe.model.modulated_routing import ModulatedRouting, range_penalty
 from ubsmoe.model.pseudo_gradient import RHO_RULES, PseudoGradient, sparsity_factor
@@ -73,7 +73,7 @@ class UBSMoE(SparseMoE):
         return n
 
     # ------------------------------------------------------------------ server
-    def prepare_model(self, model: MoEClassifier) -> None:
+    def prepare_model(self, model: MoEModel) -> None:
         if self.options.dmr:
             self.candidates(model.num_experts)  # fail before training if N_p is out of range
             for layer in model.moe_layers:
@@ -101,7 +101,7 @@ class UBSMoE(SparseMoE):
         return {"phi": [state.params[name].tolist() for name in self.phi_names]} | state.extra
 
     # ------------------------------------------------------------------ client
-    def client_hooks(self, model: MoEClassifier, client: ClientInfo) -> list[MoEHook]:
+    def client_hooks(self, model: MoEModel, client: ClientInfo) -> list[MoEHook]:
         hooks: list[MoEHook] = []
         if self.options.dmr:
             hooks.append(ModulatedRouting(self.candidates(model.num_experts)))
@@ -110,13 +110,13 @@ class UBSMoE(SparseMoE):
             hooks.append(PseudoGradient(sparsity_factor(self.options.rho, k, self.k_max, model.num_experts)))
         return hooks
 
-    def local_loss(self, model: MoEClassifier, client: ClientInfo) -> torch.Tensor | None:
+    def local_loss(self, model: MoEModel, client: ClientInfo) -> torch.Tensor | None:
         if not (self.options.dmr and self.options.reg):
             return None
         return self.options.lam * sum(range_penalty(layer.modulation, self.options.phi_min, self.options.phi_max)
                                       for layer in model.moe_layers)
 
-    def after_backward(self, model: MoEClassifier, client: ClientInfo) -> None:
+    def after_backward(self, model: MoEModel, client: ClientInfo) -> None:
         for hook in self.hooks:
             if isinstance(hook, PseudoGradient):
                 for layer in model.moe_layers:

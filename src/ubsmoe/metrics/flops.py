@@ -10,7 +10,8 @@ Counted, with a multiply-add as 2 FLOPs:
   the factor on the model-width side (A of up/gate, B of down) costs two dense (T, d) x (d, E r)
   products over every expert and real token, and the factor on the expert-width side two products per
   slot (at K = M, every expert's slots are every token);
-- the task head on the pooled vectors;
+- the task's head, as the head counts itself (``TaskHead.flops``: classification, one product per
+  pooled vector);
 - in training, the backward pass: a frozen matrix needs the input gradient only (1 x its forward),
   and none where its input needs no gradient (the first block's projections read the frozen
   embeddings; seen in the forward, not assumed); a trainable one needs the input and the weight
@@ -85,7 +86,6 @@ class FlopCounter:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         self.attention_width = heads * head_dim
         self.num_blocks = len(blocks)
-        self.head_size = model.head.in_features * model.head.out_features
 
     def close(self) -> None:
         """Take the counter's hooks off the model."""
@@ -136,6 +136,6 @@ class FlopCounter:
                 flops.router += 2 * tokens * layer.d_model * layer.num_experts * (1 + 2 * grad)
             if training:
                 flops.hooks += sum(hook.training_flops(layer, tokens) for hook in layer.hooks)
-        flops.head = 2 * batch * self.head_size * (1 + 2 * grad)
+        flops.head = self.model.head.flops(attention_mask, training)
         return flops
 

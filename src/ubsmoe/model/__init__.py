@@ -1,7 +1,7 @@
-"""The model: sparse-MoE FFN layers, LoRA, upcycling of dense FFNs, backbones and the classifier."""
+"""The model: sparse-MoE FFN layers, LoRA, upcycling of dense FFNs, backbones, and the model a task's head sits on."""
 
-from ubsmoe.model.classifier import MoEClassifier, ModelSpec, build_classifier, load_tokenizer
 from ubsmoe.model.moe_layer import MoEHook, RoutingContext, RoutingRecord, SparseMoEFFN
+from ubsmoe.model.moe_model import HeadFactory, MoEModel, ModelSpec, TaskHead, build_model, load_tokenizer
 
-__all__ = ["MoEClassifier", "ModelSpec", "build_classifier", "load_tokenizer", "MoEHook", "RoutingContext",
-           "RoutingRecord", "SparseMoEFFN"]
+__all__ = ["HeadFactory", "MoEModel", "ModelSpec", "TaskHead", "build_model", "load_tokenizer", "MoEHook",
+           "RoutingContext", "RoutingRecord", "SparseMoEFFN"]

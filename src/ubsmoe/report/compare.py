@@ -54,7 +54,10 @@ def finished_run(folder: Path, config: ExperimentConfig) -> bool:
     except (ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"{path} is unreadable ({error}); delete it to run that variant again") from None
     stored, wanted = flatten_keys(stored), flatten_keys(json.loads(json.dumps(config.to_dict())))
-    differing = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+    # A key the stored run lacks was added to ubsmoe since; the run had the behaviour of its default.
+    defaults = flatten_keys(json.loads(json.dumps(ExperimentConfig().to_dict())))
+    stored = {k: stored.get(k, defaults.get(k)) for k in set(stored) | set(wanted)}
+    differing = sorted(k for k in stored if stored[k] != wanted.get(k))
     if differing:
         raise ConfigError(f"{path} holds a run with another config (differing keys: {', '.join(differing)}); "
                           "use another --out folder, or delete that run to replace it")

@@ -1,13 +1,16 @@
 """The model every method trains: a pretrained backbone with sparse-MoE FFNs, attention LoRA and a task head.
 
-Only the adapters, the routers and the head are trainable; the federated engine exchanges exactly
-those (``trainable_state``), so one model object serves every simulated client in turn.
+The backbone part is the same for every task; the head comes from the task (``ubsmoe.tasks``): it reads
+the last hidden states and gives what the task scores (pooled class logits, next-token logits, ...).
+Only the adapters, the routers and the head's trainable tensors train; the federated engine exchanges
+exactly those (``trainable_state``), so one model object serves every simulated client in turn.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -35,25 +38,35 @@ class ModelSpec:
     dropout: float | None = None  # every backbone dropout layer's probability; None keeps the checkpoint's
 
 
-class MoEClassifier(nn.Module):
-    """Sequence classifier over a backbone whose FFNs are ``SparseMoEFFN`` blocks.
+class TaskHead(nn.Module):
+    """What a task puts on top of the backbone: ``forward(hidden (B, S, d), mask (B, S) bool, **inputs)``
+    gives the task's outputs; ``flops`` counts its matmuls for the FLOP counter."""
 
-    forward(input_ids (B, S), attention_mask (B, S)) -> logits (B, num_labels).
+    def flops(self, attention_mask: torch.Tensor, training: bool, **inputs) -> float:
+        """Matmul FLOPs of the head on a batch with this mask (B, S); in training with the backward
+        (weight and input gradients of what trains, input gradients only of what is frozen)."""
+        raise NotImplementedError
+
+
+HeadFactory = Callable[[nn.Module, BackboneFamily, torch.Generator], TaskHead]
+"""Builds a task's head from the loaded backbone, its family and the model's generator."""
+
+
+class MoEModel(nn.Module):
+    """A backbone whose FFNs are ``SparseMoEFFN`` blocks, with a task's head.
+
+    forward(input_ids (B, S), attention_mask (B, S), **head inputs) -> the head's output.
     """
 
     def __init__(self, backbone: nn.Module, family: BackboneFamily, moe_layers: list[SparseMoEFFN],
-                 num_labels: int, context: RoutingContext, generator: torch.Generator):
+                 head: TaskHead, context: RoutingContext):
         super().__init__()
         self.backbone = backbone
         self.family = family
         self.moe_layers = nn.ModuleList(moe_layers)
         self.context = context
         self.shared_buffers: list[str] = []
-        hidden = backbone.config.hidden_size
-        self.head = nn.Linear(hidden, num_labels)
-        with torch.no_grad():
-            self.head.weight.copy_(torch.randn(num_labels, hidden, generator=generator) * 0.02)
-            self.head.bias.zero_()
+        self.head = head
 
     @property
     def num_experts(self) -> int:
@@ -64,22 +77,16 @@ class MoEClassifier(nn.Module):
         for layer in self.moe_layers:
             layer.set_top_k(k)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        mask = attention_mask.bool()
-        self.context.token_mask = mask
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **head_inputs) -> torch.Tensor:
+        return self.head(self.hidden_states(input_ids, attention_mask), attention_mask.bool(), **head_inputs)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The backbone's last hidden states (B, S, d); padding positions are not routed."""
+        self.context.token_mask = attention_mask.bool()
         try:
-            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         finally:
             self.context.token_mask = None
-        return self.head(self.pool(hidden, mask))
-
-    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """hidden: (B, S, d), mask: (B, S) -> (B, d): masked mean (encoders) or last real token (decoders)."""
-        if self.family.pooling == "mean":
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        last = mask.long().cumsum(1).argmax(1)  # index of the last real token, right or left padding
-        return hidden[torch.arange(hidden.shape[0]), last]
 
     # ------------------------------------------------------------------ federated state
     def share_buffer(self, module: nn.Module, name: str, value: torch.Tensor) -> str:
@@ -177,7 +184,7 @@ def load_tokenizer(backbone: str):
 
 
 def load_dense_backbone(backbone: str) -> tuple[nn.Module, BackboneFamily]:
-    """The pretrained Hugging Face model (no task head, no pooler: the classifier pools the hidden
+    """The pretrained Hugging Face model (no task head, no pooler: the task's head reads the hidden
     states itself), frozen, with CPU-cheap dropout (``fast_dropout``) and RMSNorm (``fast_norm``), and
     its family."""
     from transformers import AutoConfig, AutoModel
@@ -226,8 +233,8 @@ def capture_ffn_inputs(model: nn.Module, family: BackboneFamily, batches) -> lis
     return [torch.cat(chunks) for chunks in captured]
 
 
-def build_classifier(spec: ModelSpec, num_labels: int, calibration_batches=None) -> MoEClassifier:
-    """Load the backbone, upcycle every FFN into ``spec.num_experts`` experts, add LoRA and a head.
+def build_model(spec: ModelSpec, head: HeadFactory, calibration_batches=None) -> MoEModel:
+    """Load the backbone, upcycle every FFN into ``spec.num_experts`` experts, add LoRA and the task's head.
 
     calibration_batches: iterable of (input_ids, attention_mask), needed for ``router_init="calibrated"``.
     """
@@ -266,6 +273,6 @@ def build_classifier(spec: ModelSpec, num_labels: int, calibration_batches=None)
         for _, (parent, attr) in family.attention(layer).items():
             setattr(parent, attr, LoRALinear(getattr(parent, attr), spec.lora_rank, spec.lora_alpha, generator))
         moe_layers.append(moe)
-    classifier = MoEClassifier(model, family, moe_layers, num_labels, context, generator)
-    log.info("trainable parameters: %s", classifier.parameter_report())
-    return classifier
+    built = MoEModel(model, family, moe_layers, head(model, family, generator), context)
+    log.info("trainable parameters: %s", built.parameter_report())
+    return built

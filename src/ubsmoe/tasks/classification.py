@@ -1,0 +1,84 @@
+"""Text classification: a pooled sequence representation, a linear head, cross-entropy, accuracy.
+
+Data: BBC News or a user's CSV/JSONL file (``data.dataset``), deduplicated and split by
+``data.split_seed``; clients are partitioned by class label. Encoders pool the mean of the real
+tokens, decoders the last real token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ubsmoe.data.dataset import Batch, TokenizedDataset, tokenize
+from ubsmoe.data.sources import load_train_test
+from ubsmoe.model import HeadFactory, MoEModel, TaskHead
+from ubsmoe.model.backbones import BackboneFamily
+from ubsmoe.tasks.base import Evaluation, ForwardObserver, Task, TaskData, register
+
+
+class ClassificationHead(TaskHead):
+    """Pooling and a linear layer: hidden (B, S, d), mask (B, S) -> logits (B, num_labels)."""
+
+    def __init__(self, hidden_size: int, num_labels: int, pooling: str, generator: torch.Generator):
+        super().__init__()
+        self.pooling = pooling
+        self.linear = nn.Linear(hidden_size, num_labels)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.randn(num_labels, hidden_size, generator=generator) * 0.02)
+            self.linear.bias.zero_()
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.pool(hidden, mask))
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """hidden: (B, S, d), mask: (B, S) -> (B, d): masked mean (encoders) or last real token (decoders)."""
+        if self.pooling == "mean":
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        last = mask.long().cumsum(1).argmax(1)  # index of the last real token, right or left padding
+        return hidden[torch.arange(hidden.shape[0]), last]
+
+    def flops(self, attention_mask: torch.Tensor, training: bool, **inputs) -> float:
+        """One (d x C) product per sequence; in training its weight and input gradients too."""
+        return 2 * attention_mask.shape[0] * self.linear.in_features * self.linear.out_features * (1 + 2 * training)
+
+
+def classification_head(num_labels: int) -> HeadFactory:
+    def build(backbone: nn.Module, family: BackboneFamily, generator: torch.Generator) -> ClassificationHead:
+        return ClassificationHead(backbone.config.hidden_size, num_labels, family.pooling, generator)
+
+    return build
+
+
+@register
+class Classification(Task):
+    name = "classification"
+    description = "text classification: pooled representation, linear head, cross-entropy; accuracy per tier"
+
+    def load(self, tokenizer) -> TaskData:
+        data, model = self.config.data, self.config.model
+        texts = load_train_test(data.dataset, data.split_seed, data.test_fraction, data.test_file, data.text_column,
+                                data.label_column, data.max_train_samples, data.max_test_samples,
+                                data.dedup_prefix_words)
+        return TaskData(tokenize(texts.train, tokenizer, model.max_length), tokenize(texts.test, tokenizer, model.max_length),
+                        list(texts.train.labels), list(texts.train.label_names), texts.duplicates_removed)
+
+    def head(self, data: TaskData) -> HeadFactory:
+        return classification_head(len(data.key_names))
+
+    def loss(self, model: MoEModel, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(model(batch.input_ids, batch.attention_mask), batch.labels)
+
+    @torch.inference_mode()
+    def evaluate(self, model: MoEModel, data: TokenizedDataset, batch_size: int,
+                 observe: ForwardObserver | None = None) -> Evaluation:
+        correct, loss_sum = 0, 0.0
+        for input_ids, attention_mask, labels in data.batches(batch_size):
+            logits = model(input_ids, attention_mask)
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(-1) == labels).sum().item()
+            if observe is not None:
+                observe(attention_mask)
+        return Evaluation(accuracy=correct / len(data), loss=loss_sum / len(data))
