@@ -44,13 +44,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = option("bbc_news", "bbc_news, or a .csv/.jsonl file of texts and labels")
+    dataset: str = option("bbc_news", "classification: bbc_news, or a .csv/.jsonl file of texts and labels; "
+                                      "causal-lm: commonsense:PATH, a folder of tasks in the LLM-Adapters format")
     text_column: str = option("text", "column holding the text (CSV/JSONL files)")
     label_column: str = option("label", "column holding the label (CSV/JSONL files)")
     test_file: str = option("", "a separate test file; empty means a stratified split of the dataset")
     test_fraction: float = option(0.2, "share of each label held out for testing when there is no test_file")
     max_train_samples: int = option(0, "use at most this many training samples (0: all)")
-    max_test_samples: int = option(0, "use at most this many test samples (0: all)")
+    max_test_samples: int = option(0, "use at most this many test samples (0: all); causal-lm: per task")
     split_seed: int = option(0, "seed of the train/test split and the sample caps, independent of `seed`, "
                                 "so that every seed is scored on the same test texts")
     dedup_prefix_words: int = option(40, "texts whose first N words agree (case-folded, whitespace-normalised) "
@@ -76,6 +77,15 @@ class TrainConfig:
     lr: float = option(1e-3, "AdamW learning rate")
     weight_decay: float = option(0.0, "AdamW weight decay")
     eval_batch_size: int = option(64, "batch size for evaluation")
+    train_on_inputs: bool = option(False, "causal-lm: the loss covers the prompt's tokens too (default: the response's only)")
+
+
+@dataclass
+class EvaluationConfig:
+    protocol: str = option("generation", "causal-lm: the headline accuracy, generation (generate, then read the "
+                                         "answer, as LLM-Adapters) or loglik (the likeliest answer)")
+    max_new_tokens: int = option(32, "causal-lm: tokens generated per question at most")
+    round0: bool = option(True, "evaluate every tier before the first round (results.json: round0)")
 
 
 @dataclass
@@ -87,6 +97,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     method: dict[str, Any] = field(default_factory=lambda: {"name": "ubsmoe"})
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,7 +108,7 @@ class ExperimentConfig:
         return self.method["name"]
 
 
-SECTIONS = ("model", "data", "federation", "train")
+SECTIONS = ("model", "data", "federation", "train", "evaluation")
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:

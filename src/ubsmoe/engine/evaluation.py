@@ -6,16 +6,17 @@ token and each layer's expert load.
 
 from __future__ import annotations
 
+from collections.abc import Sized
+
 import torch
 
-from ubsmoe.data.dataset import TokenizedDataset
 from ubsmoe.methods.base import FederatedMethod, ServerState
 from ubsmoe.metrics.flops import FlopCounter
 from ubsmoe.model import MoEModel
 from ubsmoe.tasks import Task
 
 
-def evaluate(model: MoEModel, task: Task, data: TokenizedDataset, batch_size: int,
+def evaluate(model: MoEModel, task: Task, data: Sized, batch_size: int,
              flop_counter: FlopCounter | None = None) -> dict:
     """The task's scores (``accuracy``, ``loss`` and its details by name) of the model as it is configured
     now, per-layer expert load (L, E), and with a counter the inference FLOPs per real token."""
@@ -40,7 +41,7 @@ def evaluate(model: MoEModel, task: Task, data: TokenizedDataset, batch_size: in
     return result
 
 
-def evaluate_tiers(model: MoEModel, task: Task, method: FederatedMethod, state: ServerState, data: TokenizedDataset,
+def evaluate_tiers(model: MoEModel, task: Task, method: FederatedMethod, state: ServerState, data: Sized,
                    budgets: list[float], batch_size: int, flop_counter: FlopCounter | None = None) -> dict[float, dict]:
     """{budget: evaluate(...)}, evaluating tiers that hold identical models once."""
     done: dict = {}

@@ -7,6 +7,7 @@ model per client. Same config and seed give the same numbers on the CPU.
 from __future__ import annotations
 
 import time
+from collections.abc import Sized
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +45,7 @@ class Experiment:
         return self.data.train
 
     @property
-    def test(self) -> TokenizedDataset:
+    def test(self) -> Sized:
         return self.data.test
 
 
@@ -65,6 +66,8 @@ def validate(config: ExperimentConfig) -> None:
         (config.threads >= 1, "threads must be >= 1"),
         (config.model.dropout < 1, "model.dropout must be below 1 (-1 keeps the checkpoint's dropout)"),
         (config.data.dedup_prefix_words >= 0, "data.dedup_prefix_words must be >= 0 (0 compares whole texts)"),
+        (config.evaluation.protocol in ("generation", "loglik"), "evaluation.protocol must be generation or loglik"),
+        (config.evaluation.max_new_tokens >= 1, "evaluation.max_new_tokens must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -111,6 +114,10 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
     state = method.initial_state(model)
     flop_counter = FlopCounter(model)
     history = []
+    round0 = {}
+    if config.evaluation.round0:  # what every tier scores before any training: what fine-tuning adds is read against it
+        before = evaluate_tiers(model, exp.task, method, state, exp.test, exp.tiers, config.train.eval_batch_size)
+        round0 = {str(b): {k: v for k, v in r.items() if k in ("accuracy", "loss", "details")} for b, r in before.items()}
     rounds = tqdm(range(1, config.federation.rounds + 1), desc=f"{method.name} rounds", unit="round",
                   disable=not show_progress)
     for round_index in rounds:
@@ -164,6 +171,7 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
                                                  minlength=len(exp.data.key_names)).tolist()} for c in exp.clients],
         "parameters": model.parameter_report(),
         "k_max": method.k_max,
+        "round0": round0,
         "history": history,
         "final": {k: v for k, v in history[-1].items() if k != "clients"},
         "cost": run_cost(history, exp.tiers),
@@ -258,4 +266,7 @@ def round_entry(round_index: int, tier_results: dict[float, dict], updates) -> d
     loads = {str(b): r["expert_load"] for b, r in tier_results.items() if "expert_load" in r}
     if loads:
         entry["tier_expert_load"] = loads
+    details = {str(b): r["details"] for b, r in tier_results.items() if "details" in r}
+    if details:  # the task's further figures per tier (causal-lm: accuracy per task and protocol)
+        entry["tier_details"] = details
     return entry

@@ -82,9 +82,15 @@ class MoEModel(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The backbone's last hidden states (B, S, d); padding positions are not routed."""
-        self.context.token_mask = attention_mask.bool()
+        return self.run_backbone(input_ids, attention_mask).last_hidden_state
+
+    def run_backbone(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **backbone_inputs):
+        """The backbone's output on input_ids (B, q). With a key-value cache (decoders), ``attention_mask``
+        (B, past + q) covers the cached tokens too; the MoE layers route the q new positions, those whose
+        mask is set."""
+        self.context.token_mask = attention_mask[:, attention_mask.shape[1] - input_ids.shape[1]:].bool()
         try:
-            return self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **backbone_inputs)
         finally:
             self.context.token_mask = None
 

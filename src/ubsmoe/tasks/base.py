@@ -8,6 +8,7 @@ layers and trainable state. A new task is one file that subclasses ``Task`` and 
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
@@ -22,13 +23,14 @@ from ubsmoe.model import HeadFactory, MoEModel
 class TaskData:
     """A task's data, tokenised: what clients train on and what tiers are scored on.
 
+    test: what ``Task.evaluate`` scores, in the task's own form (its length is the number of test examples);
     partition_keys: one integer per training example, what ``federation.partition`` splits clients by
     (a class label, a source task), named by ``key_names``; duplicates_removed: examples left out
     because they repeated another (or a test example).
     """
 
     train: TokenizedDataset
-    test: TokenizedDataset
+    test: Sized
     partition_keys: list[int]
     key_names: list[str]
     duplicates_removed: int = 0
@@ -69,9 +71,9 @@ class Task:
         """The mean training loss of ``model`` on ``batch`` (differentiable)."""
         raise NotImplementedError
 
-    def evaluate(self, model: MoEModel, data: TokenizedDataset, batch_size: int,
+    def evaluate(self, model: MoEModel, data: Sized, batch_size: int,
                  observe: ForwardObserver | None = None) -> Evaluation:
-        """Scores of ``model`` as it is configured now (eval mode, no gradients) on ``data``."""
+        """Scores of ``model`` as it is configured now (eval mode, no gradients) on ``data`` (``TaskData.test``)."""
         raise NotImplementedError
 
 

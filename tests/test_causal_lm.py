@@ -1,0 +1,169 @@
+"""The causal-LM task on a tiny random Llama: loss mask, truncation, the restricted vocabulary projection,
+log-likelihood scoring and cached greedy generation against brute force, every method end to end."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tiny_checkpoints import PROMPT_WORDS, WORDS, write_tiny_llama
+from ubsmoe.config import load_config
+from ubsmoe.data.commonsense import load_commonsense
+from ubsmoe.engine.simulation import build_experiment, run_experiment
+from ubsmoe.methods import REGISTRY
+from ubsmoe.model import load_tokenizer
+from ubsmoe.tasks.causal_lm import (IGNORE, choice_log_likelihoods, encode_questions, encode_training, generate,
+                                    next_token_positions)
+
+
+def record(question: str, answer: str, choices: str) -> dict:
+    return {"instruction": f"Please choose the correct answer to question: {question} Answer format: {choices}",
+            "input": "", "output": f"the correct answer is {answer}", "answer": answer}
+
+
+@pytest.fixture(scope="session")
+def tiny_suite(tmp_path_factory):
+    """Two tasks with train and test sets and one test-only task, in the LLM-Adapters layout."""
+    root = tmp_path_factory.mktemp("commonsense")
+    words = ["market", "film", "goal", "vote", "phone", "court", "bank", "music", "team", "party"]
+    tasks = {
+        # questions differ by a number (an unknown token to the tiny tokenizer, but another text)
+        "boolq": lambda i: record(f"is {words[i % 10]} true {i}", ["true", "false"][i % 2], "true/false"),
+        "ARC-Easy": lambda i: record(f"which {words[i % 10]} {words[(i + 3) % 10]} {i}", f"answer{1 + i % 3}",
+                                    "answer1/answer2/answer3"),
+        "winogrande": lambda i: record(f"the {words[i % 10]} or the {words[(i + 1) % 10]} {i}", f"option{1 + i % 2}",
+                                       "option1/option2"),
+    }
+    for task, make in tasks.items():
+        (root / task).mkdir()
+        (root / task / "test.json").write_text(json.dumps([make(i) for i in range(100, 112)]))
+        if task != "winogrande":
+            (root / task / "train.json").write_text(json.dumps([make(i) for i in range(40)]))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_llama(tmp_path_factory):
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-causal-llama"), words=tuple(WORDS) + tuple(PROMPT_WORDS), tied=True,
+                            bos=True)
+
+
+def causal_overrides(backbone, suite, **extra) -> list[str]:
+    settings = {
+        "task": "causal-lm", "model.backbone": backbone, "data.dataset": f"commonsense:{suite}",
+        "model.num_experts": 4, "model.lora_rank": 4, "model.max_length": 64, "model.calibration_samples": 8,
+        "data.max_train_samples": 48, "data.max_test_samples": 4, "federation.num_clients": 2,
+        "federation.budgets": "0.5,1.0", "federation.rounds": 1, "train.local_steps": 2, "train.batch_size": 4,
+        "train.lr": 0.01, "train.eval_batch_size": 8, "evaluation.max_new_tokens": 6,
+    } | extra
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+@pytest.fixture(scope="module")
+def experiment(tiny_causal_llama, tiny_suite):
+    exp = build_experiment(load_config(overrides=causal_overrides(tiny_causal_llama, tiny_suite), method="smoe"))
+    exp.model.load_trainable_state(exp.method.initial_state(exp.model).params)
+    for layer in exp.model.moe_layers:  # a random, non-zero update so that the checks see the experts' LoRA
+        layer.lora_up_b.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    exp.model.set_top_k(2)
+    exp.model.eval()
+    return exp
+
+
+def test_only_the_response_carries_loss_and_long_prompts_lose_their_left(tiny_causal_llama, tiny_suite):
+    tokenizer = load_tokenizer(str(tiny_causal_llama))
+    example = load_commonsense(tiny_suite).train["boolq"][1]
+    prompt = tokenizer(example.prompt)["input_ids"]
+    response = tokenizer(example.response(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+    data = encode_training(tokenizer, [example], max_length=64, train_on_inputs=False)
+    everything = encode_training(tokenizer, [example], max_length=64, train_on_inputs=True)
+    short = encode_training(tokenizer, [example], max_length=len(response) + 5, train_on_inputs=False)
+
+    length = len(prompt) + len(response)
+    assert data.input_ids[0, :length].tolist() == prompt + response
+    assert data.labels[0, :length].tolist() == [IGNORE] * len(prompt) + response  # "the correct answer is false </s>"
+    assert (data.labels[0, length:] == IGNORE).all() and data.attention_mask[0].sum() == length
+    assert everything.labels[0, :length].tolist() == prompt + response
+    kept = short.input_ids[0].tolist()
+    assert kept[0] == tokenizer.bos_token_id and kept[1:5] == prompt[-4:] and kept[5:] == response
+
+
+def test_restricted_projection_gives_the_loss_of_the_full_one(experiment):
+    batch = experiment.train.batch(torch.arange(4))
+
+    restricted = experiment.task.loss(experiment.model, batch)
+    hidden = experiment.model.hidden_states(batch.input_ids, batch.attention_mask)
+    full_logits = hidden @ experiment.model.head.weight.T  # (B, S, V): every position
+    full = F.cross_entropy(full_logits[:, :-1].reshape(-1, full_logits.shape[-1]), batch.labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE)
+
+    torch.testing.assert_close(restricted, full, rtol=1e-6, atol=1e-6)
+    positions, _ = next_token_positions(batch.labels)
+    assert experiment.model.head.last_positions == int(positions.sum()) < batch.attention_mask.sum()
+
+
+def test_log_likelihood_scorer_equals_one_candidate_at_a_time(experiment):
+    questions = [q for qs in experiment.test.questions.values() for q in qs][:6]
+
+    batched = choice_log_likelihoods(experiment.model, questions, batch_size=5)
+
+    for question, scores in zip(questions, batched):
+        for response, score in zip(question.responses, scores):
+            ids = torch.tensor([question.prompt + response])
+            hidden = experiment.model.hidden_states(ids, torch.ones_like(ids))[0]
+            log_probs = (hidden @ experiment.model.head.weight.T).log_softmax(-1)
+            expected = sum(log_probs[len(question.prompt) - 1 + i, t].item() for i, t in enumerate(response))
+            assert score == pytest.approx(expected, abs=1e-4)
+    assert len({tuple(s) for s in batched}) > 1
+
+
+def test_cached_greedy_generation_equals_rerunning_the_whole_sequence(experiment):
+    prompts = [q.prompt for qs in experiment.test.questions.values() for q in qs][:3]
+    prompts[1] = prompts[1][:-5]  # different lengths: left padding in the batch
+
+    cached = generate(experiment.model, prompts, max_new_tokens=5, eos=-1, pad=0, batch_size=3)
+
+    for prompt, tokens in zip(prompts, cached):
+        sequence = list(prompt)
+        for _ in range(5):
+            ids = torch.tensor([sequence])
+            hidden = experiment.model.hidden_states(ids, torch.ones_like(ids))[0, -1]
+            sequence.append(int((hidden @ experiment.model.head.weight.T).argmax()))
+        assert tokens == sequence[len(prompt):]
+
+
+def test_questions_keep_their_responses_whole(tiny_causal_llama, tiny_suite):
+    tokenizer = load_tokenizer(str(tiny_causal_llama))
+    suite = load_commonsense(tiny_suite)
+
+    test = encode_questions(tokenizer, {"ARC-Easy": suite.test["ARC-Easy"][:2]}, max_length=20, max_new_tokens=6)
+
+    question = test.questions["ARC-Easy"][0]
+    assert len(question.prompt) + max(len(r) for r in question.responses) <= 20
+    assert question.prompt[0] == tokenizer.bos_token_id
+    assert [tokenizer.decode(r) for r in question.responses] == ["the correct answer is answer1",
+                                                                "the correct answer is answer2",
+                                                                "the correct answer is answer3"]
+    assert test.chance("ARC-Easy") == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_every_method_fine_tunes_the_causal_lm_end_to_end(tiny_causal_llama, tiny_suite, method):
+    config = load_config(overrides=causal_overrides(tiny_causal_llama, tiny_suite), method=method)
+
+    results = run_experiment(config, show_progress=False)
+
+    final = results["final"]
+    details = results["history"][-1]["tier_details"]["0.5"]
+    assert results["task"] == "causal-lm" and results["label_names"] == ["ARC-Easy", "boolq"]
+    assert results["num_test"] == 3 * 4  # 4 questions from each of the three tasks, the test-only one included
+    assert {k.split("/")[0] for k in details if "/" in k} == {"ARC-Easy", "boolq", "winogrande"}
+    assert final["tier_accuracy"]["0.5"] == details["generation"]  # the headline protocol
+    assert details["winogrande/chance"] == 0.5 and details["chance"] == pytest.approx((1 / 3 + 0.5 + 0.5) / 3)
+    assert all(0 <= v <= 1 for k, v in details.items())
+    assert math.isfinite(final["test_loss"]) and set(results["round0"]) == {"0.5", "1.0"}
+    assert all(math.isfinite(c["train_loss"]) for c in results["history"][-1]["clients"])
+    assert sum(sum(c["label_counts"]) for c in results["clients"]) == results["num_train"] == 48
