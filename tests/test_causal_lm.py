@@ -3,6 +3,7 @@ log-likelihood scoring and cached greedy generation against brute force, every m
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,8 +15,7 @@ from ubsmoe.data.commonsense import load_commonsense
 from ubsmoe.engine.simulation import build_experiment, run_experiment
 from ubsmoe.methods import REGISTRY
 from ubsmoe.model import load_tokenizer
-from ubsmoe.tasks.causal_lm import (IGNORE, choice_log_likelihoods, encode_questions, encode_training, generate,
-                                    next_token_positions)
+from ubsmoe.tasks.causal_lm import IGNORE, encode_questions, encode_training, next_token_positions, score_and_generate
 
 
 def record(question: str, answer: str, choices: str) -> dict:
@@ -105,34 +105,31 @@ def test_restricted_projection_gives_the_loss_of_the_full_one(experiment):
     assert experiment.model.head.last_positions == int(positions.sum()) < batch.attention_mask.sum()
 
 
-def test_log_likelihood_scorer_equals_one_candidate_at_a_time(experiment):
-    questions = [q for qs in experiment.test.questions.values() for q in qs][:6]
+def brute_force_next_token_log_probs(model, sequence: list[int]) -> torch.Tensor:
+    """log p(next token | tokens up to i) for every position i of one unpadded sequence, no cache: (S, V)."""
+    ids = torch.tensor([sequence])
+    hidden = model.hidden_states(ids, torch.ones_like(ids))[0]
+    return (hidden @ model.head.weight.T).log_softmax(-1)
 
-    batched = choice_log_likelihoods(experiment.model, questions, batch_size=5)
 
-    for question, scores in zip(questions, batched):
-        for response, score in zip(question.responses, scores):
-            ids = torch.tensor([question.prompt + response])
-            hidden = experiment.model.hidden_states(ids, torch.ones_like(ids))[0]
-            log_probs = (hidden @ experiment.model.head.weight.T).log_softmax(-1)
+def test_one_prompt_pass_scores_choices_and_generates_as_brute_force_does(experiment):
+    """Batched, left-padded, cached (one prompt pass, repeated per choice, cut back, then decoded) against
+    every choice and every generated token computed from the whole unpadded sequence."""
+    questions = [q for qs in experiment.test.questions.values() for q in qs][:5]
+    questions[1] = replace(questions[1], prompt=questions[1].prompt[:-5])  # different lengths: left padding
+
+    answers = score_and_generate(experiment.model, questions, batch_size=4, max_new_tokens=5, eos=-1, pad=0)
+
+    for question, answer in zip(questions, answers):
+        for response, score in zip(question.responses, answer.scores):
+            log_probs = brute_force_next_token_log_probs(experiment.model, question.prompt + response)
             expected = sum(log_probs[len(question.prompt) - 1 + i, t].item() for i, t in enumerate(response))
             assert score == pytest.approx(expected, abs=1e-4)
-    assert len({tuple(s) for s in batched}) > 1
-
-
-def test_cached_greedy_generation_equals_rerunning_the_whole_sequence(experiment):
-    prompts = [q.prompt for qs in experiment.test.questions.values() for q in qs][:3]
-    prompts[1] = prompts[1][:-5]  # different lengths: left padding in the batch
-
-    cached = generate(experiment.model, prompts, max_new_tokens=5, eos=-1, pad=0, batch_size=3)
-
-    for prompt, tokens in zip(prompts, cached):
-        sequence = list(prompt)
+        sequence = list(question.prompt)
         for _ in range(5):
-            ids = torch.tensor([sequence])
-            hidden = experiment.model.hidden_states(ids, torch.ones_like(ids))[0, -1]
-            sequence.append(int((hidden @ experiment.model.head.weight.T).argmax()))
-        assert tokens == sequence[len(prompt):]
+            sequence.append(int(brute_force_next_token_log_probs(experiment.model, sequence)[-1].argmax()))
+        assert answer.generated == sequence[len(question.prompt):]
+    assert len({tuple(a.scores) for a in answers}) > 1
 
 
 def test_questions_keep_their_responses_whole(tiny_causal_llama, tiny_suite):

@@ -33,7 +33,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ubsmoe.config import ConfigError
-from ubsmoe.data.commonsense import CommonsenseExample, evaluation_subsets, extract_answer, load_commonsense, training_mix
+from ubsmoe.data.commonsense import (CommonsenseExample, evaluation_subsets, extract_answer, load_commonsense,
+                                     training_mix)
 from ubsmoe.data.dataset import Batch, TokenizedDataset
 from ubsmoe.model import HeadFactory, MoEModel, TaskHead
 from ubsmoe.model.backbones import BackboneFamily, resolve_backbone
@@ -221,20 +222,16 @@ class CausalLM(Task):
                  observe: ForwardObserver | None = None) -> Evaluation:
         details: dict[str, float] = {}
         nll, tokens = 0.0, 0
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         for task, questions in data.questions.items():
-            scores = choice_log_likelihoods(model, questions, batch_size, observe, desc=f"{task}: log-likelihood")
-            right = [s[q.answer] for s, q in zip(scores, questions)]
-            nll -= sum(right)
+            answers = score_and_generate(model, questions, batch_size, self.config.evaluation.max_new_tokens, eos, pad,
+                                         observe, desc=task)
+            nll -= sum(a.scores[q.answer] for a, q in zip(answers, questions))
             tokens += sum(len(q.responses[q.answer]) for q in questions)
-            details[f"{task}/loglik"] = statistics.mean(
-                float(max(range(len(s)), key=lambda i: s[i]) == q.answer) for s, q in zip(scores, questions))
+            texts = self.tokenizer.batch_decode([a.generated for a in answers], skip_special_tokens=True)
+            details[f"{task}/loglik"] = statistics.mean(float(a.likeliest(q) == q.answer) for a, q in zip(answers, questions))
             details[f"{task}/loglik_norm"] = statistics.mean(
-                float(max(range(len(s)), key=lambda i: s[i] / q.response_chars[i]) == q.answer)
-                for s, q in zip(scores, questions))
-            generated = generate(model, [q.prompt for q in questions], self.config.evaluation.max_new_tokens,
-                                 self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, batch_size,
-                                 desc=f"{task}: generation")
-            texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+                float(a.likeliest(q, per_char=True) == q.answer) for a, q in zip(answers, questions))
             details[f"{task}/generation"] = statistics.mean(
                 float(extract_answer(task, text) == q.choices[q.answer]) for text, q in zip(texts, questions))
             details[f"{task}/chance"] = data.chance(task)
@@ -243,70 +240,107 @@ class CausalLM(Task):
         return Evaluation(accuracy=details[self.config.evaluation.protocol], loss=nll / max(tokens, 1), details=details)
 
 
-@torch.inference_mode()
-def choice_log_likelihoods(model: MoEModel, questions: list[ScoredQuestion], batch_size: int,
-                           observe: ForwardObserver | None = None, desc: str = "") -> list[list[float]]:
-    """Per question, per choice: the sum of log-probabilities of the choice's response tokens after the
-    prompt. Sequences (prompt + response) run ``batch_size`` at a time, right-padded."""
-    sequences = [(qi, ci, q.prompt, r) for qi, q in enumerate(questions) for ci, r in enumerate(q.responses)]
-    scores = [[0.0] * len(q.responses) for q in questions]
-    pad = 0
-    for start in tqdm(range(0, len(sequences), batch_size), desc=desc, leave=False, disable=None):
-        chunk = sequences[start:start + batch_size]
-        length = max(len(p) + len(r) for _, _, p, r in chunk)
-        ids = torch.full((len(chunk), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), length), dtype=torch.long)
-        labels = torch.full((len(chunk), length), IGNORE, dtype=torch.long)
-        for row, (_, _, prompt, response) in enumerate(chunk):
-            ids[row, : len(prompt) + len(response)] = torch.tensor(prompt + response)
-            mask[row, : len(prompt) + len(response)] = 1
-            labels[row, len(prompt): len(prompt) + len(response)] = torch.tensor(response)
-        positions, targets = next_token_positions(labels)
-        logits = model(ids, mask, positions=positions)  # (n, V), rows in (sequence, position) order
-        if observe is not None:
-            observe(mask)
-        token_scores = logits.log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)
-        per_sequence = torch.zeros(len(chunk), dtype=token_scores.dtype).index_add_(
-            0, positions.nonzero()[:, 0], token_scores)
-        for row, (qi, ci, _, _) in enumerate(chunk):
-            scores[qi][ci] = float(per_sequence[row])
-    return scores
+@dataclass
+class Answer:
+    """What a model made of a question: each choice's response log-likelihood, and its greedy continuation
+    (token ids, ending at end-of-sequence when it produced one)."""
+
+    scores: list[float]
+    generated: list[int]
+
+    def likeliest(self, question: ScoredQuestion, per_char: bool = False) -> int:
+        values = [s / n for s, n in zip(self.scores, question.response_chars)] if per_char else self.scores
+        return max(range(len(values)), key=values.__getitem__)
 
 
 @torch.inference_mode()
-def generate(model: MoEModel, prompts: list[list[int]], max_new_tokens: int, eos: int, pad: int, batch_size: int,
-             desc: str = "") -> list[list[int]]:
-    """Greedy continuations of ``prompts`` (token ids), ``batch_size`` at a time, left-padded, with the
-    backbone's key-value cache; each stops at end-of-sequence (included) or after ``max_new_tokens``."""
+def score_and_generate(model: MoEModel, questions: list[ScoredQuestion], batch_size: int, max_new_tokens: int,
+                       eos: int, pad: int, observe: ForwardObserver | None = None, desc: str = "") -> list[Answer]:
+    """Each question's choices scored and its answer generated from one pass over its prompt.
+
+    ``batch_size`` prompts at a time run left-padded with the backbone's key-value cache; the cache is
+    repeated once per choice to score the choices' responses (right-padded) after it, cut back, and then
+    continued by greedy decoding (at most ``max_new_tokens``, stopping at ``eos``). ``observe`` sees the
+    prompt passes (the inference FLOPs per token are those of reading prompts)."""
     from transformers import DynamicCache
 
-    results: list[list[int]] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=None):
-        chunk = prompts[start:start + batch_size]
-        length = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), length), dtype=torch.long)
-        for row, prompt in enumerate(chunk):
-            ids[row, length - len(prompt):] = torch.tensor(prompt)
-            mask[row, length - len(prompt):] = 1
+    answers: list[Answer] = []
+    for start in tqdm(range(0, len(questions), batch_size), desc=desc, leave=False, disable=None):
+        chunk = questions[start:start + batch_size]
+        ids, mask = _left_padded([q.prompt for q in chunk], pad)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        output = model.run_backbone(ids, mask, position_ids=positions, use_cache=True,
+        prompt = model.run_backbone(ids, mask, position_ids=positions, use_cache=True,
                                     cache=DynamicCache(config=model.backbone.config))
-        new = torch.empty((len(chunk), 0), dtype=torch.long)
-        done = torch.zeros(len(chunk), dtype=torch.bool)
-        for _ in range(max_new_tokens):
-            hidden = output.last_hidden_state[:, -1:]  # (B, 1, d)
-            token = model.head(hidden, torch.ones_like(hidden[..., 0], dtype=torch.bool)).argmax(-1)  # (B,)
-            token = torch.where(done, torch.full_like(token, pad), token)
-            new = torch.cat([new, token.unsqueeze(1)], dim=1)
-            done |= token == eos
-            if bool(done.all()):
-                break
-            mask = torch.cat([mask, torch.ones((len(chunk), 1), dtype=torch.long)], dim=1)
-            positions = positions[:, -1:] + 1
-            output = model.run_backbone(token.unsqueeze(1), mask, position_ids=positions, use_cache=True,
-                                        cache=output.cache)
-        for row in range(len(chunk)):
-            tokens = new[row].tolist()
-            results.append(tokens[: tokens.index(eos) + 1] if eos in tokens else tokens)
+        last = prompt.last_hidden_state[:, -1:]  # (B, 1, d): predicts each response's first token
+        first = model.head(last, torch.ones_like(last[..., 0], dtype=torch.bool)).log_softmax(-1)  # (B, V)
+        if observe is not None:  # the prompt pass and its one projection per prompt
+            observe(mask)
+        cache = prompt.cache
+        scores = _score_choices(model, chunk, first, cache, mask, positions, pad)
+        generated = _greedy(model, last, cache, mask, positions, max_new_tokens, eos, pad)
+        answers += [Answer(s, g) for s, g in zip(scores, generated)]
+    return answers
+
+
+def _left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row):] = torch.tensor(row)
+        mask[i, length - len(row):] = 1
+    return ids, mask
+
+
+def _score_choices(model: MoEModel, chunk: list[ScoredQuestion], first: torch.Tensor, cache, mask: torch.Tensor,
+                   positions: torch.Tensor, pad: int) -> list[list[float]]:
+    """Sum of log-probabilities of every choice's response after its prompt's cached keys and values;
+    leaves ``cache`` as it found it. first: (B, V) log-probabilities of the token after each prompt."""
+    rows = [(qi, response) for qi, q in enumerate(chunk) for response in q.responses]
+    owner = torch.tensor([qi for qi, _ in rows])
+    length = max(len(r) for _, r in rows)
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    real = torch.zeros((len(rows), length), dtype=torch.bool)
+    for i, (_, response) in enumerate(rows):
+        ids[i, : len(response)] = torch.tensor(response)
+        real[i, : len(response)] = True
+    totals = first[owner, ids[:, 0]].clone()  # each response's first token, predicted by its prompt
+    if length > 1:
+        cache.batch_select_indices(owner)
+        extended = torch.cat([mask[owner], real.long()], dim=1)
+        steps = positions[owner, -1:] + 1 + torch.arange(length)
+        hidden = model.run_backbone(ids, extended, position_ids=steps, use_cache=True, cache=cache).last_hidden_state
+        scored = F.pad(real[:, 1:], (0, 1), value=False)  # positions whose next token is a real response token
+        log_probs = model.head(hidden, real, positions=scored).log_softmax(-1)
+        token_scores = log_probs.gather(1, ids[:, 1:][real[:, 1:]].unsqueeze(1)).squeeze(1)
+        totals.index_add_(0, scored.nonzero()[:, 0], token_scores)
+        cache.crop(-length)  # back to the prompts (a negative count removes that many positions)
+        first_rows = torch.tensor([0] + [len(q.responses) for q in chunk[:-1]]).cumsum(0)
+        cache.batch_select_indices(first_rows)
+    per_question = [[] for _ in chunk]
+    for (qi, _), total in zip(rows, totals.tolist()):
+        per_question[qi].append(total)
+    return per_question
+
+
+def _greedy(model: MoEModel, last: torch.Tensor, cache, mask: torch.Tensor, positions: torch.Tensor,
+            max_new_tokens: int, eos: int, pad: int) -> list[list[int]]:
+    """Greedy continuations after the cached prompts; each stops at ``eos`` (kept) or ``max_new_tokens``."""
+    hidden, batch = last, last.shape[0]
+    new = torch.empty((batch, 0), dtype=torch.long)
+    done = torch.zeros(batch, dtype=torch.bool)
+    for step in range(max_new_tokens):
+        token = model.head(hidden, torch.ones_like(hidden[..., 0], dtype=torch.bool)).argmax(-1)  # (B,)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        new = torch.cat([new, token.unsqueeze(1)], dim=1)
+        done |= token == eos
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones((batch, 1), dtype=torch.long)], dim=1)
+        positions = positions[:, -1:] + 1
+        hidden = model.run_backbone(token.unsqueeze(1), mask, position_ids=positions, use_cache=True,
+                                    cache=cache).last_hidden_state
+    results = []
+    for row in new.tolist():
+        results.append(row[: row.index(eos) + 1] if eos in row else row)
     return results
