@@ -164,3 +164,18 @@ def test_every_method_fine_tunes_the_causal_lm_end_to_end(tiny_causal_llama, tin
     assert math.isfinite(final["test_loss"]) and set(results["round0"]) == {"0.5", "1.0"}
     assert all(math.isfinite(c["train_loss"]) for c in results["history"][-1]["clients"])
     assert sum(sum(c["label_counts"]) for c in results["clients"]) == results["num_train"] == 48
+
+
+def test_tiers_benchmark_times_the_causal_lm_step(tiny_causal_llama, tiny_suite, tmp_path):
+    """`ubsmoe bench tiers ... task=causal-lm data.dataset=commonsense:PATH` times and counts the causal-LM step."""
+    from ubsmoe.bench.tiers import run
+
+    result = run(tmp_path / "tiers.json", methods=("ubsmoe",), backbone=str(tiny_causal_llama), batch_size=4,
+                 max_length=64, repeats=1, part_repeats=1, threads=1,
+                 overrides=("task=causal-lm", f"data.dataset=commonsense:{tiny_suite}", "model.num_experts=4",
+                            "model.calibration_samples=8", "data.max_test_samples=2"))
+
+    tiers = result["methods"]["ubsmoe"]["tiers"]
+    assert result["overrides"][0] == "task=causal-lm"
+    assert tiers["0.25"]["train_flops"] < tiers["1.0"]["train_flops"]
+    assert "Settings: `task=causal-lm" in (tmp_path / "tiers.md").read_text()

@@ -92,7 +92,8 @@ def _bench(args) -> int:
         from ubsmoe.bench.tiers import run
 
         run(Path(args.out), backbone=args.backbone, batch_size=args.batch_size, dropout=args.dropout,
-            max_length=args.max_length, threads=args.threads, repeats=args.repeats, part_repeats=args.part_repeats)
+            max_length=args.max_length, threads=args.threads, repeats=args.repeats, part_repeats=args.part_repeats,
+            overrides=tuple(args.overrides))
         print(Path(args.out).with_suffix(".md").read_text())
         return 0
     if args.name == "dmr-reach":
@@ -163,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tiers only: turns per tier with timing hooks (where a step's time goes)")
     bench.add_argument("--threads", type=int, default=2,
                        help="CPU threads torch may use in the timed benchmarks (moe-layer, pg-step, tiers)")
+    bench.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="tiers only: config settings, e.g. task=causal-lm data.dataset=commonsense:PATH")
     bench.set_defaults(func=_bench)
     return parser
 

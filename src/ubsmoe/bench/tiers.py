@@ -68,15 +68,17 @@ def _turn(exp, budget: float, batch, counter: FlopCounter, flops: dict, key: str
 
 def run(out: Path, methods: tuple[str, ...] = ("ubsmoe", "hetlora"), backbone: str = "minilm", batch_size: int = 16,
         max_length: int = 128, repeats: int = 11, part_repeats: int = 5, threads: int = 2, seed: int = 0,
-        dropout: float = -1.0) -> dict:
+        dropout: float = -1.0, overrides: tuple[str, ...] = ()) -> dict:
     """dropout: the backbone's dropout probability (-1: the checkpoint's, as in the default experiment);
-    part_repeats: turns per tier with timing hooks, for the split of a step into its parts."""
+    part_repeats: turns per tier with timing hooks, for the split of a step into its parts; overrides:
+    further ``key=value`` config settings (``task=causal-lm data.dataset=commonsense:PATH`` times the
+    causal-LM step)."""
     candidates, hooked, parts, flops, setups = {}, {}, {}, {}, {}
     for name in methods:
         config = load_config(overrides=[f"threads={threads}", f"seed={seed}", f"model.backbone={backbone}",
                                         f"model.max_length={max_length}",
                                         "data.max_train_samples=256", "data.max_test_samples=16",
-                                        f"model.dropout={dropout}"], method=name)
+                                        f"model.dropout={dropout}", *overrides], method=name)
         exp = build_experiment(config)
         exp.model.load_trainable_state(exp.method.initial_state(exp.model).params)
         counter = FlopCounter(exp.model)
@@ -91,7 +93,8 @@ def run(out: Path, methods: tuple[str, ...] = ("ubsmoe", "hetlora"), backbone: s
     result = {"benchmark": "tiers", "backbone": backbone, "batch_size": batch_size, "max_length": max_length,
               "threads": threads, "steps_per_turn": STEPS_PER_TURN,
               "dropout": "checkpoint" if dropout < 0 else dropout,
-              "repeats": repeats, "part_repeats": part_repeats, "torch": torch.__version__, "methods": {}}
+              "repeats": repeats, "part_repeats": part_repeats, "overrides": list(overrides), "torch": torch.__version__,
+              "methods": {}}
     for name in methods:
         tiers = {str(b): {"train_flops": flops[f"{name}@{b}"], "median_s": statistics.median(times[f"{name}@{b}"]),
                           "step_s": times[f"{name}@{b}"],
@@ -172,6 +175,7 @@ def to_markdown(result: dict) -> str:
              f"{result['max_length']} tokens, "
              f"{result['threads']} threads, median of {result['repeats']} turns of {result['steps_per_turn']} steps, "
              f"backbone dropout: {result['dropout']})", "",
+             *([f"Settings: `{' '.join(result['overrides'])}`", ""] if result.get("overrides") else []),
              "| method | tier | training FLOPs | median step ms | GFLOP/s |", "|---|---|---|---|---|"]
     for name, entry in result["methods"].items():
         for tier, t in entry["tiers"].items():
