@@ -240,3 +240,25 @@ def test_float32_grouped_path_matches_float64_for_unaligned_ranks_and_widths(ran
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(layer.lora_down_a.grad.double(), reference.lora_down_a.grad, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(layer.lora_up_b.grad.double(), reference.lora_up_b.grad, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("gate_mode", ["straight_through", "softmax", "softmax_renorm"])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("k", [1, 2, E])
+def test_few_tokens_without_gradients_run_unmerged_with_the_same_output(gated, k, gate_mode, monkeypatch):
+    """A decoding step's few tokens skip the merged weights W + s A B (merging would cost more than
+    their LoRA products); the output is the merged path's to float precision."""
+    layer = moe_from(dense_ffn(gated)).double()
+    layer.gate_mode = gate_mode
+    layer.set_top_k(k)
+    x = torch.randn(1, 3, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    merged = layer(x).detach()  # gradients enabled: the merged path
+
+    monkeypatch.setattr(SparseMoEFFN, "_routed_experts", lambda *a: pytest.fail("took the merged routed path"))
+    monkeypatch.setattr(DenseUpProjection, "apply", lambda *a: pytest.fail("took the merged dense path"))
+    with torch.no_grad():
+        unmerged = layer(x)
+        large_batch_merges = layer._merge_pays(100_000)
+
+    torch.testing.assert_close(unmerged, merged, rtol=1e-12, atol=1e-12)
+    assert large_batch_merges and layer._merge_pays(1)  # with gradients the merged path, always

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ubsmoe.model.grouped_lora import (DenseDownProjection, DenseUpProjection, GroupedDownProjection,
-                                       GroupedUpProjection)
+                                       GroupedUpProjection, grouped_mm)
 from ubsmoe.model.lora import kaiming_uniform
 from ubsmoe.model.matmul import NarrowLinear
 
@@ -241,7 +241,11 @@ class SparseMoEFFN(nn.Module):
             y = self._all_experts(x, by_expert)
         else:
             layout = SlotLayout.from_experts(experts, self.num_experts)
-            y = self._routed_experts(x, layout, gates.reshape(-1).index_select(0, layout.order))
+            slot_gates = gates.reshape(-1).index_select(0, layout.order)
+            if self._merge_pays(layout.token.shape[0]):
+                y = self._routed_experts(x, layout, slot_gates)
+            else:
+                y = self._routed_experts_unmerged(x, layout, slot_gates)
         for hook in self.hooks:
             y = hook.adjust_output(self, y, record)
         return y
@@ -296,9 +300,43 @@ class SparseMoEFFN(nn.Module):
         return GroupedDownProjection.apply(gated, self.w_down, a, b, self.lora_scale, layout.token, layout.pair, T,
                                            layout.ends, layout.counts, extra_rows)
 
+    def _merge_pays(self, slots: int) -> bool:
+        """Whether to run the experts through merged weights W + s A B: always when gradients flow (the
+        backward reuses them); without gradients only when merging (E d h r multiply-adds per matrix)
+        costs less than the LoRA products of the slots themselves (S r (d + h)): a decoding step's few
+        tokens take the unmerged path."""
+        return torch.is_grad_enabled() or slots * (self.d_model + self.d_hidden) >= self.num_experts * self.d_model * self.d_hidden
+
+    def _routed_experts_unmerged(self, x: torch.Tensor, layout: "SlotLayout", slot_gates: torch.Tensor) -> torch.Tensor:
+        """Without gradients: each slot through its expert's frozen weight plus s (x A_e) B_e, no merged
+        weight. x: (T, d); slot_gates: (S,) -> (T, d)."""
+        inputs = x.index_select(0, layout.token)  # (S, d), sorted by expert
+
+        def project(name: str, values: torch.Tensor) -> torch.Tensor:  # (S, in) -> (S, out)
+            a, b = self._lora_factors(name)
+            out = grouped_mm(values, getattr(self, f"w_{name}"), layout.ends, layout.counts)
+            low_rank = grouped_mm(grouped_mm(values, a, layout.ends, layout.counts), b, layout.ends, layout.counts)
+            return out.add_(low_rank, alpha=self.lora_scale)
+
+        up = project("up", inputs)
+        if self.b_up is not None:
+            up = up + self.b_up.index_select(0, layout.expert)
+        gate = project("gate", inputs) if self.w_gate is not None else None
+        activation = self._hidden(up, gate, None)
+        # straight-through gates are exactly 1
+        gated = activation if self.gate_mode == "straight_through" else activation * slot_gates.unsqueeze(1)
+        if self.hooks:
+            tensors = {"tokens": x, "up": up, "gate": gate, "activation": activation, "hidden": gated,
+                       "gates": slot_gates, "projected": {}, "extra_rows": {}}
+            for hook in self.hooks:
+                hook.observe_experts(self, layout, tensors)
+        return x.new_zeros(x.shape).index_add_(0, layout.token, project("down", gated))
+
     def _all_experts(self, x: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
         """Every expert on every token as one wide FFN through the merged weights W + s A B
         (``grouped_lora``'s dense projections). x: (T, d); gates: (T, E) or None -> (T, d)."""
+        if not self._merge_pays(x.shape[0] * self.num_experts):
+            return self._all_experts_unmerged(x, gates)
 
         def project(name: str, bias: torch.Tensor | None = None) -> torch.Tensor:  # (T, E, h)
             a, b = self._lora_factors(name)
@@ -310,6 +348,24 @@ class SparseMoEFFN(nn.Module):
             hidden = self._apply_gates(hidden, gates)
         a, b = self._lora_factors("down")
         return DenseDownProjection.apply(hidden, self.w_down, a, b, self.lora_scale)
+
+    def _all_experts_unmerged(self, x: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
+        """Without gradients, for few tokens: every expert's frozen weight plus s (x A_e) B_e, batched over
+        experts, no merged weight. x: (T, d); gates: (T, E) or None -> (T, d)."""
+
+        def project(name: str, values: torch.Tensor) -> torch.Tensor:  # (E or 1, T, in) -> (E, T, out)
+            a, b = self._lora_factors(name)
+            weight = getattr(self, f"w_{name}")
+            return torch.matmul(values, weight).add_(torch.matmul(torch.matmul(values, a), b), alpha=self.lora_scale)
+
+        up = project("up", x.unsqueeze(0))
+        if self.b_up is not None:
+            up = up + self.b_up.unsqueeze(1)
+        gate = project("gate", x.unsqueeze(0)) if self.w_gate is not None else None
+        hidden = self._hidden(up, gate, None)  # (E, T, h)
+        if gates is not None and self.gate_mode != "straight_through":  # straight-through gates are exactly 1
+            hidden = hidden * gates.T.unsqueeze(2)
+        return project("down", hidden).sum(0)
 
 
 class _UnitGate(torch.autograd.Function):
