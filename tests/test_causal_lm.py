@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tiny_checkpoints import PROMPT_WORDS, WORDS, write_tiny_llama
-from ubsmoe.config import load_config
+from ubsmoe.config import ConfigError, load_config
 from ubsmoe.data.commonsense import load_commonsense
 from ubsmoe.engine.simulation import build_experiment, run_experiment
 from ubsmoe.methods import REGISTRY
@@ -179,3 +179,17 @@ def test_tiers_benchmark_times_the_causal_lm_step(tiny_causal_llama, tiny_suite,
     assert result["overrides"][0] == "task=causal-lm"
     assert tiers["0.25"]["train_flops"] < tiers["1.0"]["train_flops"]
     assert "Settings: `task=causal-lm" in (tmp_path / "tiers.md").read_text()
+
+
+def test_an_encoder_backbone_or_an_unknown_task_is_refused_before_training(tiny_bert, tiny_suite):
+    encoder = load_config(overrides=causal_overrides(tiny_bert, tiny_suite), method="smoe")
+    unknown = load_config(overrides=causal_overrides(tiny_bert, tiny_suite, task="causal_lm"), method="smoe")
+    wrong_data = load_config(overrides=causal_overrides(tiny_bert, tiny_suite, **{"data.dataset": "bbc_news"}),
+                             method="smoe")
+
+    with pytest.raises(ConfigError, match="task causal-lm needs a decoder"):
+        build_experiment(encoder)
+    with pytest.raises(ConfigError, match="unknown task 'causal_lm'; registered tasks: causal-lm, classification"):
+        build_experiment(unknown)
+    with pytest.raises(ConfigError, match="reads data.dataset=commonsense:PATH"):
+        build_experiment(wrong_data)

@@ -183,3 +183,17 @@ def test_parallel_jobs_give_the_numbers_of_one_job(ablation, tmp_path):
     for label in ("ubsmoe", "ubsmoe:pg=false"):
         assert parallel["methods"][label]["accuracy"] == summary["methods"][label]["accuracy"]
         assert parallel["methods"][label]["train_load_cv"] == summary["methods"][label]["train_load_cv"]
+
+
+def test_a_stored_run_without_a_key_that_changes_numbers_is_another_config(ablation, tmp_path):
+    """Only keys added without changing any number may be missing from a stored run; a run made before
+    data.split_seed existed split the data by its seed, and is not resumed as if it had not."""
+    out, overrides, _ = ablation
+    folder = tmp_path / "old"
+    (folder / "ubsmoe-s0").mkdir(parents=True)
+    stored = json.loads((out / "ubsmoe-s0" / "results.json").read_text())
+    del stored["config"]["data"]["split_seed"], stored["config"]["task"]
+    (folder / "ubsmoe-s0" / "results.json").write_text(json.dumps(stored))
+
+    with pytest.raises(ConfigError, match=r"differing keys: data.split_seed\);"):
+        run_comparison(parse_variants("ubsmoe"), [0], folder, overrides=overrides, show_progress=False)

@@ -4,7 +4,7 @@
 
 Routes real BBC News training tokens through the default upcycled MiniLM (calibrated routers, before
 training), then, per layer and on the router scores alone (no training), iterates the server's target
-phi <- tanh(u* / (u + eps) - 1) to its fixed point (SPEC section 4 with zeta = 0; N_p = M here) and
+phi <- zeta phi + (1 - zeta) tanh(u* / (u + eps) - 1) (zeta = 0.5) to its fixed point (SPEC section 4; N_p = M here) and
 reports the low tier's (K = 2) load CV:
 - "none": phi = 0 (plain top-K);
 - "mixed tiers": u and u* pooled over the four default tiers K in {2, 4, 6, 8} with equal data, as the

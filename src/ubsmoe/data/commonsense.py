@@ -65,8 +65,9 @@ class CommonsenseExample:
         return PROMPT.format(instruction=self.instruction)
 
     def response(self, choice: str | None = None) -> str:
-        """The reference response, or the one that names ``choice`` ("the correct answer is answer2")."""
-        return self.output if choice is None else self.output.replace(self.answer, choice)
+        """The reference response, or the one that names ``choice`` instead ("the correct answer is answer2"):
+        the reference ends with its answer (the loader checks)."""
+        return self.output if choice is None else self.output[: len(self.output) - len(self.answer)] + choice
 
 
 @dataclass
@@ -114,8 +115,8 @@ def _read_task_file(path: Path, task: str) -> list[CommonsenseExample]:
         records = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ConfigError(f"{path} is not a UTF-8 JSON file ({error})") from None
-    if not isinstance(records, list):
-        raise ConfigError(f"{path} must hold a JSON list of records, got {type(records).__name__}")
+    if not isinstance(records, list) or not records:
+        raise ConfigError(f"{path} must hold a non-empty JSON list of records")
     examples = []
     for number, record in enumerate(records):
         missing = [k for k in ("instruction", "output", "answer") if not isinstance(record, dict) or k not in record]
@@ -124,6 +125,9 @@ def _read_task_file(path: Path, task: str) -> list[CommonsenseExample]:
                               "instruction, output and answer (input may be empty)")
         example = CommonsenseExample(task, str(record["instruction"]), str(record.get("input") or ""),
                                      str(record["output"]), str(record["answer"]))
+        if not example.output.endswith(example.answer):
+            raise ConfigError(f"{path}: record {number}'s output {example.output[-60:]!r} does not end with its "
+                              f"answer {example.answer!r}; responses are scored as the output with the answer swapped")
         if example.answer not in example.choices:
             raise ConfigError(f"{path}: record {number}'s answer {example.answer!r} is not among the choices its "
                               f"instruction offers ({'/'.join(example.choices) or 'no Answer format line'})")

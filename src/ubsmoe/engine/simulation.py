@@ -66,25 +66,24 @@ def validate(config: ExperimentConfig) -> None:
         (config.threads >= 1, "threads must be >= 1"),
         (config.model.dropout < 1, "model.dropout must be below 1 (-1 keeps the checkpoint's dropout)"),
         (config.data.dedup_prefix_words >= 0, "data.dedup_prefix_words must be >= 0 (0 compares whole texts)"),
-        (config.evaluation.protocol in ("generation", "loglik"), "evaluation.protocol must be generation or loglik"),
-        (config.evaluation.max_new_tokens >= 1, "evaluation.max_new_tokens must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    try:
+        task = get_task(config.task)
+    except KeyError as error:
+        raise ConfigError(error.args[0]) from None
+    task.check(config)
 
 
 def build_experiment(config: ExperimentConfig) -> Experiment:
     torch.set_num_threads(config.threads)
-    try:
-        task_cls = get_task(config.task)
-    except KeyError as error:
-        raise ConfigError(error.args[0]) from None
     method_cls = get_method(config.method_name)
     options = resolve_method_options(config, method_cls.Options)
     validate(config)
     torch.manual_seed(config.seed)
-    task = task_cls(config)
+    task = get_task(config.task)(config)
     data = task.load(load_tokenizer(config.model.backbone))
     train = data.train
     clients, parts = make_clients(config.federation, data.partition_keys, config.seed)

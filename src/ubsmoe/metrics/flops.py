@@ -9,7 +9,8 @@ Counted, with a multiply-add as 2 FLOPs:
   projection runs through its merged weight W + s A B (E d h r per matrix and batch), and in training
   the factor on the model-width side (A of up/gate, B of down) costs two dense (T, d) x (d, E r)
   products over every expert and real token, and the factor on the expert-width side two products per
-  slot (at K = M, every expert's slots are every token);
+  slot (at K = M, every expert's slots are every token); at inference on so few slots that the layer
+  skips the merge (``SparseMoEFFN.merges``), s (x A_e) B_e per slot instead;
 - the task's head, as the head counts itself (``TaskHead.flops``: classification, one product per
   pooled vector);
 - in training, the backward pass: a frozen matrix needs the input gradient only (1 x its forward),
@@ -129,9 +130,12 @@ class FlopCounter:
             slots = tokens * (layer.top_k if layer.router is not None else 1)
             matrices = len(layer.adapted)
             flops.experts += 2 * slots * layer.d_model * layer.d_hidden * matrices * (1 + grad)
-            lora_macs = tokens * layer.num_experts * layer.d_model + slots * layer.d_hidden  # per rank and matrix
-            merge = layer.num_experts * layer.d_model * layer.d_hidden  # W + s A B, once per batch
-            flops.lora += 2 * (merge + 2 * grad * lora_macs) * layer.active_rank * matrices
+            if layer.merges(slots, training):
+                lora_macs = tokens * layer.num_experts * layer.d_model + slots * layer.d_hidden  # per rank and matrix
+                merge = layer.num_experts * layer.d_model * layer.d_hidden  # W + s A B, once per batch
+                flops.lora += 2 * (merge + 2 * grad * lora_macs) * layer.active_rank * matrices
+            else:  # inference on few slots: s (x A_e) B_e per slot, no merged weight
+                flops.lora += 2 * slots * (layer.d_model + layer.d_hidden) * layer.active_rank * matrices
             if layer.router is not None:
                 flops.router += 2 * tokens * layer.d_model * layer.num_experts * (1 + 2 * grad)
             if training:

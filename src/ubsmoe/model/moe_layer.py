@@ -300,12 +300,15 @@ class SparseMoEFFN(nn.Module):
         return GroupedDownProjection.apply(gated, self.w_down, a, b, self.lora_scale, layout.token, layout.pair, T,
                                            layout.ends, layout.counts, extra_rows)
 
+    def merges(self, slots: int, grad: bool) -> bool:
+        """Whether ``slots`` (token, expert) pairs run through merged weights W + s A B: always when
+        gradients flow (the backward reuses them); without gradients only when merging (E d h r
+        multiply-adds per matrix) costs less than the LoRA products of the slots themselves (S r (d + h)):
+        a decoding step's few tokens take the unmerged path. The FLOP counter follows the same rule."""
+        return grad or slots * (self.d_model + self.d_hidden) >= self.num_experts * self.d_model * self.d_hidden
+
     def _merge_pays(self, slots: int) -> bool:
-        """Whether to run the experts through merged weights W + s A B: always when gradients flow (the
-        backward reuses them); without gradients only when merging (E d h r multiply-adds per matrix)
-        costs less than the LoRA products of the slots themselves (S r (d + h)): a decoding step's few
-        tokens take the unmerged path."""
-        return torch.is_grad_enabled() or slots * (self.d_model + self.d_hidden) >= self.num_experts * self.d_model * self.d_hidden
+        return self.merges(slots, torch.is_grad_enabled())
 
     def _routed_experts_unmerged(self, x: torch.Tensor, layout: "SlotLayout", slot_gates: torch.Tensor) -> torch.Tensor:
         """Without gradients: each slot through its expert's frozen weight plus s (x A_e) B_e, no merged

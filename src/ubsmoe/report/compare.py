@@ -19,6 +19,10 @@ from ubsmoe.report.summary import human, write_results
 from ubsmoe.report.variants import Variant, parse_variant
 
 
+NEUTRAL_NEW_KEYS = ("task", "train.train_on_inputs", "evaluation.protocol", "evaluation.max_new_tokens",
+                    "evaluation.round0")
+
+
 def plan_runs(variants: list[Variant], seeds: list[int], config_path: str | None = None,
               overrides: list[str] | None = None) -> dict[tuple[str, int], ExperimentConfig]:
     """The resolved config of every (variant label, seed), every key and method option checked."""
@@ -54,10 +58,11 @@ def finished_run(folder: Path, config: ExperimentConfig) -> bool:
     except (ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"{path} is unreadable ({error}); delete it to run that variant again") from None
     stored, wanted = flatten_keys(stored), flatten_keys(json.loads(json.dumps(config.to_dict())))
-    # A key the stored run lacks was added to ubsmoe since; the run had the behaviour of its default.
+    # Keys added since without changing any number the runs before them made: their defaults are what
+    # those runs did. Any other missing key makes the run another config.
     defaults = flatten_keys(json.loads(json.dumps(ExperimentConfig().to_dict())))
-    stored = {k: stored.get(k, defaults.get(k)) for k in set(stored) | set(wanted)}
-    differing = sorted(k for k in stored if stored[k] != wanted.get(k))
+    stored |= {k: defaults[k] for k in NEUTRAL_NEW_KEYS if k not in stored}
+    differing = sorted(k for k in set(stored) | set(wanted) if stored.get(k, "(missing)") != wanted.get(k))
     if differing:
         raise ConfigError(f"{path} holds a run with another config (differing keys: {', '.join(differing)}); "
                           "use another --out folder, or delete that run to replace it")

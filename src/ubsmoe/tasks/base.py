@@ -59,6 +59,10 @@ class Task:
     def __init__(self, config: ExperimentConfig):
         self.config = config
 
+    @classmethod
+    def check(cls, config: ExperimentConfig) -> None:
+        """Refuse (``ConfigError``) settings this task cannot run, before anything is loaded."""
+
     def load(self, tokenizer) -> TaskData:
         """Read, deduplicate, split and tokenise the data the config names."""
         raise NotImplementedError

@@ -41,6 +41,7 @@ from ubsmoe.model.backbones import BackboneFamily, resolve_backbone
 from ubsmoe.tasks.base import Evaluation, ForwardObserver, Task, TaskData, register
 
 IGNORE = -100  # the label of a position that carries no loss
+PROTOCOLS = ("generation", "loglik")  # what evaluation.protocol may name as the headline accuracy
 DATASET_PREFIX = "commonsense:"
 
 
@@ -70,6 +71,9 @@ def language_model_head(backbone_name: str) -> HeadFactory:
     checkpoint's safetensors files (nothing else is loaded twice)."""
 
     def build(backbone: nn.Module, family: BackboneFamily, generator: torch.Generator) -> LanguageModelHead:
+        if family.pooling != "last":
+            raise ConfigError(f"task causal-lm needs a decoder backbone (Llama family), got a {family.name} encoder: "
+                              "set model.backbone=smollm2 or a local decoder checkpoint")
         if getattr(backbone.config, "tie_word_embeddings", False):
             return LanguageModelHead(backbone.get_input_embeddings().weight)
         return LanguageModelHead(_read_lm_head(backbone_name))
@@ -199,10 +203,24 @@ class CausalLM(Task):
     name = "causal-lm"
     description = "causal-LM fine-tuning on the commonsense suite; accuracy per task by generation and log-likelihood"
 
+    @classmethod
+    def check(cls, config) -> None:
+        suite_path(config.data.dataset)
+        if config.evaluation.protocol not in PROTOCOLS:
+            raise ConfigError(f"evaluation.protocol must be one of {', '.join(PROTOCOLS)}, got {config.evaluation.protocol!r}")
+        if config.evaluation.max_new_tokens < 1:
+            raise ConfigError("evaluation.max_new_tokens must be >= 1")
+
     def load(self, tokenizer) -> TaskData:
         data, model = self.config.data, self.config.model
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(f"the tokenizer of {model.backbone} has no end-of-sequence token: task causal-lm needs a "
+                              "decoder whose responses end")
         suite = load_commonsense(suite_path(data.dataset))
         mix, removed = training_mix(suite, data.max_train_samples, data.split_seed)
+        if not mix:
+            raise ConfigError(f"no training example is left in {data.dataset} once questions that a test set asks "
+                              "are removed")
         tasks = sorted({e.task for e in mix})
         train = encode_training(tokenizer, mix, model.max_length, self.config.train.train_on_inputs)
         test = encode_questions(tokenizer, evaluation_subsets(suite, data.max_test_samples, data.split_seed),
