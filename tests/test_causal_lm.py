@@ -67,6 +67,10 @@ def experiment(tiny_causal_llama, tiny_suite):
     exp.model.load_trainable_state(exp.method.initial_state(exp.model).params)
     for layer in exp.model.moe_layers:  # a random, non-zero update so that the checks see the experts' LoRA
         layer.lora_up_b.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # a random model's attention barely mixes tokens: scale it up so that history matters
+        for name, module in exp.model.backbone.named_modules():
+            if name.endswith(("q_proj.base", "k_proj", "v_proj.base", "o_proj")) and hasattr(module, "weight"):
+                module.weight.mul_(8.0)
     exp.model.set_top_k(2)
     exp.model.eval()
     return exp
@@ -193,3 +197,46 @@ def test_an_encoder_backbone_or_an_unknown_task_is_refused_before_training(tiny_
         build_experiment(unknown)
     with pytest.raises(ConfigError, match="reads data.dataset=commonsense:PATH"):
         build_experiment(wrong_data)
+
+
+def brute_force_beam_search(model, prompt: list[int], steps: int, eos: int, n: int) -> tuple[list[int], int]:
+    """The beam search of ``_beam_search`` on one unpadded prompt, every step from the whole sequence ->
+    (the answer, how many continuations ended with ``eos``)."""
+    open_beams, finished = [(0.0, [])], []
+    for step in range(steps):
+        candidates = []
+        for score, tokens in open_beams:
+            log_probs = brute_force_next_token_log_probs(model, prompt + tokens)[-1]
+            best = log_probs.topk(2 * n)
+            candidates += [(score + v, tokens + [t]) for v, t in zip(best.values.tolist(), best.indices.tolist())]
+        candidates.sort(key=lambda c: -c[0])
+        kept = []
+        for score, tokens in candidates[: 2 * n]:
+            if tokens[-1] == eos:
+                if len(finished) < n:
+                    finished.append((score / (step + 1), tokens))
+            elif len(kept) < n:
+                kept.append((score, tokens))
+        open_beams = kept
+        if len(finished) >= n:
+            break
+    return max(finished + [(s / len(t), t) for s, t in open_beams], key=lambda h: h[0])[1], len(finished)
+
+
+@pytest.mark.parametrize("eos_is_likely", [False, True])
+def test_beam_search_with_the_cache_equals_beam_search_on_whole_sequences(experiment, eos_is_likely):
+    questions = [q for qs in experiment.test.questions.values() for q in qs][:3]
+    questions[1] = replace(questions[1], prompt=questions[1].prompt[:-4])  # left padding in the batch
+    # an end-of-sequence token among the likely ones exercises the continuations set aside
+    eos = int(brute_force_next_token_log_probs(experiment.model, questions[0].prompt)[-1].argmax()) \
+        if eos_is_likely else -1
+
+    answers = score_and_generate(experiment.model, questions, batch_size=3, max_new_tokens=4, eos=eos, pad=0,
+                                 num_beams=3)
+
+    set_aside = 0
+    for question, answer in zip(questions, answers):
+        expected, ended = brute_force_beam_search(experiment.model, question.prompt, 4, eos, 3)
+        assert answer.generated == expected
+        set_aside += ended
+    assert (set_aside > 0) == eos_is_likely

@@ -85,6 +85,7 @@ class EvaluationConfig:
     protocol: str = option("generation", "causal-lm: the headline accuracy, generation (generate, then read the "
                                          "answer, as LLM-Adapters) or loglik (the likeliest answer)")
     max_new_tokens: int = option(32, "causal-lm: tokens generated per question at most")
+    num_beams: int = option(1, "causal-lm: 1 decodes greedily; more runs beam search (LLM-Adapters used 4)")
     round0: bool = option(True, "evaluate every tier before the first round (results.json: round0)")
 
 

@@ -14,7 +14,8 @@ prompt's). Evaluation, per task:
 - log-likelihood: the sum of log-probabilities of each choice's response ("the correct answer is
   answer2"); ``loglik`` is the share of questions whose right choice is the likeliest, ``loglik_norm``
   the same with sums divided by the response's length in characters;
-- generation: greedy decoding with a key-value cache, at most ``evaluation.max_new_tokens`` tokens,
+- generation: greedy decoding (or beam search, ``evaluation.num_beams``) with a key-value cache, at
+  most ``evaluation.max_new_tokens`` tokens,
   read with LLM-Adapters' rules (the first match of the task's answer pattern; none counts as wrong).
 ``evaluation.protocol`` names the headline accuracy; the loss is the mean negative log-likelihood per
 token of the right response.
@@ -208,8 +209,8 @@ class CausalLM(Task):
         suite_path(config.data.dataset)
         if config.evaluation.protocol not in PROTOCOLS:
             raise ConfigError(f"evaluation.protocol must be one of {', '.join(PROTOCOLS)}, got {config.evaluation.protocol!r}")
-        if config.evaluation.max_new_tokens < 1:
-            raise ConfigError("evaluation.max_new_tokens must be >= 1")
+        if config.evaluation.max_new_tokens < 1 or config.evaluation.num_beams < 1:
+            raise ConfigError("evaluation.max_new_tokens and evaluation.num_beams must be >= 1")
 
     def load(self, tokenizer) -> TaskData:
         data, model = self.config.data, self.config.model
@@ -243,7 +244,7 @@ class CausalLM(Task):
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         for task, questions in data.questions.items():
             answers = score_and_generate(model, questions, batch_size, self.config.evaluation.max_new_tokens, eos, pad,
-                                         observe, desc=task)
+                                         observe, desc=task, num_beams=self.config.evaluation.num_beams)
             nll -= sum(a.scores[q.answer] for a, q in zip(answers, questions))
             tokens += sum(len(q.responses[q.answer]) for q in questions)
             texts = self.tokenizer.batch_decode([a.generated for a in answers], skip_special_tokens=True)
@@ -273,12 +274,14 @@ class Answer:
 
 @torch.inference_mode()
 def score_and_generate(model: MoEModel, questions: list[ScoredQuestion], batch_size: int, max_new_tokens: int,
-                       eos: int, pad: int, observe: ForwardObserver | None = None, desc: str = "") -> list[Answer]:
+                       eos: int, pad: int, observe: ForwardObserver | None = None, desc: str = "",
+                       num_beams: int = 1) -> list[Answer]:
     """Each question's choices scored and its answer generated from one pass over its prompt.
 
     ``batch_size`` prompts at a time run left-padded with the backbone's key-value cache; the cache is
     repeated once per choice to score the choices' responses (right-padded) after it, cut back, and then
-    continued by greedy decoding (at most ``max_new_tokens``, stopping at ``eos``). ``observe`` sees the
+    continued by greedy decoding or, with ``num_beams`` > 1, beam search (at most ``max_new_tokens``,
+    stopping at ``eos``). ``observe`` sees the
     prompt passes (the inference FLOPs per token are those of reading prompts)."""
     from transformers import DynamicCache
 
@@ -295,7 +298,10 @@ def score_and_generate(model: MoEModel, questions: list[ScoredQuestion], batch_s
             observe(mask)
         cache = prompt.cache
         scores = _score_choices(model, chunk, first, cache, mask, positions, pad)
-        generated = _greedy(model, last, cache, mask, positions, max_new_tokens, eos, pad)
+        if num_beams > 1:
+            generated = _beam_search(model, last, cache, mask, positions, max_new_tokens, eos, num_beams)
+        else:
+            generated = _greedy(model, last, cache, mask, positions, max_new_tokens, eos, pad)
         answers += [Answer(s, g) for s, g in zip(scores, generated)]
     return answers
 
@@ -362,3 +368,60 @@ def _greedy(model: MoEModel, last: torch.Tensor, cache, mask: torch.Tensor, posi
     for row in new.tolist():
         results.append(row[: row.index(eos) + 1] if eos in row else row)
     return results
+
+
+def _beam_search(model: MoEModel, last: torch.Tensor, cache, mask: torch.Tensor, positions: torch.Tensor,
+                 max_new_tokens: int, eos: int, num_beams: int) -> list[list[int]]:
+    """Beam search after the cached prompts: ``num_beams`` open continuations per prompt, kept by their
+    summed log-probability; one that ends with ``eos`` is set aside (up to ``num_beams`` per prompt). The
+    search stops when every prompt has set aside ``num_beams`` or after ``max_new_tokens``; the answer is
+    the continuation, set aside or open, with the best log-probability per token (Hugging Face's length
+    penalty 1; its default search may run longer before stopping).
+    last: (B, 1, d); mask, positions: (B, P); the cache holds the B prompts and is reordered in place."""
+    batch, n = last.shape[0], num_beams
+    log_probs = model.head(last, torch.ones_like(last[..., 0], dtype=torch.bool)).log_softmax(-1)  # (B, V)
+    vocab = log_probs.shape[-1]
+    scores = torch.zeros(batch, 1, dtype=log_probs.dtype)  # one open beam per prompt to start with
+    sequences = torch.empty(batch, 0, dtype=torch.long)
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+    stopped: dict[int, list[tuple[float, list[int]]]] = {}
+    beams = 1
+    for step in range(max_new_tokens):
+        totals = (scores.unsqueeze(2) + log_probs.view(batch, beams, vocab)).view(batch, -1)  # (B, beams V)
+        best, index = totals.topk(2 * n, dim=1)  # enough that n stay open after those ending in eos
+        keep_scores, keep_rows, keep_tokens = [], [], []
+        for q in range(batch):
+            chosen = []
+            for value, flat in zip(best[q].tolist(), index[q].tolist()):
+                beam, token = divmod(flat, vocab)
+                if token == eos:
+                    if len(finished[q]) < n:
+                        finished[q].append((value / (step + 1), sequences[q * beams + beam].tolist() + [eos]))
+                elif len(chosen) < n:
+                    chosen.append((value, q * beams + beam, token))
+            keep_scores += [c[0] for c in chosen]
+            keep_rows += [c[1] for c in chosen]
+            keep_tokens += [c[2] for c in chosen]
+        rows, tokens = torch.tensor(keep_rows), torch.tensor(keep_tokens)
+        scores = torch.tensor(keep_scores, dtype=log_probs.dtype).view(batch, n)
+        sequences = torch.cat([sequences[rows], tokens.unsqueeze(1)], dim=1)
+        for q in range(batch):  # a prompt with num_beams set aside stops: its open beams as they are now
+            if q not in stopped and len(finished[q]) >= n:
+                stopped[q] = _open_beams(scores, sequences, q, n)
+        if step == max_new_tokens - 1 or len(stopped) == batch:
+            break
+        cache.batch_select_indices(rows)  # each kept beam's history: its prompt's, then its parent beam's
+        mask, positions = mask[rows], positions[rows]
+        beams = n
+        mask = torch.cat([mask, torch.ones((batch * n, 1), dtype=torch.long)], dim=1)
+        positions = positions[:, -1:] + 1
+        hidden = model.run_backbone(tokens.unsqueeze(1), mask, position_ids=positions, use_cache=True,
+                                    cache=cache).last_hidden_state
+        log_probs = model.head(hidden, torch.ones_like(hidden[..., 0], dtype=torch.bool)).log_softmax(-1)
+    return [max(finished[q] + stopped.get(q, _open_beams(scores, sequences, q, n)), key=lambda h: h[0])[1]
+            for q in range(batch)]
+
+
+def _open_beams(scores: torch.Tensor, sequences: torch.Tensor, q: int, n: int) -> list[tuple[float, list[int]]]:
+    """Prompt q's open beams as (log-probability per token, tokens). scores: (B, n); sequences: (B n, L)."""
+    return [(scores[q, b].item() / sequences.shape[1], sequences[q * n + b].tolist()) for b in range(n)]
