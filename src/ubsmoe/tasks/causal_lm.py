@@ -261,8 +261,8 @@ class CausalLM(Task):
 
 @dataclass
 class Answer:
-    """What a model made of a question: each choice's response log-likelihood, and its greedy continuation
-    (token ids, ending at end-of-sequence when it produced one)."""
+    """What a model made of a question: each choice's response log-likelihood, and its generated
+    continuation (token ids, ending at end-of-sequence when it produced one)."""
 
     scores: list[float]
     generated: list[int]
@@ -281,8 +281,8 @@ def score_and_generate(model: MoEModel, questions: list[ScoredQuestion], batch_s
     ``batch_size`` prompts at a time run left-padded with the backbone's key-value cache; the cache is
     repeated once per choice to score the choices' responses (right-padded) after it, cut back, and then
     continued by greedy decoding or, with ``num_beams`` > 1, beam search (at most ``max_new_tokens``,
-    stopping at ``eos``). ``observe`` sees the
-    prompt passes (the inference FLOPs per token are those of reading prompts)."""
+    stopping at ``eos``). ``observe`` sees the prompt passes (the inference FLOPs per token are those of
+    reading prompts)."""
     from transformers import DynamicCache
 
     answers: list[Answer] = []
