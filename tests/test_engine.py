@@ -131,6 +131,30 @@ def test_bad_settings_exit_with_code_2_and_say_why(argv, message, capsys, tmp_pa
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("override, message", [
+    ("method.zeta=2", "method.zeta must be in [0, 1], got 2.0"),
+    ("model.num_experts=5", "cannot split 64 neurons into 5 equal experts"),
+    ("data.dataset=nowhere.csv", "data file nowhere.csv does not exist"),
+    ("task=classifier", "unknown task 'classifier'; registered tasks"),
+    ("federation.num_clients=500", "samples cannot give 500 clients"),
+])
+def test_user_errors_found_while_building_exit_2_in_one_line(tiny_bert, tiny_task, tmp_path, capsys, override, message):
+    code = main(["run", "--quiet", "--out", str(tmp_path), *tiny_overrides(tiny_bert, tiny_task), override])
+
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_bug_is_not_taken_for_a_user_error(monkeypatch, tmp_path):
+    """Regression: the CLI caught every KeyError and ValueError as a user error, hiding bugs' tracebacks."""
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr("ubsmoe.engine.simulation.run_experiment", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["run", "--quiet", "--out", str(tmp_path)])
+
+
 def test_bad_key_in_config_file_exits_with_code_2(tmp_path, capsys):
     path = tmp_path / "bad.toml"
     path.write_text("[federation]\nrounds = 2\nclients = 3\n")

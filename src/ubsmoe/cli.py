@@ -175,9 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, KeyError, FileNotFoundError, ValueError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"ubsmoe: error: {message}", file=sys.stderr)
+    except ConfigError as error:  # user errors only: a bug keeps its traceback
+        print(f"ubsmoe: error: {error}", file=sys.stderr)
         return 2
 
 

@@ -16,7 +16,24 @@ from typing import Any
 
 
 class ConfigError(ValueError):
-    """A configuration the user wrote is invalid; the message says what to change."""
+    """A user error: a setting, a data file, a model folder or a package the user gave or lacks; the
+    message names the problem and the fix. The CLI prints it as one line (exit code 2); anything else is
+    a bug and keeps its traceback."""
+
+
+class MissingFileError(ConfigError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
+
+
+class UnknownNameError(ConfigError, KeyError):
+    """A name (method, task, dataset) that no registry holds."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class MissingPackageError(ConfigError, ImportError):
+    """An optional package the user's choice needs is not installed."""
 
 
 def option(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse

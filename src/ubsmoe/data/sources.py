@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ubsmoe.config import ConfigError
 from ubsmoe.data.bbc_news import load_bbc_news
 from ubsmoe.data.dataset import TextDataset, drop_duplicates, duplicate_key, stratified_split
 from ubsmoe.data.text_files import load_text_file
@@ -40,7 +41,7 @@ def load_train_test(dataset: str, split_seed: int = 0, test_fraction: float = 0.
     elif dataset.endswith((".csv", ".jsonl", ".json")):
         full = load_text_file(dataset, text_column, label_column)
     else:
-        raise ValueError(f"unknown dataset {dataset!r}: use one of {sorted(BUILTIN_DATASETS)} "
+        raise ConfigError(f"unknown dataset {dataset!r}: use one of {sorted(BUILTIN_DATASETS)} "
                          "or the path of a .csv/.jsonl file")
     if test_file:
         test = load_text_file(test_file, text_column, label_column, label_names=full.label_names)

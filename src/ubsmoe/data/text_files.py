@@ -9,6 +9,7 @@ import csv
 import json
 from pathlib import Path
 
+from ubsmoe.config import ConfigError, MissingFileError
 from ubsmoe.data.dataset import TextDataset
 
 
@@ -25,10 +26,10 @@ def read_records(path: Path) -> list[dict]:
                     try:
                         records.append(json.loads(line))
                     except json.JSONDecodeError as error:
-                        raise ValueError(f"{path}:{number} is not valid JSON ({error.msg}); "
+                        raise ConfigError(f"{path}:{number} is not valid JSON ({error.msg}); "
                                          "expected one JSON object per line") from None
         return records
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .csv or .jsonl")
+    raise ConfigError(f"{path}: unsupported file type {suffix!r}; use .csv or .jsonl")
 
 
 def load_text_file(path: str | Path, text_column: str = "text", label_column: str = "label",
@@ -36,13 +37,13 @@ def load_text_file(path: str | Path, text_column: str = "text", label_column: st
     """Read texts and labels; ``label_names`` fixes the numbering (pass the training set's for a test file)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+        raise MissingFileError(f"data file {path} does not exist")
     records = read_records(path)
     if not records:
-        raise ValueError(f"{path} holds no records")
+        raise ConfigError(f"{path} holds no records")
     for column in (text_column, label_column):
         if column not in records[0]:
-            raise ValueError(f"{path} has no column {column!r}; its columns are {sorted(records[0])}. "
+            raise ConfigError(f"{path} has no column {column!r}; its columns are {sorted(records[0])}. "
                              f"Set data.text_column / data.label_column")
     raw_labels = [str(r[label_column]) for r in records]
     if label_names is None:
@@ -51,5 +52,5 @@ def load_text_file(path: str | Path, text_column: str = "text", label_column: st
     index = {name: i for i, name in enumerate(label_names)}
     unknown = sorted(set(raw_labels) - set(index))
     if unknown:
-        raise ValueError(f"{path} has labels {unknown[:5]} not among the training labels {label_names}")
+        raise ConfigError(f"{path} has labels {unknown[:5]} not among the training labels {label_names}")
     return TextDataset([str(r[text_column]) for r in records], [index[v] for v in raw_labels], list(label_names))

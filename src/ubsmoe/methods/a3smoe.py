@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from ubsmoe.config import option
+from ubsmoe.config import ConfigError, option
 from ubsmoe.methods.base import (
     ClientInfo, ClientUpdate, Params, ServerState, register, top_k_for_budget, weighted_delta_average,
 )
@@ -31,7 +31,7 @@ class A3SMoEOptions:
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
-            raise ValueError(f"method.temperature must be >= 0, got {self.temperature}")
+            raise ConfigError(f"method.temperature must be >= 0, got {self.temperature}")
 
 
 class OutputRescaling(MoEHook):

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ubsmoe.config import UnknownNameError
 from ubsmoe.model import MoEModel, ModelSpec
 
 Params = dict[str, torch.Tensor]
@@ -184,5 +185,5 @@ def get_method(name: str) -> type[FederatedMethod]:
     import ubsmoe.methods  # noqa: F401  (registers the built-in methods)
 
     if name not in REGISTRY:
-        raise KeyError(f"unknown method {name!r}; registered methods: {', '.join(sorted(REGISTRY))}")
+        raise UnknownNameError(f"unknown method {name!r}; registered methods: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ubsmoe.config import option
+from ubsmoe.config import ConfigError, option
 from ubsmoe.methods.base import ClientInfo, ClientUpdate, Params, RoutingStats, ServerState, register
 from ubsmoe.methods.smoe import SparseMoE
 from ubsmoe.model import MoEModel
@@ -31,7 +31,7 @@ class DefaultMoEOptions:
 
     def __post_init__(self) -> None:
         if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"method.ema_decay must be in [0, 1), got {self.ema_decay}")
+            raise ConfigError(f"method.ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 def expert_mean_outputs(layer: SparseMoEFFN, layout: SlotLayout, activation: torch.Tensor

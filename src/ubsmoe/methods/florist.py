@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ubsmoe.config import option
+from ubsmoe.config import ConfigError, option
 from ubsmoe.methods.base import register
 from ubsmoe.methods.flora import stack_factors
 from ubsmoe.methods.low_rank import Adapter, MergingMethod
@@ -28,7 +28,7 @@ class FLoRISTOptions:
 
     def __post_init__(self) -> None:
         if not 0 < self.tau <= 1:
-            raise ValueError(f"method.tau must be in (0, 1], got {self.tau}")
+            raise ConfigError(f"method.tau must be in (0, 1], got {self.tau}")
 
 
 def energy_rank(singular_values: torch.Tensor, tau: float) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ubsmoe.config import option
+from ubsmoe.config import ConfigError, option
 from ubsmoe.methods.base import ClientInfo, ClientUpdate, Params, ServerState, register
 from ubsmoe.methods.low_rank import HeterogeneousRankMethod, truncated
 from ubsmoe.model import MoEModel
@@ -29,9 +29,9 @@ class HetLoRAOptions:
 
     def __post_init__(self) -> None:
         if not 0 < self.prune_gamma <= 1:
-            raise ValueError(f"method.prune_gamma must be in (0, 1], got {self.prune_gamma}")
+            raise ConfigError(f"method.prune_gamma must be in (0, 1], got {self.prune_gamma}")
         if self.prune_lambda < 0:
-            raise ValueError(f"method.prune_lambda must be >= 0, got {self.prune_lambda}")
+            raise ConfigError(f"method.prune_lambda must be >= 0, got {self.prune_lambda}")
 
 
 def product_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ methods subclass it and say which layer hooks a client runs (``client_hooks``).
 
 from __future__ import annotations
 
+from ubsmoe.config import ConfigError
 from ubsmoe.methods.base import ClientInfo, FederatedMethod, ServerState, register, top_k_for_budget
 from ubsmoe.model import MoEModel
 from ubsmoe.model.moe_layer import MoEHook
@@ -22,7 +23,7 @@ class SparseMoE(FederatedMethod):
 
     def initial_state(self, model: MoEModel) -> ServerState:
         if model.num_experts < 2:
-            raise ValueError(f"{self.name} needs a sparse model: set model.num_experts >= 2")
+            raise ConfigError(f"{self.name} needs a sparse model: set model.num_experts >= 2")
         self.prepare_model(model)
         return ServerState(params=model.trainable_state())
 

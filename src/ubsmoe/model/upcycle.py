@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from ubsmoe.config import ConfigError
+
 ROUTER_INITS = ("centroid", "calibrated")
 
 
@@ -86,7 +88,7 @@ def balanced_kmeans(vectors: torch.Tensor, k: int, iterations: int = 30, seed: i
     """Spherical k-means with equal cluster sizes. vectors: (n, d), n divisible by k -> (n,) cluster ids."""
     n = vectors.shape[0]
     if n % k:
-        raise ValueError(f"cannot split {n} neurons into {k} equal experts: choose num_experts dividing {n}")
+        raise ConfigError(f"cannot split {n} neurons into {k} equal experts: choose num_experts dividing {n}")
     unit = torch.nn.functional.normalize(vectors.double(), dim=1)
     generator = torch.Generator().manual_seed(seed)
     # k-means++ seeding on cosine distance

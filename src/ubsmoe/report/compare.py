@@ -14,7 +14,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
-from ubsmoe.config import ConfigError, ExperimentConfig, flatten_keys, load_config, resolve_method_options
+from ubsmoe.config import ConfigError, ExperimentConfig, MissingFileError, flatten_keys, load_config, resolve_method_options
 from ubsmoe.report.summary import human, write_results
 from ubsmoe.report.variants import Variant, parse_variant
 
@@ -133,7 +133,7 @@ def load_runs(out: Path, methods: list[str] | None = None, seeds: list[int] | No
         order = [m for m in _saved_method_order(out) if m in runs]
         runs = {m: runs[m] for m in order + [m for m in runs if m not in order]}
     if not runs:
-        raise FileNotFoundError(f"no finished runs (*/results.json) in {out}; run `ubsmoe compare` first")
+        raise MissingFileError(f"no finished runs (*/results.json) in {out}; run `ubsmoe compare` first")
     return runs
 
 

@@ -14,7 +14,7 @@ from typing import Callable, ClassVar
 
 import torch
 
-from ubsmoe.config import ExperimentConfig
+from ubsmoe.config import ExperimentConfig, UnknownNameError
 from ubsmoe.data.dataset import Batch, TokenizedDataset
 from ubsmoe.model import HeadFactory, MoEModel
 
@@ -98,5 +98,5 @@ def get_task(name: str) -> type[Task]:
     import ubsmoe.tasks  # noqa: F401  (registers the built-in tasks)
 
     if name not in REGISTRY:
-        raise KeyError(f"unknown task {name!r}; registered tasks: {', '.join(sorted(REGISTRY))}")
+        raise UnknownNameError(f"unknown task {name!r}; registered tasks: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]
