@@ -137,12 +137,28 @@ def test_bad_settings_exit_with_code_2_and_say_why(argv, message, capsys, tmp_pa
     ("data.dataset=nowhere.csv", "data file nowhere.csv does not exist"),
     ("task=classifier", "unknown task 'classifier'; registered tasks"),
     ("federation.num_clients=500", "samples cannot give 500 clients"),
+    ("train.eval_batch_size=0", "train.eval_batch_size must be >= 1"),
+    ("model.calibration_samples=0", "model.calibration_samples must be >= 1 with router_init=calibrated"),
+    ("data.max_train_samples=-5", "data.max_train_samples and data.max_test_samples must be >= 0"),
+    ("model.max_length=200", "model.max_length=200 exceeds the 128 positions"),
 ])
 def test_user_errors_found_while_building_exit_2_in_one_line(tiny_bert, tiny_task, tmp_path, capsys, override, message):
     code = main(["run", "--quiet", "--out", str(tmp_path), *tiny_overrides(tiny_bert, tiny_task), override])
 
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unusable_output_folder_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("ubsmoe.engine.simulation.run_experiment", lambda *a, **k: pytest.fail("it trained"))
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "results.json").write_text("{}")
+
+    assert main(["run", "--quiet", "--out", str(tmp_path / "a-file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["run", "--quiet", "--out", str(tmp_path / "done")]) == 2
+    assert "holds a finished run (results.json): choose another --out, or pass --force" in capsys.readouterr().err
 
 
 def test_a_bug_is_not_taken_for_a_user_error(monkeypatch, tmp_path):

@@ -30,7 +30,7 @@ def _tasks(_args) -> int:
 
 def _run(args) -> int:
     from ubsmoe.engine.simulation import run_experiment
-    from ubsmoe.report.summary import tier_table, write_results
+    from ubsmoe.report.summary import check_output_folder, tier_table, write_results
 
     if args.help_config:
         for key, default, text in describe():
@@ -38,6 +38,7 @@ def _run(args) -> int:
         return 0
     config = load_config(args.config, args.overrides, method=args.method)
     out = Path(args.out)
+    check_output_folder(out, force=args.force)  # before anything is trained: a bad folder loses nothing
     results = run_experiment(config, show_progress=not args.quiet)
     write_results(results, out)
     print(tier_table(results))
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="runs/latest", help="output folder for results.json and summary.md")
     run.add_argument("--config", help="TOML config file")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--force", action="store_true", help="replace a finished run in --out")
     run.add_argument("--help-config", action="store_true", help="list every config key with default and help")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. federation.rounds=3 model.lora_rank=4")
     run.set_defaults(func=_run)

@@ -66,6 +66,18 @@ def validate(config: ExperimentConfig) -> None:
         (config.threads >= 1, "threads must be >= 1"),
         (config.model.dropout < 1, "model.dropout must be below 1 (-1 keeps the checkpoint's dropout)"),
         (config.data.dedup_prefix_words >= 0, "data.dedup_prefix_words must be >= 0 (0 compares whole texts)"),
+        (config.train.eval_batch_size >= 1, "train.eval_batch_size must be >= 1"),
+        (config.train.local_epochs >= 0, "train.local_epochs must be >= 0 (0 means train.local_steps)"),
+        (config.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (config.model.lora_alpha > 0, "model.lora_alpha must be > 0"),
+        (config.model.max_length >= 2, "model.max_length must be >= 2"),
+        (config.model.calibration_samples >= 1 or config.model.router_init != "calibrated" or config.model.num_experts == 1,
+         "model.calibration_samples must be >= 1 with router_init=calibrated (or use router_init=centroid)"),
+        (config.data.max_train_samples >= 0 and config.data.max_test_samples >= 0,
+         "data.max_train_samples and data.max_test_samples must be >= 0 (0 means all)"),
+        (0 < config.data.test_fraction < 1, "data.test_fraction must be in (0, 1)"),
+        (config.federation.dirichlet_alpha > 0, "federation.dirichlet_alpha must be > 0"),
+        (0 < config.federation.fraction_fit <= 1, "federation.fraction_fit must be in (0, 1]"),
     ]
     for ok, message in checks:
         if not ok:
@@ -100,6 +112,10 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
         chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
         calibration = [(ids, mask) for ids, mask, _ in train.batches(32, chosen[: config.model.calibration_samples])]
     model = build_model(spec, task.head(data), calibration_batches=calibration)
+    positions = getattr(model.backbone.config, "max_position_embeddings", None)
+    if positions is not None and config.model.max_length > positions:
+        raise ConfigError(f"model.max_length={config.model.max_length} exceeds the {positions} positions "
+                          f"{config.model.backbone} was trained for: lower model.max_length")
     method.k_max = config.model.top_k_max if (config.model.top_k_max and spec.num_experts > 1) else spec.num_experts
     return Experiment(config, task, data, method, model, clients, [torch.from_numpy(p) for p in parts],
                       tiers(config.federation))

@@ -6,6 +6,25 @@ import json
 import os
 from pathlib import Path
 
+from ubsmoe.config import ConfigError
+
+
+def check_output_folder(out_dir: Path, force: bool = False) -> None:
+    """Before any work: ``out_dir`` must be a folder ubsmoe can write, and must not hold a finished run
+    unless ``force`` (``ConfigError`` otherwise, naming the fix)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file, not a folder: choose another --out")
+    if (out_dir / "results.json").is_file() and not force:
+        raise ConfigError(f"{out_dir} holds a finished run (results.json): choose another --out, or pass --force "
+                          "to replace it")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".ubsmoe-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"cannot write into --out {out_dir} ({error.strerror}): choose a folder you can write") from None
+
 
 def write_results(results: dict, out_dir: Path) -> None:
     """results.json and summary.md, each written whole or not at all (temporary file, fsync, rename), so
