@@ -1,6 +1,7 @@
 """Data sources: BBC News from its package files, users' CSV/JSONL files, stratified splits."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from ubsmoe.data.bbc_news import load_bbc_news
 from ubsmoe.data.dataset import TextDataset, drop_duplicates, duplicate_key, stratified_split
 from ubsmoe.data.sources import load_train_test
 from ubsmoe.data.text_files import load_text_file
-from ubsmoe.config import load_config
+from ubsmoe.config import ConfigError, load_config
 from ubsmoe.engine.simulation import build_experiment
 
 from tiny_experiment import tiny_overrides
@@ -125,3 +126,32 @@ def test_drop_duplicates_by_prefix_keeps_the_first():
 
     assert removed_whole == 0 and whole.texts == data.texts
     assert removed_prefix == 1 and prefix.texts == ["a b c d", "a b x"] and prefix.labels == [0, 0]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("text,label\n", "holds no records"),
+    ("text,label\nhello,a\nbye,a\n", "holds a single class ('a'): a classifier needs at least two"),
+    ("text,label\nhello,a\nbye,\nmore,b\n", "1 rows have no 'label' (rows [2])"),
+    ("text,label\nhello,a\n  ,b\nmore,b\n", "1 rows have an empty 'text' (rows [2])"),
+])
+def test_bad_user_files_are_refused_naming_the_rows(tmp_path, content, message):
+    (tmp_path / "d.csv").write_text(content)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_train_test(str(tmp_path / "d.csv"))
+
+
+def test_tsv_files_a_byte_order_mark_and_non_utf8_bytes(tmp_path):
+    (tmp_path / "d.tsv").write_text("text\tlabel\n" + "".join(f"row {i}\t{'ab'[i % 2]}\n" for i in range(10)))
+    (tmp_path / "bom.csv").write_bytes("\ufefftext,label\nhello,a\nbye,b\n".encode("utf-8"))
+    (tmp_path / "latin.csv").write_bytes("text,label\ncaf\xe9,a\nbye,b\n".encode("latin-1"))
+
+    assert len(load_train_test(str(tmp_path / "d.tsv")).train) == 8
+    assert load_text_file(tmp_path / "bom.csv").texts == ["hello", "bye"]  # the mark is not part of 'text'
+    with pytest.raises(ConfigError, match=r"latin.csv is not UTF-8 .*convert it"):
+        load_text_file(tmp_path / "latin.csv")
+
+
+def test_an_empty_test_split_is_refused(tmp_path):
+    (tmp_path / "d.csv").write_text("text,label\nhello,a\nbye,b\n")
+    with pytest.raises(ConfigError, match="test split of .* came out empty"):
+        load_train_test(str(tmp_path / "d.csv"))

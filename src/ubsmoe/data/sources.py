@@ -38,11 +38,11 @@ def load_train_test(dataset: str, split_seed: int = 0, test_fraction: float = 0.
     keep a stratified subset. Everything random here is drawn from ``split_seed``."""
     if dataset in BUILTIN_DATASETS:
         full = BUILTIN_DATASETS[dataset]()
-    elif dataset.endswith((".csv", ".jsonl", ".json")):
+    elif dataset.endswith((".csv", ".tsv", ".jsonl", ".json")):
         full = load_text_file(dataset, text_column, label_column)
     else:
         raise ConfigError(f"unknown dataset {dataset!r}: use one of {sorted(BUILTIN_DATASETS)} "
-                         "or the path of a .csv/.jsonl file")
+                          "or the path of a .csv/.tsv/.jsonl file")
     if test_file:
         test = load_text_file(test_file, text_column, label_column, label_names=full.label_names)
         # A given test file is scored as it is; the training texts lose their duplicates and every text
@@ -52,6 +52,9 @@ def load_train_test(dataset: str, split_seed: int = 0, test_fraction: float = 0.
     else:
         unique, removed = drop_duplicates(full, dedup_prefix_words)
         train, test = stratified_split(unique, test_fraction, split_seed)
+    if not len(test) or not len(train):
+        raise ConfigError(f"the {'test' if not len(test) else 'training'} split of {dataset} came out empty "
+                          f"({len(train)} training, {len(test)} test texts): add data or change data.test_fraction")
     if max_train_samples:
         train = _cap(train, max_train_samples, split_seed)
     if max_test_samples:

@@ -1,6 +1,8 @@
-"""Users' own text classification files: CSV or JSONL with a text column and a label column.
+"""Users' own text classification files: CSV, TSV or JSONL with a text column and a label column.
 
-Labels may be strings or integers; they are numbered in sorted order of their values.
+Labels may be strings or integers; they are numbered in sorted order of their values. Files are read
+as UTF-8 (a byte-order mark is allowed); rows without a label or with an empty text, and training files
+with a single class, are refused with the rows named.
 """
 
 from __future__ import annotations
@@ -14,13 +16,22 @@ from ubsmoe.data.dataset import TextDataset
 
 
 def read_records(path: Path) -> list[dict]:
+    """The file's rows as dictionaries by column name."""
+    try:
+        return _read(path)
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 (byte {error.start}: {error.reason}); convert it, e.g. "
+                          f"`iconv -f latin1 -t utf-8 {path.name}`") from None
+
+
+def _read(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
+    if suffix in (".csv", ".tsv"):
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            return list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
     if suffix in (".jsonl", ".json"):
         records = []
-        with path.open(encoding="utf-8") as handle:
+        with path.open(encoding="utf-8-sig") as handle:
             for number, line in enumerate(handle, 1):
                 if line.strip():
                     try:
@@ -29,7 +40,7 @@ def read_records(path: Path) -> list[dict]:
                         raise ConfigError(f"{path}:{number} is not valid JSON ({error.msg}); "
                                          "expected one JSON object per line") from None
         return records
-    raise ConfigError(f"{path}: unsupported file type {suffix!r}; use .csv or .jsonl")
+    raise ConfigError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv or .jsonl")
 
 
 def load_text_file(path: str | Path, text_column: str = "text", label_column: str = "label",
@@ -45,7 +56,17 @@ def load_text_file(path: str | Path, text_column: str = "text", label_column: st
         if column not in records[0]:
             raise ConfigError(f"{path} has no column {column!r}; its columns are {sorted(records[0])}. "
                              f"Set data.text_column / data.label_column")
+    unlabelled = [n for n, r in enumerate(records, 1) if r.get(label_column) in (None, "")]
+    if unlabelled:
+        raise ConfigError(f"{path}: {len(unlabelled)} rows have no {label_column!r} (rows {unlabelled[:5]}): "
+                          "label them or remove them")
+    empty = [n for n, r in enumerate(records, 1) if not str(r.get(text_column) or "").strip()]
+    if empty:
+        raise ConfigError(f"{path}: {len(empty)} rows have an empty {text_column!r} (rows {empty[:5]}): "
+                          "fill them or remove them")
     raw_labels = [str(r[label_column]) for r in records]
+    if label_names is None and len(set(raw_labels)) < 2:
+        raise ConfigError(f"{path} holds a single class ({raw_labels[0]!r}): a classifier needs at least two")
     if label_names is None:
         values = sorted(set(raw_labels), key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
         label_names = values
