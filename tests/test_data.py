@@ -155,3 +155,13 @@ def test_an_empty_test_split_is_refused(tmp_path):
     (tmp_path / "d.csv").write_text("text,label\nhello,a\nbye,b\n")
     with pytest.raises(ConfigError, match="test split of .* came out empty"):
         load_train_test(str(tmp_path / "d.csv"))
+
+
+def test_over_long_cells_load_and_are_truncated_by_tokenising(tmp_path):
+    """Regression: a cell over csv's default 131,072-character limit stopped the run with a traceback."""
+    long_text = "word " * 40_000
+    (tmp_path / "d.csv").write_text(f"text,label\n\"{long_text}\",a\nshort,b\n")
+
+    data = load_text_file(tmp_path / "d.csv")
+
+    assert len(data.texts[0]) == len(long_text) and data.labels == [0, 1]

@@ -22,11 +22,14 @@ def read_records(path: Path) -> list[dict]:
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path} is not UTF-8 (byte {error.start}: {error.reason}); convert it, e.g. "
                           f"`iconv -f latin1 -t utf-8 {path.name}`") from None
+    except csv.Error as error:
+        raise ConfigError(f"{path} is not a well-formed {path.suffix[1:].upper()} file ({error})") from None
 
 
 def _read(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
+        csv.field_size_limit(2**31 - 1)  # long texts are fine: tokenising truncates them to model.max_length
         with path.open(newline="", encoding="utf-8-sig") as handle:
             return list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
     if suffix in (".jsonl", ".json"):
