@@ -165,3 +165,16 @@ def test_over_long_cells_load_and_are_truncated_by_tokenising(tmp_path):
     data = load_text_file(tmp_path / "d.csv")
 
     assert len(data.texts[0]) == len(long_text) and data.labels == [0, 1]
+
+
+def test_headerless_files_take_column_numbers_and_one_flag_reads_label_tab_sentence(tmp_path):
+    (tmp_path / "sst.tsv").write_text("".join(f"{i % 2}\tsentence number {i}\n" for i in range(10)))
+    (tmp_path / "other.csv").write_text("".join(f"x,text {i},{'ab'[i % 2]}\n" for i in range(10)))
+
+    glue = load_text_file(tmp_path / "sst.tsv", header=False)
+    numbered = load_text_file(tmp_path / "other.csv", text_column="1", label_column="2", header=False)
+
+    assert glue.texts[3] == "sentence number 3" and glue.label_names == ["0", "1"] and glue.labels[3] == 1
+    assert numbered.texts[0] == "text 0" and numbered.label_names == ["a", "b"]
+    with pytest.raises(ConfigError, match="set data.text_column and data.label_column to numbers"):
+        load_text_file(tmp_path / "other.csv", text_column="body", header=False)

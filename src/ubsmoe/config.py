@@ -65,6 +65,9 @@ class DataConfig:
                                       "causal-lm: commonsense:PATH, a folder of tasks in the LLM-Adapters format")
     text_column: str = option("text", "column holding the text (CSV/JSONL files)")
     label_column: str = option("label", "column holding the label (CSV/JSONL files)")
+    header: bool = option(True, "CSV/TSV files start with a row of column names; false: columns are numbered from "
+                                "0, text_column and label_column give numbers, and left at their defaults they mean "
+                                "label 0, text 1 (the `label<TAB>sentence` layout)")
     test_file: str = option("", "a separate test file; empty means a stratified split of the dataset")
     test_fraction: float = option(0.2, "share of each label held out for testing when there is no test_file")
     max_train_samples: int = option(0, "use at most this many training samples (0: all)")

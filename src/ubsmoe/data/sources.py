@@ -33,18 +33,18 @@ class TrainTest:
 
 def load_train_test(dataset: str, split_seed: int = 0, test_fraction: float = 0.2, test_file: str = "",
                     text_column: str = "text", label_column: str = "label", max_train_samples: int = 0,
-                    max_test_samples: int = 0, dedup_prefix_words: int = 40) -> TrainTest:
+                    max_test_samples: int = 0, dedup_prefix_words: int = 40, header: bool = True) -> TrainTest:
     """Train and test texts for a built-in dataset name or a CSV/JSONL path, deduplicated; optional caps
     keep a stratified subset. Everything random here is drawn from ``split_seed``."""
     if dataset in BUILTIN_DATASETS:
         full = BUILTIN_DATASETS[dataset]()
     elif dataset.endswith((".csv", ".tsv", ".jsonl", ".json")):
-        full = load_text_file(dataset, text_column, label_column)
+        full = load_text_file(dataset, text_column, label_column, header=header)
     else:
         raise ConfigError(f"unknown dataset {dataset!r}: use one of {sorted(BUILTIN_DATASETS)} "
                           "or the path of a .csv/.tsv/.jsonl file")
     if test_file:
-        test = load_text_file(test_file, text_column, label_column, label_names=full.label_names)
+        test = load_text_file(test_file, text_column, label_column, label_names=full.label_names, header=header)
         # A given test file is scored as it is; the training texts lose their duplicates and every text
         # that duplicates a test text.
         train, removed = drop_duplicates(full, dedup_prefix_words,

@@ -15,10 +15,10 @@ from ubsmoe.config import ConfigError, MissingFileError
 from ubsmoe.data.dataset import TextDataset
 
 
-def read_records(path: Path) -> list[dict]:
-    """The file's rows as dictionaries by column name."""
+def read_records(path: Path, header: bool = True) -> list[dict]:
+    """The file's rows as dictionaries by column name (without a header row, by column number "0", "1", ...)."""
     try:
-        return _read(path)
+        return _read(path, header)
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path} is not UTF-8 (byte {error.start}: {error.reason}); convert it, e.g. "
                           f"`iconv -f latin1 -t utf-8 {path.name}`") from None
@@ -26,12 +26,15 @@ def read_records(path: Path) -> list[dict]:
         raise ConfigError(f"{path} is not a well-formed {path.suffix[1:].upper()} file ({error})") from None
 
 
-def _read(path: Path) -> list[dict]:
+def _read(path: Path, header: bool) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         csv.field_size_limit(2**31 - 1)  # long texts are fine: tokenising truncates them to model.max_length
+        delimiter = "\t" if suffix == ".tsv" else ","
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            return list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
+            if header:
+                return list(csv.DictReader(handle, delimiter=delimiter))
+            return [{str(i): cell for i, cell in enumerate(row)} for row in csv.reader(handle, delimiter=delimiter) if row]
     if suffix in (".jsonl", ".json"):
         records = []
         with path.open(encoding="utf-8-sig") as handle:
@@ -47,12 +50,19 @@ def _read(path: Path) -> list[dict]:
 
 
 def load_text_file(path: str | Path, text_column: str = "text", label_column: str = "label",
-                   label_names: list[str] | None = None) -> TextDataset:
-    """Read texts and labels; ``label_names`` fixes the numbering (pass the training set's for a test file)."""
+                   label_names: list[str] | None = None, header: bool = True) -> TextDataset:
+    """Read texts and labels; ``label_names`` fixes the numbering (pass the training set's for a test file).
+    Without a header row, the columns are numbers; the default names mean label 0, text 1."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"data file {path} does not exist")
-    records = read_records(path)
+    if not header:
+        text_column = "1" if text_column == "text" else text_column
+        label_column = "0" if label_column == "label" else label_column
+        if not (text_column.isdigit() and label_column.isdigit()):
+            raise ConfigError(f"data.header=false numbers the columns of {path.name} from 0: set data.text_column and "
+                              f"data.label_column to numbers, got {text_column!r} and {label_column!r}")
+    records = read_records(path, header)
     if not records:
         raise ConfigError(f"{path} holds no records")
     for column in (text_column, label_column):

@@ -61,7 +61,7 @@ class Classification(Task):
         data, model = self.config.data, self.config.model
         texts = load_train_test(data.dataset, data.split_seed, data.test_fraction, data.test_file, data.text_column,
                                 data.label_column, data.max_train_samples, data.max_test_samples,
-                                data.dedup_prefix_words)
+                                data.dedup_prefix_words, data.header)
         return TaskData(tokenize(texts.train, tokenizer, model.max_length), tokenize(texts.test, tokenizer, model.max_length),
                         list(texts.train.labels), list(texts.train.label_names), texts.duplicates_removed)
 
