@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 OUT ?= runs/default
+ARGS ?=
 
 .PHONY: install run test bench clean
 
@@ -22,7 +23,7 @@ $(STAMP): pyproject.toml requirements.txt Makefile
 install: $(STAMP)
 
 run: install
-	$(VENV)/bin/ubsmoe run --out $(OUT)
+	$(VENV)/bin/ubsmoe run --out $(OUT) $(ARGS)
 
 test: install
 	$(PY) -m pytest

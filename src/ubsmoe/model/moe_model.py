@@ -189,6 +189,15 @@ def load_tokenizer(backbone: str):
     return tokenizer
 
 
+def backbone_positions(backbone: str) -> int | None:
+    """How many positions the backbone was trained for (its config's ``max_position_embeddings``), read
+    without loading its weights."""
+    from transformers import AutoConfig
+
+    source = resolve_backbone(backbone)
+    return getattr(AutoConfig.from_pretrained(source.folder, **source.pretrained_kwargs()), "max_position_embeddings", None)
+
+
 def load_dense_backbone(backbone: str) -> tuple[nn.Module, BackboneFamily]:
     """The pretrained Hugging Face model (no task head, no pooler: the task's head reads the hidden
     states itself), frozen, with CPU-cheap dropout (``fast_dropout``) and RMSNorm (``fast_norm``), and

@@ -77,6 +77,8 @@ def run_comparison(variants: list[Variant | str], seeds: list[int], out: Path, c
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     configs = plan_runs(variants, seeds, config_path, overrides)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     pending = []
     for variant in variants:
@@ -304,6 +306,8 @@ def build_report(out: Path, methods: list[str] | None = None, seeds: list[int] |
     runs = load_runs(out, methods, seeds)
     summary = summarise(runs)
     to = to or out
+    if to.exists() and not to.is_dir():
+        raise ConfigError(f"{to} is a file, not a folder: choose another --out")
     to.mkdir(parents=True, exist_ok=True)
     summary["setting"] = setting(runs)
     (to / "compare.json").write_text(json.dumps(summary, indent=2))

@@ -76,8 +76,8 @@ def variants_from_toml(path: Path) -> list[Variant]:
     if not path.is_file():
         raise ConfigError(f"variants file {path} does not exist")
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"variants file {path} is not valid TOML: {error}") from None
     items = data.get("variants")
     if not isinstance(items, list) or not items:
