@@ -200,9 +200,9 @@ def test_an_encoder_backbone_or_an_unknown_task_is_refused_before_training(tiny_
 
 
 def brute_force_beam_search(model, prompt: list[int], steps: int, eos: int, n: int) -> tuple[list[int], int]:
-    """The beam search of ``_beam_search`` on one unpadded prompt, every step from the whole sequence ->
-    (the answer, how many continuations ended with ``eos``)."""
-    open_beams, finished = [(0.0, [])], []
+    """Beam search as Hugging Face's (length penalty 1, no early stopping) on one unpadded prompt, every
+    step from the whole sequence -> (the answer, how many continuations finished)."""
+    open_beams, finished, ended = [(0.0, [])], [], 0
     for step in range(steps):
         candidates = []
         for score, tokens in open_beams:
@@ -211,16 +211,18 @@ def brute_force_beam_search(model, prompt: list[int], steps: int, eos: int, n: i
             candidates += [(score + v, tokens + [t]) for v, t in zip(best.values.tolist(), best.indices.tolist())]
         candidates.sort(key=lambda c: -c[0])
         kept = []
-        for score, tokens in candidates[: 2 * n]:
+        for rank, (score, tokens) in enumerate(candidates[: 2 * n]):
             if tokens[-1] == eos:
-                if len(finished) < n:
-                    finished.append((score / (step + 1), tokens))
+                if rank < n:
+                    finished = sorted(finished + [(score / (step + 1), tokens)], key=lambda h: -h[0])[:n]
+                    ended += 1
             elif len(kept) < n:
                 kept.append((score, tokens))
         open_beams = kept
-        if len(finished) >= n:
-            break
-    return max(finished + [(s / len(t), t) for s, t in open_beams], key=lambda h: h[0])[1], len(finished)
+        if len(finished) >= n and min(f[0] for f in finished) >= kept[0][0] / (step + 1):
+            return max(finished, key=lambda h: h[0])[1], ended
+    hypotheses = sorted(finished + [(s / len(t), t) for s, t in open_beams], key=lambda h: -h[0])[:n]
+    return hypotheses[0][1], ended
 
 
 @pytest.mark.parametrize("eos_is_likely", [False, True])
@@ -231,12 +233,12 @@ def test_beam_search_with_the_cache_equals_beam_search_on_whole_sequences(experi
     eos = int(brute_force_next_token_log_probs(experiment.model, questions[0].prompt)[-1].argmax()) \
         if eos_is_likely else -1
 
-    answers = score_and_generate(experiment.model, questions, batch_size=3, max_new_tokens=4, eos=eos, pad=0,
+    answers = score_and_generate(experiment.model, questions, batch_size=3, max_new_tokens=6, eos=eos, pad=0,
                                  num_beams=3)
 
     set_aside = 0
     for question, answer in zip(questions, answers):
-        expected, ended = brute_force_beam_search(experiment.model, question.prompt, 4, eos, 3)
+        expected, ended = brute_force_beam_search(experiment.model, question.prompt, 6, eos, 3)
         assert answer.generated == expected
         set_aside += ended
     assert (set_aside > 0) == eos_is_likely

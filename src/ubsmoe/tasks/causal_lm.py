@@ -372,11 +372,12 @@ def _greedy(model: MoEModel, last: torch.Tensor, cache, mask: torch.Tensor, posi
 
 def _beam_search(model: MoEModel, last: torch.Tensor, cache, mask: torch.Tensor, positions: torch.Tensor,
                  max_new_tokens: int, eos: int, num_beams: int) -> list[list[int]]:
-    """Beam search after the cached prompts: ``num_beams`` open continuations per prompt, kept by their
-    summed log-probability; one that ends with ``eos`` is set aside (up to ``num_beams`` per prompt). The
-    search stops when every prompt has set aside ``num_beams`` or after ``max_new_tokens``; the answer is
-    the continuation, set aside or open, with the best log-probability per token (Hugging Face's length
-    penalty 1; its default search may run longer before stopping).
+    """Beam search after the cached prompts, with the rules of Hugging Face's (length penalty 1, no early
+    stopping): each step ranks the 2n best extensions of a prompt's n open beams by summed
+    log-probability; an extension ending with ``eos`` among the first n is a finished continuation
+    (the best n are kept, scored per token), the first n others stay open. A prompt is done once it has n
+    finished ones and none of its open beams can beat the worst of them; after ``max_new_tokens`` the
+    open beams compete too. The answer is the best finished continuation.
     last: (B, 1, d); mask, positions: (B, P); the cache holds the B prompts and is reordered in place."""
     batch, n = last.shape[0], num_beams
     log_probs = model.head(last, torch.ones_like(last[..., 0], dtype=torch.bool)).log_softmax(-1)  # (B, V)
@@ -384,7 +385,7 @@ def _beam_search(model: MoEModel, last: torch.Tensor, cache, mask: torch.Tensor,
     scores = torch.zeros(batch, 1, dtype=log_probs.dtype)  # one open beam per prompt to start with
     sequences = torch.empty(batch, 0, dtype=torch.long)
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
-    stopped: dict[int, list[tuple[float, list[int]]]] = {}
+    done = [False] * batch
     beams = 1
     for step in range(max_new_tokens):
         totals = (scores.unsqueeze(2) + log_probs.view(batch, beams, vocab)).view(batch, -1)  # (B, beams V)
@@ -392,23 +393,22 @@ def _beam_search(model: MoEModel, last: torch.Tensor, cache, mask: torch.Tensor,
         keep_scores, keep_rows, keep_tokens = [], [], []
         for q in range(batch):
             chosen = []
-            for value, flat in zip(best[q].tolist(), index[q].tolist()):
+            for rank, (value, flat) in enumerate(zip(best[q].tolist(), index[q].tolist())):
                 beam, token = divmod(flat, vocab)
                 if token == eos:
-                    if len(finished[q]) < n:
-                        finished[q].append((value / (step + 1), sequences[q * beams + beam].tolist() + [eos]))
+                    if rank < n and not done[q]:
+                        _keep_best(finished[q], (value / (step + 1), sequences[q * beams + beam].tolist() + [eos]), n)
                 elif len(chosen) < n:
                     chosen.append((value, q * beams + beam, token))
+            if not done[q] and len(finished[q]) >= n:  # can an open beam still beat the worst finished one?
+                done[q] = min(f[0] for f in finished[q]) >= chosen[0][0] / (step + 1)
             keep_scores += [c[0] for c in chosen]
             keep_rows += [c[1] for c in chosen]
             keep_tokens += [c[2] for c in chosen]
         rows, tokens = torch.tensor(keep_rows), torch.tensor(keep_tokens)
         scores = torch.tensor(keep_scores, dtype=log_probs.dtype).view(batch, n)
         sequences = torch.cat([sequences[rows], tokens.unsqueeze(1)], dim=1)
-        for q in range(batch):  # a prompt with num_beams set aside stops: its open beams as they are now
-            if q not in stopped and len(finished[q]) >= n:
-                stopped[q] = _open_beams(scores, sequences, q, n)
-        if step == max_new_tokens - 1 or len(stopped) == batch:
+        if step == max_new_tokens - 1 or all(done):
             break
         cache.batch_select_indices(rows)  # each kept beam's history: its prompt's, then its parent beam's
         mask, positions = mask[rows], positions[rows]
@@ -418,8 +418,18 @@ def _beam_search(model: MoEModel, last: torch.Tensor, cache, mask: torch.Tensor,
         hidden = model.run_backbone(tokens.unsqueeze(1), mask, position_ids=positions, use_cache=True,
                                     cache=cache).last_hidden_state
         log_probs = model.head(hidden, torch.ones_like(hidden[..., 0], dtype=torch.bool)).log_softmax(-1)
-    return [max(finished[q] + stopped.get(q, _open_beams(scores, sequences, q, n)), key=lambda h: h[0])[1]
-            for q in range(batch)]
+    for q in range(batch):
+        if not done[q]:  # out of tokens: the open beams compete with the finished ones
+            for hypothesis in _open_beams(scores, sequences, q, n):
+                _keep_best(finished[q], hypothesis, n)
+    return [max(finished[q], key=lambda h: h[0])[1] for q in range(batch)]
+
+
+def _keep_best(hypotheses: list[tuple[float, list[int]]], candidate: tuple[float, list[int]], n: int) -> None:
+    """Add ``candidate`` (score, tokens) to at most ``n`` hypotheses, keeping the best."""
+    hypotheses.append(candidate)
+    if len(hypotheses) > n:
+        hypotheses.remove(min(hypotheses, key=lambda h: h[0]))
 
 
 def _open_beams(scores: torch.Tensor, sequences: torch.Tensor, q: int, n: int) -> list[tuple[float, list[int]]]:
