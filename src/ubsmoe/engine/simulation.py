@@ -82,11 +82,7 @@ def validate(config: ExperimentConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    try:
-        task = get_task(config.task)
-    except KeyError as error:
-        raise ConfigError(error.args[0]) from None
-    task.check(config)
+    get_task(config.task).check(config)  # an unknown task is an UnknownNameError, a user error
 
 
 def check_model(config: ExperimentConfig, spec: ModelSpec) -> None:
