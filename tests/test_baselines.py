@@ -8,10 +8,10 @@ import torch
 
 from tiny_experiment import tiny_overrides
 from ubsmoe.config import load_config
-from ubsmoe.engine.simulation import build_experiment, run_experiment
+from ubsmoe.engine.client import run_client
+from ubsmoe.engine.simulation import build_experiment, instruction_for, run_experiment
 from ubsmoe.methods.a3smoe import activation_weights
 from ubsmoe.methods.base import ClientInfo, ClientUpdate, FederatedMethod, RoutingStats, ServerState
-from ubsmoe.engine.local_training import train_local
 from ubsmoe.methods import REGISTRY
 from ubsmoe.methods.default_moe import DefaultMoE, DefaultMoEOptions, DefaultOutputs
 from ubsmoe.methods.flexlora import FlexLoRA
@@ -33,12 +33,8 @@ def rand(*shape):
     return torch.randn(*shape, generator=G, dtype=torch.float64)
 
 
-def update(client_id, n, delta, rank=None, **extra):
-    u = ClientUpdate(ClientInfo(client_id, 1.0, n), delta)
-    if rank is not None:
-        u.extra["rank"] = rank
-    u.extra.update(extra)
-    return u
+def update(client_id, n, delta, budget=1.0):
+    return ClientUpdate(ClientInfo(client_id, budget, n), delta)
 
 
 # ---------------------------------------------------------------------------------------- HetLoRA
@@ -48,10 +44,12 @@ def test_hetlora_pads_truncates_and_averages_by_update_norm():
     state = ServerState({"m.lora_a": global_a, "m.lora_b": global_b, "head.bias": head})
     trained = [(rand(5, 4), rand(4, 3)), (rand(5, 4), rand(4, 3))]
     ranks, sizes = [2, 4], [30, 10]
-    updates = [update(i, n, {"m.lora_a": a - global_a, "m.lora_b": b - global_b, "head.bias": torch.full((2,), i + 1.0)},
-                      rank=r) for i, ((a, b), r, n) in enumerate(zip(trained, ranks, sizes))]
+    # the deltas travel at each client's rank (r_max = 4: budgets 0.5 and 1.0)
+    updates = [update(i, n, {"m.lora_a": (a - global_a)[:, :r], "m.lora_b": (b - global_b)[:r],
+                             "head.bias": torch.full((2,), i + 1.0)}, budget=r / 4)
+               for i, ((a, b), r, n) in enumerate(zip(trained, ranks, sizes))]
     method = HetLoRA(HetLoRAOptions(prune_lambda=0.0), k_max=1)
-    method.adapters = [ADAPTER]
+    method.adapters, method.r_max = [ADAPTER], 4
 
     new = method.aggregate(state, updates).params
 
@@ -100,14 +98,15 @@ def test_hetlora_client_ranks_follow_their_budgets_and_only_shrink(tiny_bert, ti
 
 # ---------------------------------------------------------------------------------------- FlexLoRA
 def test_flexlora_averages_products_and_full_rank_svd_reproduces_them():
-    products = [rand(6, 5), rand(6, 5), rand(6, 5)]
+    trained = [(rand(6, 5), rand(5, 5)) for _ in range(3)]
+    products = [2.0 * a @ b for a, b in trained]  # ADAPTER.scale = 2
     sizes = [10, 20, 30]
     method = FlexLoRA(None, k_max=1)
     method.adapters = [ADAPTER]
     method.r_max = 5
     state = ServerState({"m.lora_a": rand(6, 5), "m.lora_b": rand(5, 5)})
-    updates = [update(i, n, {k: torch.zeros_like(v) for k, v in state.params.items()}, products={"m.lora_a": p})
-               for i, (p, n) in enumerate(zip(products, sizes))]
+    updates = [ClientUpdate(ClientInfo(i, 1.0, n), {}, tensors={"m.lora_a": a, "m.lora_b": b})  # trained factors
+               for i, ((a, b), n) in enumerate(zip(trained, sizes))]
 
     new = method.aggregate(state, updates)
 
@@ -144,11 +143,15 @@ def test_flora_merges_the_weighted_update_into_the_base_and_restarts_fresh_adapt
     clients = [ClientInfo(0, 0.5, 10), ClientInfo(1, 1.0, 30)]  # r_max = 4: ranks 2 and 4
     trained, updates = [], []
     for client in clients:
-        delta = {n: torch.randn(v.shape, generator=G) * 0.1 for n, v in state.params.items()}
+        sent = method.client_params(state, client)  # the adapters at the client's rank
+        delta = {n: torch.randn(v.shape, generator=G) * 0.1 for n, v in sent.items()}
         updates.append(ClientUpdate(client, delta))
-        trained.append({n: state.params[n] + delta[n] for n in (adapter.a, adapter.b)})
+        trained.append({n: sent[n] + delta[n] for n in (adapter.a, adapter.b)})
 
     new = method.aggregate(state, updates)
+    assert torch.equal(dict(model.named_parameters())[adapter.weight], weight_before)  # merged where it is synced
+    method.sync_frozen(model, method.frozen_state(new))
+    method.sync_frozen(model, method.frozen_state(new))  # once only
 
     expected = sum(p * adapter.scale * trained[i][adapter.a][:, :r] @ trained[i][adapter.b][:r]
                    for i, (p, r) in enumerate([(0.25, 2), (0.75, 4)]))
@@ -285,12 +288,12 @@ def test_default_moe_averages_each_default_over_the_clients_that_updated_it():
     moved = torch.tensor([[1.0, 1.0], [0.0, 0.0], [2.0, 2.0], [0.0, 0.0]])
     updates = [
         ClientUpdate(ClientInfo(0, 1.0, 10), {"d0": torch.zeros(4, 2), "w": torch.ones(1)},
-                     extra={"defaults_updated": torch.zeros(1, 4, dtype=torch.bool)}),  # K = M: updated none
+                     tensors={"defaults_updated": torch.zeros(1, 4, dtype=torch.bool)}),  # K = M: updated none
         ClientUpdate(ClientInfo(1, 0.25, 30), {"d0": moved, "w": torch.zeros(1)},
-                     extra={"defaults_updated": torch.tensor([[True, False, True, False]])}),
+                     tensors={"defaults_updated": torch.tensor([[True, False, True, False]])}),
         ClientUpdate(ClientInfo(2, 0.5, 60), {"d0": torch.full((4, 2), 4.0) * torch.tensor([[1], [0], [0], [0]]),
                                               "w": torch.zeros(1)},
-                     extra={"defaults_updated": torch.tensor([[True, False, False, False]])}),
+                     tensors={"defaults_updated": torch.tensor([[True, False, False, False]])}),
     ]
 
     new = method.aggregate(state, updates).params
@@ -304,24 +307,16 @@ def test_default_moe_clients_report_which_defaults_they_updated(tiny_bert, tiny_
     """A K = M client updates no default; a K < M client those of the experts it routed tokens to."""
     exp = build_experiment(load_config(overrides=tiny_overrides(tiny_bert, tiny_task), method="default-moe"))
     state = exp.method.initial_state(exp.model)
-    reports = {}
-    for client in exp.clients:  # budgets 0.5 (K = 2 of 4) and 1.0 (K = M)
-        exp.model.load_trainable_state(state.params)
-        exp.method.setup_client(exp.model, client)
-        train_local(exp.model, exp.task, exp.method, client, exp.train, exp.client_indices[client.client_id], exp.config.train,
-                    torch.Generator().manual_seed(0))
-        routed, tokens, _ = exp.model.routing_counts()
-        reports[client.budget] = (exp.method.client_update(exp.model, state.params, client, RoutingStats(routed, tokens)),
-                                  routed)
-        exp.method.teardown_client(exp.model, client)
+    runtime = exp.client_runtime(None)
+    reports = {client.budget: run_client(runtime, instruction_for(exp.method, state, client, 1))
+               for client in exp.clients}  # budgets 0.5 (K = 2 of 4) and 1.0 (K = M)
 
-    dense, _ = reports[1.0]
-    sparse, routed = reports[0.5]
-    assert not dense.extra["defaults_updated"].any()
-    assert torch.equal(sparse.extra["defaults_updated"], routed > 0)
+    dense, sparse = reports[1.0], reports[0.5]
+    assert not dense.tensors["defaults_updated"].any()
+    assert torch.equal(sparse.tensors["defaults_updated"], sparse.routing.routed > 0)
     for index, name in enumerate(exp.method.default_names):
         changed = sparse.delta[name].ne(0).any(1)
-        assert torch.equal(changed, sparse.extra["defaults_updated"][index])
+        assert torch.equal(changed, sparse.tensors["defaults_updated"][index])
 
 
 # ---------------------------------------------------------------------------------------- end to end

@@ -8,10 +8,9 @@ from tiny_experiment import tiny_overrides
 from ubsmoe.config import load_config
 from ubsmoe.engine.clients import sample_clients
 from ubsmoe.engine.evaluation import evaluate, evaluate_tiers
-from ubsmoe.engine.local_training import train_local
-from ubsmoe.engine.simulation import build_experiment, run_experiment, seed_for
+from ubsmoe.engine.client import run_client
+from ubsmoe.engine.simulation import build_experiment, instruction_for, run_experiment
 from ubsmoe.methods import REGISTRY
-from ubsmoe.methods.base import RoutingStats
 
 DROPOUT = 0.1  # the tiny backbone's checkpoint has dropout 0: switch it on so the masks' seeding is exercised
 CHEAP = {"model.dropout": DROPOUT, "federation.rounds": 2, "train.local_steps": 2}
@@ -44,23 +43,12 @@ def run_rounds(exp, rounds: int):
     """The server state after ``rounds`` rounds of ``exp``, trained as ``run_experiment`` trains them."""
     config, method, model = exp.config, exp.method, exp.model
     state = method.initial_state(model)
+    runtime = exp.client_runtime(None)
     for round_index in range(1, rounds + 1):
-        updates = []
-        for client in sample_clients(exp.clients, config.federation.fraction_fit, round_index, config.seed):
-            start = method.client_params(state, client)
-            model.load_trainable_state(start)
-            method.setup_client(model, client)
-            torch.manual_seed(seed_for(config.seed, round_index, client.client_id))
-            generator = torch.Generator().manual_seed(seed_for(config.seed + 1, round_index, client.client_id))
-            train_local(model, exp.task, method, client, exp.train, exp.client_indices[client.client_id], config.train,
-                        generator)
-            routing = None
-            if model.num_experts > 1:
-                routed, tokens, _ = model.routing_counts()
-                routing = RoutingStats(routed, tokens)
-            updates.append(method.client_update(model, start, client, routing))
-            method.teardown_client(model, client)
+        sampled = sample_clients(exp.clients, config.federation.fraction_fit, round_index, config.seed)
+        updates = [run_client(runtime, instruction_for(method, state, client, round_index)) for client in sampled]
         state = method.aggregate(state, updates)
+        method.sync_frozen(model, method.frozen_state(state))  # as the engine's evaluation does
     return state
 
 
@@ -69,12 +57,13 @@ def evaluate_each_tier(exp, state) -> dict[float, dict]:
     method, model = exp.method, exp.model
     results = {}
     for budget in exp.tiers:
-        model.load_trainable_state(method.eval_params(state, budget))
-        method.setup_eval(model, budget)
+        settings = method.eval_settings(state, budget)
+        model.load_trainable_state(method.start_params(model, method.eval_params(state, budget), settings))
+        method.setup_client(model, settings)
         try:
             results[budget] = evaluate(model, exp.task, exp.test, exp.config.train.eval_batch_size)
         finally:
-            method.teardown_eval(model, budget)
+            method.teardown_client(model)
     return results
 
 

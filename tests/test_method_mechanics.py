@@ -12,8 +12,8 @@ from tiny_experiment import tiny_overrides
 from test_moe_layer import D, E, dense_ffn, moe_from
 from ubsmoe.config import load_config
 from ubsmoe.engine.evaluation import evaluate_tiers
-from ubsmoe.engine.local_training import train_local
-from ubsmoe.engine.simulation import build_experiment
+from ubsmoe.engine.client import run_client
+from ubsmoe.engine.simulation import build_experiment, instruction_for
 from ubsmoe.methods.a3smoe import OutputRescaling
 from ubsmoe.methods.base import ClientInfo, ClientUpdate, RoutingStats
 from ubsmoe.methods.smoe_aux import SMoEAux, SMoEAuxOptions
@@ -62,7 +62,6 @@ def test_phi_gradient_matches_finite_differences_and_the_regulariser_adds_to_it(
 
     method = UBSMoE(UBSMoEOptions(lam=0.05, phi_min=-0.5, phi_max=0.5), k_max=2)
     model = SimpleNamespace(moe_layers=[layer])
-    client = ClientInfo(0, 0.5, 10)
     phi0 = layer.modulation.detach().clone()
 
     (task_grad,) = torch.autograd.grad(task_loss(), [layer.modulation])
@@ -75,7 +74,7 @@ def test_phi_gradient_matches_finite_differences_and_the_regulariser_adds_to_it(
         numeric[i] = (value_with_gate_p(phi0 + step) - value_with_gate_p(phi0 - step)) / (2 * h)
     with torch.no_grad():
         layer.modulation.copy_(phi0)
-    (total_grad,) = torch.autograd.grad(task_loss() + method.local_loss(model, client), [layer.modulation])
+    (total_grad,) = torch.autograd.grad(task_loss() + method.local_loss(model), [layer.modulation])
 
     assert torch.equal(layer.last_routing.experts, selected)  # the differences did not cross a selection boundary
     torch.testing.assert_close(task_grad, numeric, rtol=1e-6, atol=1e-9)
@@ -89,7 +88,7 @@ def test_phi_gradient_matches_finite_differences_and_the_regulariser_adds_to_it(
 # ---------------------------------------------------------------------------------------- DMR at evaluation
 def test_evaluation_routes_with_dmr_at_the_tier_k_without_pseudo_gradient(tiny_bert, tiny_task):
     """A tier's model routes by s + phi at its K_c (SPEC 6) but runs no pseudo-gradient hook (that is
-    training only); teardown_eval leaves the layers without hooks."""
+    training only); teardown_client leaves the layers without hooks."""
     exp = experiment(tiny_bert, tiny_task, "ubsmoe")
     method, model = exp.method, exp.model
     state = method.initial_state(model)
@@ -104,9 +103,9 @@ def test_evaluation_routes_with_dmr_at_the_tier_k_without_pseudo_gradient(tiny_b
     finally:
         for handle in handles:
             handle.remove()
-    method.setup_client(model, ClientInfo(0, 0.5, 10))  # the training counterpart, for contrast
+    method.setup_client(model, method.client_settings(state, ClientInfo(0, 0.5, 10)))  # training, for contrast
     training_hooks = [type(hook) for hook in model.moe_layers[0].hooks]
-    method.teardown_client(model, ClientInfo(0, 0.5, 10))
+    method.teardown_client(model)
 
     assert len(seen) == len(model.moe_layers) * len(list(exp.test.batches(64)))
     for top_k, hooks in seen:
@@ -166,15 +165,15 @@ def test_a3smoe_tempered_aggregation_and_per_k_scales_by_hand(tiny_bert, tiny_ta
         else:
             expected = value.double() + 0.25 * d0 + 0.75 * d1
         torch.testing.assert_close(first.params[name].double(), expected, rtol=1e-5, atol=1e-6, msg=name)
-    assert set(first.extra["scales"]) == {2}  # K_max is not rescaled
+    assert {key.split("/")[1] for key in first.tensors} == {"2"}  # K_max is not rescaled
     k2 = [1.0 + updates[0].delta[n] for n in scales]
-    for got, want in zip(first.extra["scales"][2], k2):
+    for got, want in zip(method.scales(first, 2), k2):
         torch.testing.assert_close(got, want)
-    for got, want in zip(second.extra["scales"][2], k2):
+    for got, want in zip(method.scales(second, 2), k2):
         assert torch.equal(got, want)
     for start in starts:  # K = 2 clients start from the stored scales
         assert all(torch.equal(start[n], s) for n, s in zip(scales, k2))
-    for got, want, n in zip(third.extra["scales"][2], k2, scales):
+    for got, want, n in zip(method.scales(third, 2), k2, scales):
         torch.testing.assert_close(got, want + (10 * third_updates[0].delta[n] + 20 * third_updates[1].delta[n]) / 30)
 
 
@@ -188,9 +187,9 @@ def test_a3smoe_evaluates_the_low_tier_with_its_stored_scales(tiny_bert, tiny_ta
     low = ClientInfo(0, 0.5, 10)
     state = method.aggregate(state, [random_update(state, low, len(model.moe_layers), 20,
                                                    torch.Generator().manual_seed(1))])
-    stored = state.extra["scales"][2]
+    stored = method.scales(state, 2)
     assert all(abs(s.item() - 1) > 1e-3 for s in stored)
-    unit = replace(state, extra={"scales": {2: [torch.ones(()) for _ in stored]}})
+    unit = replace(state, tensors={method.scale_key(2, n): torch.ones(()) for n in method.scale_names})
     first = model.moe_layers[0]
     outputs = []
     handle = first.register_forward_hook(lambda mod, args, out: outputs.append(out.clone()))
@@ -203,9 +202,9 @@ def test_a3smoe_evaluates_the_low_tier_with_its_stored_scales(tiny_bert, tiny_ta
     finally:
         handle.remove()
     model.load_trainable_state(method.eval_params(state, 1.0))
-    method.setup_eval(model, 1.0)
+    method.setup_client(model, method.eval_settings(state, 1.0))
     top_hooks, top_scale = list(first.hooks), first.output_scale.item()
-    method.teardown_eval(model, 1.0)
+    method.teardown_client(model)
 
     assert len(scaled_out) == len(plain_out) > 0
     for s_out, p_out in zip(scaled_out, plain_out):
@@ -254,27 +253,23 @@ def test_selection_bias_update_over_two_rounds_by_hand(tiny_bert, tiny_task):
     steps = []
     original = method.after_backward
 
-    def recording(model_, client):
+    def recording(model_):
         steps.append([(layer.last_routing.scores.detach().clone(), layer.last_routing.experts.clone())
                       for layer in model_.moe_layers])
-        original(model_, client)
+        original(model_)
 
     method.after_backward = recording
     total = sum(c.num_examples for c in exp.clients)
     history = []
+    runtime = exp.client_runtime(None)
     for round_index in (1, 2):
         updates, hand = [], []
         for client in exp.clients:
-            start = method.client_params(state, client)
-            model.load_trainable_state(start)
-            method.setup_client(model, client)
+            instruction = instruction_for(method, state, client, round_index)
+            start = instruction.params
             steps.clear()
-            train_local(model, exp.task, method, client, exp.train, exp.client_indices[client.client_id], exp.config.train,
-                        torch.Generator().manual_seed(round_index))
-            routed, tokens, _ = model.routing_counts()
-            updates.append(method.client_update(model, start, client, RoutingStats(routed, tokens)))
-            method.teardown_client(model, client)
-            k = model.moe_layers[0].top_k
+            updates.append(run_client(runtime, instruction))
+            k = instruction.settings.top_k
             biases = {}
             for layer_index, name in enumerate(names):
                 b = start[name].clone()
@@ -314,7 +309,7 @@ def test_switch_loss_gradient_reaches_the_router_as_the_hand_formula():
         layer(x)
     weights = [layer.router.weight for layer in layers]
 
-    loss = method.local_loss(model, ClientInfo(0, 0.25, 10))
+    loss = method.local_loss(model)
     grads = torch.autograd.grad(loss, weights)
 
     hand_terms = []

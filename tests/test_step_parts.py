@@ -8,7 +8,6 @@ from ubsmoe.bench.step_parts import PARTS, StepParts
 from ubsmoe.config import load_config
 from ubsmoe.engine.local_training import local_step
 from ubsmoe.engine.simulation import build_experiment
-from ubsmoe.methods.base import ClientInfo
 
 from tiny_experiment import tiny_overrides
 
@@ -18,19 +17,18 @@ def _two_steps(exp, start: dict, with_parts: bool):
     (losses, trainable tensors after, parts or None)."""
     model, method = exp.model, exp.method
     model.load_trainable_state(start)
-    client = ClientInfo(client_id=0, budget=0.5, num_examples=8)
-    method.setup_client(model, client)
+    method.setup_client(model, method.tier_settings(0.5))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=0.01)
     batch = exp.train.batch(torch.arange(8))
     hooks = StepParts(model, method, optimizer) if with_parts else None
     torch.manual_seed(0)
-    losses = [local_step(model, exp.task, method, client, batch, optimizer).item() for _ in range(2)]
+    losses = [local_step(model, exp.task, method, batch, optimizer).item() for _ in range(2)]
     parts = hooks.split(1.0) if hooks is not None else None
     if hooks is not None:
         hooks.close()
-    method.teardown_client(model, client)
+    method.teardown_client(model)
     return losses, {n: t.clone() for n, t in model.trainable_state().items()}, parts
 
 
@@ -58,12 +56,11 @@ def test_step_parts_reset_after_each_split(tiny_bert, tiny_task):
     exp = build_experiment(config)
     model, method = exp.model, exp.method
     model.load_trainable_state(method.initial_state(model).params)
-    client = ClientInfo(client_id=0, budget=1.0, num_examples=8)
-    method.setup_client(model, client)
+    method.setup_client(model, method.tier_settings(1.0))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
     with StepParts(model, method, optimizer) as hooks:
-        local_step(model, exp.task, method, client, exp.train.batch(torch.arange(8)), optimizer)
+        local_step(model, exp.task, method, exp.train.batch(torch.arange(8)), optimizer)
         first = hooks.split(1.0)
         second = hooks.split(0.5)
     assert first["ffn_forward"] > 0 and first["optimizer"] > 0
@@ -73,17 +70,17 @@ def test_step_parts_reset_after_each_split(tiny_bert, tiny_task):
 
 def test_step_parts_put_back_a_wrapper_that_was_there():
     class Method:
-        def after_backward(self, model, client):
+        def after_backward(self, model):
             return "class"
 
     method, model = Method(), SimpleNamespace(moe_layers=[])
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    method.after_backward = lambda model, client: "instance"  # e.g. another StepParts still open
+    method.after_backward = lambda model: "instance"  # e.g. another StepParts still open
     with StepParts(model, method, optimizer) as hooks:
-        assert method.after_backward(None, None) == "instance"
+        assert method.after_backward(None) == "instance"
         assert hooks.split(1.0)["method_gradients"] > 0
-    assert method.after_backward(None, None) == "instance"
+    assert method.after_backward(None) == "instance"
     del method.after_backward
     with StepParts(model, method, optimizer):
         pass
-    assert "after_backward" not in vars(method) and method.after_backward(None, None) == "class"
+    assert "after_backward" not in vars(method) and method.after_backward(None) == "class"

@@ -87,6 +87,7 @@ class FederationConfig:
     dirichlet_alpha: float = option(1.0, "Dirichlet concentration over labels (smaller: more skewed)")
     rounds: int = option(5, "federated rounds")
     fraction_fit: float = option(1.0, "share of clients sampled each round")
+    min_clients: int = option(1, "fewest clients whose updates a round needs; fewer answers stop the run")
 
 
 @dataclass
@@ -227,12 +228,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
-        for key, value in data.items():
-            if isinstance(value, dict):
-                for sub, sub_value in value.items():
-                    apply_setting(config, f"{key}.{sub}", sub_value, from_text=False)
-            else:
-                apply_setting(config, key, value, from_text=False)
+        apply_table(config, data)
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -240,6 +236,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         apply_setting(config, key.strip(), value.strip(), from_text=True)
     if method is not None:
         config.method["name"] = method
+    return config
+
+
+def apply_table(config: ExperimentConfig, data: dict[str, Any]) -> None:
+    """Apply a table of settings ({"seed": 0, "model": {...}, ...}, as TOML or ``to_dict`` give it)."""
+    for key, value in data.items():
+        if isinstance(value, dict):
+            for sub, sub_value in value.items():
+                apply_setting(config, f"{key}.{sub}", sub_value, from_text=False)
+        else:
+            apply_setting(config, key, value, from_text=False)
+
+
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """The config ``to_dict`` wrote (another process's, a checkpoint's): every value checked again."""
+    config = ExperimentConfig()
+    apply_table(config, data)
     return config
 
 

@@ -16,7 +16,7 @@ from ubsmoe.bench.timing import interleaved_medians
 from ubsmoe.config import load_config
 from ubsmoe.engine.local_training import local_step
 from ubsmoe.engine.simulation import build_experiment
-from ubsmoe.methods.base import ClientInfo, top_k_for_budget
+from ubsmoe.methods.base import ClientSettings, top_k_for_budget
 from ubsmoe.methods.ubsmoe import UBSMoE, UBSMoEOptions
 
 
@@ -27,7 +27,7 @@ def run(out: Path, budget: float = 0.25, batch_size: int = 16, max_length: int =
     exp = build_experiment(config)
     model = exp.model
     k_max = exp.method.k_max
-    client = ClientInfo(client_id=0, budget=budget, num_examples=batch_size)
+    settings = ClientSettings(top_k=top_k_for_budget(k_max, budget))  # a training client of this budget
     batch = exp.train.batch(torch.arange(batch_size))
     attention_mask = batch[1]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -36,10 +36,10 @@ def run(out: Path, budget: float = 0.25, batch_size: int = 16, max_length: int =
         method = UBSMoE(UBSMoEOptions(pg=pg), k_max=k_max)
 
         def fn():
-            method.setup_client(model, client)
+            method.setup_client(model, settings)
             model.train()
-            local_step(model, exp.task, method, client, batch, torch.optim.AdamW(params, lr=0.0))  # lr 0: the model stays put
-            method.teardown_client(model, client)
+            local_step(model, exp.task, method, batch, torch.optim.AdamW(params, lr=0.0))  # lr 0: the model stays put
+            method.teardown_client(model)
         return fn
 
     model.load_trainable_state(exp.method.initial_state(model).params)

@@ -28,7 +28,6 @@ from ubsmoe.bench.timing import interleaved_times
 from ubsmoe.config import load_config
 from ubsmoe.engine.local_training import local_step
 from ubsmoe.engine.simulation import build_experiment
-from ubsmoe.methods.base import ClientInfo
 from ubsmoe.metrics.flops import FlopCounter
 
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
@@ -43,23 +42,23 @@ def _turn(exp, budget: float, batch, counter: FlopCounter, flops: dict, key: str
     """A turn of ``STEPS_PER_TURN`` local steps; returns the mean seconds of the steps after the first.
     With ``parts``, the turn runs with timing hooks and appends the mean split of those steps to parts[key]."""
     model, method = exp.model, exp.method
-    client = ClientInfo(client_id=0, budget=budget, num_examples=len(batch[2]))
+    settings = method.tier_settings(budget)  # a training client of this budget
     params = [p for p in model.parameters() if p.requires_grad]
 
     def fn() -> float:
-        method.setup_client(model, client)
+        method.setup_client(model, settings)
         model.train()
         optimizer = torch.optim.AdamW(params, lr=0.0)  # lr 0: the model stays put
         seconds, splits = [], []
         with StepParts(model, method, optimizer) if parts is not None else nullcontext() as hooks:
             for _ in range(STEPS_PER_TURN):
                 start = time.perf_counter()
-                local_step(model, exp.task, method, client, batch, optimizer)
+                local_step(model, exp.task, method, batch, optimizer)
                 seconds.append(time.perf_counter() - start)
                 if hooks is not None:
                     splits.append(hooks.split(seconds[-1]))
         flops[key] = counter.count(batch[1], training=True).total
-        method.teardown_client(model, client)
+        method.teardown_client(model)
         if parts is not None:
             parts.setdefault(key, []).append({p: statistics.mean(s[p] for s in splits[1:]) for p in PARTS})
         return statistics.mean(seconds[1:])

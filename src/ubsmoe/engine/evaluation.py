@@ -43,17 +43,20 @@ def evaluate(model: MoEModel, task: Task, data: Sized, batch_size: int,
 
 def evaluate_tiers(model: MoEModel, task: Task, method: FederatedMethod, state: ServerState, data: Sized,
                    budgets: list[float], batch_size: int, flop_counter: FlopCounter | None = None) -> dict[float, dict]:
-    """{budget: evaluate(...)}, evaluating tiers that hold identical models once."""
+    """{budget: evaluate(...)}, evaluating tiers that hold identical models once: the server's side, with
+    the same records a client receives (the tier's tensors and settings, the frozen-weight state)."""
+    method.sync_frozen(model, method.frozen_state(state))
     done: dict = {}
     results = {}
     for budget in budgets:
         key = method.eval_key(budget)
         if key not in done:
-            model.load_trainable_state(method.eval_params(state, budget))
-            method.setup_eval(model, budget)
+            settings = method.eval_settings(state, budget)
+            model.load_trainable_state(method.start_params(model, method.eval_params(state, budget), settings))
+            method.setup_client(model, settings)
             try:
                 done[key] = evaluate(model, task, data, batch_size, flop_counter)
             finally:
-                method.teardown_eval(model, budget)
+                method.teardown_client(model)
         results[budget] = done[key]
     return results

@@ -10,7 +10,8 @@ import torch
 
 from ubsmoe.config import TrainConfig
 from ubsmoe.data.dataset import Batch, TokenizedDataset
-from ubsmoe.methods.base import ClientInfo, FederatedMethod
+from ubsmoe.methods.base import FederatedMethod
+from ubsmoe.methods.records import TrainMetrics
 from ubsmoe.metrics.flops import FlopCounter, PassFlops
 from ubsmoe.model import MoEModel
 from ubsmoe.tasks import Task
@@ -29,24 +30,23 @@ def shuffled_batches(indices: torch.Tensor, batch_size: int, generator: torch.Ge
         yield from order.split(batch_size)
 
 
-def local_step(model: MoEModel, task: Task, method: FederatedMethod, client: ClientInfo, batch: Batch,
-               optimizer) -> torch.Tensor:
+def local_step(model: MoEModel, task: Task, method: FederatedMethod, batch: Batch, optimizer) -> torch.Tensor:
     """One optimiser step on ``batch`` with the task's loss and the method's extra loss and gradient
     adjustments; returns the task loss (detached)."""
     loss = task.loss(model, batch)
-    extra = method.local_loss(model, client)
+    extra = method.local_loss(model)
     optimizer.zero_grad(set_to_none=True)
     (loss if extra is None else loss + extra).backward()
-    method.after_backward(model, client)
+    method.after_backward(model)
     optimizer.step()
     return loss.detach()
 
 
-def train_local(model: MoEModel, task: Task, method: FederatedMethod, client: ClientInfo, data: TokenizedDataset,
+def train_local(model: MoEModel, task: Task, method: FederatedMethod, data: TokenizedDataset,
                 indices: torch.Tensor, config: TrainConfig, generator: torch.Generator, progress=None,
-                flop_counter: FlopCounter | None = None) -> dict:
-    """Run the client's local steps; returns {"train_loss": mean task loss, "steps", "step_seconds",
-    "train_seconds", "train_tokens" (non-padding), and with a counter "train_flops" (by part, see ``metrics.flops``)}."""
+                flop_counter: FlopCounter | None = None) -> TrainMetrics:
+    """Run a client's local steps on its examples ``indices``; returns what it measured (the FLOPs by
+    part only with a counter; no bytes: the engine counts its records)."""
     model.train()
     model.reset_routing_counters()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -60,7 +60,7 @@ def train_local(model: MoEModel, task: Task, method: FederatedMethod, client: Cl
         start = time.perf_counter()
         batch = data.batch(next(batches))
         attention_mask = batch[1]
-        loss = local_step(model, task, method, client, batch, optimizer)
+        loss = local_step(model, task, method, batch, optimizer)
         seconds.append(time.perf_counter() - start)
         tokens += int(attention_mask.sum())
         if flop_counter is not None:
@@ -70,9 +70,7 @@ def train_local(model: MoEModel, task: Task, method: FederatedMethod, client: Cl
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.3f}")
     if not math.isfinite(sum(losses)):
-        raise FloatingPointError(f"client {client.client_id}: training loss became {sum(losses)}; lower train.lr")
-    result = {"train_loss": sum(losses) / len(losses), "steps": steps, "step_seconds": seconds,
-              "train_seconds": time.perf_counter() - started, "train_tokens": tokens}
-    if flop_counter is not None:
-        result["train_flops"] = flops.as_dict()
-    return result
+        raise FloatingPointError(f"training loss became {sum(losses)}; lower train.lr")
+    return TrainMetrics(train_loss=sum(losses) / len(losses), steps=steps, train_tokens=tokens,
+                        train_seconds=time.perf_counter() - started, step_seconds=seconds,
+                        train_flops=flops.as_dict() if flop_counter is not None else {})

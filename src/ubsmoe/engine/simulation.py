@@ -1,14 +1,17 @@
-"""The in-process simulation runner: every client trains in turn on one shared model object.
+"""The in-process engine: the server's round loop, every sampled client run in turn on one shared model.
 
-Only the global trainable tensors and each sampled client's delta are held between clients, never a
-model per client. Same config and seed give the same numbers on the CPU.
+The server side (sampling, the method's server hooks, aggregation, per-tier evaluation) and the client
+side (``engine.client.run_client``) exchange only the records of ``methods.records``, as they do across
+processes on Flower. Only the global trainable tensors and each sampled client's update are held
+between clients, never a model per client. Same config and seed give the same numbers on the CPU.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sized
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -16,12 +19,14 @@ from tqdm.auto import tqdm
 
 from ubsmoe.config import ConfigError, ExperimentConfig, resolve_method_options
 from ubsmoe.data.dataset import TokenizedDataset
+from ubsmoe.engine.client import ClientRuntime, run_client
 from ubsmoe.engine.clients import make_clients, sample_clients, tiers
 from ubsmoe.engine.evaluation import evaluate_tiers
-from ubsmoe.engine.local_training import local_steps, train_local
+from ubsmoe.engine.local_training import local_steps
 from ubsmoe.metrics.balance import experts_without_update, load_balance
 from ubsmoe.metrics.flops import FlopCounter
-from ubsmoe.methods.base import ClientInfo, FederatedMethod, RoutingStats, get_method
+from ubsmoe.methods.base import ClientInfo, FederatedMethod, ServerState, get_method
+from ubsmoe.methods.records import ClientUpdate, TrainInstruction
 from ubsmoe.tasks import Task, TaskData, get_task
 from ubsmoe.model import MoEModel, ModelSpec, build_model, load_tokenizer
 from ubsmoe.model.moe_model import backbone_positions
@@ -44,6 +49,11 @@ class Experiment:
     @property
     def train(self) -> TokenizedDataset:
         return self.data.train
+
+    def client_runtime(self, flop_counter: FlopCounter) -> ClientRuntime:
+        """The client side of this process: the same model (no copy) and FLOP counter."""
+        return ClientRuntime(self.config, self.task, self.data.train, self.client_indices, self.model, self.method,
+                             flop_counter)
 
     @property
     def test(self) -> Sized:
@@ -121,89 +131,142 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
         calibration = [(ids, mask) for ids, mask, _ in train.batches(32, chosen[: config.model.calibration_samples])]
     model = build_model(spec, task.head(data), calibration_batches=calibration)
     method.k_max = config.model.top_k_max if (config.model.top_k_max and spec.num_experts > 1) else spec.num_experts
+    method.prepare_model(model)
     return Experiment(config, task, data, method, model, clients, [torch.from_numpy(p) for p in parts],
                       tiers(config.federation))
 
 
-def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict:
-    """Run every round and return the results dictionary (see ``ubsmoe.report.results``)."""
-    started = time.perf_counter()
-    exp = build_experiment(config)
-    method, model = exp.method, exp.model
-    state = method.initial_state(model)
-    flop_counter = FlopCounter(model)
-    history = []
-    round0 = {}
-    if config.evaluation.round0:  # what every tier scores before any training: what fine-tuning adds is read against it
-        before = evaluate_tiers(model, exp.task, method, state, exp.test, exp.tiers, config.train.eval_batch_size)
-        round0 = {str(b): {k: v for k, v in r.items() if k in ("accuracy", "loss", "details")} for b, r in before.items()}
-    rounds = tqdm(range(1, config.federation.rounds + 1), desc=f"{method.name} rounds", unit="round",
+class ClientFailure(NamedTuple):
+    """A sampled client whose round produced no update, and why."""
+
+    client_id: int
+    reason: str
+
+
+class Server:
+    """The server side of a run, whatever carries the messages: the method's state, sampling, the
+    instructions, aggregation, per-tier evaluation and the history. The in-process engine
+    (``run_experiment``) and the Flower strategy drive the same object."""
+
+    def __init__(self, config: ExperimentConfig):
+        self.started = time.perf_counter()
+        self.config = config
+        self.exp = build_experiment(config)
+        self.method, self.model = self.exp.method, self.exp.model
+        self.state = self.method.initial_state(self.model)
+        self.flop_counter = FlopCounter(self.model)
+        self.history: list[dict] = []
+        self.round0: dict = {}
+        self.updates: list[ClientUpdate] = []
+        self.failures: list[ClientFailure] = []
+
+    def evaluate_round0(self) -> None:
+        """What every tier scores before any training: what fine-tuning adds is read against it."""
+        before = evaluate_tiers(self.model, self.exp.task, self.method, self.state, self.exp.test, self.exp.tiers,
+                                self.config.train.eval_batch_size)
+        self.round0 = {str(b): {k: v for k, v in r.items() if k in ("accuracy", "loss", "details")}
+                       for b, r in before.items()}
+
+    def sample(self, round_index: int) -> list[ClientInfo]:
+        return sample_clients(self.exp.clients, self.config.federation.fraction_fit, round_index, self.config.seed)
+
+    def instruction(self, client: ClientInfo, round_index: int) -> TrainInstruction:
+        return instruction_for(self.method, self.state, client, round_index)
+
+    def aggregate(self, round_index: int, updates: list[ClientUpdate], failures: list[ClientFailure] = ()) -> None:
+        """Fold the round's updates into the state; fewer than ``federation.min_clients`` updates stop the run."""
+        needed = self.config.federation.min_clients
+        if len(updates) < needed:
+            reasons = "; ".join(f"client {f.client_id}: {f.reason}" for f in failures) or "no client answered"
+            raise RuntimeError(f"round {round_index}: {len(updates)} of the sampled clients returned an update, "
+                               f"fewer than federation.min_clients={needed} ({reasons})")
+        self.updates, self.failures = sorted(updates, key=lambda u: u.client.client_id), list(failures)
+        self.state = self.method.aggregate(self.state, self.updates)
+
+    def evaluate(self, round_index: int) -> dict:
+        """Every tier after the round's aggregation; the round's history entry."""
+        model, updates = self.model, self.updates
+        tier_results = evaluate_tiers(model, self.exp.task, self.method, self.state, self.exp.test, self.exp.tiers,
+                                      self.config.train.eval_batch_size, self.flop_counter)
+        entry = round_entry(round_index, tier_results, updates)
+        entry["cost"] = round_cost(tier_results, updates)
+        if model.num_experts > 1:
+            entry["balance"] = round_balance(model, tier_results, updates)
+        report = self.method.round_report(self.state)
+        if report:
+            entry["server"] = report
+        if self.failures:
+            entry["failed_clients"] = [f._asdict() for f in self.failures]
+        self.history.append(entry)
+        return entry
+
+    def results(self) -> dict:
+        """The results dictionary (see ``ubsmoe.report.results``)."""
+        exp, model, method, history = self.exp, self.model, self.method, self.history
+        return {
+            "method": method.name,
+            "config": self.config.to_dict(),
+            "task": exp.task.name,
+            "label_names": exp.data.key_names,
+            "num_train": len(exp.train),
+            "num_test": len(exp.test),
+            "duplicates_removed": exp.data.duplicates_removed,
+            "tiers": exp.tiers,
+            "clients": [{"id": c.client_id, "budget": c.budget, "num_examples": c.num_examples,
+                         "label_counts": np.bincount(np.asarray(exp.data.partition_keys)[exp.client_indices[c.client_id].numpy()],
+                                                     minlength=len(exp.data.key_names)).tolist()} for c in exp.clients],
+            "parameters": model.parameter_report(),
+            "k_max": method.k_max,
+            "round0": self.round0,
+            "history": history,
+            "final": {k: v for k, v in history[-1].items() if k != "clients"},
+            "cost": run_cost(history, exp.tiers),
+            "runtime_s": time.perf_counter() - self.started,
+        }
+
+
+ClientFn = Callable[[TrainInstruction, Any], ClientUpdate]
+
+
+def run_experiment(config: ExperimentConfig, show_progress: bool = True, client_fn: ClientFn | None = None) -> dict:
+    """Run every round in this process and return the results dictionary (see ``ubsmoe.report.results``).
+
+    ``client_fn(instruction, progress)`` runs a client's round; by default ``run_client`` on this
+    process's model. Another transport (a client in another process, records serialised) plugs in here.
+    """
+    server = Server(config)
+    if config.evaluation.round0:
+        server.evaluate_round0()
+    if client_fn is None:
+        runtime = server.exp.client_runtime(server.flop_counter)
+
+        def client_fn(instruction: TrainInstruction, progress) -> ClientUpdate:
+            return run_client(runtime, instruction, progress)
+    rounds = tqdm(range(1, config.federation.rounds + 1), desc=f"{server.method.name} rounds", unit="round",
                   disable=not show_progress)
     for round_index in rounds:
-        sampled = sample_clients(exp.clients, config.federation.fraction_fit, round_index, config.seed)
+        sampled = server.sample(round_index)
         total_steps = sum(local_steps(config.train, c.num_examples) for c in sampled)
         updates = []
         with tqdm(total=total_steps, desc=f"round {round_index} clients", unit="step", leave=False,
                   disable=not show_progress) as bar:
             for client in sampled:
                 bar.set_description(f"round {round_index} client {client.client_id} (beta={client.budget:g})")
-                download = method.download_bytes(state, client)
-                start = method.client_params(state, client)
-                model.load_trainable_state(start)
-                method.setup_client(model, client)
-                torch.manual_seed(seed_for(config.seed, round_index, client.client_id))
-                generator = torch.Generator().manual_seed(seed_for(config.seed + 1, round_index, client.client_id))
-                metrics = train_local(model, exp.task, method, client, exp.train, exp.client_indices[client.client_id],
-                                      config.train, generator, progress=bar, flop_counter=flop_counter)
-                routing = None
-                if model.num_experts > 1:
-                    routed, tokens, _ = model.routing_counts()
-                    routing = RoutingStats(routed, tokens)
-                update = method.client_update(model, start, client, routing)
-                update.metrics.update(metrics)
-                update.metrics.update(download_bytes=download, upload_bytes=method.upload_bytes(update))
-                method.teardown_client(model, client)
-                updates.append(update)
-        state = method.aggregate(state, updates)
-        tier_results = evaluate_tiers(model, exp.task, method, state, exp.test, exp.tiers, config.train.eval_batch_size,
-                                      flop_counter)
-        entry = round_entry(round_index, tier_results, updates)
-        entry["cost"] = round_cost(tier_results, updates)
-        if model.num_experts > 1:
-            entry["balance"] = round_balance(model, tier_results, updates)
-        report = method.round_report(state)
-        if report:
-            entry["server"] = report
-        history.append(entry)
+                updates.append(client_fn(server.instruction(client, round_index), bar))
+        server.aggregate(round_index, updates)
+        entry = server.evaluate(round_index)
         rounds.set_postfix(avg_acc=f"{entry['average_accuracy']:.3f}")
-    return {
-        "method": method.name,
-        "config": config.to_dict(),
-        "task": exp.task.name,
-        "label_names": exp.data.key_names,
-        "num_train": len(exp.train),
-        "num_test": len(exp.test),
-        "duplicates_removed": exp.data.duplicates_removed,
-        "tiers": exp.tiers,
-        "clients": [{"id": c.client_id, "budget": c.budget, "num_examples": c.num_examples,
-                     "label_counts": np.bincount(np.asarray(exp.data.partition_keys)[exp.client_indices[c.client_id].numpy()],
-                                                 minlength=len(exp.data.key_names)).tolist()} for c in exp.clients],
-        "parameters": model.parameter_report(),
-        "k_max": method.k_max,
-        "round0": round0,
-        "history": history,
-        "final": {k: v for k, v in history[-1].items() if k != "clients"},
-        "cost": run_cost(history, exp.tiers),
-        "runtime_s": time.perf_counter() - started,
-    }
+    return server.results()
 
 
-def seed_for(seed: int, round_index: int, client_id: int) -> int:
-    """A distinct, reproducible seed per (experiment seed, round, client)."""
-    return int(np.random.SeedSequence([seed, round_index, client_id]).generate_state(1)[0])
+def instruction_for(method: FederatedMethod, state: ServerState, client: ClientInfo, round_index: int
+                    ) -> TrainInstruction:
+    """The message that starts ``client``'s round: what the method decides for it and sends it."""
+    return TrainInstruction(round_index, client, method.client_settings(state, client),
+                            method.client_params(state, client), method.frozen_state(state))
 
 
-def round_balance(model: MoEModel, tier_results: dict[float, dict], updates) -> dict:
+def round_balance(model: MoEModel, tier_results: dict[float, dict], updates: list[ClientUpdate]) -> dict:
     """Expert balance of the round: global training load (from the uploaded counts), each tier's load
     on the test set, and the share of experts no client updated."""
     routed = sum(u.routing.routed for u in updates)
@@ -215,28 +278,28 @@ def round_balance(model: MoEModel, tier_results: dict[float, dict], updates) -> 
     }
 
 
-def round_cost(tier_results: dict[float, dict], updates) -> dict:
+def round_cost(tier_results: dict[float, dict], updates: list[ClientUpdate]) -> dict:
     """Compute and communication of the round: per client, and per tier (means over the tier's
     sampled clients, the median local step time over all their steps)."""
-    clients = [{"id": u.client.client_id, "budget": u.client.budget, "train_flops": u.metrics["train_flops"]["total"],
-                "train_seconds": u.metrics["train_seconds"], "download_bytes": u.metrics["download_bytes"],
-                "upload_bytes": u.metrics["upload_bytes"]} for u in updates]
+    clients = [{"id": u.client.client_id, "budget": u.client.budget, "train_flops": u.metrics.train_flops["total"],
+                "train_seconds": u.metrics.train_seconds, "download_bytes": u.metrics.download_bytes,
+                "upload_bytes": u.metrics.upload_bytes} for u in updates]
     tiers = {}
     for budget, result in tier_results.items():
         mine = [u for u in updates if u.client.budget == budget]
         tier = {"inference_flops_per_token": result["inference_flops_per_token"]}
         if mine:
-            parts = mine[0].metrics["train_flops"]
+            parts = mine[0].metrics.train_flops
             tier |= {
                 "clients": len(mine),
-                "train_flops": float(np.mean([u.metrics["train_flops"]["total"] for u in mine])),
-                "train_flops_parts": {k: float(np.mean([u.metrics["train_flops"][k] for u in mine])) for k in parts},
-                "train_flops_per_token": (sum(u.metrics["train_flops"]["total"] for u in mine)
-                                          / max(1, sum(u.metrics["train_tokens"] for u in mine))),
-                "step_seconds_median": float(np.median([s for u in mine for s in u.metrics["step_seconds"]])),
-                "train_seconds": float(np.mean([u.metrics["train_seconds"] for u in mine])),
-                "download_bytes": float(np.mean([u.metrics["download_bytes"] for u in mine])),
-                "upload_bytes": float(np.mean([u.metrics["upload_bytes"] for u in mine])),
+                "train_flops": float(np.mean([u.metrics.train_flops["total"] for u in mine])),
+                "train_flops_parts": {k: float(np.mean([u.metrics.train_flops[k] for u in mine])) for k in parts},
+                "train_flops_per_token": (sum(u.metrics.train_flops["total"] for u in mine)
+                                          / max(1, sum(u.metrics.train_tokens for u in mine))),
+                "step_seconds_median": float(np.median([s for u in mine for s in u.metrics.step_seconds])),
+                "train_seconds": float(np.mean([u.metrics.train_seconds for u in mine])),
+                "download_bytes": float(np.mean([u.metrics.download_bytes for u in mine])),
+                "upload_bytes": float(np.mean([u.metrics.upload_bytes for u in mine])),
             }
         tiers[str(budget)] = tier
     return {"clients": clients, "tiers": tiers}
@@ -279,8 +342,8 @@ def round_entry(round_index: int, tier_results: dict[float, dict], updates) -> d
         "average_accuracy": sum(tier_accuracy.values()) / len(tier_accuracy),
         "tier_loss": tier_loss,
         "test_loss": sum(tier_loss.values()) / len(tier_loss),
-        "clients": [{"id": u.client.client_id, "budget": u.client.budget, "train_loss": u.metrics["train_loss"],
-                     "steps": u.metrics["steps"]} for u in updates],
+        "clients": [{"id": u.client.client_id, "budget": u.client.budget, "train_loss": u.metrics.train_loss,
+                     "steps": u.metrics.steps} for u in updates],
     }
     loads = {str(b): r["expert_load"] for b, r in tier_results.items() if "expert_load" in r}
     if loads:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ubsmoe.config import ConfigError, option
 from ubsmoe.methods.base import (
-    ClientInfo, ClientUpdate, Params, ServerState, register, top_k_for_budget, weighted_delta_average,
+    ClientInfo, ClientSettings, ClientUpdate, Params, ServerState, register, top_k_for_budget, weighted_delta_average,
 )
 from ubsmoe.methods.smoe import SparseMoE
 from ubsmoe.model import MoEModel
@@ -58,6 +58,7 @@ class A3SMoE(SparseMoE):
     Options = A3SMoEOptions
 
     def prepare_model(self, model: MoEModel) -> None:
+        super().prepare_model(model)
         self.expert_names = model.expert_tensors()
         self.scale_names = []
         if self.options.rescale:
@@ -65,14 +66,21 @@ class A3SMoE(SparseMoE):
                 layer.register_parameter("output_scale", nn.Parameter(torch.ones(())))
             self.scale_names = [model.state_name(layer.output_scale) for layer in model.moe_layers]
 
-    def initial_state(self, model: MoEModel) -> ServerState:
-        return replace(super().initial_state(model), extra={"scales": {}})
-
     def _rescaled(self, k: int) -> bool:
         return self.options.rescale and k < self.k_max
 
+    @staticmethod
+    def scale_key(k: int, name: str) -> str:
+        """Where the server keeps the scalar of layer ``name`` for the clients of K = k: ``scales/k/name``."""
+        return f"scales/{k}/{name}"
+
+    def scales(self, state: ServerState, k: int) -> list[torch.Tensor] | None:
+        """The per-layer scalars of the clients of K = k, or None before any client of that K was aggregated."""
+        keys = [self.scale_key(k, n) for n in self.scale_names]
+        return [state.tensors[key] for key in keys] if keys and keys[0] in state.tensors else None
+
     def _with_scales(self, state: ServerState, k: int) -> Params:
-        scales = state.extra["scales"].get(k)
+        scales = self.scales(state, k)
         if not self.scale_names or scales is None:
             return state.params
         return state.params | dict(zip(self.scale_names, scales))
@@ -83,8 +91,8 @@ class A3SMoE(SparseMoE):
     def eval_params(self, state: ServerState, budget: float) -> Params:
         return self._with_scales(state, top_k_for_budget(self.k_max, budget))
 
-    def client_hooks(self, model: MoEModel, client: ClientInfo) -> list[MoEHook]:
-        return [OutputRescaling()] if self._rescaled(top_k_for_budget(self.k_max, client.budget)) else []
+    def client_hooks(self, model: MoEModel, settings: ClientSettings) -> list[MoEHook]:
+        return [OutputRescaling()] if self._rescaled(settings.top_k) else []
 
     def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
         if not updates:
@@ -93,7 +101,7 @@ class A3SMoE(SparseMoE):
         routed = torch.stack([u.routing.routed for u in updates])
         tokens = torch.stack([u.routing.tokens for u in updates])
         weights = activation_weights(routed, tokens, sizes, self.options.temperature)  # (C, L, E)
-        # FedAvg for the shared tensors; the per-K scalars live in extra and their global entries stay 1
+        # FedAvg for the shared tensors; the per-K scalars live in the state's tensors and their global entries stay 1
         params = weighted_delta_average({n: v for n, v in state.params.items() if n not in self.expert_names
                                          and n not in self.scale_names}, updates)
         params |= {n: state.params[n] for n in self.scale_names}
@@ -101,7 +109,7 @@ class A3SMoE(SparseMoE):
             value, w = state.params[name], weights[:, layer_index]  # w: (C, E)
             shape = (-1,) + (1,) * (value.dim() - 1)
             params[name] = value + sum(u.delta[name] * w[c].to(value.dtype).view(shape) for c, u in enumerate(updates))
-        scales = dict(state.extra["scales"])
+        tensors = dict(state.tensors)
         by_k: dict[int, list[ClientUpdate]] = {}
         for u in updates:
             by_k.setdefault(top_k_for_budget(self.k_max, u.client.budget), []).append(u)
@@ -109,5 +117,5 @@ class A3SMoE(SparseMoE):
             if self._rescaled(k):
                 start = self._with_scales(state, k)
                 averaged = weighted_delta_average({n: start[n] for n in self.scale_names}, group)
-                scales[k] = [averaged[n] for n in self.scale_names]
-        return replace(state, params=params, extra={"scales": scales})
+                tensors |= {self.scale_key(k, n): averaged[n] for n in self.scale_names}
+        return replace(state, params=params, tensors=tensors)

@@ -9,54 +9,14 @@ that subclasses ``FederatedMethod`` and decorates itself with ``@register``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
 
 from ubsmoe.config import UnknownNameError
+from ubsmoe.methods.records import ClientInfo, ClientSettings, ClientUpdate, Params, RoutingStats, ServerState
 from ubsmoe.model import MoEModel, ModelSpec
-
-Params = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class ClientInfo:
-    """A client as methods see it: its id, budget beta and number of training examples."""
-
-    client_id: int
-    budget: float
-    num_examples: int
-
-
-@dataclass
-class RoutingStats:
-    """Per-layer routing counts of one client's local training (what DMR uploads).
-
-    routed: (L, E) tokens routed to each expert; tokens: (L,) non-padding tokens seen.
-    """
-
-    routed: torch.Tensor
-    tokens: torch.Tensor
-
-
-@dataclass
-class ClientUpdate:
-    """What a client sends back after local training."""
-
-    client: ClientInfo
-    delta: Params  # trained minus received, per trainable tensor
-    routing: RoutingStats | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # method-specific payload (e.g. DMR's phi)
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class ServerState:
-    """The global model (trainable tensors) and whatever else a method keeps between rounds."""
-
-    params: Params
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def top_k_for_budget(k_max: int, budget: float) -> int:
@@ -68,6 +28,13 @@ class FederatedMethod:
     """Base class: plain FedAvg of the trainable tensors, every client at full budget.
 
     ``Options`` is the dataclass of the method's own hyper-parameters (``method.<field>`` in configs).
+
+    The hooks fall in two groups that share nothing but the records of ``methods.records``: server
+    hooks (``initial_state``, ``client_settings``, ``client_params``, ``frozen_state``, ``aggregate``,
+    the evaluation hooks) read and write the ``ServerState``; client hooks (``sync_frozen``,
+    ``start_params``, ``setup_client`` ... ``teardown_client``) see only the model, the options and what
+    the instruction carries, so a client in another process runs them from the same config.
+    ``prepare_model`` runs on both sides, on every model built.
     """
 
     name: ClassVar[str] = ""
@@ -78,35 +45,39 @@ class FederatedMethod:
         self.options = options
         self.k_max = k_max
 
-    # ------------------------------------------------------------------ model
+    # ------------------------------------------------------------------ model (both sides)
     def model_spec(self, spec: ModelSpec) -> ModelSpec:
         """The model this method trains, given the experiment's (sparse, upcycled by default)."""
         return spec
+
+    def prepare_model(self, model: MoEModel) -> None:
+        """Add or unfreeze what the method trains or shares (parameters, buffers) on a freshly built model;
+        runs wherever a model is built (the server's, every client process's)."""
 
     # ------------------------------------------------------------------ server side
     def initial_state(self, model: MoEModel) -> ServerState:
         return ServerState(params=model.trainable_state())
 
+    def tier_settings(self, budget: float) -> ClientSettings:
+        """What a client of this budget runs: its K_c or rank (the full model here)."""
+        return ClientSettings()
+
+    def client_settings(self, state: ServerState, client: ClientInfo) -> ClientSettings:
+        """The one hook through which the server decides a client's round: its tier's settings by default."""
+        return self.tier_settings(client.budget)
+
     def client_params(self, state: ServerState, client: ClientInfo) -> Params:
-        """The tensors client ``client`` starts local training from (a view of the global ones is fine)."""
+        """The tensors the server sends client ``client`` to start local training from."""
         return state.params
+
+    def frozen_state(self, state: ServerState) -> Params:
+        """What a client needs to rebuild frozen weights the method has changed (see ``sync_frozen``);
+        nothing by default."""
+        return {}
 
     def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
         """FedAvg: the global tensors move by the example-weighted mean of the clients' deltas."""
         return replace(state, params=weighted_delta_average(state.params, updates))
-
-    # ------------------------------------------------------------------ communication
-    def download_bytes(self, state: ServerState, client: ClientInfo) -> int:
-        """Bytes the server sends client ``client`` at the start of a round: by default the tensors it
-        starts from."""
-        return tensor_bytes(self.client_params(state, client))
-
-    def upload_bytes(self, update: ClientUpdate) -> int:
-        """Bytes the client sends back: by default its deltas, its routing counts and any tensors in
-        ``extra``."""
-        routing = [] if update.routing is None else [update.routing.routed, update.routing.tokens]
-        extra = [v for v in update.extra.values() if isinstance(v, torch.Tensor)]
-        return tensor_bytes(update.delta) + tensor_bytes(routing + extra)
 
     def round_report(self, state: ServerState) -> dict[str, Any]:
         """JSON-ready facts about the server state after a round, saved under ``"server"`` in the history
@@ -114,26 +85,33 @@ class FederatedMethod:
         return {}
 
     # ------------------------------------------------------------------ client side
-    def setup_client(self, model: MoEModel, client: ClientInfo) -> None:
-        """Configure the shared model for this client's training (its K_c, rank, hooks)."""
+    def sync_frozen(self, model: MoEModel, frozen: Params) -> None:
+        """Bring the model's frozen weights to what ``frozen`` describes (idempotent)."""
 
-    def local_loss(self, model: MoEModel, client: ClientInfo) -> torch.Tensor | None:
+    def start_params(self, model: MoEModel, received: Params, settings: ClientSettings) -> Params:
+        """The full trainable tensors to load, from what the instruction carried (as is by default)."""
+        return received
+
+    def setup_client(self, model: MoEModel, settings: ClientSettings) -> None:
+        """Configure the model for this round's training or a tier's evaluation (K_c, rank, hooks)."""
+
+    def local_loss(self, model: MoEModel) -> torch.Tensor | None:
         """An extra loss term added to the task loss at each local step (regularisers, aux losses)."""
         return None
 
-    def after_backward(self, model: MoEModel, client: ClientInfo) -> None:
+    def after_backward(self, model: MoEModel) -> None:
         """Adjust gradients after the backward pass and before the optimiser step."""
 
-    def client_update(self, model: MoEModel, start: Params, client: ClientInfo,
+    def client_update(self, model: MoEModel, start: Params, client: ClientInfo, settings: ClientSettings,
                       routing: RoutingStats | None) -> ClientUpdate:
         """What the client uploads; by default the delta of every trainable tensor."""
         trained = model.trainable_state()
         return ClientUpdate(client, {n: trained[n] - start[n] for n in start}, routing)
 
-    def teardown_client(self, model: MoEModel, client: ClientInfo) -> None:
-        """Undo ``setup_client`` (remove hooks) so the shared model is clean for the next client."""
+    def teardown_client(self, model: MoEModel) -> None:
+        """Undo ``setup_client`` (remove hooks) so the model is clean for the next client or tier."""
 
-    # ------------------------------------------------------------------ evaluation
+    # ------------------------------------------------------------------ evaluation (server side)
     def eval_key(self, budget: float) -> Any:
         """Tiers whose models are identical share a key, so the engine evaluates them once."""
         return budget
@@ -142,12 +120,9 @@ class FederatedMethod:
         """The trainable tensors a client of this budget holds after the round."""
         return state.params
 
-    def setup_eval(self, model: MoEModel, budget: float) -> None:
-        """Configure the shared model as a client of this budget runs it at inference."""
-        self.setup_client(model, ClientInfo(-1, budget, 0))
-
-    def teardown_eval(self, model: MoEModel, budget: float) -> None:
-        self.teardown_client(model, ClientInfo(-1, budget, 0))
+    def eval_settings(self, state: ServerState, budget: float) -> ClientSettings:
+        """How a client of this budget runs the model at inference."""
+        return replace(self.tier_settings(budget), training=False)
 
 
 def weighted_delta_average(params: Params, updates: list[ClientUpdate]) -> Params:
@@ -160,12 +135,6 @@ def weighted_delta_average(params: Params, updates: list[ClientUpdate]) -> Param
         step = sum(u.delta[name] * (u.client.num_examples / total) for u in updates)
         new[name] = value + step
     return new
-
-
-def tensor_bytes(tensors) -> int:
-    """Bytes of the tensors' data: a dict's values or a list."""
-    values = tensors.values() if isinstance(tensors, dict) else tensors
-    return sum(t.numel() * t.element_size() for t in values)
 
 
 REGISTRY: dict[str, type[FederatedMethod]] = {}

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ubsmoe.config import ConfigError, option
-from ubsmoe.methods.base import ClientInfo, ClientUpdate, Params, RoutingStats, ServerState, register
+from ubsmoe.methods.base import ClientInfo, ClientSettings, ClientUpdate, Params, RoutingStats, ServerState, register
 from ubsmoe.methods.smoe import SparseMoE
 from ubsmoe.model import MoEModel
 from ubsmoe.model.moe_layer import MoEHook, RoutingRecord, SlotLayout, SparseMoEFFN
@@ -88,18 +88,19 @@ class DefaultMoE(SparseMoE):
     Options = DefaultMoEOptions
 
     def prepare_model(self, model: MoEModel) -> None:
+        super().prepare_model(model)
         self.default_names = [model.share_buffer(layer, "expert_defaults", torch.zeros(layer.num_experts, layer.d_model))
                               for layer in model.moe_layers]
 
-    def client_hooks(self, model: MoEModel, client: ClientInfo) -> list[MoEHook]:
-        return [DefaultOutputs(self.options.ema_decay, update=client.client_id >= 0)]  # defaults learn in training
+    def client_hooks(self, model: MoEModel, settings: ClientSettings) -> list[MoEHook]:
+        return [DefaultOutputs(self.options.ema_decay, update=settings.training)]  # defaults learn in training
 
-    def client_update(self, model: MoEModel, start: Params, client: ClientInfo,
+    def client_update(self, model: MoEModel, start: Params, client: ClientInfo, settings: ClientSettings,
                       routing: RoutingStats | None) -> ClientUpdate:
         """The deltas, and ``defaults_updated`` (L, E) bool: which experts' defaults this client moved."""
-        update = super().client_update(model, start, client, routing)
+        update = super().client_update(model, start, client, settings, routing)
         (hook,) = [h for h in self.hooks if isinstance(h, DefaultOutputs)]
-        update.extra["defaults_updated"] = torch.stack(
+        update.tensors["defaults_updated"] = torch.stack(
             [hook.updated.get(layer, torch.zeros(layer.num_experts, dtype=torch.bool)) for layer in model.moe_layers])
         return update
 
@@ -110,7 +111,7 @@ class DefaultMoE(SparseMoE):
             return new
         params = dict(new.params)
         for index, name in enumerate(self.default_names):
-            weights = torch.stack([u.extra["defaults_updated"][index].to(state.params[name].dtype) * u.client.num_examples
+            weights = torch.stack([u.tensors["defaults_updated"][index].to(state.params[name].dtype) * u.client.num_examples
                                    for u in updates])  # (C, E)
             total = weights.sum(0)
             step = sum(w.unsqueeze(1) * u.delta[name] for w, u in zip(weights, updates))

@@ -1,6 +1,7 @@
 """FlexLoRA (Bai et al. 2024): average full-size updates, redistribute by SVD at each client's rank.
 
-The server keeps, per adapter, the global update dW = sum_c (n_c / N) scale a_c b_c (full size).
+Clients upload their trained factors at their rank; the server keeps, per adapter, the global update
+dW = sum_c (n_c / N) scale a_c b_c (full size).
 Client c starts from the best rank-r_c factors of dW (truncated SVD: a = U_r, b = S_r V_r^T / scale);
 before any aggregation it starts from the initial adapters truncated to r_c. The task head is
 averaged by data size.
@@ -10,12 +11,10 @@ Tier model: the truncated SVD of dW at the tier's r_c.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
-from ubsmoe.methods.base import ClientInfo, ClientUpdate, Params, ServerState, register
-from ubsmoe.methods.low_rank import HeterogeneousRankMethod, factors_from_svd
+from ubsmoe.methods.base import ClientInfo, ClientSettings, ClientUpdate, Params, ServerState, register
+from ubsmoe.methods.low_rank import HeterogeneousRankMethod, factors_from_svd, prefix
 
 
 def weighted_product_average(products: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
@@ -30,27 +29,34 @@ class FlexLoRA(HeterogeneousRankMethod):
     description = "FlexLoRA: full-size weighted update average, SVD redistribution at each client's rank"
 
     def _params_at_rank(self, state: ServerState, rank: int) -> Params:
-        decompositions = state.extra.get("svd")
-        if decompositions is None:
+        if not state.tensors:  # before any aggregation: the initial adapters
             return state.params
         params = dict(state.params)
         for adapter in self.adapters:
-            params[adapter.a], params[adapter.b] = factors_from_svd(decompositions[adapter.a], rank, self.r_max,
-                                                                    adapter.scale)
+            svd = tuple(state.tensors[f"svd/{adapter.a}/{part}"] for part in ("u", "s", "vh"))
+            params[adapter.a], params[adapter.b] = factors_from_svd(svd, rank, self.r_max, adapter.scale)
         return params
 
-    def client_params(self, state: ServerState, client: ClientInfo) -> Params:
-        return self._params_at_rank(state, self.client_rank(client))
+    def full_client_params(self, state: ServerState, client: ClientInfo) -> Params:
+        return self._params_at_rank(state, self.client_settings(state, client).rank)
 
     def eval_params(self, state: ServerState, budget: float) -> Params:
-        return self._params_at_rank(state, self.eval_key(budget))
+        rank = self.eval_settings(state, budget).rank
+        return self.at_rank(self._params_at_rank(state, rank), rank)
 
-    def client_update(self, model, start: Params, client: ClientInfo, routing) -> ClientUpdate:
-        update = super().client_update(model, start, client, routing)
+    def client_update(self, model, start: Params, client: ClientInfo, settings: ClientSettings,
+                      routing) -> ClientUpdate:
+        """FlexLoRA's clients upload their trained factors at their rank (``tensors``), from which the server
+        forms the products, and the deltas of every other tensor."""
+        update = super().client_update(model, start, client, settings, routing)
         trained = model.trainable_state()
-        rank = self.client_rank(client)
-        update.extra["products"] = {ad.a: ad.product(trained, rank) for ad in self.adapters}
+        for name, factor in self.factor_of.items():
+            del update.delta[name]
+            update.tensors[name] = prefix(trained[name], factor, settings.rank)
         return update
+
+    def trained_factors(self, state: ServerState, update: ClientUpdate, adapter) -> tuple[torch.Tensor, torch.Tensor]:
+        return update.tensors[adapter.a], update.tensors[adapter.b]
 
     def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
         if not updates:
@@ -60,6 +66,12 @@ class FlexLoRA(HeterogeneousRankMethod):
             params[adapter.a], params[adapter.b] = state.params[adapter.a], state.params[adapter.b]
         sizes = [u.client.num_examples for u in updates]
         # one SVD per adapter and round; every client and tier takes its top ranks from it
-        svd = {ad.a: torch.linalg.svd(weighted_product_average([u.extra["products"][ad.a] for u in updates], sizes),
-                                      full_matrices=False) for ad in self.adapters}
-        return replace(state, params=params, extra={"svd": svd})
+        tensors = {}
+        for ad in self.adapters:
+            products = []
+            for u in updates:
+                a, b = self.trained_factors(state, u, ad)
+                products.append(ad.scale * (a @ b))
+            u_, s_, vh_ = torch.linalg.svd(weighted_product_average(products, sizes), full_matrices=False)
+            tensors |= {f"svd/{ad.a}/u": u_, f"svd/{ad.a}/s": s_, f"svd/{ad.a}/vh": vh_}
+        return ServerState(params, tensors, dict(state.scalars))

@@ -31,6 +31,9 @@ class FLoRA(MergingMethod):
     name = "flora"
     description = "FLoRA: exact stacking of heterogeneous-rank adapters, merged into the base each round"
 
-    def round_update(self, adapter: Adapter, factors, sizes) -> tuple[torch.Tensor, dict]:
+    def round_update(self, adapter: Adapter, factors, sizes) -> tuple[dict, dict]:
         stacked_a, stacked_b = stack_factors(factors, sizes)
-        return adapter.scale * (stacked_a @ stacked_b), {"broadcast_rank": stacked_a.shape[-1]}
+        return {"a": stacked_a, "b": stacked_b}, {"broadcast_rank": stacked_a.shape[-1]}
+
+    def base_update(self, adapter: Adapter, factors, lead) -> torch.Tensor:
+        return adapter.scale * (factors["a"] @ factors["b"])

@@ -58,15 +58,17 @@ class FLoRIST(MergingMethod):
     description = "FLoRIST: SVD of stacked adapters, energy-thresholded global low-rank pair merged each round"
     Options = FLoRISTOptions
 
-    def round_update(self, adapter: Adapter, factors, sizes) -> tuple[torch.Tensor, dict]:
+    def round_update(self, adapter: Adapter, factors, sizes) -> tuple[dict, dict]:
+        """One global pair per matrix (per expert for stacked FFN weights): ``a/<i>``, ``b/<i>``."""
         stacked_a, stacked_b = stack_factors(factors, sizes)
-        lead = stacked_a.shape[:-2]
         flat_a = stacked_a.reshape(-1, *stacked_a.shape[-2:])
         flat_b = stacked_b.reshape(-1, *stacked_b.shape[-2:])
-        updates, ranks = [], []
-        for a, b in zip(flat_a, flat_b):  # one global pair per matrix (per expert for stacked FFN weights)
-            global_a, global_b, _ = thresholded_pair(a, b, self.options.tau)
-            updates.append(global_a @ global_b)
-            ranks.append(global_a.shape[-1])
-        update = torch.stack(updates).reshape(*lead, *updates[0].shape)
-        return adapter.scale * update, {"rank": ranks[0] if len(ranks) == 1 else ranks, "broadcast_rank": max(ranks)}
+        pairs, ranks = {}, []
+        for i, (a, b) in enumerate(zip(flat_a, flat_b)):
+            pairs[f"a/{i}"], pairs[f"b/{i}"], _ = thresholded_pair(a, b, self.options.tau)
+            ranks.append(pairs[f"a/{i}"].shape[-1])
+        return pairs, {"rank": ranks[0] if len(ranks) == 1 else ranks, "broadcast_rank": max(ranks)}
+
+    def base_update(self, adapter: Adapter, factors, lead) -> torch.Tensor:
+        updates = [factors[f"a/{i}"] @ factors[f"b/{i}"] for i in range(len(factors) // 2)]
+        return adapter.scale * torch.stack(updates).reshape(*lead, *updates[0].shape)

@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from ubsmoe.config import ConfigError, option
-from ubsmoe.methods.base import ClientInfo, ClientUpdate, Params, ServerState, register
-from ubsmoe.methods.low_rank import HeterogeneousRankMethod, truncated
+from ubsmoe.methods.base import ClientInfo, ClientSettings, ClientUpdate, Params, ServerState, register
+from ubsmoe.methods.low_rank import HeterogeneousRankMethod, zero_padded
 from ubsmoe.model import MoEModel
 
 
@@ -57,13 +57,10 @@ class HetLoRA(HeterogeneousRankMethod):
     description = "HetLoRA: zero-padded heterogeneous ranks, norm-weighted aggregation, rank self-pruning"
     Options = HetLoRAOptions
 
-    def __init__(self, options: HetLoRAOptions, k_max: int):
-        super().__init__(options, k_max)
-        self.ranks: dict[int, int] = {}  # client id -> its current (possibly self-pruned) rank
-        self._tail_start: dict[int, float] = {}  # client id -> tail norm when its local training began
-
-    def client_rank(self, client: ClientInfo) -> int:
-        return self.ranks.get(client.client_id, super().client_rank(client))
+    def client_settings(self, state: ServerState, client: ClientInfo) -> ClientSettings:
+        """The client's current rank: its tier's, or the one it pruned itself to (``rank/<id>`` in the state)."""
+        tier = self.tier_settings(client.budget)
+        return replace(tier, rank=int(state.scalars.get(f"rank/{client.client_id}", tier.rank)))
 
     def _tail(self, rank: int) -> int:
         return int(self.options.prune_gamma * rank)
@@ -73,26 +70,26 @@ class HetLoRA(HeterogeneousRankMethod):
         start = self._tail(rank)
         return sum(tail_norm(params[ad.a], params[ad.b], start, rank) for ad in self.adapters)
 
-    def setup_client(self, model: MoEModel, client: ClientInfo) -> None:
-        super().setup_client(model, client)
-        if client.client_id >= 0 and self.options.prune_lambda > 0:
+    def setup_client(self, model: MoEModel, settings: ClientSettings) -> None:
+        super().setup_client(model, settings)
+        self._tail_start = None  # the tail norm when local training began
+        if settings.training and self.options.prune_lambda > 0:
             with torch.no_grad():
-                self._tail_start[client.client_id] = float(self._tail_norms(model, self.client_rank(client)))
+                self._tail_start = float(self._tail_norms(model, settings.rank))
 
-    def local_loss(self, model: MoEModel, client: ClientInfo) -> torch.Tensor | None:
+    def local_loss(self, model: MoEModel) -> torch.Tensor | None:
         if self.options.prune_lambda <= 0:
             return None
-        return self.options.prune_lambda * self._tail_norms(model, self.client_rank(client))
+        return self.options.prune_lambda * self._tail_norms(model, self.rank)
 
-    def client_update(self, model, start: Params, client: ClientInfo, routing) -> ClientUpdate:
-        update = super().client_update(model, start, client, routing)
-        rank = self.client_rank(client)
-        update.extra["rank"] = rank
-        if self.options.prune_lambda > 0 and client.client_id in self._tail_start:
+    def client_update(self, model, start: Params, client: ClientInfo, settings: ClientSettings,
+                      routing) -> ClientUpdate:
+        """The deltas at the client's rank, and ``next_rank``: the rank it prunes itself to."""
+        update = super().client_update(model, start, client, settings, routing)
+        if self._tail_start is not None:
             with torch.no_grad():
-                after = float(self._tail_norms(model, rank))
-            update.extra["next_rank"] = next_rank(rank, self.options.prune_gamma,
-                                                  self._tail_start.pop(client.client_id), after)
+                after = float(self._tail_norms(model, settings.rank))
+            update.scalars["next_rank"] = next_rank(settings.rank, self.options.prune_gamma, self._tail_start, after)
         return update
 
     def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
@@ -102,8 +99,8 @@ class HetLoRA(HeterogeneousRankMethod):
         for adapter in self.adapters:
             padded, weights = [], []
             for u in updates:
-                trained = {n: state.params[n] + u.delta[n] for n in (adapter.a, adapter.b)}
-                a, b = truncated(trained, adapter, u.extra["rank"])
+                a, b = self.trained_factors(state, u, adapter)
+                a, b = zero_padded(a, state.params[adapter.a].shape), zero_padded(b, state.params[adapter.b].shape)
                 padded.append((a, b))
                 weights.append(adapter.scale * float(product_norm(a, b)))
             total = sum(weights)
@@ -112,10 +109,12 @@ class HetLoRA(HeterogeneousRankMethod):
                 continue
             params[adapter.a] = sum(w / total * a for w, (a, _) in zip(weights, padded))
             params[adapter.b] = sum(w / total * b for w, (_, b) in zip(weights, padded))
+        scalars = dict(state.scalars)
         for u in updates:
-            if "next_rank" in u.extra:
-                self.ranks[u.client.client_id] = u.extra["next_rank"]
-        return replace(state, params=params, extra={"client_ranks": dict(self.ranks)})
+            if "next_rank" in u.scalars:
+                scalars[f"rank/{u.client.client_id}"] = int(u.scalars["next_rank"])
+        return ServerState(params, dict(state.tensors), scalars)
 
     def round_report(self, state: ServerState) -> dict:
-        return {"client_ranks": {str(c): r for c, r in sorted(state.extra.get("client_ranks", {}).items())}}
+        ranks = {int(k.split("/")[1]): v for k, v in state.scalars.items() if k.startswith("rank/")}
+        return {"client_ranks": {str(c): r for c, r in sorted(ranks.items())}}

@@ -13,9 +13,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from ubsmoe.methods.base import (
-    ClientInfo, ClientUpdate, FederatedMethod, Params, ServerState, tensor_bytes, top_k_for_budget,
+    ClientInfo, ClientSettings, ClientUpdate, FederatedMethod, Params, ServerState, top_k_for_budget,
     weighted_delta_average,
 )
+from ubsmoe.methods.records import Scalars
 from ubsmoe.model import MoEModel, ModelSpec
 from ubsmoe.model.lora import LoRALinear
 
@@ -102,51 +103,90 @@ def merge_into_base(model: MoEModel, adapter: Adapter, update: torch.Tensor) -> 
             weight.add_(update.to(weight.dtype))
 
 
+def prefix(tensor: torch.Tensor, adapter_factor: str, rank: int) -> torch.Tensor:
+    """The first ``rank`` ranks of a factor: a (..., in, r) -> (..., in, rank); b (..., r, out) -> (..., rank, out)."""
+    return tensor[..., :rank] if adapter_factor == "a" else tensor[..., :rank, :]
+
+
+def zero_padded(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A factor's first ranks (``tensor``) in a zero tensor of the full ``shape``."""
+    full = tensor.new_zeros(shape)
+    full[tuple(slice(0, n) for n in tensor.shape)] = tensor
+    return full
+
+
 class HeterogeneousRankMethod(FederatedMethod):
     """Base of the heterogeneous-rank baselines: the dense backbone (one expert per FFN), every adapter
     allocated at r_max = ``model.lora_rank``, client c training its first r_c = max(1, floor(r_max beta_c))
-    ranks. Subclasses say how ranks are handed out and how the server aggregates."""
+    ranks. Subclasses say how ranks are handed out and how the server aggregates.
+
+    On the wire every adapter travels at the client's rank: the server sends its first r_c ranks, the
+    client zero-pads them to r_max (``start_params``) and returns the first r_c ranks of its deltas.
+    """
 
     def model_spec(self, spec: ModelSpec) -> ModelSpec:
         self.r_max = spec.lora_rank
         return replace(spec, num_experts=1)
 
-    def initial_state(self, model: MoEModel) -> ServerState:
+    def prepare_model(self, model: MoEModel) -> None:
         self.adapters = adapters(model)
         if not self.adapters:
             raise RuntimeError(f"{self.name} needs a model with LoRA adapters")
-        return ServerState(params=model.trainable_state())
 
-    def client_rank(self, client: ClientInfo) -> int:
-        return rank_for_budget(self.r_max, client.budget)
+    @property
+    def factor_of(self) -> dict[str, str]:
+        """Adapter factor name -> "a" or "b"."""
+        return {name: factor for ad in self.adapters for name, factor in ((ad.a, "a"), (ad.b, "b"))}
+
+    def tier_settings(self, budget: float) -> ClientSettings:
+        return ClientSettings(rank=rank_for_budget(self.r_max, budget))
 
     def eval_key(self, budget: float) -> int | str:
         """A tier's model is the global one at the tier's rank r_c."""
         return rank_for_budget(self.r_max, budget)
 
-    def setup_client(self, model: MoEModel, client: ClientInfo) -> None:
-        set_rank(model, self.client_rank(client))
+    def at_rank(self, params: Params, rank: int) -> Params:
+        """``params`` with every adapter factor cut to its first ``rank`` ranks (what travels)."""
+        return {n: prefix(v, self.factor_of[n], rank) if n in self.factor_of else v for n, v in params.items()}
 
-    def teardown_client(self, model: MoEModel, client: ClientInfo) -> None:
+    def client_params(self, state: ServerState, client: ClientInfo) -> Params:
+        return self.at_rank(self.full_client_params(state, client), self.client_settings(state, client).rank)
+
+    def full_client_params(self, state: ServerState, client: ClientInfo) -> Params:
+        """The tensors the client starts from, at full rank."""
+        return state.params
+
+    def eval_params(self, state: ServerState, budget: float) -> Params:
+        return self.at_rank(state.params, self.eval_settings(state, budget).rank)
+
+    def start_params(self, model: MoEModel, received: Params, settings: ClientSettings) -> Params:
+        shapes = {n: p.shape for n, p in model.named_parameters() if n in self.factor_of}
+        return {n: zero_padded(v, shapes[n]) if n in self.factor_of else v for n, v in received.items()}
+
+    def setup_client(self, model: MoEModel, settings: ClientSettings) -> None:
+        self.rank = settings.rank
+        set_rank(model, settings.rank)
+
+    def teardown_client(self, model: MoEModel) -> None:
         set_rank(model, self.r_max)
 
+    def client_update(self, model: MoEModel, start: Params, client: ClientInfo, settings: ClientSettings,
+                      routing) -> ClientUpdate:
+        """The deltas, adapters at the client's rank."""
+        update = super().client_update(model, start, client, settings, routing)
+        update.delta = self.at_rank(update.delta, settings.rank)
+        return update
+
     def adapter_names(self) -> set[str]:
-        return {name for adapter in self.adapters for name in (adapter.a, adapter.b)}
+        return set(self.factor_of)
 
-    def _rank_payload_bytes(self, params: Params, rank: int) -> int:
-        """Bytes of the adapters at ``rank`` (the zero-padded tail is not sent) plus every other tensor."""
-        names = self.adapter_names()
-        total = tensor_bytes([v for n, v in params.items() if n not in names])
-        for adapter in self.adapters:
-            a, b = params[adapter.a], params[adapter.b]
-            total += (a[..., :rank].numel() + b[..., :rank, :].numel()) * a.element_size()
-        return total
-
-    def download_bytes(self, state: ServerState, client: ClientInfo) -> int:
-        return self._rank_payload_bytes(self.client_params(state, client), self.client_rank(client))
-
-    def upload_bytes(self, update: ClientUpdate) -> int:
-        return self._rank_payload_bytes(update.delta, update.extra.get("rank", self.client_rank(update.client)))
+    def trained_factors(self, state: ServerState, update: ClientUpdate, adapter: Adapter
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A client's trained factors at its rank: the first r_c ranks of what it started from plus its deltas
+        (a (..., in, r_c), b (..., r_c, out))."""
+        start = self.full_client_params(state, update.client)
+        a, b = update.delta[adapter.a], update.delta[adapter.b]
+        return prefix(start[adapter.a], "a", a.shape[-1]) + a, prefix(start[adapter.b], "b", b.shape[-2]) + b
 
     def average_others(self, state: ServerState, updates: list[ClientUpdate]) -> Params:
         """FedAvg by data size of every tensor that is not a LoRA factor (the task head)."""
@@ -162,20 +202,28 @@ class MergingMethod(HeterogeneousRankMethod):
     evaluated one by one (the key is the rank): their predictions agree, but each runs its own rank-r_c
     adapter, and its inference FLOPs are counted at that rank.
 
-    In simulation all clients share one model object, so the server's merge into its base is what each
-    client would do on its own copy after receiving the broadcast update.
+    The server keeps every round's merged update in factored form (``merged/<round>/<adapter>/...`` in
+    its state's tensors) and sends them all (``frozen_state``): a client that missed rounds, or a fresh
+    process, rebuilds the merged base from the original weights (``sync_frozen``), applying each round
+    once and in order. The fresh adapters come from the seeded model each side builds.
     """
 
-    def initial_state(self, model: MoEModel) -> ServerState:
-        state = super().initial_state(model)
-        self.model = model
-        self.fresh = {n: state.params[n].clone() for n in self.adapter_names()}
-        return state
+    def prepare_model(self, model: MoEModel) -> None:
+        super().prepare_model(model)
+        trainable = model.trainable_state()
+        self.fresh = {n: trainable[n] for n in self.adapter_names()}
+        model.merged_rounds = set()  # the merged updates already folded into this model's frozen weights
 
     def round_update(self, adapter: Adapter, factors: list[tuple[torch.Tensor, torch.Tensor]],
-                     sizes: list[int]) -> tuple[torch.Tensor, dict]:
-        """The update (..., in, out) to merge, from the clients' trained factors truncated to their
-        ranks (a_c (..., in, r_c), b_c (..., r_c, out)) and data sizes; plus what to record."""
+                     sizes: list[int]) -> tuple[Params, Scalars]:
+        """The update to merge in factored form (tensors by key, as ``base_update`` reads them), from the
+        clients' trained factors truncated to their ranks (a_c (..., in, r_c), b_c (..., r_c, out)) and data
+        sizes; plus what to record."""
+        raise NotImplementedError
+
+    def base_update(self, adapter: Adapter, factors: Params, lead: torch.Size) -> torch.Tensor:
+        """The update (..., in, out) to add to the frozen matrix, from ``round_update``'s factors; ``lead``:
+        the adapter's leading dimensions (the expert axis of stacked FFN weights, or none)."""
         raise NotImplementedError
 
     def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
@@ -183,31 +231,40 @@ class MergingMethod(HeterogeneousRankMethod):
             return state
         params = self.average_others(state, updates)
         sizes = [u.client.num_examples for u in updates]
-        records = {}
+        merge = int(state.scalars.get("merges", 0))
+        tensors, scalars = dict(state.tensors), {k: v for k, v in state.scalars.items() if not k.startswith("last/")}
         for adapter in self.adapters:
-            factors = []
-            for u in updates:
-                rank = self.client_rank(u.client)
-                a = state.params[adapter.a] + u.delta[adapter.a]
-                b = state.params[adapter.b] + u.delta[adapter.b]
-                factors.append((a[..., :rank], b[..., :rank, :]))
+            factors = [self.trained_factors(state, u, adapter) for u in updates]
             update, record = self.round_update(adapter, factors, sizes)
-            merge_into_base(self.model, adapter, update)
-            records[adapter.a] = record
+            tensors |= {f"merged/{merge:05d}/{adapter.a}/{key}": value for key, value in update.items()}
+            scalars |= {f"last/{adapter.a}/{key}": value for key, value in record.items()}
             params[adapter.a], params[adapter.b] = self.fresh[adapter.a], self.fresh[adapter.b]
-        return replace(state, params=params, extra={"adapters": records})
+        scalars["merges"] = merge + 1
+        return ServerState(params, tensors, scalars)
 
-    def download_bytes(self, state: ServerState, client: ClientInfo) -> int:
-        """The other tensors plus the last round's broadcast update in factored form (``broadcast_rank``
-        ranks per adapter); the fresh adapters come from the shared seed and are not sent."""
-        names = self.adapter_names()
-        total = tensor_bytes([v for n, v in state.params.items() if n not in names])
-        for adapter in self.adapters:
-            rank = state.extra.get("adapters", {}).get(adapter.a, {}).get("broadcast_rank", 0)
-            a, b = state.params[adapter.a], state.params[adapter.b]
-            lead = a[..., 0, 0].numel()
-            total += lead * rank * (a.shape[-2] + b.shape[-1]) * a.element_size()
-        return total
+    def frozen_state(self, state: ServerState) -> Params:
+        return {n: v for n, v in state.tensors.items() if n.startswith("merged/")}
+
+    def sync_frozen(self, model: MoEModel, frozen: Params) -> None:
+        by_round: dict[tuple[str, str], Params] = {}
+        for name, value in frozen.items():
+            _, merge, rest = name.split("/", 2)
+            for adapter in self.adapters:
+                if rest.startswith(adapter.a + "/"):
+                    by_round.setdefault((merge, adapter.a), {})[rest[len(adapter.a) + 1:]] = value
+        params = dict(model.named_parameters())
+        for adapter in self.adapters:  # one adapter's rounds in order; adapters touch different matrices
+            for merge in sorted(m for m, a in by_round if a == adapter.a):
+                if (merge, adapter.a) in model.merged_rounds:
+                    continue
+                lead = params[adapter.a].shape[:-2]
+                merge_into_base(model, adapter, self.base_update(adapter, by_round[merge, adapter.a], lead))
+                model.merged_rounds.add((merge, adapter.a))
 
     def round_report(self, state: ServerState) -> dict:
-        return {"merged": state.extra.get("adapters", {})}
+        merged: dict[str, dict] = {}
+        for name, value in state.scalars.items():
+            if name.startswith("last/"):
+                adapter, key = name[len("last/"):].rsplit("/", 1)
+                merged.setdefault(adapter, {})[key] = value
+        return {"merged": merged}

@@ -7,7 +7,7 @@ methods subclass it and say which layer hooks a client runs (``client_hooks``).
 from __future__ import annotations
 
 from ubsmoe.config import ConfigError
-from ubsmoe.methods.base import ClientInfo, FederatedMethod, ServerState, register, top_k_for_budget
+from ubsmoe.methods.base import ClientSettings, FederatedMethod, register, top_k_for_budget
 from ubsmoe.model import MoEModel
 from ubsmoe.model.moe_layer import MoEHook
 
@@ -21,25 +21,24 @@ class SparseMoE(FederatedMethod):
         super().__init__(options, k_max)
         self.hooks: list[MoEHook] = []  # the hooks of the client (or tier) the model is set up for
 
-    def initial_state(self, model: MoEModel) -> ServerState:
+    def prepare_model(self, model: MoEModel) -> None:
+        """Add or unfreeze what the method trains or shares (parameters, buffers); subclasses call this first."""
         if model.num_experts < 2:
             raise ConfigError(f"{self.name} needs a sparse model: set model.num_experts >= 2")
-        self.prepare_model(model)
-        return ServerState(params=model.trainable_state())
 
-    def prepare_model(self, model: MoEModel) -> None:
-        """Add or unfreeze what the method trains or shares (parameters, buffers) before the first state."""
+    def tier_settings(self, budget: float) -> ClientSettings:
+        return ClientSettings(top_k=top_k_for_budget(self.k_max, budget))
 
-    def client_hooks(self, model: MoEModel, client: ClientInfo) -> list[MoEHook]:
-        """The hooks the layers run for this client (client_id < 0: a tier's evaluation); none here."""
+    def client_hooks(self, model: MoEModel, settings: ClientSettings) -> list[MoEHook]:
+        """The hooks the layers run for this client's training or a tier's evaluation; none here."""
         return []
 
-    def setup_client(self, model: MoEModel, client: ClientInfo) -> None:
-        model.set_top_k(top_k_for_budget(self.k_max, client.budget))
-        self.hooks = self.client_hooks(model, client)
+    def setup_client(self, model: MoEModel, settings: ClientSettings) -> None:
+        model.set_top_k(settings.top_k)
+        self.hooks = self.client_hooks(model, settings)
         model.attach_hooks(self.hooks)
 
-    def teardown_client(self, model: MoEModel, client: ClientInfo) -> None:
+    def teardown_client(self, model: MoEModel) -> None:
         model.detach_hooks(self.hooks)
         self.hooks = []
 

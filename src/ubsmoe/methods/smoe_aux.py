@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ubsmoe.config import option
-from ubsmoe.methods.base import ClientInfo, register
+from ubsmoe.methods.base import register
 from ubsmoe.methods.smoe import SparseMoE
 from ubsmoe.model import MoEModel
 from ubsmoe.model.moe_layer import RoutingRecord
@@ -37,7 +37,7 @@ class SMoEAux(SparseMoE):
     description = "sparse MoE with the Switch auxiliary load-balancing loss"
     Options = SMoEAuxOptions
 
-    def local_loss(self, model: MoEModel, client: ClientInfo) -> torch.Tensor | None:
+    def local_loss(self, model: MoEModel) -> torch.Tensor | None:
         records = [layer.last_routing for layer in model.moe_layers if layer.last_routing is not None]
         if not records or self.options.aux_coef == 0:
             return None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ubsmoe.config import option
-from ubsmoe.methods.base import ClientInfo, register
+from ubsmoe.methods.base import ClientSettings, register
 from ubsmoe.methods.smoe import SparseMoE
 from ubsmoe.model import MoEModel
 from ubsmoe.model.moe_layer import MoEHook
@@ -45,13 +45,14 @@ class SMoEBias(SparseMoE):
     Options = SMoEBiasOptions
 
     def prepare_model(self, model: MoEModel) -> None:
+        super().prepare_model(model)
         for layer in model.moe_layers:
             model.share_buffer(layer, "selection_bias", torch.zeros(layer.num_experts))
 
-    def client_hooks(self, model: MoEModel, client: ClientInfo) -> list[MoEHook]:
+    def client_hooks(self, model: MoEModel, settings: ClientSettings) -> list[MoEHook]:
         return [SelectionBias()]
 
-    def after_backward(self, model: MoEModel, client: ClientInfo) -> None:
+    def after_backward(self, model: MoEModel) -> None:
         for layer in model.moe_layers:
             if layer.last_routing is not None:
                 layer.selection_bias.copy_(bias_step(layer.selection_bias, layer.last_routing.experts,

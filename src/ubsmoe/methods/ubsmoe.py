@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ubsmoe.config import ConfigError, option
-from ubsmoe.methods.base import ClientInfo, ClientUpdate, ServerState, register, top_k_for_budget
+from ubsmoe.methods.base import ClientSettings, ClientUpdate, ServerState, register, top_k_for_budget
 from ubsmoe.methods.smoe import SparseMoE
 from ubsmoe.model import MoEModel
 from ubsmoe.model.moe_layer import MoEHook
@@ -74,6 +74,7 @@ class UBSMoE(SparseMoE):
 
     # ------------------------------------------------------------------ server
     def prepare_model(self, model: MoEModel) -> None:
+        super().prepare_model(model)
         if self.options.dmr:
             self.candidates(model.num_experts)  # fail before training if N_p is out of range
             for layer in model.moe_layers:
@@ -92,31 +93,32 @@ class UBSMoE(SparseMoE):
         zeta = self.options.zeta
         for layer_index, name in enumerate(self.phi_names):
             params[name] = (zeta * params[name] + (1 - zeta) * target[layer_index].to(params[name].dtype))
-        return replace(state, params=params, extra={"usage": usage.tolist(), "phi_target": target.tolist()})
+        return replace(state, params=params, tensors={"usage": usage, "phi_target": target})
 
     def round_report(self, state: ServerState) -> dict:
         """phi (L, E) after the round, and the utilisation and target it was pulled towards."""
         if not self.options.dmr:
             return {}
-        return {"phi": [state.params[name].tolist() for name in self.phi_names]} | state.extra
+        return {"phi": [state.params[name].tolist() for name in self.phi_names]} | {
+            name: value.tolist() for name, value in state.tensors.items()}
 
     # ------------------------------------------------------------------ client
-    def client_hooks(self, model: MoEModel, client: ClientInfo) -> list[MoEHook]:
+    def client_hooks(self, model: MoEModel, settings: ClientSettings) -> list[MoEHook]:
         hooks: list[MoEHook] = []
         if self.options.dmr:
             hooks.append(ModulatedRouting(self.candidates(model.num_experts)))
-        if self.options.pg and client.client_id >= 0:  # training only, not evaluation
-            k = top_k_for_budget(self.k_max, client.budget)
-            hooks.append(PseudoGradient(sparsity_factor(self.options.rho, k, self.k_max, model.num_experts)))
+        if self.options.pg and settings.training:  # training only, not evaluation
+            hooks.append(PseudoGradient(sparsity_factor(self.options.rho, settings.top_k, self.k_max,
+                                                        model.num_experts)))
         return hooks
 
-    def local_loss(self, model: MoEModel, client: ClientInfo) -> torch.Tensor | None:
+    def local_loss(self, model: MoEModel) -> torch.Tensor | None:
         if not (self.options.dmr and self.options.reg):
             return None
         return self.options.lam * sum(range_penalty(layer.modulation, self.options.phi_min, self.options.phi_max)
                                       for layer in model.moe_layers)
 
-    def after_backward(self, model: MoEModel, client: ClientInfo) -> None:
+    def after_backward(self, model: MoEModel) -> None:
         for hook in self.hooks:
             if isinstance(hook, PseudoGradient):
                 for layer in model.moe_layers:

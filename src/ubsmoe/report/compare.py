@@ -20,7 +20,7 @@ from ubsmoe.report.variants import Variant, parse_variant
 
 
 NEUTRAL_NEW_KEYS = ("task", "train.train_on_inputs", "evaluation.protocol", "evaluation.max_new_tokens",
-                    "evaluation.num_beams", "evaluation.round0", "data.header")
+                    "evaluation.num_beams", "evaluation.round0", "data.header", "federation.min_clients")
 
 
 def plan_runs(variants: list[Variant], seeds: list[int], config_path: str | None = None,
