@@ -39,11 +39,32 @@ def _run(args) -> int:
     config = load_config(args.config, args.overrides, method=args.method)
     out = Path(args.out)
     check_output_folder(out, force=args.force)  # before anything is trained: a bad folder loses nothing
-    results = run_experiment(config, show_progress=not args.quiet)
+    if args.engine == "flower-sim":
+        results = _flower_simulation()(config, show_progress=not args.quiet)
+    else:
+        results = run_experiment(config, show_progress=not args.quiet)
     write_results(results, out)
     print(tier_table(results))
     print(f"\nresults: {out / 'results.json'}  summary: {out / 'summary.md'}")
     return 0
+
+
+def _flower_simulation():
+    """``run_flower_simulation``, or a user error naming the extra to install."""
+    import importlib
+
+    importlib.import_module("ubsmoe.engine.flower")  # sets Flower's environment before flwr is imported
+    try:
+        for package in ("flwr", "ray"):
+            importlib.import_module(package)
+    except ImportError:
+        from ubsmoe.config import MissingPackageError
+
+        raise MissingPackageError("--engine flower-sim needs Flower's simulation: pip install 'ubsmoe[flower]' "
+                                  "(flwr[simulation]==1.41.0); `make install` installs it") from None
+    from ubsmoe.engine.flower.simulation import run_flower_simulation
+
+    return run_flower_simulation
 
 
 def _compare(args) -> int:
@@ -126,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="TOML config file")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--force", action="store_true", help="replace a finished run in --out")
+    run.add_argument("--engine", choices=("inprocess", "flower-sim"), default="inprocess",
+                     help="inprocess (every client in turn on one model) or flower-sim (Flower's simulation: "
+                          "one SuperNode per client, ClientApps in worker processes); the same results")
     run.add_argument("--help-config", action="store_true", help="list every config key with default and help")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. federation.rounds=3 model.lora_rank=4")
     run.set_defaults(func=_run)

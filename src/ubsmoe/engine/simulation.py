@@ -256,7 +256,7 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True, client_
         server.aggregate(round_index, updates)
         entry = server.evaluate(round_index)
         rounds.set_postfix(avg_acc=f"{entry['average_accuracy']:.3f}")
-    return server.results()
+    return server.results() | {"engine": "inprocess"}
 
 
 def instruction_for(method: FederatedMethod, state: ServerState, client: ClientInfo, round_index: int

@@ -1,0 +1,60 @@
+"""The Flower ClientApp: each training message is a ``TrainInstruction``; the app runs
+``engine.client.run_client`` on it and replies with the ``ClientUpdate``.
+
+The model is built from the run's config, which travels with every message, once per process and
+config: a simulation's worker process keeps it between rounds. A node that knows its partition
+(``partition-id`` in its node config) refuses an instruction meant for another one.
+
+Deployment: ``ubsmoe.engine.flower.client_app:app``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from ubsmoe.config import config_from_dict
+from ubsmoe.engine.client import ClientRuntime, run_client
+from ubsmoe.engine.flower.messages import read_instruction, update_content
+from ubsmoe.metrics.flops import FlopCounter
+
+PARTITION = "partition-id"
+_RUNTIMES: dict[str, ClientRuntime] = {}  # config digest -> this process's runtime (one at a time)
+
+
+def runtime_for(config_text: str) -> ClientRuntime:
+    """This process's client runtime for the config (built on first use, then kept)."""
+    from ubsmoe.engine.simulation import build_experiment  # the engine's builder; imported late (no cycle)
+
+    key = hashlib.sha256(config_text.encode()).hexdigest()
+    if key not in _RUNTIMES:
+        _RUNTIMES.clear()  # never two models in one process
+        exp = build_experiment(config_from_dict(json.loads(config_text)))
+        _RUNTIMES[key] = exp.client_runtime(FlopCounter(exp.model))
+    return _RUNTIMES[key]
+
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    instruction, config_text = read_instruction(msg.content)
+    partition = context.node_config.get(PARTITION)
+    if partition is not None and int(partition) != instruction.client.client_id:
+        return Message(Error(code=0, reason=f"this node holds partition {partition}, not the instruction's "
+                                            f"client {instruction.client.client_id}"), reply_to=msg)
+    update = run_client(runtime_for(config_text), instruction)
+    return Message(update_content(update), reply_to=msg)
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """The node's partition id, from its node config (the server maps clients to nodes by it)."""
+    if PARTITION not in context.node_config:
+        return Message(Error(code=0, reason=f"start the SuperNode with --node-config '{PARTITION}=<client id>'"),
+                       reply_to=msg)
+    return Message(RecordDict({"node": ConfigRecord({PARTITION: int(context.node_config[PARTITION])})}), reply_to=msg)

@@ -1,0 +1,56 @@
+"""The records of ``methods.records`` as Flower RecordDicts: tensors in an ArrayRecord, scalars in a
+ConfigRecord, both under flat names, and the run's config as JSON text beside them (a client process
+builds its model from it)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from ubsmoe.config import ExperimentConfig
+from ubsmoe.methods.records import (
+    ClientUpdate, Params, Scalars, TrainInstruction, flat_scalars, flat_tensors, instruction_from_flat,
+    update_from_flat,
+)
+
+TENSORS, SCALARS, RUN = "tensors", "scalars", "run"
+
+
+def _arrays(tensors: Params) -> ArrayRecord:
+    return ArrayRecord({name: value.detach().contiguous() for name, value in tensors.items()}) if tensors \
+        else ArrayRecord()
+
+
+def _tensors(record: ArrayRecord) -> Params:
+    return dict(record.to_torch_state_dict()) if len(record) else {}
+
+
+def _scalars(record: ConfigRecord) -> Scalars:
+    return dict(record)
+
+
+def instruction_content(instruction: TrainInstruction, config: ExperimentConfig) -> RecordDict:
+    return RecordDict({TENSORS: _arrays(flat_tensors(instruction)), SCALARS: ConfigRecord(flat_scalars(instruction)),
+                       RUN: ConfigRecord({"config": json.dumps(config.to_dict(), sort_keys=True)})})
+
+
+def read_instruction(content: RecordDict) -> tuple[TrainInstruction, str]:
+    """(the instruction, the run's config as JSON text)."""
+    return (instruction_from_flat(_tensors(content[TENSORS]), _scalars(content[SCALARS])),
+            str(content[RUN]["config"]))
+
+
+def update_content(update: ClientUpdate) -> RecordDict:
+    return RecordDict({TENSORS: _arrays(flat_tensors(update)), SCALARS: ConfigRecord(flat_scalars(update))})
+
+
+def read_update(content: RecordDict) -> ClientUpdate:
+    return update_from_flat(_tensors(content[TENSORS]), _scalars(content[SCALARS]))
+
+
+def global_arrays(params: Params) -> ArrayRecord:
+    """The global trainable tensors, for Flower's own bookkeeping of the run."""
+    return _arrays({name: value.to(torch.float32) if value.dtype == torch.bfloat16 else value
+                    for name, value in params.items()})

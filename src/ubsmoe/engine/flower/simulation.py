@@ -1,0 +1,55 @@
+"""``ubsmoe run --engine flower-sim``: Flower's simulation (Ray) with the same config, the same server
+and client code, and the same results.json as the in-process engine.
+
+The ServerApp runs in this process; every client is a Flower SuperNode whose ClientApp runs in a Ray
+worker process (``federation.num_clients`` nodes, each worker using ``threads`` CPU threads, as many
+workers at once as the CPUs allow).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from tqdm.auto import tqdm
+
+from ubsmoe.config import ExperimentConfig
+
+
+def run_flower_simulation(config: ExperimentConfig, show_progress: bool = True, timeout_s: float = 24 * 3600) -> dict:
+    """Run every round on Flower's simulation engine and return the results dictionary."""
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from ubsmoe.engine.flower import client_app
+    from ubsmoe.engine.flower.messages import global_arrays
+    from ubsmoe.engine.flower.strategy import MethodStrategy
+    from ubsmoe.engine.simulation import Server
+
+    server = Server(config)
+    bar = tqdm(total=config.federation.rounds, desc=f"{server.method.name} rounds (flower-sim)", unit="round",
+               disable=not show_progress)
+    strategy = MethodStrategy(server, progress=bar)
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context) -> None:
+        strategy.start(grid, global_arrays(server.state.params), num_rounds=config.federation.rounds,
+                       timeout=timeout_s, evaluate_fn=strategy.evaluate)
+
+    flwr_log = logging.getLogger("flwr")  # Flower's round-by-round log: results.json holds what it says
+    flwr_log.setLevel(logging.ERROR)
+    flwr_log.propagate = False
+    cpus = os.cpu_count() or 1
+    backend = {"client_resources": {"num_cpus": min(config.threads, cpus), "num_gpus": 0.0},
+               "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": True,
+                             "object_store_memory": 512 * 2**20}}
+    try:
+        run_simulation(server_app=app, client_app=client_app.app, num_supernodes=config.federation.num_clients,
+                       backend_config=backend)
+    finally:
+        bar.close()
+    if len(server.history) != config.federation.rounds:
+        raise RuntimeError(f"the Flower simulation ended after {len(server.history)} of "
+                           f"{config.federation.rounds} rounds (see its log above)")
+    return server.results() | {"engine": "flower-sim"}

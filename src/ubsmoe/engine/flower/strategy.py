@@ -1,0 +1,113 @@
+"""A Flower Strategy that is the ubsmoe method's server: it samples clients, sends each its
+``TrainInstruction``, aggregates the ``ClientUpdate`` replies with the method and evaluates every tier
+on the server, all through the engine's ``Server`` (the in-process engine drives the same object).
+
+Flower's built-in FedAvg expects every client to return the same arrays; here clients return what
+their method and tier make them send (ranks, extras), so the strategy reads them as records.
+Replies with errors, or with non-finite tensors, are dropped and recorded in the round's
+``failed_clients``; a round needs ``federation.min_clients`` updates or the run stops.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from ubsmoe.engine.flower.client_app import PARTITION
+from ubsmoe.engine.flower.messages import global_arrays, instruction_content, read_update
+from ubsmoe.engine.simulation import ClientFailure, Server
+from ubsmoe.methods.records import ClientUpdate, flat_tensors
+
+
+def finite(update: ClientUpdate) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in flat_tensors(update).values() if t.is_floating_point())
+
+
+class MethodStrategy(Strategy):
+    """Configuration, aggregation and evaluation delegated to the registered ubsmoe method."""
+
+    def __init__(self, server: Server, node_wait_s: float = 120.0, progress=None):
+        self.server = server
+        self.node_wait_s = node_wait_s
+        self.progress = progress  # a tqdm bar over the rounds, or None
+        self.node_of: dict[int, int] = {}  # client (partition) id -> node id
+        self.sent: dict[int, int] = {}  # node id -> client id, this round
+
+    def summary(self) -> None:
+        """Flower's log line about the strategy (our runs log through results.json instead)."""
+
+    def _map_nodes(self, grid: Grid) -> None:
+        """Ask every node its partition id, once; wait for one node per client."""
+        wanted = self.server.config.federation.num_clients
+        deadline = time.monotonic() + self.node_wait_s
+        while len(nodes := sorted(grid.get_node_ids())) < wanted:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(nodes)} of federation.num_clients={wanted} nodes connected within "
+                                   f"{self.node_wait_s:.0f} s: start one SuperNode per client")
+            time.sleep(0.2)
+        queries = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
+        for reply in grid.send_and_receive(queries, timeout=self.node_wait_s):
+            if reply.has_error():
+                raise RuntimeError(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+            self.node_of[int(reply.content["node"][PARTITION])] = reply.metadata.src_node_id
+        missing = sorted(set(range(wanted)) - set(self.node_of))
+        if missing:
+            raise RuntimeError(f"no node holds partitions {missing}: give each SuperNode its partition-id")
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        if not self.node_of:
+            self._map_nodes(grid)
+        self.sent = {}
+        messages = []
+        for client in self.server.sample(server_round):
+            node = self.node_of[client.client_id]
+            content = instruction_content(self.server.instruction(client, server_round), self.server.config)
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
+                                    group_id=str(server_round)))
+            self.sent[node] = client.client_id
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        updates, failures, answered = [], [], set()
+        for reply in replies:
+            client_id = self.sent[reply.metadata.src_node_id]
+            answered.add(client_id)
+            if reply.has_error():
+                failures.append(ClientFailure(client_id, str(reply.error.reason)))
+                continue
+            update = read_update(reply.content)
+            if not finite(update):
+                failures.append(ClientFailure(client_id, "the update holds NaN or infinite values"))
+                continue
+            updates.append(update)
+        failures += [ClientFailure(c, "no reply before the timeout") for c in sorted(set(self.sent.values()) - answered)]
+        self.server.aggregate(server_round, updates, sorted(failures))
+        return global_arrays(self.server.state.params), MetricRecord({"updates": len(updates),
+                                                                      "failures": len(failures)})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                           ) -> Iterable[Message]:
+        """None: tiers are evaluated on the server (``evaluate``)."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower's ``evaluate_fn``: round 0 is the evaluation before training (if configured)."""
+        if server_round == 0:
+            if self.server.config.evaluation.round0:
+                self.server.evaluate_round0()
+            return None
+        entry = self.server.evaluate(server_round)
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(avg_acc=f"{entry['average_accuracy']:.3f}")
+        return MetricRecord({"average_accuracy": entry["average_accuracy"]})

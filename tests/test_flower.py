@@ -1,0 +1,119 @@
+"""ubsmoe on Flower: the simulation engine gives the in-process engine's numbers (the same server and
+client code, the records carried as Flower messages between processes), and the strategy drops
+failed and non-finite replies, records them, and stops a round with fewer than min_clients updates."""
+
+import json
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="Flower is the optional extra ubsmoe[flower]")
+pytest.importorskip("ray", reason="Flower's simulation needs flwr[simulation] (Ray)")
+
+from tiny_experiment import tiny_overrides  # noqa: E402
+from ubsmoe.cli import main  # noqa: E402
+from ubsmoe.config import load_config  # noqa: E402
+from ubsmoe.engine.client import run_client  # noqa: E402
+from ubsmoe.engine.flower.messages import read_instruction, read_update, instruction_content, update_content  # noqa: E402
+from ubsmoe.engine.flower.strategy import MethodStrategy  # noqa: E402
+from ubsmoe.engine.simulation import Server, run_experiment  # noqa: E402
+
+from test_client_server import deterministic  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def flower_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+
+
+def test_flower_simulation_through_the_cli_gives_the_in_process_results(tiny_bert, tiny_task, tmp_path):
+    overrides = tiny_overrides(tiny_bert, tiny_task, **{"threads": 1, "model.dropout": 0.1})
+    out = tmp_path / "flower"
+
+    assert main(["run", "--engine", "flower-sim", "--quiet", "--out", str(out)] + overrides) == 0
+
+    flower = json.loads((out / "results.json").read_text())
+    in_process = run_experiment(load_config(overrides=overrides), show_progress=False)
+    assert deterministic(flower) == deterministic(in_process)
+    assert flower["round0"] == in_process["round0"]
+    assert ray_processes_end(within_s=30)
+
+
+def ray_processes_end(within_s: float) -> bool:
+    """Whether every Ray process of the simulation is gone within ``within_s`` (they exit asynchronously)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if not [line for line in os.popen("ps -eo args").read().splitlines()
+                if line.startswith(("ray::", "/work")) and ("raylet" in line or "gcs_server" in line or "ray::" in line)]:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_flower_simulation_of_a_merging_method_with_sampled_clients(tiny_bert, tiny_task):
+    """FLoRA with one of three clients per round: each ClientApp worker rebuilds the merged base from
+    the records; the numbers are the in-process engine's."""
+    from ubsmoe.engine.flower.simulation import run_flower_simulation
+
+    config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **{
+        "federation.num_clients": 3, "federation.budgets": "0.5,1.0,1.0", "federation.fraction_fit": 0.34,
+        "federation.rounds": 3, "threads": 1}), method="flora")
+
+    flower = run_flower_simulation(config, show_progress=False)
+
+    assert deterministic(flower) == deterministic(run_experiment(config, show_progress=False))
+
+
+def reply(node: int, content=None, error: str | None = None):
+    """What the strategy reads of a Flower reply."""
+    return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: error is not None,
+                           error=SimpleNamespace(reason=error), content=content)
+
+
+def test_strategy_drops_failed_replies_and_needs_min_clients(tiny_bert, tiny_task):
+    config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **{
+        "federation.num_clients": 3, "federation.budgets": "0.5,1.0,1.0", "threads": 1}))
+    server = Server(config)
+    strategy = MethodStrategy(server)
+    strategy.node_of = {0: 100, 1: 101, 2: 102}
+    strategy.sent = {100: 0, 101: 1, 102: 2}
+    runtime = server.exp.client_runtime(server.flop_counter)
+    good = run_client(runtime, read_instruction(instruction_content(server.instruction(server.exp.clients[0], 1),
+                                                                    config))[0])
+    poisoned = run_client(runtime, server.instruction(server.exp.clients[1], 1))
+    name = next(iter(poisoned.delta))
+    poisoned.delta[name] = poisoned.delta[name].clone().fill_(float("nan"))
+    before = {n: v.clone() for n, v in server.state.params.items()}
+
+    arrays, metrics = strategy.aggregate_train(1, [reply(100, update_content(good)),
+                                                   reply(101, update_content(poisoned)),
+                                                   reply(102, error="CUDA out of memory")])
+    entry = server.evaluate(1)
+
+    assert [(f["client_id"], f["reason"]) for f in entry["failed_clients"]] == [
+        (1, "the update holds NaN or infinite values"), (2, "CUDA out of memory")]
+    assert [c["id"] for c in entry["clients"]] == [0]
+    assert metrics["updates"] == 1 and metrics["failures"] == 2
+    assert all(torch.isfinite(v).all() for v in server.state.params.values())
+    assert any(not torch.equal(server.state.params[n], before[n]) for n in before)  # the good update counted
+    assert torch.equal(read_update(update_content(good)).delta[name], good.delta[name])
+
+    strict = Server(load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **{
+        "federation.num_clients": 3, "federation.budgets": "0.5,1.0,1.0", "federation.min_clients": 2})))
+    strategy = MethodStrategy(strict)
+    strategy.sent = {100: 0, 101: 1, 102: 2}
+    with pytest.raises(RuntimeError, match=r"1 of the sampled clients returned an update, fewer than federation.min_clients=2 .*client 2: no reply"):
+        strategy.aggregate_train(1, [reply(100, update_content(good)), reply(101, error="killed")])
+
+
+def test_flower_engine_without_flower_installed_is_a_user_error(tiny_bert, tiny_task, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if flwr[simulation] were not installed
+    code = main(["run", "--engine", "flower-sim", "--quiet", "--out", str(tmp_path / "x")]
+                + tiny_overrides(tiny_bert, tiny_task))
+    assert code == 2
+    assert "pip install 'ubsmoe[flower]'" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "results.json").exists()
