@@ -30,14 +30,29 @@ def flower_home(tmp_path, monkeypatch):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
 
 
-def test_flower_simulation_through_the_cli_gives_the_in_process_results(tiny_bert, tiny_task, tmp_path):
-    overrides = tiny_overrides(tiny_bert, tiny_task, **{"threads": 1, "model.dropout": 0.1})
-    out = tmp_path / "flower"
+FOUR_CLIENTS = {"federation.num_clients": 4, "federation.budgets": "0.25,0.5,0.75,1.0", "federation.rounds": 2,
+                "threads": 1, "model.dropout": 0.1}
 
-    assert main(["run", "--engine", "flower-sim", "--quiet", "--out", str(out)] + overrides) == 0
 
-    flower = json.loads((out / "results.json").read_text())
-    in_process = run_experiment(load_config(overrides=overrides), show_progress=False)
+@pytest.mark.parametrize("method, fraction", [("ubsmoe", 1.0), ("hetlora", 1.0), ("flora", 0.5)])
+def test_flower_simulation_gives_the_in_process_numbers(tiny_bert, tiny_task, tmp_path, method, fraction):
+    """4 clients x 2 rounds; FLoRA with half of them per round (its clients rebuild the merged base). The
+    tolerance is zero: both engines run the same server and client code with the same seeds, and the
+    records cross Flower bit for bit (safetensors-exact arrays, JSON-exact scalars), so any difference
+    is a bug. UB-SMoE goes through the CLI, which writes results.json as ``ubsmoe run`` does."""
+    overrides = tiny_overrides(tiny_bert, tiny_task, **FOUR_CLIENTS, **{"federation.fraction_fit": fraction})
+    config = load_config(overrides=overrides, method=method)
+    if method == "ubsmoe":
+        out = tmp_path / "flower"
+        assert main(["run", "--engine", "flower-sim", "--quiet", "--method", method, "--out", str(out)] + overrides) == 0
+        flower = json.loads((out / "results.json").read_text())
+    else:
+        from ubsmoe.engine.flower.simulation import run_flower_simulation
+
+        flower = run_flower_simulation(config, show_progress=False)
+    in_process = run_experiment(config, show_progress=False)
+
+    assert flower["engine"] == "flower-sim"
     assert deterministic(flower) == deterministic(in_process)
     assert flower["round0"] == in_process["round0"]
     assert ray_processes_end(within_s=30)
@@ -52,20 +67,6 @@ def ray_processes_end(within_s: float) -> bool:
             return True
         time.sleep(0.5)
     return False
-
-
-def test_flower_simulation_of_a_merging_method_with_sampled_clients(tiny_bert, tiny_task):
-    """FLoRA with one of three clients per round: each ClientApp worker rebuilds the merged base from
-    the records; the numbers are the in-process engine's."""
-    from ubsmoe.engine.flower.simulation import run_flower_simulation
-
-    config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **{
-        "federation.num_clients": 3, "federation.budgets": "0.5,1.0,1.0", "federation.fraction_fit": 0.34,
-        "federation.rounds": 3, "threads": 1}), method="flora")
-
-    flower = run_flower_simulation(config, show_progress=False)
-
-    assert deterministic(flower) == deterministic(run_experiment(config, show_progress=False))
 
 
 def reply(node: int, content=None, error: str | None = None):
@@ -117,3 +118,11 @@ def test_flower_engine_without_flower_installed_is_a_user_error(tiny_bert, tiny_
     assert code == 2
     assert "pip install 'ubsmoe[flower]'" in capsys.readouterr().err
     assert not (tmp_path / "x" / "results.json").exists()
+
+
+def test_the_repository_app_is_the_one_ubsmoe_flower_run_submits():
+    from pathlib import Path
+
+    from ubsmoe.engine.flower.deployment import APP_PYPROJECT
+
+    assert (Path(__file__).parents[1] / "deploy" / "flower" / "pyproject.toml").read_text() == APP_PYPROJECT

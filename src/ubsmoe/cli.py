@@ -67,6 +67,32 @@ def _flower_simulation():
     return run_flower_simulation
 
 
+def _flower_certificates(args) -> int:
+    _flower_simulation()  # the same packages
+    from ubsmoe.engine.flower.certificates import write_certificates
+
+    paths = write_certificates(Path(args.folder), args.host, args.days)
+    print("\n".join(f"{name}: {path}" for name, path in paths.items()))
+    return 0
+
+
+def _flower_run(args) -> int:
+    _flower_simulation()  # the same packages
+    from ubsmoe.engine.flower.deployment import run_deployment
+    from ubsmoe.engine.simulation import validate
+    from ubsmoe.report.summary import check_output_folder
+
+    config = load_config(args.config, args.overrides)
+    validate(config)  # before anything is sent: a bad value loses nothing
+    out = Path(args.out)
+    check_output_folder(out, force=args.force)
+    run_deployment(args.superlink, out, args.config, args.overrides,
+                   Path(args.root_certificates) if args.root_certificates else None, args.insecure, args.force,
+                   args.round_timeout, args.node_wait)
+    print(f"results: {out / 'results.json'}")
+    return 0
+
+
 def _compare(args) -> int:
     from ubsmoe.report.compare import run_comparison
     from ubsmoe.report.variants import parse_variants
@@ -170,6 +196,31 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
     compare.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     compare.set_defaults(func=_compare)
+
+    flower = sub.add_parser("flower", help="run on a Flower deployment (a SuperLink and one SuperNode per client)")
+    flower_sub = flower.add_subparsers(dest="flower_command", metavar="command", required=True)
+    certificates = flower_sub.add_parser("certificates", help="write a CA and a SuperLink certificate for TLS")
+    certificates.add_argument("folder", help="where ca.crt, ca.key, superlink.crt and superlink.key go")
+    certificates.add_argument("--host", action="append", required=True,
+                              help="a name or IP address the SuperNodes reach the SuperLink by (repeatable)")
+    certificates.add_argument("--days", type=int, default=365, help="validity in days")
+    certificates.set_defaults(func=_flower_certificates)
+    flower_run = flower_sub.add_parser("run", help="run one experiment on the deployment; the server writes --out",
+                                       description="Submit the experiment (--config and key=value overrides, as for "
+                                                   "`ubsmoe run`) to a running SuperLink and stream its log until "
+                                                   "it ends. Every machine needs ubsmoe installed.")
+    flower_run.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink (its --port, 8000 by default)")
+    flower_run.add_argument("--root-certificates", help="the CA certificate the SuperLink's certificate is signed by")
+    flower_run.add_argument("--insecure", action="store_true", help="no TLS (only for a SuperLink started with --insecure)")
+    flower_run.add_argument("--out", required=True, help="results folder, written by the server")
+    flower_run.add_argument("--config", help="TOML config file (on the SuperLink's machine)")
+    flower_run.add_argument("--force", action="store_true", help="replace a finished run in --out")
+    flower_run.add_argument("--round-timeout", type=float, default=86400.0,
+                            help="seconds a round waits for its clients; then it goes on with those that answered")
+    flower_run.add_argument("--node-wait", type=float, default=300.0,
+                            help="seconds to wait for one SuperNode per client before the first round")
+    flower_run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    flower_run.set_defaults(func=_flower_run)
 
     report = sub.add_parser("report", help="rebuild a comparison report from its saved results")
     report.add_argument("folder", help="a comparison folder (written by `ubsmoe compare`)")

@@ -21,7 +21,7 @@ from ubsmoe.engine.client import ClientRuntime, run_client
 from ubsmoe.engine.flower.messages import read_instruction, update_content
 from ubsmoe.metrics.flops import FlopCounter
 
-PARTITION = "partition-id"
+PARTITION, BUDGET = "partition-id", "budget"
 _RUNTIMES: dict[str, ClientRuntime] = {}  # config digest -> this process's runtime (one at a time)
 
 
@@ -53,8 +53,12 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
-    """The node's partition id, from its node config (the server maps clients to nodes by it)."""
+    """The node's partition id and, if given, its budget, from its node config (the server maps clients to
+    nodes by the first and checks the second against the config's)."""
     if PARTITION not in context.node_config:
         return Message(Error(code=0, reason=f"start the SuperNode with --node-config '{PARTITION}=<client id>'"),
                        reply_to=msg)
-    return Message(RecordDict({"node": ConfigRecord({PARTITION: int(context.node_config[PARTITION])})}), reply_to=msg)
+    node = {PARTITION: int(context.node_config[PARTITION])}
+    if BUDGET in context.node_config:
+        node[BUDGET] = float(context.node_config[BUDGET])
+    return Message(RecordDict({"node": ConfigRecord(node)}), reply_to=msg)

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from ubsmoe.engine.flower.client_app import PARTITION
+from ubsmoe.engine.flower.client_app import BUDGET, PARTITION
 from ubsmoe.engine.flower.messages import global_arrays, instruction_content, read_update
 from ubsmoe.engine.simulation import ClientFailure, Server
 from ubsmoe.methods.records import ClientUpdate, flat_tensors
@@ -51,10 +51,19 @@ class MethodStrategy(Strategy):
                                    f"{self.node_wait_s:.0f} s: start one SuperNode per client")
             time.sleep(0.2)
         queries = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
+        budgets = {c.client_id: c.budget for c in self.server.exp.clients}
         for reply in grid.send_and_receive(queries, timeout=self.node_wait_s):
             if reply.has_error():
                 raise RuntimeError(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
-            self.node_of[int(reply.content["node"][PARTITION])] = reply.metadata.src_node_id
+            node = reply.content["node"]
+            partition = int(node[PARTITION])
+            if partition not in budgets:
+                raise RuntimeError(f"a node holds partition {partition}, but the run has clients 0..{wanted - 1}")
+            if BUDGET in node and abs(float(node[BUDGET]) - budgets[partition]) > 1e-9:
+                raise RuntimeError(f"the node of partition {partition} has budget {node[BUDGET]}, the config gives "
+                                   f"client {partition} {budgets[partition]}: make federation.client_budgets match "
+                                   "the SuperNodes' --node-config")
+            self.node_of[partition] = reply.metadata.src_node_id
         missing = sorted(set(range(wanted)) - set(self.node_of))
         if missing:
             raise RuntimeError(f"no node holds partitions {missing}: give each SuperNode its partition-id")

@@ -1,0 +1,39 @@
+"""The Flower ServerApp of a deployment (``ubsmoe.engine.flower.server_app:app``): SuperNodes started with
+``--node-config "partition-id=<client id>"`` (and optionally ``budget=<beta>``), runs started with
+``ubsmoe flower run`` (or ``flwr run deploy/flower``).
+
+The run config (``[tool.flwr.app.config]`` of deploy/flower/pyproject.toml, overridden by ``flwr run
+--run-config``) names the experiment: ``config`` (a TOML file, absolute path), ``overrides`` (``key=value``
+settings separated by spaces), ``out`` (the results folder, absolute path) and ``force``. The server
+writes ``out/results.json`` as ``ubsmoe run`` does.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from ubsmoe.config import load_config
+from ubsmoe.engine.flower.messages import global_arrays
+from ubsmoe.engine.flower.strategy import MethodStrategy
+from ubsmoe.engine.simulation import Server
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    from ubsmoe.report.summary import check_output_folder, write_results
+
+    settings = context.run_config
+    config = load_config(str(settings.get("config", "")) or None, shlex.split(str(settings.get("overrides", ""))))
+    out = Path(str(settings.get("out", "runs/flower")))
+    check_output_folder(out, force=bool(settings.get("force", False)))
+    server = Server(config)
+    strategy = MethodStrategy(server, node_wait_s=float(settings.get("node-wait-s", 300)))
+    strategy.start(grid, global_arrays(server.state.params), num_rounds=config.federation.rounds,
+                   timeout=float(settings.get("round-timeout-s", 24 * 3600)), evaluate_fn=strategy.evaluate)
+    write_results(server.results() | {"engine": "flower"}, out)
