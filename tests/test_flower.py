@@ -28,6 +28,7 @@ from test_client_server import deterministic  # noqa: E402
 @pytest.fixture(autouse=True)
 def flower_home(tmp_path, monkeypatch):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    monkeypatch.setenv("UBSMOE_UPCYCLE_CACHE", str(tmp_path / "upcycle-cache"))
 
 
 FOUR_CLIENTS = {"federation.num_clients": 4, "federation.budgets": "0.25,0.5,0.75,1.0", "federation.rounds": 2,

@@ -61,7 +61,8 @@ class Deployment:
         self.wait_for("superlink", "Uvicorn running", 60)
         for i in range(partitions):
             self.start(f"node{i}", [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
-                                    "--root-certificates", str(self.certs["ca"]), "--node-config", f"partition-id={i}",
+                                    "--root-certificates", str(self.certs["ca"]),
+                                    "--node-config", f'partition-id={i} cache-dir="{folder / f"node{i}-cache"}"',
                                     "--port", str(free_port())], folder / f"node{i}-home")
         for i in range(partitions):
             self.wait_for(f"node{i}", "SuperNode ID", 60)
@@ -136,6 +137,7 @@ def test_a_supernode_killed_mid_round_is_dropped_after_the_timeout(deployment, t
     seen = len(deployment.log("node1"))
 
     run = submit(deployment, tmp_path / "out", overrides, round_timeout=20)
+    assert list((deployment.folder / "node1-cache").glob("*.safetensors"))  # the first run's upcycling, kept
     deployment.wait_for("node1", "Receiving: train message", 300, after=seen)
     deployment.kill("node1")  # the SuperNode and the ClientApp it started, mid-round
     finish(run, within_s=600)

@@ -82,3 +82,30 @@ def test_calibrated_router_needs_calibration_data(tiny_bert):
 def test_unknown_backbone_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json missing"):
         build_model(ModelSpec(backbone=str(tmp_path)), classification_head(3))
+
+
+def test_the_upcycling_cache_gives_the_same_model_without_upcycling_again(tiny_bert, tiny_task, tmp_path, monkeypatch):
+    """The first build writes the upcycled experts and routers; a second build reads them instead of
+    clustering and calibrating again, and the two models are equal tensor for tensor."""
+    from tiny_experiment import tiny_overrides
+    from ubsmoe.config import load_config
+    from ubsmoe.engine.simulation import build_experiment
+    import ubsmoe.model.moe_model as moe_model
+
+    config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task))
+    first = build_experiment(config, upcycle_cache=tmp_path)
+    (written,) = tmp_path.glob("*.safetensors")
+
+    def no_upcycling(*args, **kwargs):
+        raise AssertionError("upcycled again")
+
+    monkeypatch.setattr(moe_model, "split_ffn", no_upcycling)
+    monkeypatch.setattr(moe_model, "capture_ffn_inputs", no_upcycling)
+    second = build_experiment(config, upcycle_cache=tmp_path)
+
+    a, b = first.model.state_dict(), second.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = load_config(overrides=tiny_overrides(tiny_bert, tiny_task, seed=1))
+    with pytest.raises(AssertionError, match="upcycled again"):  # another seed: another key, built anew
+        build_experiment(other, upcycle_cache=tmp_path)
+    assert list(tmp_path.glob("*.safetensors")) == [written]

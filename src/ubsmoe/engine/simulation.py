@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sized
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -29,7 +30,7 @@ from ubsmoe.methods.base import ClientInfo, FederatedMethod, ServerState, get_me
 from ubsmoe.methods.records import ClientUpdate, TrainInstruction
 from ubsmoe.tasks import Task, TaskData, get_task
 from ubsmoe.model import MoEModel, ModelSpec, build_model, load_tokenizer
-from ubsmoe.model.moe_model import backbone_positions
+from ubsmoe.model.moe_model import backbone_positions, upcycle_cache_key
 from ubsmoe.model.moe_layer import GATE_MODES
 
 
@@ -106,7 +107,9 @@ def check_model(config: ExperimentConfig, spec: ModelSpec) -> None:
                           f"{config.model.backbone} was trained for: lower model.max_length")
 
 
-def build_experiment(config: ExperimentConfig) -> Experiment:
+def build_experiment(config: ExperimentConfig, upcycle_cache: Path | None = None) -> Experiment:
+    """Everything a run needs; with ``upcycle_cache`` (a folder) the upcycled experts and routers are read
+    from it when an earlier build left them there (a Flower ClientApp process per message)."""
     torch.set_num_threads(config.threads)
     method_cls = get_method(config.method_name)
     options = resolve_method_options(config, method_cls.Options)
@@ -129,7 +132,8 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
         # The server's calibration set: a few unlabelled training texts (labels are never read).
         chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
         calibration = [(ids, mask) for ids, mask, _ in train.batches(32, chosen[: config.model.calibration_samples])]
-    model = build_model(spec, task.head(data), calibration_batches=calibration)
+    cache = None if upcycle_cache is None else upcycle_cache / f"{upcycle_cache_key(spec, calibration)}.safetensors"
+    model = build_model(spec, task.head(data), calibration_batches=calibration, cache=cache)
     method.k_max = config.model.top_k_max if (config.model.top_k_max and spec.num_experts > 1) else spec.num_experts
     method.prepare_model(model)
     return Experiment(config, task, data, method, model, clients, [torch.from_numpy(p) for p in parts],

@@ -8,11 +8,15 @@ exactly those (``trainable_state``), so one model object serves every simulated 
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ubsmoe.model import fast_dropout, fast_norm
@@ -248,10 +252,13 @@ def capture_ffn_inputs(model: nn.Module, family: BackboneFamily, batches) -> lis
     return [torch.cat(chunks) for chunks in captured]
 
 
-def build_model(spec: ModelSpec, head: HeadFactory, calibration_batches=None) -> MoEModel:
+def build_model(spec: ModelSpec, head: HeadFactory, calibration_batches=None, cache: Path | None = None) -> MoEModel:
     """Load the backbone, upcycle every FFN into ``spec.num_experts`` experts, add LoRA and the task's head.
 
     calibration_batches: iterable of (input_ids, attention_mask), needed for ``router_init="calibrated"``.
+    cache: a safetensors file for the upcycled experts and routers (the costly part: the neurons'
+    clustering and the routers' calibration): read if it exists, else written. Its name must identify
+    the spec, the backbone and the calibration data (``upcycle_cache_key``).
     """
     if spec.router_init not in ROUTER_INITS:
         raise ValueError(f"router_init must be one of {ROUTER_INITS}, got {spec.router_init!r}")
@@ -264,24 +271,32 @@ def build_model(spec: ModelSpec, head: HeadFactory, calibration_batches=None) ->
             if isinstance(module, nn.Dropout):
                 module.p = spec.dropout
     layers = family.layers(model)
+    cached = load_file(cache) if cache is not None and cache.is_file() else None
     calibration = None
-    if spec.num_experts > 1 and spec.router_init == "calibrated":
+    if cached is None and spec.num_experts > 1 and spec.router_init == "calibrated":
         if calibration_batches is None:
             raise ValueError("router_init='calibrated' needs calibration batches; pass some or use router_init='centroid'")
         calibration = capture_ffn_inputs(model, family, calibration_batches)
 
     context = RoutingContext()
     moe_layers = []
+    upcycled: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(layers):
         dense = family.extract_ffn(layer)
-        split = split_ffn(dense, spec.num_experts, seed=spec.seed + i)
-        router = None
-        if spec.num_experts > 1:
-            router = (calibrated_router(dense, split, calibration[i]) if calibration is not None
-                      else centroid_router(dense, split)).float()
+        if cached is not None:
+            parts = {name: cached.get(f"{i}.{name}") for name in UPCYCLED}
+        else:
+            split = split_ffn(dense, spec.num_experts, seed=spec.seed + i)
+            router = None
+            if spec.num_experts > 1:
+                router = (calibrated_router(dense, split, calibration[i]) if calibration is not None
+                          else centroid_router(dense, split)).float()
+            parts = {"w_up": split.w_up, "w_down": split.w_down, "w_gate": split.w_gate, "b_up": split.b_up,
+                     "b_down": split.b_down, "router": router}
+            upcycled |= {f"{i}.{name}": value.contiguous() for name, value in parts.items() if value is not None}
         moe = SparseMoEFFN(
-            split.w_up, split.w_down, dense.activation, w_gate=split.w_gate, b_up=split.b_up,
-            b_down=split.b_down, router_weight=router, lora_rank=spec.lora_rank,
+            parts["w_up"], parts["w_down"], dense.activation, w_gate=parts["w_gate"], b_up=parts["b_up"],
+            b_down=parts["b_down"], router_weight=parts["router"], lora_rank=spec.lora_rank,
             lora_alpha=spec.lora_alpha, gate_mode=spec.gate_mode, context=context, generator=generator,
         )
         family.install_ffn(layer, moe)
@@ -289,5 +304,29 @@ def build_model(spec: ModelSpec, head: HeadFactory, calibration_batches=None) ->
             setattr(parent, attr, LoRALinear(getattr(parent, attr), spec.lora_rank, spec.lora_alpha, generator))
         moe_layers.append(moe)
     built = MoEModel(model, family, moe_layers, head(model, family, generator), context)
+    if cache is not None and cached is None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(f".{cache.name}.{os.getpid()}.partial")
+        save_file(upcycled, partial)
+        os.replace(partial, cache)  # whole or absent, also with several processes at once
     log.info("trainable parameters: %s", built.parameter_report())
     return built
+
+
+UPCYCLED = ("w_up", "w_down", "w_gate", "b_up", "b_down", "router")  # what the upcycling cache holds per layer
+
+
+def upcycle_cache_key(spec: ModelSpec, calibration_batches) -> str:
+    """A digest of everything the upcycled experts and routers depend on: the spec, the backbone's files
+    (names, sizes, modification times) and the calibration batches' tokens."""
+    source = resolve_backbone(spec.backbone)
+    digest = hashlib.sha256(repr(sorted(vars(spec).items())).encode())
+    files = [source.folder / source.gguf_file] if source.gguf_file else sorted(source.folder.iterdir())
+    for path in files:
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for input_ids, attention_mask in calibration_batches or []:
+        digest.update(input_ids.numpy().tobytes())
+        digest.update(attention_mask.numpy().tobytes())
+    return digest.hexdigest()[:32]

@@ -2,7 +2,8 @@
 ``engine.client.run_client`` on it and replies with the ``ClientUpdate``.
 
 The model is built from the run's config, which travels with every message, once per process and
-config: a simulation's worker process keeps it between rounds. A node that knows its partition
+config: a simulation's worker process keeps it between rounds; a deployment's process per message
+reads the upcycled experts and routers from the node's cache (``cache-dir`` in the node config). A node that knows its partition
 (``partition-id`` in its node config) refuses an instruction meant for another one.
 
 Deployment: ``ubsmoe.engine.flower.client_app:app``.
@@ -12,6 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -21,20 +25,29 @@ from ubsmoe.engine.client import ClientRuntime, run_client
 from ubsmoe.engine.flower.messages import read_instruction, update_content
 from ubsmoe.metrics.flops import FlopCounter
 
-PARTITION, BUDGET = "partition-id", "budget"
+PARTITION, BUDGET, CACHE_DIR = "partition-id", "budget", "cache-dir"
 _RUNTIMES: dict[str, ClientRuntime] = {}  # config digest -> this process's runtime (one at a time)
 
 
-def runtime_for(config_text: str) -> ClientRuntime:
-    """This process's client runtime for the config (built on first use, then kept)."""
+def runtime_for(config_text: str, upcycle_cache: Path | None = None) -> ClientRuntime:
+    """This process's client runtime for the config (built on first use, then kept; the upcycled experts
+    and routers read from ``upcycle_cache`` when an earlier process of the node left them there)."""
     from ubsmoe.engine.simulation import build_experiment  # the engine's builder; imported late (no cycle)
 
     key = hashlib.sha256(config_text.encode()).hexdigest()
     if key not in _RUNTIMES:
         _RUNTIMES.clear()  # never two models in one process
-        exp = build_experiment(config_from_dict(json.loads(config_text)))
+        exp = build_experiment(config_from_dict(json.loads(config_text)), upcycle_cache=upcycle_cache)
         _RUNTIMES[key] = exp.client_runtime(FlopCounter(exp.model))
     return _RUNTIMES[key]
+
+
+def upcycle_cache(context: Context) -> Path:
+    """The node's folder for upcycled backbones: ``cache-dir`` in its node config, else $UBSMOE_UPCYCLE_CACHE,
+    else one in the temporary folder. A deployment starts a ClientApp process per message; this spares
+    each the upcycling."""
+    folder = context.node_config.get(CACHE_DIR) or os.environ.get("UBSMOE_UPCYCLE_CACHE")
+    return Path(str(folder)) if folder else Path(tempfile.gettempdir()) / "ubsmoe-upcycle-cache"
 
 
 app = ClientApp()
@@ -47,7 +60,7 @@ def train(msg: Message, context: Context) -> Message:
     if partition is not None and int(partition) != instruction.client.client_id:
         return Message(Error(code=0, reason=f"this node holds partition {partition}, not the instruction's "
                                             f"client {instruction.client.client_id}"), reply_to=msg)
-    update = run_client(runtime_for(config_text), instruction)
+    update = run_client(runtime_for(config_text, upcycle_cache(context)), instruction)
     return Message(update_content(update), reply_to=msg)
 
 
