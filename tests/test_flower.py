@@ -127,3 +127,16 @@ def test_the_repository_app_is_the_one_ubsmoe_flower_run_submits():
     from ubsmoe.engine.flower.deployment import APP_PYPROJECT
 
     assert (Path(__file__).parents[1] / "deploy" / "flower" / "pyproject.toml").read_text() == APP_PYPROJECT
+
+
+def test_bench_flower_overhead_measures_both_engines(tiny_bert, tiny_task, tmp_path):
+    """The benchmark's command with key=value settings after its options: both engines run, the numbers
+    agree, and the ratio is the two wall times' quotient."""
+    out = tmp_path / "flower_overhead.json"
+    assert main(["bench", "flower-overhead", "--threads", "1", "--out", str(out)]
+                + tiny_overrides(tiny_bert, tiny_task)) == 0
+    result = json.loads(out.read_text())
+    assert result["same_numbers"] is True
+    assert result["time_ratio"] == pytest.approx(result["flower_sim_s"] / result["inprocess_s"])
+    assert result["inprocess_s"] > 0 and result["clients"] == 2
+    assert "time_ratio (Flower / in-process)" in out.with_suffix(".md").read_text()

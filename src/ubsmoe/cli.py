@@ -150,6 +150,13 @@ def _bench(args) -> int:
         run(Path(args.out), threads=args.threads)
         print(Path(args.out).with_suffix(".md").read_text())
         return 0
+    if args.name == "flower-overhead":
+        from ubsmoe.bench.flower_overhead import run
+
+        _flower_simulation()  # the flower extra, or a user error
+        run(Path(args.out), threads=args.threads, overrides=tuple(args.overrides))
+        print(Path(args.out).with_suffix(".md").read_text())
+        return 0
     if args.name == "upcycle":
         from ubsmoe.bench.upcycle_fidelity import run
 
@@ -228,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=_report)
 
     bench = sub.add_parser("bench", help="run a benchmark")
-    bench.add_argument("name", choices=["moe-layer", "pg-step", "tiers", "upcycle", "dmr-reach"])
+    bench.add_argument("name", choices=["moe-layer", "pg-step", "tiers", "upcycle", "dmr-reach", "flower-overhead"])
     bench.add_argument("--out", required=True, help="result JSON path (a .md summary is written beside it)")
     bench.add_argument("--dropout", type=float, default=-1.0,
                        help="tiers only: backbone dropout probability (-1 keeps the checkpoint's)")
@@ -240,16 +247,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--part-repeats", type=int, default=5,
                        help="tiers only: turns per tier with timing hooks (where a step's time goes)")
     bench.add_argument("--threads", type=int, default=2,
-                       help="CPU threads torch may use in the timed benchmarks (moe-layer, pg-step, tiers)")
+                       help="CPU threads torch may use in the timed benchmarks (moe-layer, pg-step, tiers, flower-overhead)")
     bench.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="tiers only: config settings, e.g. task=causal-lm data.dataset=commonsense:PATH")
+                       help="tiers and flower-overhead: config settings, e.g. task=causal-lm data.dataset=commonsense:PATH")
     bench.set_defaults(func=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value settings after the options land here (argparse fills nargs="*" at the first positional)
+        if hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except ConfigError as error:  # user errors only: a bug keeps its traceback
