@@ -36,13 +36,27 @@ def _run(args) -> int:
         for key, default, text in describe():
             print(f"{key:<32} {default:<28} {text}")
         return 0
-    config = load_config(args.config, args.overrides, method=args.method)
-    out = Path(args.out)
-    check_output_folder(out, force=args.force)  # before anything is trained: a bad folder loses nothing
+    resume = None
+    if args.resume:
+        from ubsmoe.config import config_from_dict
+        from ubsmoe.engine.checkpoint import read_checkpoint
+
+        out = Path(args.resume)
+        if (out / "results.json").is_file():
+            raise ConfigError(f"{out} holds a finished run (results.json): nothing to resume")
+        resume = read_checkpoint(out)
+        given = args.config or args.overrides or args.method
+        config = load_config(args.config, args.overrides, method=args.method) if given else config_from_dict(resume.config)
+        if args.engine != "inprocess":
+            raise ConfigError("--resume continues runs of the in-process engine")
+    else:
+        config = load_config(args.config, args.overrides, method=args.method)
+        out = Path(args.out)
+        check_output_folder(out, force=args.force)  # before anything is trained: a bad folder loses nothing
     if args.engine == "flower-sim":
         results = _flower_simulation()(config, show_progress=not args.quiet)
     else:
-        results = run_experiment(config, show_progress=not args.quiet)
+        results = run_experiment(config, show_progress=not args.quiet, out=out, resume=resume)
     write_results(results, out)
     print(tier_table(results))
     print(f"\nresults: {out / 'results.json'}  summary: {out / 'summary.md'}")
@@ -179,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="runs/latest", help="output folder for results.json and summary.md")
     run.add_argument("--config", help="TOML config file")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
-    run.add_argument("--force", action="store_true", help="replace a finished run in --out")
+    run.add_argument("--force", action="store_true", help="replace a finished or unfinished run in --out")
+    run.add_argument("--resume", metavar="OUT", help="continue the unfinished run in OUT from its last checkpoint "
+                                                     "(with its config; a config given too must equal it)")
     run.add_argument("--engine", choices=("inprocess", "flower-sim"), default="inprocess",
                      help="inprocess (every client in turn on one model) or flower-sim (Flower's simulation: "
                           "one SuperNode per client, ClientApps in worker processes); the same results")

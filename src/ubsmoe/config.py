@@ -88,6 +88,8 @@ class FederationConfig:
     rounds: int = option(5, "federated rounds")
     fraction_fit: float = option(1.0, "share of clients sampled each round")
     min_clients: int = option(1, "fewest clients whose updates a round needs; fewer answers stop the run")
+    checkpoint_every: int = option(1, "write OUT/checkpoint.safetensors every this many rounds (and after the "
+                                      "last); 0: never")
 
 
 @dataclass
@@ -295,3 +297,22 @@ def describe(config_cls=ExperimentConfig, prefix: str = "") -> list[tuple[str, s
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rows.append((prefix + f.name, json.dumps(default), f.metadata.get("help", "")))
     return rows
+
+
+# Keys added since without changing any number the runs before them made: their defaults are what those
+# runs did. Any other missing key makes a stored run another config.
+NEUTRAL_NEW_KEYS = ("task", "train.train_on_inputs", "evaluation.protocol", "evaluation.max_new_tokens",
+                    "evaluation.num_beams", "evaluation.round0", "data.header", "federation.min_clients",
+                    "federation.checkpoint_every")
+
+
+def differing_keys(stored: dict[str, Any], wanted: ExperimentConfig) -> list[str]:
+    """The keys whose values differ between a stored config (``to_dict`` of a finished run or a checkpoint)
+    and ``wanted`` (method options resolved)."""
+    import json
+
+    stored_flat = flatten_keys(json.loads(json.dumps(stored)))
+    wanted_flat = flatten_keys(json.loads(json.dumps(wanted.to_dict())))
+    defaults = flatten_keys(json.loads(json.dumps(ExperimentConfig().to_dict())))
+    stored_flat |= {k: defaults[k] for k in NEUTRAL_NEW_KEYS if k not in stored_flat}
+    return sorted(k for k in set(stored_flat) | set(wanted_flat) if stored_flat.get(k, "(missing)") != wanted_flat.get(k))

@@ -8,6 +8,7 @@ between clients, never a model per client. Same config and seed give the same nu
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sized
 from dataclasses import dataclass
@@ -18,8 +19,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ubsmoe.config import ConfigError, ExperimentConfig, resolve_method_options
+from ubsmoe.config import ConfigError, ExperimentConfig, differing_keys, resolve_method_options
 from ubsmoe.data.dataset import TokenizedDataset
+from ubsmoe.engine.checkpoint import Checkpoint, CheckpointError, fault_point, write_atomically, write_checkpoint
 from ubsmoe.engine.client import ClientRuntime, run_client
 from ubsmoe.engine.clients import make_clients, sample_clients, tiers
 from ubsmoe.engine.evaluation import evaluate_tiers
@@ -163,6 +165,21 @@ class Server:
         self.round0: dict = {}
         self.updates: list[ClientUpdate] = []
         self.failures: list[ClientFailure] = []
+        self.earlier_runtime_s = 0.0  # seconds run before a resume
+
+    def restore(self, checkpoint: Checkpoint) -> int:
+        """Continue from a checkpoint of this config; returns the next round."""
+        differing = differing_keys(checkpoint.config, self.config)
+        if differing:
+            raise CheckpointError(f"the checkpoint was written by a run with another config (differing keys: "
+                                  f"{', '.join(differing)}): resume with its config, or start over with --force")
+        self.state, self.history, self.round0 = checkpoint.state, checkpoint.history, checkpoint.round0
+        self.earlier_runtime_s = checkpoint.runtime_s
+        return checkpoint.round + 1
+
+    def checkpoint(self, round_index: int) -> Checkpoint:
+        return Checkpoint(round_index, self.state, self.history, self.round0, self.config.to_dict(),
+                          self.earlier_runtime_s + time.perf_counter() - self.started)
 
     def evaluate_round0(self) -> None:
         """What every tier scores before any training: what fine-tuning adds is read against it."""
@@ -196,6 +213,7 @@ class Server:
         entry["cost"] = round_cost(tier_results, updates)
         if model.num_experts > 1:
             entry["balance"] = round_balance(model, tier_results, updates)
+        fault_point("evaluate", round_index)
         report = self.method.round_report(self.state)
         if report:
             entry["server"] = report
@@ -225,29 +243,36 @@ class Server:
             "history": history,
             "final": {k: v for k, v in history[-1].items() if k != "clients"},
             "cost": run_cost(history, exp.tiers),
-            "runtime_s": time.perf_counter() - self.started,
+            "runtime_s": self.earlier_runtime_s + time.perf_counter() - self.started,
         }
 
 
 ClientFn = Callable[[TrainInstruction, Any], ClientUpdate]
 
 
-def run_experiment(config: ExperimentConfig, show_progress: bool = True, client_fn: ClientFn | None = None) -> dict:
+def run_experiment(config: ExperimentConfig, show_progress: bool = True, client_fn: ClientFn | None = None,
+                   out: Path | None = None, resume: Checkpoint | None = None) -> dict:
     """Run every round in this process and return the results dictionary (see ``ubsmoe.report.results``).
 
     ``client_fn(instruction, progress)`` runs a client's round; by default ``run_client`` on this
     process's model. Another transport (a client in another process, records serialised) plugs in here.
+    With ``out``, a checkpoint and the history so far are written there after every
+    ``federation.checkpoint_every`` rounds and after the last; ``resume`` continues from one.
     """
     server = Server(config)
-    if config.evaluation.round0:
+    first = 1
+    if resume is not None:
+        first = server.restore(resume)
+    elif config.evaluation.round0:
         server.evaluate_round0()
     if client_fn is None:
         runtime = server.exp.client_runtime(server.flop_counter)
 
         def client_fn(instruction: TrainInstruction, progress) -> ClientUpdate:
             return run_client(runtime, instruction, progress)
-    rounds = tqdm(range(1, config.federation.rounds + 1), desc=f"{server.method.name} rounds", unit="round",
-                  disable=not show_progress)
+    total = config.federation.rounds
+    rounds = tqdm(range(first, total + 1), desc=f"{server.method.name} rounds", unit="round",
+                  disable=not show_progress, initial=first - 1, total=total)
     for round_index in rounds:
         sampled = server.sample(round_index)
         total_steps = sum(local_steps(config.train, c.num_examples) for c in sampled)
@@ -257,8 +282,14 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True, client_
             for client in sampled:
                 bar.set_description(f"round {round_index} client {client.client_id} (beta={client.budget:g})")
                 updates.append(client_fn(server.instruction(client, round_index), bar))
+                fault_point("train", round_index)
         server.aggregate(round_index, updates)
+        fault_point("aggregate", round_index)
         entry = server.evaluate(round_index)
+        every = config.federation.checkpoint_every
+        if out is not None and every > 0 and (round_index % every == 0 or round_index == total):
+            write_checkpoint(out, server.checkpoint(round_index))
+            write_atomically(out / "history.json", json.dumps(server.history, indent=1))
         rounds.set_postfix(avg_acc=f"{entry['average_accuracy']:.3f}")
     return server.results() | {"engine": "inprocess"}
 

@@ -14,13 +14,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
-from ubsmoe.config import ConfigError, ExperimentConfig, MissingFileError, flatten_keys, load_config, resolve_method_options
+from ubsmoe.config import ConfigError, ExperimentConfig, MissingFileError, differing_keys, load_config, resolve_method_options
 from ubsmoe.report.summary import human, write_results
 from ubsmoe.report.variants import Variant, parse_variant
-
-
-NEUTRAL_NEW_KEYS = ("task", "train.train_on_inputs", "evaluation.protocol", "evaluation.max_new_tokens",
-                    "evaluation.num_beams", "evaluation.round0", "data.header", "federation.min_clients")
 
 
 def plan_runs(variants: list[Variant], seeds: list[int], config_path: str | None = None,
@@ -57,12 +53,7 @@ def finished_run(folder: Path, config: ExperimentConfig) -> bool:
         stored = json.loads(path.read_text())["config"]
     except (ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"{path} is unreadable ({error}); delete it to run that variant again") from None
-    stored, wanted = flatten_keys(stored), flatten_keys(json.loads(json.dumps(config.to_dict())))
-    # Keys added since without changing any number the runs before them made: their defaults are what
-    # those runs did. Any other missing key makes the run another config.
-    defaults = flatten_keys(json.loads(json.dumps(ExperimentConfig().to_dict())))
-    stored |= {k: defaults[k] for k in NEUTRAL_NEW_KEYS if k not in stored}
-    differing = sorted(k for k in set(stored) | set(wanted) if stored.get(k, "(missing)") != wanted.get(k))
+    differing = differing_keys(stored, config)
     if differing:
         raise ConfigError(f"{path} holds a run with another config (differing keys: {', '.join(differing)}); "
                           "use another --out folder, or delete that run to replace it")
@@ -110,9 +101,11 @@ def run_comparison(variants: list[Variant | str], seeds: list[int], out: Path, c
 
 def run_one(config: ExperimentConfig, folder: Path, label: str, show_progress: bool) -> None:
     """One run of the comparison, written to ``folder`` with its variant's label."""
+    from ubsmoe.engine.checkpoint import CHECKPOINT, read_checkpoint
     from ubsmoe.engine.simulation import run_experiment
 
-    results = run_experiment(config, show_progress=show_progress)
+    resume = read_checkpoint(folder) if (folder / CHECKPOINT).is_file() else None  # an interrupted run goes on
+    results = run_experiment(config, show_progress=show_progress, out=folder, resume=resume)
     write_results({"variant": label} | results, folder)
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from ubsmoe.config import ConfigError
+from ubsmoe.engine.checkpoint import CHECKPOINT, write_atomically
 
 
 def check_output_folder(out_dir: Path, force: bool = False) -> None:
@@ -17,6 +17,9 @@ def check_output_folder(out_dir: Path, force: bool = False) -> None:
     if (out_dir / "results.json").is_file() and not force:
         raise ConfigError(f"{out_dir} holds a finished run (results.json): choose another --out, or pass --force "
                           "to replace it")
+    if (out_dir / CHECKPOINT).is_file() and not force:
+        raise ConfigError(f"{out_dir} holds an unfinished run ({CHECKPOINT}): continue it with --resume {out_dir}, "
+                          "or pass --force to start over")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".ubsmoe-write-test"
@@ -24,6 +27,9 @@ def check_output_folder(out_dir: Path, force: bool = False) -> None:
         probe.unlink()
     except OSError as error:
         raise ConfigError(f"cannot write into --out {out_dir} ({error.strerror}): choose a folder you can write") from None
+    if force:  # the run replaced: nothing of it may be resumed or reported any more
+        for name in ("results.json", "summary.md", "history.json", CHECKPOINT):
+            (out_dir / name).unlink(missing_ok=True)
 
 
 def write_results(results: dict, out_dir: Path) -> None:
@@ -32,15 +38,6 @@ def write_results(results: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(out_dir / "summary.md", summary_markdown(results))
     write_atomically(out_dir / "results.json", json.dumps(results, indent=2))
-
-
-def write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def tier_table(results: dict) -> str:

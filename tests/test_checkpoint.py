@@ -1,0 +1,103 @@
+"""Durable runs: a run killed (SIGKILL) during local training, aggregation, evaluation or the writing of
+its checkpoint, and resumed with ``ubsmoe run --resume``, ends with exactly the numbers of an
+uninterrupted run; damaged checkpoints, another config and a folder holding an unfinished run are
+user errors (exit 2) that name the fix."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tiny_experiment import tiny_overrides
+from ubsmoe.cli import main
+from ubsmoe.config import load_config
+from ubsmoe.engine.checkpoint import CHECKPOINT, read_checkpoint
+from ubsmoe.engine.simulation import run_experiment
+
+from test_client_server import deterministic
+
+UBSMOE = str(Path(sys.executable).parent / "ubsmoe")
+THREE_ROUNDS = {"federation.rounds": 3, "threads": 1, "model.dropout": 0.1}
+
+
+def killed_run(out: Path, overrides: list[str], fault: str, method: str) -> subprocess.CompletedProcess:
+    """``ubsmoe run`` in its own process, which kills itself (SIGKILL) at ``fault`` (phase:round)."""
+    return subprocess.run([UBSMOE, "run", "--quiet", "--method", method, "--out", str(out)] + overrides,
+                          env=os.environ | {"UBSMOE_FAULT": f"kill:{fault}"}, capture_output=True, timeout=600)
+
+
+@pytest.mark.parametrize("method, fault, resumes_after", [
+    ("ubsmoe", "train:2", 1),  # after the first client of round 2 trained
+    ("ubsmoe", "aggregate:3", 2),  # after round 3's aggregation, before its evaluation
+    ("ubsmoe", "evaluate:1", None),  # during round 1's evaluation: no checkpoint yet
+    ("ubsmoe", "checkpoint:2", 1),  # the round-2 checkpoint written but not yet in place
+    ("flora", "train:3", 2),  # the merged base rebuilt from the checkpoint's records
+    ("a3smoe", "aggregate:2", 1),  # the per-K scales
+])
+def test_a_killed_run_resumes_to_the_uninterrupted_numbers(tiny_bert, tiny_task, tmp_path, method, fault, resumes_after):
+    overrides = tiny_overrides(tiny_bert, tiny_task, **THREE_ROUNDS)
+    out = tmp_path / "run"
+
+    killed = killed_run(out, overrides, fault, method)
+
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    assert not (out / "results.json").exists()
+    if resumes_after is None:
+        assert not (out / CHECKPOINT).exists()
+        assert main(["run", "--quiet", "--method", method, "--out", str(out)] + overrides) == 0  # starts anew
+    else:
+        assert read_checkpoint(out).round == resumes_after
+        assert len(json.loads((out / "history.json").read_text())) == resumes_after
+        assert main(["run", "--quiet", "--resume", str(out)]) == 0
+    resumed = json.loads((out / "results.json").read_text())
+    uninterrupted = run_experiment(load_config(overrides=overrides, method=method), show_progress=False)
+    assert deterministic(resumed) == deterministic(uninterrupted)
+    assert resumed["round0"] == uninterrupted["round0"]
+    assert not list(out.glob(".*.partial"))
+
+
+@pytest.fixture
+def unfinished(tiny_bert, tiny_task, tmp_path):
+    """A run killed after round 1's checkpoint."""
+    overrides = tiny_overrides(tiny_bert, tiny_task, **THREE_ROUNDS)
+    out = tmp_path / "run"
+    assert killed_run(out, overrides, "train:2", "ubsmoe").returncode == -9
+    return out, overrides
+
+
+def test_resume_refuses_another_config_and_a_fresh_run_refuses_the_folder(unfinished, capsys):
+    out, overrides = unfinished
+    assert main(["run", "--quiet", "--resume", str(out)] + overrides + ["model.lora_rank=2", "train.lr=0.5"]) == 2
+    assert "differing keys: model.lora_rank, train.lr" in capsys.readouterr().err
+    assert main(["run", "--quiet", "--out", str(out)] + overrides) == 2
+    assert f"continue it with --resume {out}" in capsys.readouterr().err
+    assert read_checkpoint(out).round == 1  # nothing lost
+    assert main(["run", "--quiet", "--force", "--out", str(out)] + overrides) == 0  # --force starts over
+    assert read_checkpoint(out).round == 3
+
+
+def test_a_damaged_checkpoint_is_reported_not_trusted(unfinished, capsys):
+    out, _ = unfinished
+    data = (out / CHECKPOINT).read_bytes()
+    (out / CHECKPOINT).write_bytes(data[: len(data) // 2])  # cut short
+    assert main(["run", "--quiet", "--resume", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "checkpoint.safetensors is damaged" in error and "--force" in error
+
+
+def test_compare_resumes_an_interrupted_run(unfinished, tiny_bert, tiny_task):
+    from ubsmoe.report.compare import run_comparison
+
+    out, overrides = unfinished
+    folder = out.parent / "compare" / "ubsmoe-s0"
+    folder.parent.mkdir()
+    out.rename(folder)
+
+    run_comparison(["ubsmoe"], [0], folder.parent, overrides=overrides, show_progress=False)
+
+    resumed = json.loads((folder / "results.json").read_text())
+    uninterrupted = run_experiment(load_config(overrides=overrides), show_progress=False)
+    assert deterministic(resumed) == deterministic(uninterrupted)
