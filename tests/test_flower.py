@@ -82,11 +82,11 @@ def test_strategy_drops_failed_replies_and_needs_min_clients(tiny_bert, tiny_tas
     server = Server(config)
     strategy = MethodStrategy(server)
     strategy.node_of = {0: 100, 1: 101, 2: 102}
-    strategy.sent = {100: 0, 101: 1, 102: 2}
+    instructions = [server.instruction(client, 1) for client in server.exp.clients]
+    strategy.sent = {100 + i: instruction for i, instruction in enumerate(instructions)}
     runtime = server.exp.client_runtime(server.flop_counter)
-    good = run_client(runtime, read_instruction(instruction_content(server.instruction(server.exp.clients[0], 1),
-                                                                    config))[0])
-    poisoned = run_client(runtime, server.instruction(server.exp.clients[1], 1))
+    good = run_client(runtime, read_instruction(instruction_content(instructions[0], config))[0])
+    poisoned = run_client(runtime, instructions[1])
     name = next(iter(poisoned.delta))
     poisoned.delta[name] = poisoned.delta[name].clone().fill_(float("nan"))
     before = {n: v.clone() for n, v in server.state.params.items()}
@@ -107,7 +107,7 @@ def test_strategy_drops_failed_replies_and_needs_min_clients(tiny_bert, tiny_tas
     strict = Server(load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **{
         "federation.num_clients": 3, "federation.budgets": "0.5,1.0,1.0", "federation.min_clients": 2})))
     strategy = MethodStrategy(strict)
-    strategy.sent = {100: 0, 101: 1, 102: 2}
+    strategy.sent = {100 + i: strict.instruction(client, 1) for i, client in enumerate(strict.exp.clients)}
     with pytest.raises(RuntimeError, match=r"1 of the sampled clients returned an update, fewer than federation.min_clients=2 .*client 2: no reply"):
         strategy.aggregate_train(1, [reply(100, update_content(good)), reply(101, error="killed")])
 

@@ -88,6 +88,8 @@ class FederationConfig:
     rounds: int = option(5, "federated rounds")
     fraction_fit: float = option(1.0, "share of clients sampled each round")
     min_clients: int = option(1, "fewest clients whose updates a round needs; fewer answers stop the run")
+    max_update_norm: float = option(0.0, "largest L2 norm of a client's deltas; 0: no bound")
+    update_norm_policy: str = option("clip", "an update beyond max_update_norm: clip (scaled down to it) or reject")
     checkpoint_every: int = option(1, "write OUT/checkpoint.safetensors every this many rounds (and after the "
                                       "last); 0: never")
 
@@ -303,7 +305,7 @@ def describe(config_cls=ExperimentConfig, prefix: str = "") -> list[tuple[str, s
 # runs did. Any other missing key makes a stored run another config.
 NEUTRAL_NEW_KEYS = ("task", "train.train_on_inputs", "evaluation.protocol", "evaluation.max_new_tokens",
                     "evaluation.num_beams", "evaluation.round0", "data.header", "federation.min_clients",
-                    "federation.checkpoint_every")
+                    "federation.checkpoint_every", "federation.max_update_norm", "federation.update_norm_policy")
 
 
 def differing_keys(stored: dict[str, Any], wanted: ExperimentConfig) -> list[str]:

@@ -9,6 +9,7 @@ between clients, never a model per client. Same config and seed give the same nu
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Sized
 from dataclasses import dataclass
@@ -29,11 +30,13 @@ from ubsmoe.engine.local_training import local_steps
 from ubsmoe.metrics.balance import experts_without_update, load_balance
 from ubsmoe.metrics.flops import FlopCounter
 from ubsmoe.methods.base import ClientInfo, FederatedMethod, ServerState, get_method
-from ubsmoe.methods.records import ClientUpdate, TrainInstruction
+from ubsmoe.methods.records import ClientUpdate, TrainInstruction, flat_tensors
 from ubsmoe.tasks import Task, TaskData, get_task
 from ubsmoe.model import MoEModel, ModelSpec, build_model, load_tokenizer
 from ubsmoe.model.moe_model import backbone_positions, upcycle_cache_key
 from ubsmoe.model.moe_layer import GATE_MODES
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -91,6 +94,10 @@ def validate(config: ExperimentConfig) -> None:
         (config.federation.partition != "dirichlet" or config.federation.dirichlet_alpha > 0,
          "federation.dirichlet_alpha must be > 0"),
         (0 < config.federation.fraction_fit <= 1, "federation.fraction_fit must be in (0, 1]"),
+        (config.federation.min_clients >= 1, "federation.min_clients must be >= 1"),
+        (config.federation.checkpoint_every >= 0, "federation.checkpoint_every must be >= 0 (0: never)"),
+        (config.federation.max_update_norm >= 0, "federation.max_update_norm must be >= 0 (0: no bound)"),
+        (config.federation.update_norm_policy in ("clip", "reject"), "federation.update_norm_policy must be clip or reject"),
     ]
     for ok, message in checks:
         if not ok:
@@ -194,6 +201,30 @@ class Server:
     def instruction(self, client: ClientInfo, round_index: int) -> TrainInstruction:
         return instruction_for(self.method, self.state, client, round_index)
 
+    def admit(self, instruction: TrainInstruction, update: ClientUpdate) -> ClientUpdate | ClientFailure:
+        """The update as it may enter aggregation, or why it may not: every delta must be one of the tensors
+        the client was sent, with its shape, and finite (as every other float tensor it returns); deltas
+        beyond ``federation.max_update_norm`` are clipped or rejected (``update_norm_policy``)."""
+        client = instruction.client.client_id
+        if update.client != instruction.client:
+            return ClientFailure(client, f"the update is for client {update.client.client_id}, not {client}")
+        for name, delta in update.delta.items():
+            sent = instruction.params.get(name)
+            if sent is None:
+                return ClientFailure(client, f"the update holds {name!r}, which the client was not sent")
+            if delta.shape != sent.shape:
+                return ClientFailure(client, f"{name!r} has shape {tuple(delta.shape)}, expected {tuple(sent.shape)}")
+        if not all(bool(torch.isfinite(t).all()) for t in flat_tensors(update).values() if t.is_floating_point()):
+            return ClientFailure(client, "the update holds NaN or infinite values")
+        bound = self.config.federation.max_update_norm
+        if bound > 0 and update.delta:
+            norm = float(torch.linalg.vector_norm(torch.cat([d.double().reshape(-1) for d in update.delta.values()])))
+            if norm > bound:
+                if self.config.federation.update_norm_policy == "reject":
+                    return ClientFailure(client, f"the update's norm {norm:.4g} exceeds federation.max_update_norm={bound:g}")
+                update.delta = {n: d * (bound / norm) for n, d in update.delta.items()}
+        return update
+
     def aggregate(self, round_index: int, updates: list[ClientUpdate], failures: list[ClientFailure] = ()) -> None:
         """Fold the round's updates into the state; fewer than ``federation.min_clients`` updates stop the run."""
         needed = self.config.federation.min_clients
@@ -279,11 +310,18 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True, client_
         updates = []
         with tqdm(total=total_steps, desc=f"round {round_index} clients", unit="step", leave=False,
                   disable=not show_progress) as bar:
+            failures: list[ClientFailure] = []
             for client in sampled:
                 bar.set_description(f"round {round_index} client {client.client_id} (beta={client.budget:g})")
-                updates.append(client_fn(server.instruction(client, round_index), bar))
+                instruction = server.instruction(client, round_index)
+                try:
+                    answer = server.admit(instruction, client_fn(instruction, bar))
+                except Exception as error:  # a failing client is left out, as on Flower; its traceback is logged
+                    log.warning("round %d: client %d failed", round_index, client.client_id, exc_info=True)
+                    answer = ClientFailure(client.client_id, f"{type(error).__name__}: {error}")
+                (failures if isinstance(answer, ClientFailure) else updates).append(answer)
                 fault_point("train", round_index)
-        server.aggregate(round_index, updates)
+        server.aggregate(round_index, updates, failures)
         fault_point("aggregate", round_index)
         entry = server.evaluate(round_index)
         every = config.federation.checkpoint_every

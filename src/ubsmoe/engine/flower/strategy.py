@@ -4,8 +4,8 @@ on the server, all through the engine's ``Server`` (the in-process engine drives
 
 Flower's built-in FedAvg expects every client to return the same arrays; here clients return what
 their method and tier make them send (ranks, extras), so the strategy reads them as records.
-Replies with errors, or with non-finite tensors, are dropped and recorded in the round's
-``failed_clients``; a round needs ``federation.min_clients`` updates or the run stops.
+Replies with errors, and updates the server does not admit (non-finite or wrongly shaped tensors,
+see ``Server.admit``), are dropped and recorded in the round's ``failed_clients``; a round needs ``federation.min_clients`` updates or the run stops.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -21,11 +20,7 @@ from flwr.serverapp.strategy import Strategy
 from ubsmoe.engine.flower.client_app import BUDGET, PARTITION
 from ubsmoe.engine.flower.messages import global_arrays, instruction_content, read_update
 from ubsmoe.engine.simulation import ClientFailure, Server
-from ubsmoe.methods.records import ClientUpdate, flat_tensors
-
-
-def finite(update: ClientUpdate) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in flat_tensors(update).values() if t.is_floating_point())
+from ubsmoe.methods.records import TrainInstruction
 
 
 class MethodStrategy(Strategy):
@@ -36,7 +31,7 @@ class MethodStrategy(Strategy):
         self.node_wait_s = node_wait_s
         self.progress = progress  # a tqdm bar over the rounds, or None
         self.node_of: dict[int, int] = {}  # client (partition) id -> node id
-        self.sent: dict[int, int] = {}  # node id -> client id, this round
+        self.sent: dict[int, TrainInstruction] = {}  # node id -> the instruction it got, this round
 
     def summary(self) -> None:
         """Flower's log line about the strategy (our runs log through results.json instead)."""
@@ -76,27 +71,26 @@ class MethodStrategy(Strategy):
         messages = []
         for client in self.server.sample(server_round):
             node = self.node_of[client.client_id]
-            content = instruction_content(self.server.instruction(client, server_round), self.server.config)
-            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
-                                    group_id=str(server_round)))
-            self.sent[node] = client.client_id
+            instruction = self.server.instruction(client, server_round)
+            messages.append(Message(instruction_content(instruction, self.server.config), dst_node_id=node,
+                                    message_type=MessageType.TRAIN, group_id=str(server_round)))
+            self.sent[node] = instruction
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         updates, failures, answered = [], [], set()
         for reply in replies:
-            client_id = self.sent[reply.metadata.src_node_id]
+            instruction = self.sent[reply.metadata.src_node_id]
+            client_id = instruction.client.client_id
             answered.add(client_id)
             if reply.has_error():
                 failures.append(ClientFailure(client_id, str(reply.error.reason)))
                 continue
-            update = read_update(reply.content)
-            if not finite(update):
-                failures.append(ClientFailure(client_id, "the update holds NaN or infinite values"))
-                continue
-            updates.append(update)
-        failures += [ClientFailure(c, "no reply before the timeout") for c in sorted(set(self.sent.values()) - answered)]
+            answer = self.server.admit(instruction, read_update(reply.content))
+            (failures if isinstance(answer, ClientFailure) else updates).append(answer)
+        sent = {i.client.client_id for i in self.sent.values()}
+        failures += [ClientFailure(c, "no reply before the timeout") for c in sorted(sent - answered)]
         self.server.aggregate(server_round, updates, sorted(failures))
         return global_arrays(self.server.state.params), MetricRecord({"updates": len(updates),
                                                                       "failures": len(failures)})

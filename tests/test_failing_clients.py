@@ -1,0 +1,96 @@
+"""Failing clients in the in-process engine (as on Flower): a client that raises, returns non-finite or
+wrongly shaped tensors, or sends deltas it was not sent is left out of that round's aggregation and
+recorded in results.json (client, reason, in its round's entry); fewer than federation.min_clients
+updates stop the run with a message naming every failure; updates beyond federation.max_update_norm
+are clipped or rejected."""
+
+
+import pytest
+import torch
+
+from tiny_experiment import tiny_overrides
+from ubsmoe.cli import main
+from ubsmoe.config import load_config
+from ubsmoe.engine.client import run_client
+from ubsmoe.engine.simulation import Server, build_experiment, run_experiment
+from ubsmoe.metrics.flops import FlopCounter
+
+THREE = {"federation.num_clients": 3, "federation.budgets": "0.5,1.0,1.0", "threads": 1}
+
+
+def faulty_client(config, faults: dict[tuple[int, int], str]):
+    """A client_fn that runs the real client and then breaks the update of (round, client) as ``faults`` says."""
+    exp = build_experiment(config)
+    runtime = exp.client_runtime(FlopCounter(exp.model))
+
+    def client_fn(instruction, progress):
+        fault = faults.get((instruction.round, instruction.client.client_id))
+        if fault == "raise":
+            raise RuntimeError("the device fell off the network")
+        update = run_client(runtime, instruction, progress)
+        name = next(iter(update.delta))
+        if fault == "nan":
+            update.delta[name] = torch.full_like(update.delta[name], float("nan"))
+        elif fault == "shape":
+            update.delta[name] = update.delta[name].reshape(-1)[:-1]
+        elif fault == "foreign":
+            update.delta["not.a.tensor"] = torch.zeros(2)
+        elif fault == "huge":
+            update.delta = {n: d * 1e6 for n, d in update.delta.items()}
+        return update
+    return client_fn
+
+
+def test_failing_clients_are_left_out_and_recorded(tiny_bert, tiny_task):
+    config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **THREE, **{"federation.rounds": 2}))
+    faults = {(1, 0): "raise", (1, 2): "nan", (2, 1): "shape", (2, 2): "foreign"}
+
+    results = run_experiment(config, show_progress=False, client_fn=faulty_client(config, faults))
+
+    first, second = results["history"]
+    assert [c["id"] for c in first["clients"]] == [1] and [c["id"] for c in second["clients"]] == [0]
+    assert [(f["client_id"], f["reason"]) for f in first["failed_clients"]] == [
+        (0, "RuntimeError: the device fell off the network"), (2, "the update holds NaN or infinite values")]
+    reasons = [f["reason"] for f in second["failed_clients"]]
+    assert [f["client_id"] for f in second["failed_clients"]] == [1, 2]
+    assert reasons[0].endswith("expected " + reasons[0].split("expected ")[1]) and "has shape" in reasons[0]
+    assert reasons[1] == "the update holds 'not.a.tensor', which the client was not sent"
+    assert all(v == v for v in results["final"]["tier_loss"].values())  # no NaN reached the model
+
+
+def test_too_few_updates_stop_the_run_naming_every_failure(tiny_bert, tiny_task):
+    config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **THREE, **{"federation.min_clients": 2}))
+    with pytest.raises(RuntimeError, match=r"round 1: 1 of the sampled clients .*min_clients=2 .*client 0: "
+                                           r"RuntimeError: the device fell off.*client 2: the update holds NaN"):
+        run_experiment(config, show_progress=False, client_fn=faulty_client(config, {(1, 0): "raise", (1, 2): "nan"}))
+
+
+@pytest.mark.parametrize("policy", ["clip", "reject"])
+def test_updates_beyond_the_norm_bound_are_clipped_or_rejected(tiny_bert, tiny_task, policy):
+    config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **THREE, **{
+        "federation.max_update_norm": 0.5, "federation.update_norm_policy": policy}))
+    server = Server(config)
+    runtime = server.exp.client_runtime(None)
+    instruction = server.instruction(server.exp.clients[0], 1)
+    update = run_client(runtime, instruction)
+    update.delta = {n: d * 1e3 for n, d in update.delta.items()}
+    original = {n: d.clone() for n, d in update.delta.items()}
+
+    admitted = server.admit(instruction, update)
+
+    if policy == "reject":
+        assert admitted.reason.startswith("the update's norm") and "max_update_norm=0.5" in admitted.reason
+    else:
+        norm = torch.linalg.vector_norm(torch.cat([d.double().reshape(-1) for d in admitted.delta.values()]))
+        assert float(norm) == pytest.approx(0.5, rel=1e-5)
+        name = next(iter(original))
+        ratio = (admitted.delta[name].double().norm() / original[name].double().norm()).item()
+        assert all((admitted.delta[n].double().norm() / original[n].double().norm()).item() == pytest.approx(ratio)
+                   for n in original if original[n].norm() > 0)
+
+
+def test_a_bad_norm_policy_is_a_user_error(tiny_bert, tiny_task, tmp_path, capsys):
+    assert main(["run", "--quiet", "--out", str(tmp_path / "x")] + tiny_overrides(tiny_bert, tiny_task)
+                + ["federation.update_norm_policy=drop"]) == 2
+    assert "federation.update_norm_policy must be clip or reject" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "results.json").exists()
