@@ -70,10 +70,17 @@ def ray_processes_end(within_s: float) -> bool:
     return False
 
 
-def reply(node: int, content=None, error: str | None = None):
-    """What the strategy reads of a Flower reply."""
-    return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: error is not None,
-                           error=SimpleNamespace(reason=error), content=content)
+def reply(to: str, content=None, error: str | None = None, node: int = 1):
+    """What the strategy reads of a Flower reply to the message with id ``to`` (node 1: the SuperLink
+    answers for a node gone offline)."""
+    return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node, reply_to_message_id=to),
+                           has_error=lambda: error is not None, error=SimpleNamespace(reason=error), content=content)
+
+
+def sent(instructions) -> list:
+    """The strategy's outgoing messages as the grid leaves them: ids m0, m1, ... set when pushed."""
+    return [(SimpleNamespace(metadata=SimpleNamespace(message_id=f"m{i}")), instruction)
+            for i, instruction in enumerate(instructions)]
 
 
 def test_strategy_drops_failed_replies_and_needs_min_clients(tiny_bert, tiny_task):
@@ -83,7 +90,7 @@ def test_strategy_drops_failed_replies_and_needs_min_clients(tiny_bert, tiny_tas
     strategy = MethodStrategy(server)
     strategy.node_of = {0: 100, 1: 101, 2: 102}
     instructions = [server.instruction(client, 1) for client in server.exp.clients]
-    strategy.sent = {100 + i: instruction for i, instruction in enumerate(instructions)}
+    strategy.outgoing = sent(instructions)
     runtime = server.exp.client_runtime(server.flop_counter)
     good = run_client(runtime, read_instruction(instruction_content(instructions[0], config))[0])
     poisoned = run_client(runtime, instructions[1])
@@ -91,9 +98,10 @@ def test_strategy_drops_failed_replies_and_needs_min_clients(tiny_bert, tiny_tas
     poisoned.delta[name] = poisoned.delta[name].clone().fill_(float("nan"))
     before = {n: v.clone() for n, v in server.state.params.items()}
 
-    arrays, metrics = strategy.aggregate_train(1, [reply(100, update_content(good)),
-                                                   reply(101, update_content(poisoned)),
-                                                   reply(102, error="CUDA out of memory")])
+    arrays, metrics = strategy.aggregate_train(1, [reply("m0", update_content(good), node=100),
+                                                   reply("m1", update_content(poisoned), node=101),
+                                                   reply("m7", error="a reply to another round's message"),
+                                                   reply("m2", error="CUDA out of memory")])
     entry = server.evaluate(1)
 
     assert [(f["client_id"], f["reason"]) for f in entry["failed_clients"]] == [
@@ -107,9 +115,9 @@ def test_strategy_drops_failed_replies_and_needs_min_clients(tiny_bert, tiny_tas
     strict = Server(load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **{
         "federation.num_clients": 3, "federation.budgets": "0.5,1.0,1.0", "federation.min_clients": 2})))
     strategy = MethodStrategy(strict)
-    strategy.sent = {100 + i: strict.instruction(client, 1) for i, client in enumerate(strict.exp.clients)}
-    with pytest.raises(RuntimeError, match=r"1 of the sampled clients returned an update, fewer than federation.min_clients=2 .*client 2: no reply"):
-        strategy.aggregate_train(1, [reply(100, update_content(good)), reply(101, error="killed")])
+    strategy.outgoing = sent([strict.instruction(client, 1) for client in strict.exp.clients])
+    with pytest.raises(RuntimeError, match=r"1 of the sampled clients returned an update, fewer than federation.min_clients=2 .*client 1: node offline.*client 2: no reply"):
+        strategy.aggregate_train(1, [reply("m0", update_content(good)), reply("m1", error="node offline")])
 
 
 def test_flower_engine_without_flower_installed_is_a_user_error(tiny_bert, tiny_task, tmp_path, monkeypatch, capsys):

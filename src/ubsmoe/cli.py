@@ -94,16 +94,17 @@ def _flower_run(args) -> int:
     _flower_simulation()  # the same packages
     from ubsmoe.engine.flower.deployment import run_deployment
     from ubsmoe.engine.simulation import validate
-    from ubsmoe.report.summary import check_output_folder
 
     config = load_config(args.config, args.overrides)
     validate(config)  # before anything is sent: a bad value loses nothing
     out = Path(args.out)
-    check_output_folder(out, force=args.force)
+    if not out.is_absolute():
+        raise ConfigError(f"--out {out} must be an absolute path: the server writes it on the SuperLink's machine")
     run_deployment(args.superlink, out, args.config, args.overrides,
                    Path(args.root_certificates) if args.root_certificates else None, args.insecure, args.force,
                    args.round_timeout, args.node_wait)
-    print(f"results: {out / 'results.json'}")
+    where = "" if (out / "results.json").is_file() else " (on the SuperLink's machine; the server's log above says how it went)"
+    print(f"results: {out / 'results.json'}{where}")
     return 0
 
 
@@ -235,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     flower_run.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink (its --port, 8000 by default)")
     flower_run.add_argument("--root-certificates", help="the CA certificate the SuperLink's certificate is signed by")
     flower_run.add_argument("--insecure", action="store_true", help="no TLS (only for a SuperLink started with --insecure)")
-    flower_run.add_argument("--out", required=True, help="results folder, written by the server")
+    flower_run.add_argument("--out", required=True, help="results folder (absolute path on the SuperLink's machine)")
     flower_run.add_argument("--config", help="TOML config file (on the SuperLink's machine)")
     flower_run.add_argument("--force", action="store_true", help="replace a finished run in --out")
     flower_run.add_argument("--round-timeout", type=float, default=86400.0,

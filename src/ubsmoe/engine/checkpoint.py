@@ -59,11 +59,7 @@ def write_checkpoint(folder: Path, checkpoint: Checkpoint) -> Path:
     os.replace(temporary, path)
     for stale in folder.glob(f".{CHECKPOINT}.*.partial"):  # left by a process killed while writing
         stale.unlink(missing_ok=True)
-    directory = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    _fsync_folder(folder)
     return path
 
 
@@ -75,6 +71,16 @@ def write_atomically(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable."""
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def read_checkpoint(folder: Path) -> Checkpoint:

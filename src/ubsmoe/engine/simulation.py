@@ -95,6 +95,8 @@ def validate(config: ExperimentConfig) -> None:
          "federation.dirichlet_alpha must be > 0"),
         (0 < config.federation.fraction_fit <= 1, "federation.fraction_fit must be in (0, 1]"),
         (config.federation.min_clients >= 1, "federation.min_clients must be >= 1"),
+        (config.federation.min_clients <= max(1, round(config.federation.fraction_fit * config.federation.num_clients)),
+         "federation.min_clients exceeds the clients sampled per round (fraction_fit x num_clients)"),
         (config.federation.checkpoint_every >= 0, "federation.checkpoint_every must be >= 0 (0: never)"),
         (config.federation.max_update_norm >= 0, "federation.max_update_norm must be >= 0 (0: no bound)"),
         (config.federation.update_norm_policy in ("clip", "reject"), "federation.update_norm_policy must be clip or reject"),
@@ -214,6 +216,19 @@ class Server:
                 return ClientFailure(client, f"the update holds {name!r}, which the client was not sent")
             if delta.shape != sent.shape:
                 return ClientFailure(client, f"{name!r} has shape {tuple(delta.shape)}, expected {tuple(sent.shape)}")
+        for name, value in update.tensors.items():  # extras named after a sent tensor (trained factors) keep its shape
+            if name in instruction.params and value.shape != instruction.params[name].shape:
+                return ClientFailure(client, f"{name!r} has shape {tuple(value.shape)}, "
+                                             f"expected {tuple(instruction.params[name].shape)}")
+        missing = sorted(set(instruction.params) - set(update.delta) - set(update.tensors))
+        if missing:
+            return ClientFailure(client, f"the update lacks {', '.join(map(repr, missing[:3]))}"
+                                         + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+        if self.model.num_experts > 1:
+            layers, experts = len(self.model.moe_layers), self.model.num_experts
+            if (update.routing is None or update.routing.routed.shape != (layers, experts)
+                    or update.routing.tokens.shape != (layers,)):
+                return ClientFailure(client, f"the update lacks routing counts of shape ({layers}, {experts}) and ({layers},)")
         if not all(bool(torch.isfinite(t).all()) for t in flat_tensors(update).values() if t.is_floating_point()):
             return ClientFailure(client, "the update holds NaN or infinite values")
         bound = self.config.federation.max_update_norm

@@ -111,8 +111,9 @@ class HetLoRA(HeterogeneousRankMethod):
             params[adapter.b] = sum(w / total * b for w, (_, b) in zip(weights, padded))
         scalars = dict(state.scalars)
         for u in updates:
-            if "next_rank" in u.scalars:
-                scalars[f"rank/{u.client.client_id}"] = int(u.scalars["next_rank"])
+            if "next_rank" in u.scalars:  # a rank only shrinks, and stays >= 1
+                current = self.client_settings(state, u.client).rank
+                scalars[f"rank/{u.client.client_id}"] = max(1, min(int(u.scalars["next_rank"]), current))
         return ServerState(params, dict(state.tensors), scalars)
 
     def round_report(self, state: ServerState) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 from pathlib import Path
 
 from cryptography import x509
@@ -58,6 +59,8 @@ def write_certificates(folder: Path, hosts: list[str], days: int = 365) -> dict[
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["certificate"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     for which, private in (("key", key), ("ca_key", ca_key)):
-        paths[which].touch(mode=0o600)
-        paths[which].write_bytes(_pem_key(private))
+        paths[which].unlink(missing_ok=True)  # a new file, so that its mode is the owner's only
+        descriptor = os.open(paths[which], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(_pem_key(private))
     return paths

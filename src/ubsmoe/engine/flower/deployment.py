@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -65,7 +66,7 @@ def run_deployment(superlink: str, out: Path, config_path: str | None, overrides
                    root_certificates: Path | None, insecure: bool, force: bool = False,
                    round_timeout_s: float = 86400.0, node_wait_s: float = 300.0) -> None:
     """Submit the run to the SuperLink at ``superlink`` (HOST:PORT) and wait for it to end; the server
-    writes ``out/results.json``."""
+    writes ``out/results.json`` on its machine (``out`` is a path there)."""
     if insecure == (root_certificates is not None):
         raise ConfigError("give either --root-certificates CA.crt (TLS, the SuperLink's CA) or --insecure")
     if root_certificates is not None and not root_certificates.is_file():
@@ -73,8 +74,8 @@ def run_deployment(superlink: str, out: Path, config_path: str | None, overrides
     flwr = Path(sys.executable).parent / "flwr"
     run_config = " ".join([
         f"config={_toml_string(str(Path(config_path).resolve()) if config_path else '')}",
-        f"overrides={_toml_string(' '.join(overrides))}",
-        f"out={_toml_string(str(out.resolve()))}",
+        f"overrides={_toml_string(shlex.join(overrides))}",
+        f"out={_toml_string(str(out))}",
         f"force={'true' if force else 'false'}",
         f"node-wait-s={float(node_wait_s)}",
         f"round-timeout-s={float(round_timeout_s)}",
@@ -91,5 +92,3 @@ def run_deployment(superlink: str, out: Path, config_path: str | None, overrides
                                   env=env, check=False)
     if finished.returncode != 0:
         raise RuntimeError(f"flwr run ended with exit code {finished.returncode} (its log is above)")
-    if not (out / "results.json").is_file():
-        raise RuntimeError(f"the run ended without {out / 'results.json'}: the server's log above says why")

@@ -33,7 +33,8 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(str(settings.get("out", "runs/flower")))
     check_output_folder(out, force=bool(settings.get("force", False)))
     server = Server(config)
-    strategy = MethodStrategy(server, node_wait_s=float(settings.get("node-wait-s", 300)))
+    timeout = float(settings.get("round-timeout-s", 24 * 3600))
+    strategy = MethodStrategy(server, node_wait_s=float(settings.get("node-wait-s", 300)), round_timeout_s=timeout)
     strategy.start(grid, global_arrays(server.state.params), num_rounds=config.federation.rounds,
-                   timeout=float(settings.get("round-timeout-s", 24 * 3600)), evaluate_fn=strategy.evaluate)
+                   timeout=timeout, evaluate_fn=strategy.evaluate)
     write_results(server.results() | {"engine": "flower"}, out)

@@ -29,7 +29,7 @@ def run_flower_simulation(config: ExperimentConfig, show_progress: bool = True, 
     server = Server(config)
     bar = tqdm(total=config.federation.rounds, desc=f"{server.method.name} rounds (flower-sim)", unit="round",
                disable=not show_progress)
-    strategy = MethodStrategy(server, progress=bar)
+    strategy = MethodStrategy(server, progress=bar, round_timeout_s=timeout_s)
     app = ServerApp()
 
     @app.main()

@@ -10,10 +10,11 @@ see ``Server.admit``), are dropped and recorded in the round's ``failed_clients`
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -22,16 +23,19 @@ from ubsmoe.engine.flower.messages import global_arrays, instruction_content, re
 from ubsmoe.engine.simulation import ClientFailure, Server
 from ubsmoe.methods.records import TrainInstruction
 
+log = logging.getLogger(__name__)
+
 
 class MethodStrategy(Strategy):
     """Configuration, aggregation and evaluation delegated to the registered ubsmoe method."""
 
-    def __init__(self, server: Server, node_wait_s: float = 120.0, progress=None):
+    def __init__(self, server: Server, node_wait_s: float = 120.0, progress=None, round_timeout_s: float = DEFAULT_TTL):
         self.server = server
         self.node_wait_s = node_wait_s
         self.progress = progress  # a tqdm bar over the rounds, or None
+        self.ttl = max(float(DEFAULT_TTL), round_timeout_s + 60.0)  # a message outlives the round's wait
         self.node_of: dict[int, int] = {}  # client (partition) id -> node id
-        self.sent: dict[int, TrainInstruction] = {}  # node id -> the instruction it got, this round
+        self.outgoing: list[tuple[Message, TrainInstruction]] = []  # this round's messages (ids set when pushed)
 
     def summary(self) -> None:
         """Flower's log line about the strategy (our runs log through results.json instead)."""
@@ -67,29 +71,35 @@ class MethodStrategy(Strategy):
                         ) -> Iterable[Message]:
         if not self.node_of:
             self._map_nodes(grid)
-        self.sent = {}
-        messages = []
+        self.outgoing = []
         for client in self.server.sample(server_round):
-            node = self.node_of[client.client_id]
             instruction = self.server.instruction(client, server_round)
-            messages.append(Message(instruction_content(instruction, self.server.config), dst_node_id=node,
-                                    message_type=MessageType.TRAIN, group_id=str(server_round)))
-            self.sent[node] = instruction
-        return messages
+            message = Message(instruction_content(instruction, self.server.config), dst_node_id=self.node_of[client.client_id],
+                              message_type=MessageType.TRAIN, group_id=str(server_round), ttl=self.ttl)
+            self.outgoing.append((message, instruction))
+        return [message for message, _ in self.outgoing]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        # A reply names the message it answers; the SuperLink itself answers for a node gone offline.
+        by_id = {message.metadata.message_id: instruction for message, instruction in self.outgoing}
         updates, failures, answered = [], [], set()
         for reply in replies:
-            instruction = self.sent[reply.metadata.src_node_id]
+            instruction = by_id.get(reply.metadata.reply_to_message_id)
+            if instruction is None or instruction.client.client_id in answered:
+                log.warning("round %d: a reply to no message of this round was ignored", server_round)
+                continue
             client_id = instruction.client.client_id
             answered.add(client_id)
             if reply.has_error():
                 failures.append(ClientFailure(client_id, str(reply.error.reason)))
                 continue
-            answer = self.server.admit(instruction, read_update(reply.content))
+            try:
+                answer = self.server.admit(instruction, read_update(reply.content))
+            except (KeyError, ValueError, TypeError) as error:  # a reply that is not a ClientUpdate
+                answer = ClientFailure(client_id, f"an unreadable update ({type(error).__name__}: {error})")
             (failures if isinstance(answer, ClientFailure) else updates).append(answer)
-        sent = {i.client.client_id for i in self.sent.values()}
+        sent = {instruction.client.client_id for _, instruction in self.outgoing}
         failures += [ClientFailure(c, "no reply before the timeout") for c in sorted(sent - answered)]
         self.server.aggregate(server_round, updates, sorted(failures))
         return global_arrays(self.server.state.params), MetricRecord({"updates": len(updates),
