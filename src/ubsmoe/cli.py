@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -108,6 +109,53 @@ def _flower_run(args) -> int:
     return 0
 
 
+def _predict(args) -> int:
+    from ubsmoe.data.text_files import read_records
+    from ubsmoe.engine.saved_model import load_model
+
+    source = Path(args.input)
+    if not source.is_file():
+        raise ConfigError(f"--input {source} does not exist")
+    if source.suffix.lower() == ".txt":
+        records = [{"text": line} for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        records = read_records(source)
+        if records and "text" not in records[0]:
+            raise ConfigError(f"{source} has no column 'text'; its columns are {sorted(records[0])}")
+    if not records:
+        raise ConfigError(f"--input {source} holds no texts")
+    output = Path(args.output)
+    if output.is_dir():
+        raise ConfigError(f"--output {output} is a folder: give a file (JSONL)")
+    loaded = load_model(Path(args.run))
+    loaded.setup_tier(args.tier)
+    predictions = loaded.exp.task.predict(loaded.exp.model, records, loaded.card["label_names"], args.batch_size)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text("".join(json.dumps(p) + "\n" for p in predictions), encoding="utf-8")
+    print(f"{len(predictions)} predictions of tier {args.tier:g}: {output}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from ubsmoe.engine.evaluation import evaluate
+    from ubsmoe.engine.saved_model import load_model
+
+    loaded = load_model(Path(args.run))
+    data = loaded.exp.task.labelled(Path(args.data), loaded.card["label_names"])
+    tiers = [args.tier] if args.tier is not None else loaded.exp.tiers
+    scores = {}
+    for budget in tiers:
+        loaded.setup_tier(budget)
+        scores[str(budget)] = {k: v for k, v in evaluate(loaded.exp.model, loaded.exp.task, data, args.batch_size).items()
+                               if k in ("accuracy", "loss", "details")}
+    print("| tier | accuracy | loss |\n|---|---|---|")
+    for budget, result in scores.items():
+        print(f"| beta={budget} | {result['accuracy']:.4f} | {result['loss']:.4f} |")
+    if args.output:
+        Path(args.output).write_text(json.dumps({"data": str(args.data), "tiers": scores}, indent=1))
+    return 0
+
+
 def _compare(args) -> int:
     from ubsmoe.report.compare import run_comparison
     from ubsmoe.report.variants import parse_variants
@@ -203,6 +251,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--help-config", action="store_true", help="list every config key with default and help")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. federation.rounds=3 model.lora_rank=4")
     run.set_defaults(func=_run)
+
+    predict = sub.add_parser("predict", help="predict with the model a run saved (OUT/model), as a client of one tier")
+    predict.add_argument("--run", required=True, help="the run's --out folder")
+    predict.add_argument("--tier", type=float, required=True, help="the budget tier whose model predicts, e.g. 0.25")
+    predict.add_argument("--input", required=True, help="texts: a .txt file (one per line) or CSV/TSV/JSONL with a 'text' column")
+    predict.add_argument("--output", required=True, help="predictions, one JSON object per line")
+    predict.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
+    predict.set_defaults(func=_predict)
+
+    evaluate = sub.add_parser("evaluate", help="score the model a run saved on a labelled file, per tier")
+    evaluate.add_argument("--run", required=True, help="the run's --out folder")
+    evaluate.add_argument("--data", required=True, help="a labelled CSV/TSV/JSONL file (the run's text and label columns)")
+    evaluate.add_argument("--tier", type=float, help="one tier only (default: every tier of the run)")
+    evaluate.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
+    evaluate.add_argument("--output", help="write the scores as JSON here too")
+    evaluate.set_defaults(func=_evaluate)
 
     compare = sub.add_parser("compare", help="run several methods over seeds and write a comparison report",
                              description="Run every method with the same config and seeds (finished runs in OUT are "

@@ -26,6 +26,7 @@ from ubsmoe.engine.checkpoint import Checkpoint, CheckpointError, fault_point, w
 from ubsmoe.engine.client import ClientRuntime, run_client
 from ubsmoe.engine.clients import make_clients, sample_clients, tiers
 from ubsmoe.engine.evaluation import evaluate_tiers
+from ubsmoe.engine.saved_model import save_model
 from ubsmoe.engine.local_training import local_steps
 from ubsmoe.metrics.balance import experts_without_update, load_balance
 from ubsmoe.metrics.flops import FlopCounter
@@ -163,10 +164,10 @@ class Server:
     instructions, aggregation, per-tier evaluation and the history. The in-process engine
     (``run_experiment``) and the Flower strategy drive the same object."""
 
-    def __init__(self, config: ExperimentConfig):
+    def __init__(self, config: ExperimentConfig, upcycle_cache: Path | None = None):
         self.started = time.perf_counter()
         self.config = config
-        self.exp = build_experiment(config)
+        self.exp = build_experiment(config, upcycle_cache=upcycle_cache)
         self.method, self.model = self.exp.method, self.exp.model
         self.state = self.method.initial_state(self.model)
         self.flop_counter = FlopCounter(self.model)
@@ -303,9 +304,10 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True, client_
     ``client_fn(instruction, progress)`` runs a client's round; by default ``run_client`` on this
     process's model. Another transport (a client in another process, records serialised) plugs in here.
     With ``out``, a checkpoint and the history so far are written there after every
-    ``federation.checkpoint_every`` rounds and after the last; ``resume`` continues from one.
+    ``federation.checkpoint_every`` rounds and after the last, and the final model into ``out/model``
+    (``engine.saved_model``); ``resume`` continues from a checkpoint.
     """
-    server = Server(config)
+    server = Server(config, upcycle_cache=None if out is None else out / "model")  # the saved model's upcycled parts
     first = 1
     if resume is not None:
         first = server.restore(resume)
@@ -344,6 +346,8 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True, client_
             write_checkpoint(out, server.checkpoint(round_index))
             write_atomically(out / "history.json", json.dumps(server.history, indent=1))
         rounds.set_postfix(avg_acc=f"{entry['average_accuracy']:.3f}")
+    if out is not None:
+        save_model(out / "model", server)
     return server.results() | {"engine": "inprocess"}
 
 

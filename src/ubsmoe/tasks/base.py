@@ -9,12 +9,13 @@ layers and trainable state. A new task is one file that subclasses ``Task`` and 
 from __future__ import annotations
 
 from collections.abc import Sized
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
 import torch
 
-from ubsmoe.config import ExperimentConfig, UnknownNameError
+from ubsmoe.config import ConfigError, ExperimentConfig, UnknownNameError
 from ubsmoe.data.dataset import Batch, TokenizedDataset
 from ubsmoe.model import HeadFactory, MoEModel
 
@@ -79,6 +80,14 @@ class Task:
                  observe: ForwardObserver | None = None) -> Evaluation:
         """Scores of ``model`` as it is configured now (eval mode, no gradients) on ``data`` (``TaskData.test``)."""
         raise NotImplementedError
+
+    def predict(self, model: MoEModel, records: list[dict], key_names: list[str], batch_size: int) -> list[dict]:
+        """One JSON-ready prediction per input record (``{"text": ...}``), with the model as configured now."""
+        raise ConfigError(f"ubsmoe predict does not support the {self.name} task yet")
+
+    def labelled(self, path: Path, key_names: list[str]) -> Sized:
+        """A labelled file as ``evaluate`` reads it, labels numbered as in training (``key_names``)."""
+        raise ConfigError(f"ubsmoe evaluate does not support the {self.name} task yet")
 
 
 REGISTRY: dict[str, type[Task]] = {}

@@ -7,6 +7,8 @@ tokens, decoders the last real token.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,3 +84,29 @@ class Classification(Task):
             if observe is not None:
                 observe(attention_mask)
         return Evaluation(accuracy=correct / len(data), loss=loss_sum / len(data))
+
+    @torch.inference_mode()
+    def predict(self, model: MoEModel, records: list[dict], key_names: list[str], batch_size: int) -> list[dict]:
+        """The likeliest label and every label's probability, per text."""
+        from ubsmoe.model import load_tokenizer
+
+        tokenizer = load_tokenizer(self.config.model.backbone)
+        tokenizer.padding_side = "right"
+        texts = [str(r["text"]) for r in records]
+        out = []
+        for start in range(0, len(texts), batch_size):
+            encoded = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
+                                max_length=self.config.model.max_length, return_tensors="pt")
+            probs = torch.softmax(model(encoded["input_ids"], encoded["attention_mask"]).float(), -1)
+            for text, row in zip(texts[start:start + batch_size], probs):
+                out.append({"text": text, "label": key_names[int(row.argmax())],
+                            "probabilities": {name: float(p) for name, p in zip(key_names, row)}})
+        return out
+
+    def labelled(self, path: Path, key_names: list[str]) -> TokenizedDataset:
+        from ubsmoe.data.text_files import load_text_file
+        from ubsmoe.model import load_tokenizer
+
+        data = self.config.data
+        dataset = load_text_file(path, data.text_column, data.label_column, label_names=key_names, header=data.header)
+        return tokenize(dataset, load_tokenizer(self.config.model.backbone), self.config.model.max_length)

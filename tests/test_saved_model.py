@@ -1,0 +1,69 @@
+"""The model a run saves (OUT/model): ``ubsmoe predict`` and ``ubsmoe evaluate`` rebuild it without
+upcycling again, give each tier's model exactly (the same scores as the run's last round), refuse a
+tier the run does not have, and report a damaged or missing model as a user error."""
+
+import json
+
+import pytest
+
+from tiny_experiment import TOPICS, tiny_overrides
+from ubsmoe.cli import main
+
+import ubsmoe.model.moe_model as moe_model
+
+
+@pytest.fixture(scope="module", params=["smoe", "flora"])  # flora: the merged base rebuilt from the state
+def finished(request, tiny_bert, tiny_task, tmp_path_factory):
+    out = tmp_path_factory.mktemp("saved") / "run"
+    assert main(["run", "--quiet", "--method", request.param, "--out", str(out)]
+                + tiny_overrides(tiny_bert, tiny_task)) == 0
+    return out
+
+
+def test_the_saved_model_gives_every_tiers_last_scores_without_upcycling(finished, tiny_task, tmp_path, monkeypatch):
+    from ubsmoe.engine.evaluation import evaluate
+    from ubsmoe.engine.saved_model import load_model
+
+    results = json.loads((finished / "results.json").read_text())
+    monkeypatch.setattr(moe_model, "split_ffn", lambda *a, **k: pytest.fail("upcycled again"))
+    loaded = load_model(finished)
+
+    for tier in loaded.exp.tiers:  # the run's own test split, each tier's model rebuilt from the saved state
+        loaded.setup_tier(tier)
+        scores = evaluate(loaded.exp.model, loaded.exp.task, loaded.exp.test, 64)
+        assert scores["accuracy"] == results["final"]["tier_accuracy"][str(tier)]
+        assert scores["loss"] == results["final"]["tier_loss"][str(tier)]
+
+    assert main(["evaluate", "--run", str(finished), "--data", str(tiny_task), "--output", str(tmp_path / "s.json")]) == 0
+    scores = json.loads((tmp_path / "s.json").read_text())["tiers"]
+    assert set(scores) == set(results["final"]["tier_accuracy"])
+    assert all(0 <= score["accuracy"] <= 1 for score in scores.values())
+
+
+def test_predict_writes_a_label_and_probabilities_per_text(finished, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(["film music award star", "bank rates market profit", "game match team goal"]))
+    output = tmp_path / "predictions.jsonl"
+
+    assert main(["predict", "--run", str(finished), "--tier", "0.5", "--input", str(texts), "--output", str(output)]) == 0
+
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["text"] for r in rows] == texts.read_text().splitlines()
+    for row in rows:
+        assert set(row["probabilities"]) == set(TOPICS) and row["label"] in TOPICS
+        assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert row["label"] == max(row["probabilities"], key=row["probabilities"].get)
+
+
+def test_predict_and_evaluate_refuse_bad_input(finished, tmp_path, capsys):
+    texts = tmp_path / "t.txt"
+    texts.write_text("bank rates\n")
+    assert main(["predict", "--run", str(finished), "--tier", "0.3", "--input", str(texts), "--output",
+                 str(tmp_path / "p.jsonl")]) == 2
+    assert "--tier 0.3 is not a tier of this run; its tiers are 0.5, 1" in capsys.readouterr().err
+    assert main(["predict", "--run", str(tmp_path), "--tier", "0.5", "--input", str(texts), "--output",
+                 str(tmp_path / "p.jsonl")]) == 2
+    assert "holds no saved model" in capsys.readouterr().err
+    (finished / "model" / "state.safetensors").write_bytes(b"\x00" * 16)
+    assert main(["evaluate", "--run", str(finished), "--data", str(texts)]) == 2
+    assert "is damaged" in capsys.readouterr().err
