@@ -64,7 +64,7 @@ def ray_processes_end(within_s: float) -> bool:
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         if not [line for line in os.popen("ps -eo args").read().splitlines()
-                if line.startswith(("ray::", "/work")) and ("raylet" in line or "gcs_server" in line or "ray::" in line)]:
+                if line.startswith("ray::") or "/raylet" in line or "gcs_server" in line]:
             return True
         time.sleep(0.5)
     return False

@@ -16,8 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.torch import load as load_tensors
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 
 from ubsmoe.config import ConfigError
@@ -43,24 +42,40 @@ class Checkpoint:
 
 def write_checkpoint(folder: Path, checkpoint: Checkpoint) -> Path:
     """``folder/checkpoint.safetensors``: temporary file, fsync, rename, fsync of the folder."""
-    tensors = {name: value.detach().contiguous().clone() for name, value in flat_tensors(checkpoint.state).items()}
     meta = {"format": FORMAT, "round": checkpoint.round, "scalars": flat_scalars(checkpoint.state),
             "history": checkpoint.history, "round0": checkpoint.round0, "config": checkpoint.config,
             "runtime_s": checkpoint.runtime_s}
+    return write_state(folder / CHECKPOINT, checkpoint.state, meta, fault_round=checkpoint.round)
+
+
+def write_state(path: Path, state: ServerState, meta: dict, fault_round: int | None = None) -> Path:
+    """The state's tensors (flat names) with ``meta`` as JSON in the safetensors metadata, written whole or
+    not at all (temporary file, fsync, rename, fsync of the folder)."""
+    tensors = {name: value.detach().contiguous().clone() for name, value in flat_tensors(state).items()}
     data = save_tensors(tensors, metadata={"ubsmoe": json.dumps(meta)})
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / CHECKPOINT
-    temporary = folder / f".{CHECKPOINT}.{os.getpid()}.partial"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".{path.name}.{os.getpid()}.partial"
     with temporary.open("wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-    fault_point("checkpoint", checkpoint.round)
+    if fault_round is not None:
+        fault_point("checkpoint", fault_round)
     os.replace(temporary, path)
-    for stale in folder.glob(f".{CHECKPOINT}.*.partial"):  # left by a process killed while writing
+    for stale in path.parent.glob(f".{path.name}.*.partial"):  # left by a process killed while writing
         stale.unlink(missing_ok=True)
-    _fsync_folder(folder)
+    _fsync_folder(path.parent)
     return path
+
+
+def read_state(path: Path) -> tuple[ServerState, dict]:
+    """(the state, its metadata) from a file ``write_state`` wrote; ``ValueError``-family errors if damaged."""
+    with safe_open(path, "pt") as handle:
+        meta = json.loads((handle.metadata() or {})["ubsmoe"])
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT}")
+    return state_from_flat(tensors, meta["scalars"]), meta
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -89,14 +104,9 @@ def read_checkpoint(folder: Path) -> Checkpoint:
     if not path.is_file():
         raise CheckpointError(f"{folder} holds no checkpoint ({CHECKPOINT}): nothing to resume")
     try:
-        data = path.read_bytes()
-        tensors = load_tensors(data)
-        header_length = int.from_bytes(data[:8], "little")
-        meta = json.loads(json.loads(data[8:8 + header_length])["__metadata__"]["ubsmoe"])
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT}")
-        return Checkpoint(int(meta["round"]), state_from_flat(tensors, meta["scalars"]), meta["history"], meta["round0"],
-                          meta["config"], float(meta["runtime_s"]))
+        state, meta = read_state(path)
+        return Checkpoint(int(meta["round"]), state, meta["history"], meta["round0"], meta["config"],
+                          float(meta["runtime_s"]))
     except (SafetensorError, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path} is damaged ({error}): delete it, or run with --force to start over") from None
 

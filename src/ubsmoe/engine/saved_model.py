@@ -19,37 +19,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import SafetensorError
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 
 from ubsmoe.config import ConfigError, config_from_dict
-from ubsmoe.methods.records import ServerState, flat_scalars, flat_tensors, state_from_flat
+from ubsmoe.engine.checkpoint import FORMAT, read_state, write_atomically, write_state
+from ubsmoe.methods.records import ServerState, flat_scalars
+from ubsmoe.model.backbones import backbone_identity
 
-FORMAT = 1
 STATE, CARD = "state.safetensors", "model.json"
-
-
-def backbone_identity(backbone: str) -> dict:
-    """The backbone's name and its files (name -> [size, modification time in ns])."""
-    from ubsmoe.model.backbones import resolve_backbone
-
-    source = resolve_backbone(backbone)
-    files = [source.folder / source.gguf_file] if source.gguf_file else sorted(source.folder.iterdir())
-    return {"name": backbone, "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.is_file()}}
 
 
 def save_model(folder: Path, server) -> Path:
     """Write the server's final model into ``folder`` (the upcycled parts are already there when the run
     was built with ``upcycle_cache=folder``)."""
-    from ubsmoe.engine.checkpoint import write_atomically
-
-    folder.mkdir(parents=True, exist_ok=True)
     state, method, exp = server.state, server.method, server.exp
-    tensors = {n: v.detach().contiguous().clone() for n, v in flat_tensors(state).items()}
-    data = save_tensors(tensors, metadata={"scalars": json.dumps(flat_scalars(state))})
-    temporary = folder / f".{STATE}.partial"
-    temporary.write_bytes(data)
-    temporary.replace(folder / STATE)
+    write_state(folder / STATE, state, {"format": FORMAT, "scalars": flat_scalars(state)})
     card = {"format": FORMAT, "method": method.name, "task": exp.task.name, "label_names": exp.data.key_names,
             "tiers": {str(b): method.eval_settings(state, b).to_scalars() for b in exp.tiers},
             "backbone": backbone_identity(server.config.model.backbone), "config": server.config.to_dict()}
@@ -89,9 +72,7 @@ def load_model(run: Path) -> LoadedModel:
         card = json.loads((folder / CARD).read_text())
         if card.get("format") != FORMAT:
             raise ValueError(f"format {card.get('format')!r}, expected {FORMAT}")
-        data = (folder / STATE).read_bytes()
-        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
-        state = state_from_flat(load_tensors(data), json.loads(header["__metadata__"]["scalars"]))
+        state, _ = read_state(folder / STATE)
     except (SafetensorError, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
         raise ConfigError(f"the saved model in {folder} is damaged ({error})") from None
     now = backbone_identity(card["config"]["model"]["backbone"])

@@ -147,7 +147,8 @@ class HeterogeneousRankMethod(FederatedMethod):
 
     def at_rank(self, params: Params, rank: int) -> Params:
         """``params`` with every adapter factor cut to its first ``rank`` ranks (what travels)."""
-        return {n: prefix(v, self.factor_of[n], rank) if n in self.factor_of else v for n, v in params.items()}
+        factor_of = self.factor_of
+        return {n: prefix(v, factor_of[n], rank) if n in factor_of else v for n, v in params.items()}
 
     def client_params(self, state: ServerState, client: ClientInfo) -> Params:
         return self.at_rank(self.full_client_params(state, client), self.client_settings(state, client).rank)
@@ -160,8 +161,9 @@ class HeterogeneousRankMethod(FederatedMethod):
         return self.at_rank(state.params, self.eval_settings(state, budget).rank)
 
     def start_params(self, model: MoEModel, received: Params, settings: ClientSettings) -> Params:
-        shapes = {n: p.shape for n, p in model.named_parameters() if n in self.factor_of}
-        return {n: zero_padded(v, shapes[n]) if n in self.factor_of else v for n, v in received.items()}
+        factor_of = self.factor_of
+        shapes = {n: p.shape for n, p in model.named_parameters() if n in factor_of}
+        return {n: zero_padded(v, shapes[n]) if n in factor_of else v for n, v in received.items()}
 
     def setup_client(self, model: MoEModel, settings: ClientSettings) -> None:
         self.rank = settings.rank

@@ -154,3 +154,11 @@ def family_of(model_type: str) -> BackboneFamily:
             return family
     known = sorted(t for f in FAMILIES for t in f.model_types)
     raise ConfigError(f"model_type {model_type!r} is not supported yet; supported: {', '.join(known)}")
+
+
+def backbone_identity(name_or_path: str) -> dict:
+    """The backbone's name and its files (name -> [size, modification time in ns]): what a cached
+    upcycling and a saved model check the backbone against, without reading the weights."""
+    source = resolve_backbone(name_or_path)
+    files = [source.folder / source.gguf_file] if source.gguf_file else sorted(source.folder.iterdir())
+    return {"name": name_or_path, "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.is_file()}}

@@ -9,6 +9,7 @@ exactly those (``trainable_state``), so one model object serves every simulated 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ubsmoe.model import fast_dropout, fast_norm
-from ubsmoe.model.backbones import BackboneFamily, family_of, resolve_backbone
+from ubsmoe.model.backbones import BackboneFamily, backbone_identity, family_of, resolve_backbone
 from ubsmoe.model.lora import LoRALinear
 from ubsmoe.model.moe_layer import RoutingContext, SparseMoEFFN
 from ubsmoe.model.upcycle import ROUTER_INITS, calibrated_router, centroid_router, split_ffn
@@ -319,13 +320,8 @@ UPCYCLED = ("w_up", "w_down", "w_gate", "b_up", "b_down", "router")  # what the 
 def upcycle_cache_key(spec: ModelSpec, calibration_batches) -> str:
     """A digest of everything the upcycled experts and routers depend on: the spec, the backbone's files
     (names, sizes, modification times) and the calibration batches' tokens."""
-    source = resolve_backbone(spec.backbone)
     digest = hashlib.sha256(repr(sorted(vars(spec).items())).encode())
-    files = [source.folder / source.gguf_file] if source.gguf_file else sorted(source.folder.iterdir())
-    for path in files:
-        if path.is_file():
-            stat = path.stat()
-            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    digest.update(json.dumps(backbone_identity(spec.backbone), sort_keys=True).encode())
     for input_ids, attention_mask in calibration_batches or []:
         digest.update(input_ids.numpy().tobytes())
         digest.update(attention_mask.numpy().tobytes())
