@@ -1,7 +1,6 @@
 """The causal-LM task on a tiny random Llama: loss mask, truncation, the restricted vocabulary projection,
 log-likelihood scoring and cached greedy generation against brute force, every method end to end."""
 
-import json
 import math
 from dataclasses import replace
 
@@ -9,56 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tiny_checkpoints import PROMPT_WORDS, WORDS, write_tiny_llama
+from tiny_experiment import causal_overrides
 from ubsmoe.config import ConfigError, load_config
 from ubsmoe.data.commonsense import load_commonsense
 from ubsmoe.engine.simulation import build_experiment, run_experiment
 from ubsmoe.methods import REGISTRY
 from ubsmoe.model import load_tokenizer
 from ubsmoe.tasks.causal_lm import IGNORE, encode_questions, encode_training, next_token_positions, score_and_generate
-
-
-def record(question: str, answer: str, choices: str) -> dict:
-    return {"instruction": f"Please choose the correct answer to question: {question} Answer format: {choices}",
-            "input": "", "output": f"the correct answer is {answer}", "answer": answer}
-
-
-@pytest.fixture(scope="session")
-def tiny_suite(tmp_path_factory):
-    """Two tasks with train and test sets and one test-only task, in the LLM-Adapters layout."""
-    root = tmp_path_factory.mktemp("commonsense")
-    words = ["market", "film", "goal", "vote", "phone", "court", "bank", "music", "team", "party"]
-    tasks = {
-        # questions differ by a number (an unknown token to the tiny tokenizer, but another text)
-        "boolq": lambda i: record(f"is {words[i % 10]} true {i}", ["true", "false"][i % 2], "true/false"),
-        "ARC-Easy": lambda i: record(f"which {words[i % 10]} {words[(i + 3) % 10]} {i}", f"answer{1 + i % 3}",
-                                    "answer1/answer2/answer3"),
-        "winogrande": lambda i: record(f"the {words[i % 10]} or the {words[(i + 1) % 10]} {i}", f"option{1 + i % 2}",
-                                       "option1/option2"),
-    }
-    for task, make in tasks.items():
-        (root / task).mkdir()
-        (root / task / "test.json").write_text(json.dumps([make(i) for i in range(100, 112)]))
-        if task != "winogrande":
-            (root / task / "train.json").write_text(json.dumps([make(i) for i in range(40)]))
-    return root
-
-
-@pytest.fixture(scope="session")
-def tiny_causal_llama(tmp_path_factory):
-    return write_tiny_llama(tmp_path_factory.mktemp("tiny-causal-llama"), words=tuple(WORDS) + tuple(PROMPT_WORDS), tied=True,
-                            bos=True)
-
-
-def causal_overrides(backbone, suite, **extra) -> list[str]:
-    settings = {
-        "task": "causal-lm", "model.backbone": backbone, "data.dataset": f"commonsense:{suite}",
-        "model.num_experts": 4, "model.lora_rank": 4, "model.max_length": 64, "model.calibration_samples": 8,
-        "data.max_train_samples": 48, "data.max_test_samples": 4, "federation.num_clients": 2,
-        "federation.budgets": "0.5,1.0", "federation.rounds": 1, "train.local_steps": 2, "train.batch_size": 4,
-        "train.lr": 0.01, "train.eval_batch_size": 8, "evaluation.max_new_tokens": 6,
-    } | extra
-    return [f"{k}={v}" for k, v in settings.items()]
 
 
 @pytest.fixture(scope="module")

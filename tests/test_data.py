@@ -41,6 +41,21 @@ def test_csv_and_jsonl_files_load_with_named_columns(tmp_path):
     assert jsonl.label_names == ["2", "10"] and jsonl.labels == [0, 1]  # numeric labels in numeric order
 
 
+def test_parquet_files_and_json_lists_load_like_the_others(tmp_path):
+    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as parquet
+
+    rows = [("hello world", "x"), ("bye now", "y"), ("again", "x")]
+    parquet.write_table(pyarrow.table({"body": [t for t, _ in rows], "topic": [y for _, y in rows]}), tmp_path / "a.parquet")
+    (tmp_path / "a.json").write_text(json.dumps([{"body": t, "topic": y} for t, y in rows]))
+    for name in ("a.parquet", "a.json"):
+        data = load_text_file(tmp_path / name, "body", "topic")
+        assert data.texts == ["hello world", "bye now", "again"] and data.labels == [0, 1, 0]
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ConfigError, match="bad.parquet is not a readable Parquet file"):
+        load_text_file(tmp_path / "bad.parquet")
+
+
 def test_missing_column_names_the_columns_and_the_fix(tmp_path):
     (tmp_path / "a.csv").write_text("body,topic\nhello,x\n")
     with pytest.raises(ValueError, match=r"no column 'text'.*\['body', 'topic'\].*data.text_column"):

@@ -5,6 +5,8 @@ updates stop the run with a message naming every failure; updates beyond federat
 are clipped or rejected."""
 
 
+import time
+
 import pytest
 import torch
 
@@ -35,6 +37,8 @@ def faulty_client(config, faults: dict[tuple[int, int], str]):
             update.delta[name] = update.delta[name].reshape(-1)[:-1]
         elif fault == "foreign":
             update.delta["not.a.tensor"] = torch.zeros(2)
+        elif fault == "slow":  # a straggler: its answer comes after federation.client_timeout
+            time.sleep(config.federation.client_timeout + 0.5)
         elif fault == "huge":
             update.delta = {n: d * 1e6 for n, d in update.delta.items()}
         return update
@@ -56,6 +60,19 @@ def test_failing_clients_are_left_out_and_recorded(tiny_bert, tiny_task):
     assert reasons[0].endswith("expected " + reasons[0].split("expected ")[1]) and "has shape" in reasons[0]
     assert reasons[1] == "the update holds 'not.a.tensor', which the client was not sent"
     assert all(v == v for v in results["final"]["tier_loss"].values())  # no NaN reached the model
+
+
+def test_a_client_slower_than_the_timeout_is_left_out_of_its_round(tiny_bert, tiny_task):
+    config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **THREE, **{"federation.rounds": 2,
+                                                                                   "federation.client_timeout": 3}))
+
+    results = run_experiment(config, show_progress=False, client_fn=faulty_client(config, {(2, 1): "slow"}))
+
+    first, second = results["history"]
+    assert [c["id"] for c in first["clients"]] == [0, 1, 2] and "failed_clients" not in first
+    assert [c["id"] for c in second["clients"]] == [0, 2]
+    [late] = second["failed_clients"]
+    assert late["client_id"] == 1 and late["reason"].startswith("no answer within federation.client_timeout=3 s (it took 3.")
 
 
 def test_too_few_updates_stop_the_run_naming_every_failure(tiny_bert, tiny_task):

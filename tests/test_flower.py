@@ -57,6 +57,16 @@ def test_flower_simulation_gives_the_in_process_numbers(tiny_bert, tiny_task, tm
     assert deterministic(flower) == deterministic(in_process)
     assert flower["round0"] == in_process["round0"]
     assert ray_processes_end(within_s=30)
+    if method == "ubsmoe":  # the run's checkpoint, history and saved model, as the in-process engine writes them
+        from ubsmoe.engine.evaluation import evaluate
+        from ubsmoe.engine.saved_model import load_model
+
+        assert (out / "checkpoint.safetensors").is_file()
+        assert len(json.loads((out / "history.json").read_text())) == 2
+        loaded = load_model(out)
+        loaded.setup_tier(0.25)
+        scores = evaluate(loaded.exp.model, loaded.exp.task, loaded.exp.test, 64)
+        assert scores["accuracy"] == flower["final"]["tier_accuracy"]["0.25"]
 
 
 def ray_processes_end(within_s: float) -> bool:

@@ -60,10 +60,50 @@ def test_predict_and_evaluate_refuse_bad_input(finished, tmp_path, capsys):
     texts.write_text("bank rates\n")
     assert main(["predict", "--run", str(finished), "--tier", "0.3", "--input", str(texts), "--output",
                  str(tmp_path / "p.jsonl")]) == 2
-    assert "--tier 0.3 is not a tier of this run; its tiers are 0.5, 1" in capsys.readouterr().err
+    assert "--tier 0.3 is not a tier of this model; its tiers are 0.5, 1" in capsys.readouterr().err
     assert main(["predict", "--run", str(tmp_path), "--tier", "0.5", "--input", str(texts), "--output",
                  str(tmp_path / "p.jsonl")]) == 2
     assert "holds no saved model" in capsys.readouterr().err
     (finished / "model" / "state.safetensors").write_bytes(b"\x00" * 16)
     assert main(["evaluate", "--run", str(finished), "--data", str(texts)]) == 2
     assert "is damaged" in capsys.readouterr().err
+
+
+def test_a_causal_lm_run_predicts_and_evaluates_as_its_last_round(tiny_causal_llama, tiny_suite, tmp_path_factory,
+                                                                  tmp_path, capsys):
+    """`ubsmoe evaluate` on the suite folder gives the run's final scores (every test question was scored);
+    `ubsmoe predict` generates the answers that the generation protocol reads."""
+    from tiny_experiment import causal_overrides
+
+    run = tmp_path_factory.mktemp("causal-saved") / "run"
+    assert main(["run", "--quiet", "--method", "smoe", "--out", str(run)]
+                + causal_overrides(tiny_causal_llama, tiny_suite, **{"data.max_test_samples": 0})) == 0
+    results = json.loads((run / "results.json").read_text())
+
+    assert main(["evaluate", "--run", str(run), "--data", str(tiny_suite), "--output", str(tmp_path / "s.json")]) == 0
+    assert "| tier | accuracy | loss | generation | loglik | loglik_norm |" in capsys.readouterr().out
+    scores = json.loads((tmp_path / "s.json").read_text())["tiers"]
+    for tier, accuracy in results["final"]["tier_accuracy"].items():
+        assert scores[tier]["accuracy"] == accuracy
+        assert scores[tier]["details"] == results["history"][-1]["tier_details"][tier]
+    assert main(["evaluate", "--run", str(run), "--data", str(tiny_suite / "boolq" / "test.json"), "--tier", "1.0",
+                 "--output", str(tmp_path / "boolq.json")]) == 0  # one task's file: that task's questions alone
+    boolq = json.loads((tmp_path / "boolq.json").read_text())["tiers"]["1.0"]["details"]
+    assert {k.split("/")[0] for k in boolq if "/" in k} == {"boolq"}
+    assert boolq["boolq/generation"] == scores["1.0"]["details"]["boolq/generation"]
+
+    questions = json.loads((tiny_suite / "boolq" / "test.json").read_text())
+    inputs = tmp_path / "questions.jsonl"
+    inputs.write_text("".join(json.dumps({"instruction": q["instruction"], "task": "boolq"}) + "\n" for q in questions))
+    assert main(["predict", "--run", str(run), "--tier", "1.0", "--input", str(inputs),
+                 "--output", str(tmp_path / "p.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [r["instruction"] for r in rows] == [q["instruction"] for q in questions]
+    assert all(r["answer"] in ("true", "false", None) for r in rows)
+    right = sum(r["answer"] == q["answer"] for r, q in zip(rows, questions)) / len(questions)
+    assert right == scores["1.0"]["details"]["boolq/generation"]
+
+    inputs.write_text(json.dumps({"input": "no instruction"}) + "\n")
+    assert main(["predict", "--run", str(run), "--tier", "1.0", "--input", str(inputs),
+                 "--output", str(tmp_path / "p.jsonl")]) == 2
+    assert "input record 1 has no 'instruction'" in capsys.readouterr().err

@@ -37,3 +37,38 @@ def tiny_overrides(tiny_bert, tiny_task, **extra) -> list[str]:
         "train.lr": 0.01,
     } | extra
     return [f"{k}={v}" for k, v in settings.items()]
+
+
+def record(question: str, answer: str, choices: str) -> dict:
+    return {"instruction": f"Please choose the correct answer to question: {question} Answer format: {choices}",
+            "input": "", "output": f"the correct answer is {answer}", "answer": answer}
+
+
+def write_tiny_suite(root: Path) -> Path:
+    """Two tasks with train and test sets and one test-only task, in the LLM-Adapters layout."""
+    words = ["market", "film", "goal", "vote", "phone", "court", "bank", "music", "team", "party"]
+    tasks = {
+        # questions differ by a number (an unknown token to the tiny tokenizer, but another text)
+        "boolq": lambda i: record(f"is {words[i % 10]} true {i}", ["true", "false"][i % 2], "true/false"),
+        "ARC-Easy": lambda i: record(f"which {words[i % 10]} {words[(i + 3) % 10]} {i}", f"answer{1 + i % 3}",
+                                    "answer1/answer2/answer3"),
+        "winogrande": lambda i: record(f"the {words[i % 10]} or the {words[(i + 1) % 10]} {i}", f"option{1 + i % 2}",
+                                       "option1/option2"),
+    }
+    for task, make in tasks.items():
+        (root / task).mkdir()
+        (root / task / "test.json").write_text(json.dumps([make(i) for i in range(100, 112)]))
+        if task != "winogrande":
+            (root / task / "train.json").write_text(json.dumps([make(i) for i in range(40)]))
+    return root
+
+
+def causal_overrides(backbone, suite, **extra) -> list[str]:
+    settings = {
+        "task": "causal-lm", "model.backbone": backbone, "data.dataset": f"commonsense:{suite}",
+        "model.num_experts": 4, "model.lora_rank": 4, "model.max_length": 64, "model.calibration_samples": 8,
+        "data.max_train_samples": 48, "data.max_test_samples": 4, "federation.num_clients": 2,
+        "federation.budgets": "0.5,1.0", "federation.rounds": 1, "train.local_steps": 2, "train.batch_size": 4,
+        "train.lr": 0.01, "train.eval_batch_size": 8, "evaluation.max_new_tokens": 6,
+    } | extra
+    return [f"{k}={v}" for k, v in settings.items()]

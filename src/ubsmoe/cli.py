@@ -55,7 +55,7 @@ def _run(args) -> int:
         out = Path(args.out)
         check_output_folder(out, force=args.force)  # before anything is trained: a bad folder loses nothing
     if args.engine == "flower-sim":
-        results = _flower_simulation()(config, show_progress=not args.quiet)
+        results = _flower_simulation()(config, show_progress=not args.quiet, out=out)
     else:
         results = run_experiment(config, show_progress=not args.quiet, out=out, resume=resume)
     write_results(results, out)
@@ -120,8 +120,6 @@ def _predict(args) -> int:
         records = [{"text": line} for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
         records = read_records(source)
-        if records and "text" not in records[0]:
-            raise ConfigError(f"{source} has no column 'text'; its columns are {sorted(records[0])}")
     if not records:
         raise ConfigError(f"--input {source} holds no texts")
     output = Path(args.output)
@@ -142,17 +140,32 @@ def _evaluate(args) -> int:
 
     loaded = load_model(Path(args.run))
     data = loaded.exp.task.labelled(Path(args.data), loaded.card["label_names"])
-    tiers = [args.tier] if args.tier is not None else loaded.exp.tiers
+    tiers = [args.tier] if args.tier is not None else loaded.tiers
     scores = {}
     for budget in tiers:
         loaded.setup_tier(budget)
         scores[str(budget)] = {k: v for k, v in evaluate(loaded.exp.model, loaded.exp.task, data, args.batch_size).items()
                                if k in ("accuracy", "loss", "details")}
-    print("| tier | accuracy | loss |\n|---|---|---|")
+    protocols = [p for p in ("generation", "loglik", "loglik_norm") if p in next(iter(scores.values())).get("details", {})]
+    print("| tier | accuracy | loss |" + "".join(f" {p} |" for p in protocols))
+    print("|---|---|---|" + "---|" * len(protocols))
     for budget, result in scores.items():
-        print(f"| beta={budget} | {result['accuracy']:.4f} | {result['loss']:.4f} |")
+        print(f"| beta={budget} | {result['accuracy']:.4f} | {result['loss']:.4f} |"
+              + "".join(f" {result['details'][p]:.4f} |" for p in protocols))
     if args.output:
         Path(args.output).write_text(json.dumps({"data": str(args.data), "tiers": scores}, indent=1))
+    return 0
+
+
+def _export(args) -> int:
+    from ubsmoe.engine.export import export_tiers
+    from ubsmoe.engine.saved_model import load_model
+
+    loaded = load_model(Path(args.run))
+    folders = export_tiers(loaded, Path(args.out), [args.tier] if args.tier is not None else None)
+    kind = "PEFT LoRA adapter" if loaded.exp.model.num_experts == 1 else "saved model for `ubsmoe predict --run`"
+    for folder in folders:
+        print(f"{folder}: {kind}")
     return 0
 
 
@@ -255,18 +268,32 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="predict with the model a run saved (OUT/model), as a client of one tier")
     predict.add_argument("--run", required=True, help="the run's --out folder")
     predict.add_argument("--tier", type=float, required=True, help="the budget tier whose model predicts, e.g. 0.25")
-    predict.add_argument("--input", required=True, help="texts: a .txt file (one per line) or CSV/TSV/JSONL with a 'text' column")
+    predict.add_argument("--input", required=True, help="a .txt file (one text per line) or a data file: classification reads its 'text' column, "
+                              "causal-lm its 'instruction' (and optional 'input') or 'text' column")
     predict.add_argument("--output", required=True, help="predictions, one JSON object per line")
     predict.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
     predict.set_defaults(func=_predict)
 
     evaluate = sub.add_parser("evaluate", help="score the model a run saved on a labelled file, per tier")
     evaluate.add_argument("--run", required=True, help="the run's --out folder")
-    evaluate.add_argument("--data", required=True, help="a labelled CSV/TSV/JSONL file (the run's text and label columns)")
+    evaluate.add_argument("--data", required=True, help="classification: a labelled data file (the run's text and label columns); causal-lm: a "
+                               "commonsense folder or one task's test.json")
     evaluate.add_argument("--tier", type=float, help="one tier only (default: every tier of the run)")
     evaluate.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
     evaluate.add_argument("--output", help="write the scores as JSON here too")
     evaluate.set_defaults(func=_evaluate)
+
+    export = sub.add_parser("export", help="export a saved model per tier: PEFT LoRA adapters (dense methods) "
+                                           "or ubsmoe model folders (sparse methods)",
+                            description="Write OUT/tier-<budget>/ for every tier (or --tier). Dense-model methods "
+                                        "(fedavg-lora, hetlora, flexlora, flora, florist) give a PEFT LoRA adapter "
+                                        "(adapter_config.json, adapter_model.safetensors) for the backbone; sparse "
+                                        "methods give a folder that `ubsmoe predict --run` and `ubsmoe evaluate "
+                                        "--run` load.")
+    export.add_argument("--run", required=True, help="the run's --out folder")
+    export.add_argument("--out", required=True, help="where the tier folders go")
+    export.add_argument("--tier", type=float, help="one tier only (default: every tier of the run)")
+    export.set_defaults(func=_export)
 
     compare = sub.add_parser("compare", help="run several methods over seeds and write a comparison report",
                              description="Run every method with the same config and seeds (finished runs in OUT are "

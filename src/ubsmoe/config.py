@@ -61,10 +61,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = option("bbc_news", "classification: bbc_news, or a .csv/.tsv/.jsonl file of texts and labels; "
+    dataset: str = option("bbc_news", "classification: bbc_news, or a .csv/.tsv/.jsonl/.json/.parquet file of texts and labels; "
                                       "causal-lm: commonsense:PATH, a folder of tasks in the LLM-Adapters format")
-    text_column: str = option("text", "column holding the text (CSV/TSV/JSONL files)")
-    label_column: str = option("label", "column holding the label (CSV/TSV/JSONL files)")
+    text_column: str = option("text", "column holding the text (data files)")
+    label_column: str = option("label", "column holding the label (data files)")
     header: bool = option(True, "CSV/TSV files start with a row of column names; false: columns are numbered from "
                                 "0, text_column and label_column give numbers, and left at their defaults they mean "
                                 "label 0, text 1 (the `label<TAB>sentence` layout)")
@@ -90,6 +90,9 @@ class FederationConfig:
     min_clients: int = option(1, "fewest clients whose updates a round needs; fewer answers stop the run")
     max_update_norm: float = option(0.0, "largest L2 norm of a client's deltas; 0: no bound")
     update_norm_policy: str = option("clip", "an update beyond max_update_norm: clip (scaled down to it) or reject")
+    client_timeout: float = option(0.0, "seconds a client's round may take; a later answer is left out of the "
+                                        "round (in-process: discarded when it comes; Flower: the round's wait). "
+                                        "0: no limit")
     checkpoint_every: int = option(1, "write OUT/checkpoint.safetensors every this many rounds (and after the "
                                       "last); 0: never")
 
@@ -305,7 +308,8 @@ def describe(config_cls=ExperimentConfig, prefix: str = "") -> list[tuple[str, s
 # runs did. Any other missing key makes a stored run another config.
 NEUTRAL_NEW_KEYS = ("task", "train.train_on_inputs", "evaluation.protocol", "evaluation.max_new_tokens",
                     "evaluation.num_beams", "evaluation.round0", "data.header", "federation.min_clients",
-                    "federation.checkpoint_every", "federation.max_update_norm", "federation.update_norm_policy")
+                    "federation.checkpoint_every", "federation.max_update_norm", "federation.update_norm_policy",
+                    "federation.client_timeout")
 
 
 def differing_keys(stored: dict[str, Any], wanted: ExperimentConfig) -> list[str]:

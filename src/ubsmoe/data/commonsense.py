@@ -90,8 +90,9 @@ def answer_choices(instruction: str) -> list[str]:
     return [choice.strip() for choice in match.group(1).split("/") if choice.strip()]
 
 
-def load_commonsense(folder: str | Path) -> CommonsenseSuite:
-    """Every task sub-folder of ``folder`` with a ``test.json`` (and maybe a ``train.json``)."""
+def load_commonsense(folder: str | Path, need_train: bool = True) -> CommonsenseSuite:
+    """Every task sub-folder of ``folder`` with a ``test.json`` (and maybe a ``train.json``; ``need_train``:
+    at least one task must have one)."""
     root = Path(folder)
     if not root.is_dir():
         raise ConfigError(f"commonsense folder {root} does not exist; pass the folder that holds one sub-folder "
@@ -100,17 +101,17 @@ def load_commonsense(folder: str | Path) -> CommonsenseSuite:
     for task_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         if not (task_dir / "test.json").is_file():
             continue
-        suite.test[task_dir.name] = _read_task_file(task_dir / "test.json", task_dir.name)
+        suite.test[task_dir.name] = read_task_file(task_dir / "test.json", task_dir.name)
         if (task_dir / "train.json").is_file():
-            suite.train[task_dir.name] = _read_task_file(task_dir / "train.json", task_dir.name)
+            suite.train[task_dir.name] = read_task_file(task_dir / "train.json", task_dir.name)
     if not suite.test:
         raise ConfigError(f"{root} holds no task folder with a test.json; expected e.g. {root}/boolq/test.json")
-    if not suite.train:
+    if need_train and not suite.train:
         raise ConfigError(f"{root} holds no task folder with a train.json: there is nothing to train on")
     return suite
 
 
-def _read_task_file(path: Path, task: str) -> list[CommonsenseExample]:
+def read_task_file(path: Path, task: str) -> list[CommonsenseExample]:
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:

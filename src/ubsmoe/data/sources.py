@@ -15,6 +15,7 @@ from ubsmoe.data.dataset import TextDataset, drop_duplicates, duplicate_key, str
 from ubsmoe.data.text_files import load_text_file
 
 BUILTIN_DATASETS = {"bbc_news": load_bbc_news}
+DATA_FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 
 
 @dataclass
@@ -38,11 +39,11 @@ def load_train_test(dataset: str, split_seed: int = 0, test_fraction: float = 0.
     keep a stratified subset. Everything random here is drawn from ``split_seed``."""
     if dataset in BUILTIN_DATASETS:
         full = BUILTIN_DATASETS[dataset]()
-    elif dataset.endswith((".csv", ".tsv", ".jsonl", ".json")):
+    elif dataset.lower().endswith(DATA_FILE_SUFFIXES):
         full = load_text_file(dataset, text_column, label_column, header=header)
     else:
         raise ConfigError(f"unknown dataset {dataset!r}: use one of {sorted(BUILTIN_DATASETS)} "
-                          "or the path of a .csv/.tsv/.jsonl file")
+                          "or the path of a .csv/.tsv/.jsonl/.json/.parquet file")
     if test_file:
         test = load_text_file(test_file, text_column, label_column, label_names=full.label_names, header=header)
         # A given test file is scored as it is; the training texts lose their duplicates and every text

@@ -1,4 +1,5 @@
-"""Users' own text classification files: CSV, TSV or JSONL with a text column and a label column.
+"""Users' own text classification files: CSV, TSV, JSONL, a JSON list or Parquet, with a text column and
+a label column.
 
 Labels may be strings or integers; they are numbered in sorted order of their values. Files are read
 as UTF-8 (a byte-order mark is allowed); rows without a label or with an empty text, and training files
@@ -11,7 +12,7 @@ import csv
 import json
 from pathlib import Path
 
-from ubsmoe.config import ConfigError, MissingFileError
+from ubsmoe.config import ConfigError, MissingFileError, MissingPackageError
 from ubsmoe.data.dataset import TextDataset
 
 
@@ -35,6 +36,16 @@ def _read(path: Path, header: bool) -> list[dict]:
             if header:
                 return list(csv.DictReader(handle, delimiter=delimiter))
             return [{str(i): cell for i, cell in enumerate(row)} for row in csv.reader(handle, delimiter=delimiter) if row]
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    if suffix == ".json" and path.read_text(encoding="utf-8-sig").lstrip().startswith("["):
+        try:
+            records = json.loads(path.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path} is not valid JSON ({error.msg} at line {error.lineno})") from None
+        if not all(isinstance(r, dict) for r in records):
+            raise ConfigError(f"{path} must hold a JSON list of objects (one per record)")
+        return records
     if suffix in (".jsonl", ".json"):
         records = []
         with path.open(encoding="utf-8-sig") as handle:
@@ -46,7 +57,20 @@ def _read(path: Path, header: bool) -> list[dict]:
                         raise ConfigError(f"{path}:{number} is not valid JSON ({error.msg}); "
                                          "expected one JSON object per line") from None
         return records
-    raise ConfigError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv or .jsonl")
+    raise ConfigError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet")
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    try:
+        import pyarrow.parquet as parquet
+    except ImportError:
+        raise MissingPackageError(f"reading {path.name} needs pyarrow: pip install pyarrow") from None
+    import pyarrow
+
+    try:
+        return parquet.read_table(path).to_pylist()
+    except (pyarrow.ArrowInvalid, OSError) as error:
+        raise ConfigError(f"{path} is not a readable Parquet file ({error})") from None
 
 
 def load_text_file(path: str | Path, text_column: str = "text", label_column: str = "label",

@@ -45,13 +45,22 @@ class LoadedModel:
     exp: object  # engine.simulation.Experiment
     state: ServerState
     card: dict
+    run: Path  # the folder it was loaded from
+
+    @property
+    def tiers(self) -> list[float]:
+        """The tiers this model has (a tier's export has one)."""
+        return sorted(float(t) for t in self.card["tiers"])
+
+    def check_tier(self, budget: float) -> None:
+        if budget not in self.tiers:
+            raise ConfigError(f"--tier {budget:g} is not a tier of this model; its tiers are "
+                              f"{', '.join(f'{t:g}' for t in self.tiers)}")
 
     def setup_tier(self, budget: float) -> None:
         """Configure the model as a client of tier ``budget`` runs it at inference."""
         method, model = self.exp.method, self.exp.model
-        if budget not in self.exp.tiers:
-            raise ConfigError(f"--tier {budget:g} is not a tier of this run; its tiers are "
-                              f"{', '.join(f'{t:g}' for t in self.exp.tiers)}")
+        self.check_tier(budget)
         method.teardown_client(model)
         method.sync_frozen(model, method.frozen_state(self.state))
         settings = method.eval_settings(self.state, budget)
@@ -60,14 +69,20 @@ class LoadedModel:
         model.eval()
 
 
+def model_folder(run: Path) -> Path:
+    """Where a saved model's files are: ``run/model`` for a run's --out folder, else ``run`` itself (a
+    tier's export)."""
+    return run if (run / CARD).is_file() else run / "model"
+
+
 def load_model(run: Path) -> LoadedModel:
-    """The saved model of the run in ``run`` (its ``model/`` folder)."""
+    """The saved model of the run in ``run`` (its ``model/`` folder), or of a sparse tier's export folder."""
     from ubsmoe.engine.simulation import build_experiment
 
-    folder = run / "model"
+    folder = model_folder(run)
     if not (folder / CARD).is_file() or not (folder / STATE).is_file():
         raise ConfigError(f"{run} holds no saved model ({folder / CARD}, {folder / STATE}): give the --out folder "
-                          "of a finished run")
+                          "of a finished run (or a sparse tier's export)")
     try:
         card = json.loads((folder / CARD).read_text())
         if card.get("format") != FORMAT:
@@ -80,4 +95,4 @@ def load_model(run: Path) -> LoadedModel:
         raise ConfigError(f"the backbone {now['name']} is not the one this model was trained on (its files differ): "
                           "restore the original checkpoint")
     exp = build_experiment(config_from_dict(card["config"]), upcycle_cache=folder)
-    return LoadedModel(exp, state, card)
+    return LoadedModel(exp, state, card, run)

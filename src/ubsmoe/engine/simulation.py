@@ -101,6 +101,7 @@ def validate(config: ExperimentConfig) -> None:
         (config.federation.checkpoint_every >= 0, "federation.checkpoint_every must be >= 0 (0: never)"),
         (config.federation.max_update_norm >= 0, "federation.max_update_norm must be >= 0 (0: no bound)"),
         (config.federation.update_norm_policy in ("clip", "reject"), "federation.update_norm_policy must be clip or reject"),
+        (config.federation.client_timeout >= 0, "federation.client_timeout must be >= 0 seconds (0: no limit)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -269,6 +270,14 @@ class Server:
         self.history.append(entry)
         return entry
 
+    def save_progress(self, out: Path, round_index: int) -> None:
+        """After a round's evaluation: the checkpoint and the history so far in ``out``, every
+        ``federation.checkpoint_every`` rounds and after the last."""
+        every, total = self.config.federation.checkpoint_every, self.config.federation.rounds
+        if every > 0 and (round_index % every == 0 or round_index == total):
+            write_checkpoint(out, self.checkpoint(round_index))
+            write_atomically(out / "history.json", json.dumps(self.history, indent=1))
+
     def results(self) -> dict:
         """The results dictionary (see ``ubsmoe.report.results``)."""
         exp, model, method, history = self.exp, self.model, self.method, self.history
@@ -306,6 +315,11 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True, client_
     With ``out``, a checkpoint and the history so far are written there after every
     ``federation.checkpoint_every`` rounds and after the last, and the final model into ``out/model``
     (``engine.saved_model``); ``resume`` continues from a checkpoint.
+
+    Clients run one after the other; one whose round takes longer than ``federation.client_timeout`` is
+    left out of it like a straggler a synchronous server stops waiting for (its answer is discarded when it
+    comes: a client that never answers cannot be interrupted here, Flower's engines can). Dropping by time
+    makes a run depend on the machine's speed: leave it at 0 where runs must repeat exactly.
     """
     server = Server(config, upcycle_cache=None if out is None else out / "model")  # the saved model's upcycled parts
     first = 1
@@ -318,7 +332,7 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True, client_
 
         def client_fn(instruction: TrainInstruction, progress) -> ClientUpdate:
             return run_client(runtime, instruction, progress)
-    total = config.federation.rounds
+    total, timeout = config.federation.rounds, config.federation.client_timeout
     rounds = tqdm(range(first, total + 1), desc=f"{server.method.name} rounds", unit="round",
                   disable=not show_progress, initial=first - 1, total=total)
     for round_index in rounds:
@@ -331,20 +345,23 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True, client_
             for client in sampled:
                 bar.set_description(f"round {round_index} client {client.client_id} (beta={client.budget:g})")
                 instruction = server.instruction(client, round_index)
+                started = time.monotonic()
                 try:
                     answer = server.admit(instruction, client_fn(instruction, bar))
                 except Exception as error:  # a failing client is left out, as on Flower; its traceback is logged
                     log.warning("round %d: client %d failed", round_index, client.client_id, exc_info=True)
                     answer = ClientFailure(client.client_id, f"{type(error).__name__}: {error}")
+                took = time.monotonic() - started
+                if timeout and took > timeout and not isinstance(answer, ClientFailure):  # a straggler's late answer
+                    answer = ClientFailure(client.client_id, f"no answer within federation.client_timeout={timeout:g} s "
+                                                             f"(it took {took:.1f} s)")
                 (failures if isinstance(answer, ClientFailure) else updates).append(answer)
                 fault_point("train", round_index)
         server.aggregate(round_index, updates, failures)
         fault_point("aggregate", round_index)
         entry = server.evaluate(round_index)
-        every = config.federation.checkpoint_every
-        if out is not None and every > 0 and (round_index % every == 0 or round_index == total):
-            write_checkpoint(out, server.checkpoint(round_index))
-            write_atomically(out / "history.json", json.dumps(server.history, indent=1))
+        if out is not None:
+            server.save_progress(out, round_index)
         rounds.set_postfix(avg_acc=f"{entry['average_accuracy']:.3f}")
     if out is not None:
         save_model(out / "model", server)

@@ -90,6 +90,8 @@ class BackboneFamily:
     extract_ffn: Callable[[nn.Module], DenseFFN]
     install_ffn: Callable[[nn.Module, nn.Module], None]
     attention: Callable[[nn.Module], dict[str, tuple[nn.Module, str]]]  # name -> (parent, attribute)
+    layer_path: str  # where ``layers`` lives in the backbone's module tree: layer i is f"{layer_path}.{i}"
+    ffn_modules: dict[str, str]  # FFN matrix ("up", "down", "gate") -> its linear module's path in a layer
 
 
 def _weight_t(linear: nn.Linear):
@@ -135,6 +137,8 @@ FAMILIES = (
         extract_ffn=_bert_extract,
         install_ffn=_bert_install,
         attention=lambda layer: {"query": (layer.attention.self, "query"), "value": (layer.attention.self, "value")},
+        layer_path="encoder.layer",
+        ffn_modules={"up": "intermediate.dense", "down": "output.dense"},
     ),
     BackboneFamily(
         name="llama",
@@ -144,6 +148,8 @@ FAMILIES = (
         extract_ffn=_llama_extract,
         install_ffn=_llama_install,
         attention=lambda layer: {"q_proj": (layer.self_attn, "q_proj"), "v_proj": (layer.self_attn, "v_proj")},
+        layer_path="layers",
+        ffn_modules={"up": "mlp.up_proj", "down": "mlp.down_proj", "gate": "mlp.gate_proj"},
     ),
 )
 

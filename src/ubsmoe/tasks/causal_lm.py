@@ -24,6 +24,7 @@ token of the right response.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ubsmoe.config import ConfigError
 from ubsmoe.data.commonsense import (CommonsenseExample, evaluation_subsets, extract_answer, load_commonsense,
-                                     training_mix)
+                                     read_task_file, training_mix)
 from ubsmoe.data.dataset import Batch, TokenizedDataset
 from ubsmoe.model import HeadFactory, MoEModel, TaskHead
 from ubsmoe.model.backbones import BackboneFamily, resolve_backbone
@@ -258,6 +259,60 @@ class CausalLM(Task):
             details[metric] = statistics.mean(details[f"{task}/{metric}"] for task in data.questions)
         return Evaluation(accuracy=details[self.config.evaluation.protocol], loss=nll / max(tokens, 1), details=details)
 
+    def predict(self, model: MoEModel, records: list[dict], key_names: list[str], batch_size: int) -> list[dict]:
+        """The generated response to each record's ``instruction`` (and optional ``input``; a bare ``text`` is
+        the instruction), in the training prompt, decoded as evaluation decodes; with the choice it names
+        when the instruction offers choices (``Answer format: a/b``), else ``answer`` is null."""
+        self._tokenizer_for_inference()
+        examples = []
+        for number, record in enumerate(records, 1):
+            instruction = record.get("instruction", record.get("text"))
+            if not isinstance(instruction, str) or not instruction.strip():
+                raise ConfigError(f"input record {number} has no 'instruction' (or 'text'): every record needs the "
+                                  "question to answer")
+            examples.append(CommonsenseExample(str(record.get("task", "")), instruction, str(record.get("input") or ""),
+                                               "", ""))
+        encoded = [ScoredQuestion(e.task, fit_prompt(_token_ids(self.tokenizer, e.prompt, special=True),
+                                                     self.config.model.max_length - self.config.evaluation.max_new_tokens,
+                                                     self.tokenizer.bos_token_id), [], [], e.choices, -1)
+                   for e in examples]
+        answers = score_and_generate(model, encoded, batch_size, self.config.evaluation.max_new_tokens,
+                                     self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, desc="generating",
+                                     num_beams=self.config.evaluation.num_beams)
+        texts = self.tokenizer.batch_decode([a.generated for a in answers], skip_special_tokens=True)
+        return [{"instruction": e.instruction, "input": e.input, "generated": text,
+                 "answer": named_choice(e, text)} for e, text in zip(examples, texts)]
+
+    def labelled(self, path: Path, key_names: list[str]) -> CommonsenseTestSet:
+        """Every question of a suite folder (one sub-folder per task with a ``test.json``) or of one task's
+        JSON file (the task is its folder's name, which picks the answer pattern: ``boolq/test.json``)."""
+        self._tokenizer_for_inference()
+        if path.is_dir():
+            subsets = load_commonsense(path, need_train=False).test
+        elif path.is_file():
+            subsets = {path.parent.name: read_task_file(path, path.parent.name)}
+        else:
+            raise ConfigError(f"--data {path} does not exist: give a commonsense folder or a task's test.json")
+        return encode_questions(self.tokenizer, subsets, self.config.model.max_length,
+                                self.config.evaluation.max_new_tokens)
+
+    def _tokenizer_for_inference(self) -> None:
+        if getattr(self, "tokenizer", None) is None:
+            from ubsmoe.model import load_tokenizer
+
+            self.tokenizer = load_tokenizer(self.config.model.backbone)
+
+
+def named_choice(example: CommonsenseExample, generated: str) -> str | None:
+    """The choice a free-form generated response names: the task's LLM-Adapters pattern for a known task,
+    else the first of the instruction's choices to appear; None when the instruction offers none."""
+    if example.task:
+        return extract_answer(example.task, generated) or None
+    if not example.choices:
+        return None
+    found = re.search("|".join(re.escape(c) for c in sorted(example.choices, key=len, reverse=True)), generated)
+    return found.group(0) if found else None
+
 
 @dataclass
 class Answer:
@@ -297,7 +352,8 @@ def score_and_generate(model: MoEModel, questions: list[ScoredQuestion], batch_s
         if observe is not None:  # the prompt pass and its one projection per prompt
             observe(mask)
         cache = prompt.cache
-        scores = _score_choices(model, chunk, first, cache, mask, positions, pad)
+        scores = (_score_choices(model, chunk, first, cache, mask, positions, pad)
+                  if any(q.responses for q in chunk) else [[] for _ in chunk])
         if num_beams > 1:
             generated = _beam_search(model, last, cache, mask, positions, max_new_tokens, eos, num_beams)
         else:
@@ -319,7 +375,8 @@ def _left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.T
 def _score_choices(model: MoEModel, chunk: list[ScoredQuestion], first: torch.Tensor, cache, mask: torch.Tensor,
                    positions: torch.Tensor, pad: int) -> list[list[float]]:
     """Sum of log-probabilities of every choice's response after its prompt's cached keys and values;
-    leaves ``cache`` as it found it. first: (B, V) log-probabilities of the token after each prompt."""
+    leaves ``cache`` as it found it. first: (B, V) log-probabilities of the token after each prompt.
+    Every question of ``chunk`` has at least one response."""
     rows = [(qi, response) for qi, q in enumerate(chunk) for response in q.responses]
     owner = torch.tensor([qi for qi, _ in rows])
     length = max(len(r) for _, r in rows)

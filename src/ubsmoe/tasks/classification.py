@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ubsmoe.config import ConfigError
 from ubsmoe.data.dataset import Batch, TokenizedDataset, tokenize
 from ubsmoe.data.sources import load_train_test
 from ubsmoe.model import HeadFactory, MoEModel, TaskHead
@@ -92,6 +93,10 @@ class Classification(Task):
 
         tokenizer = load_tokenizer(self.config.model.backbone)
         tokenizer.padding_side = "right"
+        missing = [n for n, r in enumerate(records, 1) if not str(r.get("text") or "").strip()]
+        if missing:
+            raise ConfigError(f"{len(missing)} input records have no 'text' (records {missing[:5]}): give every "
+                              "record its text")
         texts = [str(r["text"]) for r in records]
         out = []
         for start in range(0, len(texts), batch_size):

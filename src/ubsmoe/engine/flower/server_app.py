@@ -5,7 +5,9 @@
 The run config (``[tool.flwr.app.config]`` of deploy/flower/pyproject.toml, overridden by ``flwr run
 --run-config``) names the experiment: ``config`` (a TOML file, absolute path), ``overrides`` (``key=value``
 settings separated by spaces), ``out`` (the results folder, absolute path) and ``force``. The server
-writes ``out/results.json`` as ``ubsmoe run`` does.
+writes ``out/results.json``, each round's checkpoint and history and the final model (``out/model``) as
+``ubsmoe run`` does. A round waits ``federation.client_timeout`` seconds for its clients if the config
+sets it, else the run config's ``round-timeout-s``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from ubsmoe.config import load_config
 from ubsmoe.engine.flower.messages import global_arrays
 from ubsmoe.engine.flower.strategy import MethodStrategy
+from ubsmoe.engine.saved_model import save_model
 from ubsmoe.engine.simulation import Server
 
 app = ServerApp()
@@ -32,9 +35,11 @@ def main(grid: Grid, context: Context) -> None:
     config = load_config(str(settings.get("config", "")) or None, shlex.split(str(settings.get("overrides", ""))))
     out = Path(str(settings.get("out", "runs/flower")))
     check_output_folder(out, force=bool(settings.get("force", False)))
-    server = Server(config)
-    timeout = float(settings.get("round-timeout-s", 24 * 3600))
-    strategy = MethodStrategy(server, node_wait_s=float(settings.get("node-wait-s", 300)), round_timeout_s=timeout)
+    server = Server(config, upcycle_cache=out / "model")
+    timeout = config.federation.client_timeout or float(settings.get("round-timeout-s", 24 * 3600))
+    strategy = MethodStrategy(server, node_wait_s=float(settings.get("node-wait-s", 300)), round_timeout_s=timeout,
+                              out=out)
     strategy.start(grid, global_arrays(server.state.params), num_rounds=config.federation.rounds,
                    timeout=timeout, evaluate_fn=strategy.evaluate)
+    save_model(out / "model", server)
     write_results(server.results() | {"engine": "flower"}, out)

@@ -10,26 +10,32 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from ubsmoe.config import ExperimentConfig
 
 
-def run_flower_simulation(config: ExperimentConfig, show_progress: bool = True, timeout_s: float = 24 * 3600) -> dict:
-    """Run every round on Flower's simulation engine and return the results dictionary."""
+def run_flower_simulation(config: ExperimentConfig, show_progress: bool = True, timeout_s: float = 24 * 3600,
+                          out: Path | None = None) -> dict:
+    """Run every round on Flower's simulation engine and return the results dictionary. A round waits
+    ``federation.client_timeout`` seconds for its clients if set, else ``timeout_s``. With ``out``, the
+    checkpoint and history after every round and the final model go there, as ``run_experiment`` writes them."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
     from ubsmoe.engine.flower import client_app
     from ubsmoe.engine.flower.messages import global_arrays
     from ubsmoe.engine.flower.strategy import MethodStrategy
+    from ubsmoe.engine.saved_model import save_model
     from ubsmoe.engine.simulation import Server
 
-    server = Server(config)
+    server = Server(config, upcycle_cache=None if out is None else out / "model")
+    timeout_s = config.federation.client_timeout or timeout_s
     bar = tqdm(total=config.federation.rounds, desc=f"{server.method.name} rounds (flower-sim)", unit="round",
                disable=not show_progress)
-    strategy = MethodStrategy(server, progress=bar, round_timeout_s=timeout_s)
+    strategy = MethodStrategy(server, progress=bar, round_timeout_s=timeout_s, out=out)
     app = ServerApp()
 
     @app.main()
@@ -52,4 +58,6 @@ def run_flower_simulation(config: ExperimentConfig, show_progress: bool = True, 
     if len(server.history) != config.federation.rounds:
         raise RuntimeError(f"the Flower simulation ended after {len(server.history)} of "
                            f"{config.federation.rounds} rounds (see its log above)")
+    if out is not None:
+        save_model(out / "model", server)
     return server.results() | {"engine": "flower-sim"}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -29,8 +30,10 @@ log = logging.getLogger(__name__)
 class MethodStrategy(Strategy):
     """Configuration, aggregation and evaluation delegated to the registered ubsmoe method."""
 
-    def __init__(self, server: Server, node_wait_s: float = 120.0, progress=None, round_timeout_s: float = DEFAULT_TTL):
+    def __init__(self, server: Server, node_wait_s: float = 120.0, progress=None, round_timeout_s: float = DEFAULT_TTL,
+                 out: Path | None = None):
         self.server = server
+        self.out = out  # where each round's checkpoint and history go (as the in-process engine writes them)
         self.node_wait_s = node_wait_s
         self.progress = progress  # a tqdm bar over the rounds, or None
         self.ttl = max(float(DEFAULT_TTL), round_timeout_s + 60.0)  # a message outlives the round's wait
@@ -120,6 +123,8 @@ class MethodStrategy(Strategy):
                 self.server.evaluate_round0()
             return None
         entry = self.server.evaluate(server_round)
+        if self.out is not None:
+            self.server.save_progress(self.out, server_round)
         if self.progress is not None:
             self.progress.update(1)
             self.progress.set_postfix(avg_acc=f"{entry['average_accuracy']:.3f}")

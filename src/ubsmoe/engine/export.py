@@ -1,0 +1,164 @@
+"""Exporting a saved model per tier: a PEFT LoRA adapter for dense models, an ``ubsmoe predict`` folder for sparse ones.
+
+Dense-model methods (fedavg-lora, hetlora, flexlora, flora, florist: one expert per FFN) change the
+backbone only by low-rank updates of its linear layers, so each tier's model is the original backbone
+plus one LoRA adapter per adapted layer, which ``peft.PeftModel.from_pretrained`` loads:
+
+- ``adapter_config.json``: LoRA with ``r`` = ``lora_alpha`` (scale 1: our ``alpha / r_max`` scale is
+  folded into ``lora_B``), the adapted modules by name, ``base_model_name_or_path`` the backbone;
+- ``adapter_model.safetensors``: ``lora_A.weight (r, in)`` and ``lora_B.weight (out, r)`` per module,
+  keys as PEFT names them for ``AutoModelForCausalLM`` (causal-lm) or ``AutoModel`` (classification).
+
+A tier's update of one layer is its adapter at the tier's rank, ``s * a[:, :r_c] b[:r_c]``; for the merging
+methods (FLoRA, FLoRIST) also the rounds merged into the frozen weight, found as the difference from the
+original weight and factored exactly by SVD (the singular values above ``1e-6`` of the largest are kept).
+The factors of every module are zero-padded to one rank, which changes nothing. A classification head
+(pooling and a linear layer, trained with the adapters) is not part of the backbone: it is written beside
+the adapter as ``task_head.safetensors`` (its pooling and labels in the metadata).
+
+Sparse methods' tiers are not the dense backbone plus adapters: every FFN is split into experts with a
+trained router choosing K_c of them per token (and, for some methods, biases or scales), which no PEFT
+adapter type expresses. Their tier folder is a saved model restricted to that tier, which
+``ubsmoe predict --run FOLDER`` and ``ubsmoe evaluate --run FOLDER`` load.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ubsmoe.config import ConfigError
+from ubsmoe.engine.checkpoint import write_atomically
+from ubsmoe.engine.saved_model import CARD, LoadedModel, model_folder
+from ubsmoe.model import MoEModel
+from ubsmoe.model.lora import LoRALinear
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD_WEIGHTS = "adapter_config.json", "adapter_model.safetensors", "task_head.safetensors"
+SINGULAR_CUTOFF = 1e-6  # relative: singular values of a merged update below this times the largest are rounding
+
+
+@dataclass
+class LayerUpdate:
+    """One adapted linear layer of the backbone: its module path (as in the Hugging Face model), its
+    current low-rank adapter (a (in, r), b (r, out), scale s: update s a b in (in, out) layout), its frozen
+    weight now and as the backbone had it (both (in, out)), which differ by what was merged."""
+
+    module: str
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    weight: torch.Tensor
+    original: torch.Tensor
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """PEFT's (lora_A (r, in), lora_B (out, r)) with B A = the whole update (transposed to (out, in))."""
+        a_parts, b_parts = [self.a.T], [self.scale * self.b.T]
+        merged = (self.weight.double() - self.original.double())
+        if merged.abs().max() > 0:
+            u, s, vh = torch.linalg.svd(merged, full_matrices=False)  # merged (in, out) = U S Vh
+            keep = int((s > s[0] * SINGULAR_CUTOFF).sum())
+            a_parts.append(u[:, :keep].T.float())  # (keep, in)
+            b_parts.append((vh[:keep].T * s[:keep]).float())  # (out, keep)
+        return torch.cat(a_parts, 0), torch.cat(b_parts, 1)
+
+
+def layer_updates(model: MoEModel, original: dict[str, torch.Tensor]) -> list[LayerUpdate]:
+    """Every adapted linear layer of a dense model, as configured now (its active rank); ``original``:
+    ``frozen_weights(model)`` before any merge."""
+    found = []
+    for path, module in model.backbone.named_modules():
+        if isinstance(module, LoRALinear):
+            r = module.active_rank
+            found.append(LayerUpdate(path, module.lora_a[:, :r].detach(), module.lora_b[:r].detach(), module.scale,
+                                     module.base.weight.detach().T, original[path]))
+    family = model.family
+    for index, layer in enumerate(model.moe_layers):
+        for matrix in layer.adapted:
+            path = f"{family.layer_path}.{index}.{family.ffn_modules[matrix]}"
+            r = layer.active_rank
+            found.append(LayerUpdate(path, getattr(layer, f"lora_{matrix}_a")[0, :, :r].detach(),
+                                     getattr(layer, f"lora_{matrix}_b")[0, :r].detach(), layer.lora_scale,
+                                     getattr(layer, f"w_{matrix}")[0].detach(), original[path]))
+    return found
+
+
+def frozen_weights(model: MoEModel) -> dict[str, torch.Tensor]:
+    """A copy of the frozen weight (in, out) of every adapted layer, by module path (see ``layer_updates``)."""
+    weights = {path: module.base.weight.detach().T.clone() for path, module in model.backbone.named_modules()
+               if isinstance(module, LoRALinear)}
+    family = model.family
+    for index, layer in enumerate(model.moe_layers):
+        for matrix in layer.adapted:
+            weights[f"{family.layer_path}.{index}.{family.ffn_modules[matrix]}"] = getattr(layer, f"w_{matrix}")[0].detach().clone()
+    return weights
+
+
+def export_tiers(loaded: LoadedModel, out: Path, tiers: list[float] | None = None) -> list[Path]:
+    """One folder per tier in ``out`` (``tier-<budget>``): a PEFT adapter for a dense model, a saved
+    model of that tier for a sparse one. Returns the folders."""
+    tiers = loaded.tiers if tiers is None else tiers
+    for budget in tiers:
+        loaded.check_tier(budget)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: give a folder for the exported tiers")
+    dense = loaded.exp.model.num_experts == 1
+    original = frozen_weights(loaded.exp.model) if dense else {}
+    folders = []
+    for budget in tiers:
+        folder = out / f"tier-{budget:g}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if dense:
+            loaded.setup_tier(budget)
+            write_peft_adapter(loaded, folder, original)
+        else:
+            write_tier_model(loaded, folder, budget)
+        folders.append(folder)
+    return folders
+
+
+def write_peft_adapter(loaded: LoadedModel, folder: Path, original: dict[str, torch.Tensor]) -> None:
+    """The configured tier's backbone update as a PEFT LoRA adapter in ``folder`` (and a classification
+    head beside it)."""
+    model, config = loaded.exp.model, loaded.exp.config
+    updates = layer_updates(model, original)
+    factors = {u.module: u.factors() for u in updates}
+    rank = max(a.shape[0] for a, _ in factors.values())
+    prefix = "base_model.model." + ("model." if loaded.exp.task.name == "causal-lm" else "")
+    tensors = {}
+    for module, (a, b) in factors.items():
+        tensors[f"{prefix}{module}.lora_A.weight"] = _padded(a, (rank, a.shape[1]))
+        tensors[f"{prefix}{module}.lora_B.weight"] = _padded(b, (b.shape[0], rank))
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS))
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM" if loaded.exp.task.name == "causal-lm" else "FEATURE_EXTRACTION",
+        "base_model_name_or_path": config.model.backbone, "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
+        "target_modules": sorted(factors), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+    }
+    write_atomically(folder / ADAPTER_CONFIG, json.dumps(adapter_config, indent=1))
+    head = {n[len("head."):]: t for n, t in model.trainable_state().items() if n.startswith("head.")}
+    if head:
+        pooling = getattr(model.head, "pooling", "")
+        save_file({n: t.contiguous() for n, t in head.items()}, str(folder / HEAD_WEIGHTS),
+                  metadata={"pooling": pooling, "labels": json.dumps(loaded.card["label_names"])})
+
+
+def write_tier_model(loaded: LoadedModel, folder: Path, budget: float) -> None:
+    """The saved model with only tier ``budget``: a folder ``ubsmoe predict --run`` loads."""
+    source = model_folder(loaded.run)
+    for path in source.iterdir():
+        if path.suffix == ".safetensors":
+            shutil.copy2(path, folder / path.name)
+    card = dict(loaded.card, tiers={str(budget): loaded.card["tiers"][str(budget)]})
+    write_atomically(folder / CARD, json.dumps(card, indent=1))
+
+
+def _padded(tensor: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    full = tensor.new_zeros(shape)
+    full[: tensor.shape[0], : tensor.shape[1]] = tensor
+    return full.contiguous()
