@@ -82,6 +82,35 @@ def test_too_few_updates_stop_the_run_naming_every_failure(tiny_bert, tiny_task)
         run_experiment(config, show_progress=False, client_fn=faulty_client(config, {(1, 0): "raise", (1, 2): "nan"}))
 
 
+def test_a_run_stopped_by_its_clients_says_how_to_resume_and_resumes_to_the_same_numbers(tiny_bert, tiny_task,
+                                                                                       tmp_path, monkeypatch, capsys):
+    import json
+
+    import ubsmoe.engine.simulation as simulation
+
+    overrides = tiny_overrides(tiny_bert, tiny_task, **THREE, **{"federation.rounds": 3})
+    real = simulation.run_client
+
+    def down_in_round_2(runtime, instruction, progress=None):
+        if instruction.round == 2:
+            raise ConnectionError("the network is down")
+        return real(runtime, instruction, progress)
+
+    monkeypatch.setattr(simulation, "run_client", down_in_round_2)
+    assert main(["run", "--quiet", "--out", str(tmp_path / "run")] + overrides) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ubsmoe: the run stopped: round 2: 0 of the sampled clients returned an update")
+    assert "client 0: ConnectionError: the network is down" in err and "Traceback" not in err
+    assert err.endswith(f"`ubsmoe run --resume {tmp_path / 'run'}` continues from its last checkpoint")
+
+    monkeypatch.setattr(simulation, "run_client", real)  # the clients are back
+    assert main(["run", "--quiet", "--resume", str(tmp_path / "run")]) == 0
+    assert main(["run", "--quiet", "--out", str(tmp_path / "straight")] + overrides) == 0
+    resumed, straight = (json.loads((tmp_path / f / "results.json").read_text()) for f in ("run", "straight"))
+    for key in ("tier_accuracy", "tier_loss", "test_loss"):
+        assert resumed["final"][key] == straight["final"][key]
+
+
 @pytest.mark.parametrize("policy", ["clip", "reject"])
 def test_updates_beyond_the_norm_bound_are_clipped_or_rejected(tiny_bert, tiny_task, policy):
     config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **THREE, **{

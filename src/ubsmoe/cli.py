@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ubsmoe.config import ConfigError, describe, load_config
+from ubsmoe.engine.errors import FederationStopped
 
 
 def _methods(_args) -> int:
@@ -376,6 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:  # user errors only: a bug keeps its traceback
         print(f"ubsmoe: error: {error}", file=sys.stderr)
         return 2
+    except FederationStopped as error:  # not a bug either: the clients did not answer
+        out = getattr(args, "resume", None) or getattr(args, "out", None)
+        resume = f"; `ubsmoe run --resume {out}` continues from its last checkpoint" if args.command == "run" else ""
+        print(f"ubsmoe: the run stopped: {error}{resume}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from ubsmoe.data.dataset import TokenizedDataset
 from ubsmoe.engine.checkpoint import Checkpoint, CheckpointError, fault_point, write_atomically, write_checkpoint
 from ubsmoe.engine.client import ClientRuntime, run_client
 from ubsmoe.engine.clients import make_clients, sample_clients, tiers
+from ubsmoe.engine.errors import FederationStopped
 from ubsmoe.engine.evaluation import evaluate_tiers
 from ubsmoe.engine.saved_model import save_model
 from ubsmoe.engine.local_training import local_steps
@@ -247,7 +248,7 @@ class Server:
         needed = self.config.federation.min_clients
         if len(updates) < needed:
             reasons = "; ".join(f"client {f.client_id}: {f.reason}" for f in failures) or "no client answered"
-            raise RuntimeError(f"round {round_index}: {len(updates)} of the sampled clients returned an update, "
+            raise FederationStopped(f"round {round_index}: {len(updates)} of the sampled clients returned an update, "
                                f"fewer than federation.min_clients={needed} ({reasons})")
         self.updates, self.failures = sorted(updates, key=lambda u: u.client.client_id), list(failures)
         self.state = self.method.aggregate(self.state, self.updates)
