@@ -1,4 +1,4 @@
-"""Tiny random Hugging Face checkpoints (BERT and Llama) written to a folder, for fast CPU tests."""
+"""Tiny random Hugging Face checkpoints (BERT, Llama and native MoE models) written to a folder, for fast CPU tests."""
 
 from __future__ import annotations
 
@@ -43,8 +43,21 @@ def write_tiny_llama(folder: Path, hidden: int = 32, layers: int = 2, ffn: int =
                      words: tuple[str, ...] = WORDS, tied: bool = False, bos: bool = False) -> Path:
     """A tiny random Llama; ``tied``: the LM head is the embedding matrix (as in SmolLM2); ``bos``: the
     tokenizer starts every text with <s> (as Llama's)."""
+    from transformers import LlamaConfig, LlamaModel
+
+    vocab = write_word_tokenizer(folder, words, bos)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=ffn, max_position_embeddings=256,
+                         tie_word_embeddings=tied)
+    LlamaModel(config).save_pretrained(folder)
+    return folder
+
+
+def write_word_tokenizer(folder: Path, words: tuple[str, ...], bos: bool = False) -> dict[str, int]:
+    """A whole-word tokenizer with <unk>, <s> and </s> (``bos``: every text starts with <s>); its vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>"] + list(dict.fromkeys(words)))}
@@ -53,9 +66,37 @@ def write_tiny_llama(folder: Path, hidden: int = 32, layers: int = 2, ffn: int =
     if bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    return vocab
+
+
+NATIVE_MOE_FAMILIES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe")
+
+
+def write_tiny_moe(folder: Path, model_type: str, words: tuple[str, ...] = WORDS, hidden: int = 16, layers: int = 2,
+                   experts: int = 4, top_k: int = 2, seed: int = 0, renormalise: bool = False) -> Path:
+    """A tiny random native MoE causal LM (OLMoE, Mixtral, Qwen2-MoE with its shared expert, Qwen3-MoE),
+    a few thousand parameters, saved as ``from_pretrained`` reads it; ``renormalise``: norm_topk_prob."""
+    import transformers
+
+    vocab = write_word_tokenizer(folder, words, bos=True)
+    common = dict(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                  num_key_value_heads=2, num_experts_per_tok=top_k, max_position_embeddings=256, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=None, tie_word_embeddings=False)
+    configs = {
+        "olmoe": lambda: transformers.OlmoeConfig(**common, intermediate_size=32, num_experts=experts,
+                                                  norm_topk_prob=renormalise),
+        "mixtral": lambda: transformers.MixtralConfig(**common, intermediate_size=32, num_local_experts=experts),
+        "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**common, intermediate_size=32, moe_intermediate_size=8,
+                                                         shared_expert_intermediate_size=32, num_experts=experts,
+                                                         norm_topk_prob=renormalise),
+        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**common, intermediate_size=32, moe_intermediate_size=8,
+                                                         num_experts=experts, norm_topk_prob=renormalise),
+    }
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=ffn, max_position_embeddings=256,
-                         tie_word_embeddings=tied)
-    LlamaModel(config).save_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_config(configs[model_type]())
+    with torch.no_grad():  # random routers and experts large enough that routing and the experts matter
+        for name, p in model.named_parameters():
+            if "mlp" in name:
+                p.normal_(0, 0.3)
+    model.save_pretrained(folder)
     return folder

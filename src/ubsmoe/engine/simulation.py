@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sized
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,7 +35,7 @@ from ubsmoe.methods.base import ClientInfo, FederatedMethod, ServerState, get_me
 from ubsmoe.methods.records import ClientUpdate, TrainInstruction, flat_tensors
 from ubsmoe.tasks import Task, TaskData, get_task
 from ubsmoe.model import MoEModel, ModelSpec, build_model, load_tokenizer
-from ubsmoe.model.moe_model import backbone_positions, upcycle_cache_key
+from ubsmoe.model.moe_model import backbone_positions, native_moe_shape, upcycle_cache_key
 from ubsmoe.model.moe_layer import GATE_MODES
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,7 @@ def validate(config: ExperimentConfig) -> None:
         (config.train.local_steps >= 1 or config.train.local_epochs > 0, "train.local_steps must be >= 1"),
         (config.train.lr > 0, "train.lr must be > 0"),
         (config.model.num_experts >= 1, "model.num_experts must be >= 1"),
-        (0 <= config.model.top_k_max <= config.model.num_experts,
-         f"model.top_k_max must be in [0, model.num_experts={config.model.num_experts}] (0 means all)"),
+        (config.model.top_k_max >= 0, "model.top_k_max must be >= 0 (0 means all, or a native MoE's own top-k)"),
         (config.model.lora_rank >= 1, "model.lora_rank must be >= 1"),
         (config.model.router_init in ("calibrated", "centroid"), "model.router_init must be calibrated or centroid"),
         (config.model.gate_mode in GATE_MODES, f"model.gate_mode must be one of {', '.join(GATE_MODES)}"),
@@ -113,6 +112,13 @@ def validate(config: ExperimentConfig) -> None:
 def check_model(config: ExperimentConfig, spec: ModelSpec) -> None:
     """What needs the model the method trains (its spec) and the backbone's config, before any data or
     weights are loaded."""
+    native = native_moe_shape(config.model.backbone)
+    experts = native.num_experts if native else config.model.num_experts
+    if config.model.top_k_max > experts:
+        raise ConfigError(f"model.top_k_max={config.model.top_k_max} exceeds the {experts} experts per layer"
+                          + (f" of {config.model.backbone}" if native else " (model.num_experts)"))
+    if native:
+        return
     if spec.num_experts > 1 and spec.router_init == "calibrated" and config.model.calibration_samples < 1:
         raise ConfigError("model.calibration_samples must be >= 1 with router_init=calibrated (or use router_init=centroid)")
     positions = backbone_positions(config.model.backbone)
@@ -135,6 +141,9 @@ def build_experiment(config: ExperimentConfig, upcycle_cache: Path | None = None
         seed=config.seed,
         dropout=None if config.model.dropout < 0 else config.model.dropout))
     check_model(config, spec)
+    native = native_moe_shape(config.model.backbone)
+    if native:  # the checkpoint's experts, router and top-k, whatever the method would upcycle
+        spec = replace(spec, num_experts=native.num_experts)
     torch.manual_seed(config.seed)
     task = get_task(config.task)(config)
     data = task.load(load_tokenizer(config.model.backbone))
@@ -142,13 +151,16 @@ def build_experiment(config: ExperimentConfig, upcycle_cache: Path | None = None
     clients, parts = make_clients(config.federation, data.partition_keys, config.seed)
 
     calibration = None
-    if spec.num_experts > 1 and spec.router_init == "calibrated":
+    if spec.num_experts > 1 and spec.router_init == "calibrated" and not native:
         # The server's calibration set: a few unlabelled training texts (labels are never read).
         chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
         calibration = [(ids, mask) for ids, mask, _ in train.batches(32, chosen[: config.model.calibration_samples])]
-    cache = None if upcycle_cache is None else upcycle_cache / f"{upcycle_cache_key(spec, calibration)}.safetensors"
+    cache = None if upcycle_cache is None or native else upcycle_cache / f"{upcycle_cache_key(spec, calibration)}.safetensors"
     model = build_model(spec, task.head(data), calibration_batches=calibration, cache=cache)
-    method.k_max = config.model.top_k_max if (config.model.top_k_max and spec.num_experts > 1) else spec.num_experts
+    if native:
+        method.k_max = config.model.top_k_max or native.top_k
+    else:
+        method.k_max = config.model.top_k_max if (config.model.top_k_max and spec.num_experts > 1) else spec.num_experts
     method.prepare_model(model)
     return Experiment(config, task, data, method, model, clients, [torch.from_numpy(p) for p in parts],
                       tiers(config.federation))

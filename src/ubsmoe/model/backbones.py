@@ -1,7 +1,9 @@
 """Pretrained backbones: where their weights come from and how each architecture family is adapted.
 
 A family knows where a layer's FFN and attention projections live in the Hugging Face module tree;
-nothing else in the project depends on the architecture. Weights load offline: from an installed
+nothing else in the project depends on the architecture. Dense families (BERT, Llama) have their FFNs
+upcycled into experts; native MoE families (OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE) bring their own
+experts, router and top-k, read as they are. Weights load offline: from an installed
 package (``minilm``, ``smollm2``), a local Hugging Face checkpoint folder or a local GGUF file.
 """
 
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 
 from ubsmoe.config import ConfigError, MissingFileError, MissingPackageError
@@ -87,11 +90,16 @@ class BackboneFamily:
     model_types: tuple[str, ...]
     pooling: str  # "mean" for encoders, "last" for causal decoders
     layers: Callable[[nn.Module], list[nn.Module]]
-    extract_ffn: Callable[[nn.Module], DenseFFN]
+    extract_ffn: Callable[[nn.Module], DenseFFN] | None  # a dense FFN to upcycle (None: a native MoE family)
     install_ffn: Callable[[nn.Module, nn.Module], None]
     attention: Callable[[nn.Module], dict[str, tuple[nn.Module, str]]]  # name -> (parent, attribute)
     layer_path: str  # where ``layers`` lives in the backbone's module tree: layer i is f"{layer_path}.{i}"
     ffn_modules: dict[str, str]  # FFN matrix ("up", "down", "gate") -> its linear module's path in a layer
+    extract_moe: Callable[[nn.Module], "NativeMoE"] | None = None  # a native MoE family's sparse block
+
+    @property
+    def native_moe(self) -> bool:
+        return self.extract_moe is not None
 
 
 def _weight_t(linear: nn.Linear):
@@ -128,6 +136,62 @@ def _llama_install(layer: nn.Module, ffn: nn.Module) -> None:
     layer.mlp = ffn
 
 
+@dataclass
+class NativeMoE:
+    """A pretrained sparse MoE block, as views of its own tensors (nothing copied).
+
+    w_gate, w_up: (E, d, h) and w_down: (E, h, d) in (in, out) layout: transposed views of Hugging Face's
+    fused ``experts.gate_up_proj`` (E, 2h, d), gate first, and ``experts.down_proj`` (E, d, h);
+    router: (E, d) the router's weight; top_k: the experts a token takes in pretraining; renormalise:
+    whether the top-k probabilities are divided by their sum (``norm_topk_prob``; Mixtral always);
+    shared, shared_gate: Qwen2-MoE's always-on expert and its (d -> 1) sigmoid gate, or None.
+    """
+
+    w_gate: torch.Tensor
+    w_up: torch.Tensor
+    w_down: torch.Tensor
+    router: torch.Tensor
+    top_k: int
+    renormalise: bool
+    activation: Callable[[torch.Tensor], torch.Tensor]
+    shared: nn.Module | None = None
+    shared_gate: nn.Module | None = None
+
+
+def _native_extract(layer: nn.Module) -> NativeMoE:
+    block = layer.mlp
+    experts = getattr(block, "experts", None)
+    if experts is None or not hasattr(experts, "gate_up_proj"):
+        raise ConfigError(f"layer {getattr(layer.self_attn, 'layer_idx', '?')} holds a dense MLP ({type(block).__name__}), "
+                          "not a sparse block: checkpoints that mix dense and sparse layers (mlp_only_layers, "
+                          "decoder_sparse_step > 1) are not supported")
+    gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()  # (E, 2h, d), (E, d, h)
+    h = gate_up.shape[1] // 2
+    return NativeMoE(
+        w_gate=gate_up[:, :h].transpose(1, 2), w_up=gate_up[:, h:].transpose(1, 2), w_down=down.transpose(1, 2),
+        router=block.gate.weight.detach(), top_k=int(block.gate.top_k),
+        renormalise=bool(getattr(block.gate, "norm_topk_prob", True)), activation=experts.act_fn,
+        shared=getattr(block, "shared_expert", None), shared_gate=getattr(block, "shared_expert_gate", None),
+    )
+
+
+def _native_family(name: str) -> BackboneFamily:
+    return BackboneFamily(
+        name=name,
+        model_types=(name,),
+        pooling="last",
+        layers=lambda model: list(model.layers),
+        extract_ffn=None,
+        install_ffn=_llama_install,
+        attention=lambda layer: {"q_proj": (layer.self_attn, "q_proj"), "v_proj": (layer.self_attn, "v_proj")},
+        layer_path="layers",
+        ffn_modules={},
+        extract_moe=_native_extract,
+    )
+
+
+NATIVE_MOE_TYPES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe")  # Hugging Face model types read as they are
+
 FAMILIES = (
     BackboneFamily(
         name="bert",
@@ -151,7 +215,7 @@ FAMILIES = (
         layer_path="layers",
         ffn_modules={"up": "mlp.up_proj", "down": "mlp.down_proj", "gate": "mlp.gate_proj"},
     ),
-)
+) + tuple(_native_family(name) for name in NATIVE_MOE_TYPES)
 
 
 def family_of(model_type: str) -> BackboneFamily:

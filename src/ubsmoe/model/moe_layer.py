@@ -162,7 +162,8 @@ class SparseMoEFFN(nn.Module):
         self.active_rank = lora_rank
         self.top_k = num_experts
 
-        frozen = lambda t: None if t is None else nn.Parameter(t.detach().clone(), requires_grad=False)  # noqa: E731
+        # The frozen tensors are taken as they are, views included (a native MoE's transposed experts): no copy
+        frozen = lambda t: None if t is None else nn.Parameter(t.detach(), requires_grad=False)  # noqa: E731
         self.w_up, self.w_gate, self.w_down = frozen(w_up), frozen(w_gate), frozen(w_down)
         self.b_up, self.b_down = frozen(b_up), frozen(b_down)
         self.router = None

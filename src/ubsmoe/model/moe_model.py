@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ubsmoe.model import fast_dropout, fast_norm
-from ubsmoe.model.backbones import BackboneFamily, backbone_identity, family_of, resolve_backbone
+from ubsmoe.model.backbones import (NATIVE_MOE_TYPES, BackboneFamily, backbone_identity, family_of,
+                                    resolve_backbone)
 from ubsmoe.model.lora import LoRALinear
 from ubsmoe.model.moe_layer import RoutingContext, SparseMoEFFN
 from ubsmoe.model.upcycle import ROUTER_INITS, calibrated_router, centroid_router, split_ffn
@@ -254,7 +255,8 @@ def capture_ffn_inputs(model: nn.Module, family: BackboneFamily, batches) -> lis
 
 
 def build_model(spec: ModelSpec, head: HeadFactory, calibration_batches=None, cache: Path | None = None) -> MoEModel:
-    """Load the backbone, upcycle every FFN into ``spec.num_experts`` experts, add LoRA and the task's head.
+    """Load the backbone, upcycle every FFN into ``spec.num_experts`` experts (a native MoE backbone keeps its
+own: ``_build_native``), add LoRA and the task's head.
 
     calibration_batches: iterable of (input_ids, attention_mask), needed for ``router_init="calibrated"``.
     cache: a safetensors file for the upcycled experts and routers (the costly part: the neurons'
@@ -271,6 +273,8 @@ def build_model(spec: ModelSpec, head: HeadFactory, calibration_batches=None, ca
         for module in model.modules():
             if isinstance(module, nn.Dropout):
                 module.p = spec.dropout
+    if family.native_moe:
+        return _build_native(model, family, spec, head, RoutingContext(), generator)
     layers = family.layers(model)
     cached = load_file(cache) if cache is not None and cache.is_file() else None
     calibration = None
@@ -312,6 +316,62 @@ def build_model(spec: ModelSpec, head: HeadFactory, calibration_batches=None, ca
         os.replace(partial, cache)  # whole or absent, also with several processes at once
     log.info("trainable parameters: %s", built.parameter_report())
     return built
+
+
+def _build_native(model: nn.Module, family: BackboneFamily, spec: ModelSpec, head: HeadFactory,
+                  context: RoutingContext, generator: torch.Generator) -> MoEModel:
+    """A native MoE backbone: every sparse block becomes a ``SparseMoEFFN`` over the block's own expert
+    tensors (views, not copies), with its router and its gate rule (softmax over all experts, top-k,
+    renormalised when the checkpoint says so), and routes its pretrained top-k until a method sets K.
+    Qwen2-MoE's shared expert and its sigmoid gate stay as they are, frozen, beside the routed experts."""
+    moe_layers = []
+    for layer in family.layers(model):
+        native = family.extract_moe(layer)
+        moe = SparseMoEFFN(
+            native.w_up, native.w_down, native.activation, w_gate=native.w_gate, router_weight=native.router,
+            lora_rank=spec.lora_rank, lora_alpha=spec.lora_alpha,
+            gate_mode="softmax_renorm" if native.renormalise else "softmax", context=context, generator=generator,
+        )
+        moe.set_top_k(native.top_k)
+        family.install_ffn(layer, moe if native.shared is None else SharedExpertMoE(moe, native.shared, native.shared_gate))
+        for _, (parent, attr) in family.attention(layer).items():
+            setattr(parent, attr, LoRALinear(getattr(parent, attr), spec.lora_rank, spec.lora_alpha, generator))
+        moe_layers.append(moe)
+    built = MoEModel(model, family, moe_layers, head(model, family, generator), context)
+    log.info("trainable parameters: %s", built.parameter_report())
+    return built
+
+
+class SharedExpertMoE(nn.Module):
+    """Routed experts plus an always-on shared expert scaled by a sigmoid gate (Qwen2-MoE):
+    hidden (B, S, d) -> routed(hidden) + sigmoid(shared_gate(hidden)) * shared(hidden)."""
+
+    def __init__(self, routed: SparseMoEFFN, shared: nn.Module, shared_gate: nn.Module):
+        super().__init__()
+        self.routed, self.shared, self.shared_gate = routed, shared, shared_gate
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.routed(hidden) + torch.sigmoid(self.shared_gate(hidden)) * self.shared(hidden)
+
+
+@dataclass(frozen=True)
+class NativeShape:
+    """A native MoE checkpoint's experts per layer (M) and the experts a token takes (K)."""
+
+    num_experts: int
+    top_k: int
+
+
+def native_moe_shape(backbone: str) -> NativeShape | None:
+    """M and K of a native MoE backbone, read from its config without its weights; None for a dense one."""
+    from transformers import AutoConfig
+
+    source = resolve_backbone(backbone)
+    config = AutoConfig.from_pretrained(source.folder, **source.pretrained_kwargs())
+    if config.model_type not in NATIVE_MOE_TYPES:
+        return None
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts")
+    return NativeShape(int(experts), int(config.num_experts_per_tok))
 
 
 UPCYCLED = ("w_up", "w_down", "w_gate", "b_up", "b_down", "router")  # what the upcycling cache holds per layer
