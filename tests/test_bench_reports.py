@@ -60,3 +60,14 @@ def test_bench_refuses_a_thread_count_below_one_before_running(tmp_path, capsys)
     assert main(["bench", "tiers", "--out", str(out), "--threads", "0"]) == 2
     assert "--threads must be at least 1, got 0" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_native_load_benchmark_measures_both_loaders(tmp_path):
+    """`ubsmoe bench native-load` on a small checkpoint: both loaders measured in their own processes."""
+    from ubsmoe.bench.native_load import run
+
+    result = run(tmp_path / "native_load.json", layers=1, experts=4, hidden=32, expert_width=16, vocab=64)
+
+    assert result["disk_bytes"] > 0 and set(result["runs"]) == {"transformers", "ubsmoe"}
+    assert all(r["peak"] >= r["after"] >= r["baseline"] > 0 for r in result["runs"].values())
+    assert "| ubsmoe |" in (tmp_path / "native_load.md").read_text()
