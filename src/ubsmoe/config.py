@@ -121,6 +121,10 @@ class EvaluationConfig:
 class ExperimentConfig:
     seed: int = option(0, "seed of every random choice")
     threads: int = option(2, "CPU threads torch may use")
+    device: str = option("cpu", "where the model trains and is scored: cpu, cuda, or auto (cuda when there is one)")
+    precision: str = option("fp32", "fp32, or bf16: the frozen weights in bfloat16, the trained tensors in float32; "
+                                    "the experts and LoRA products compute in float32 (a LoRA update is never "
+                                    "folded into bfloat16 weights)")
     task: str = option("classification", "what is fine-tuned and scored: classification (see `ubsmoe tasks`)")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -309,7 +313,7 @@ def describe(config_cls=ExperimentConfig, prefix: str = "") -> list[tuple[str, s
 NEUTRAL_NEW_KEYS = ("task", "train.train_on_inputs", "evaluation.protocol", "evaluation.max_new_tokens",
                     "evaluation.num_beams", "evaluation.round0", "data.header", "federation.min_clients",
                     "federation.checkpoint_every", "federation.max_update_norm", "federation.update_norm_policy",
-                    "federation.client_timeout")
+                    "federation.client_timeout", "device", "precision")
 
 
 def differing_keys(stored: dict[str, Any], wanted: ExperimentConfig) -> list[str]:

@@ -57,7 +57,7 @@ class LayerUpdate:
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """PEFT's (lora_A (r, in), lora_B (out, r)) with B A = the whole update (transposed to (out, in))."""
-        a_parts, b_parts = [self.a.T], [self.scale * self.b.T]
+        a_parts, b_parts = [self.a.T.float()], [self.scale * self.b.T.float()]
         merged = (self.weight.double() - self.original.double())
         if merged.abs().max() > 0:
             u, s, vh = torch.linalg.svd(merged, full_matrices=False)  # merged (in, out) = U S Vh
@@ -131,8 +131,8 @@ def write_peft_adapter(loaded: LoadedModel, folder: Path, original: dict[str, to
     prefix = "base_model.model." + ("model." if loaded.exp.task.name == "causal-lm" else "")
     tensors = {}
     for module, (a, b) in factors.items():
-        tensors[f"{prefix}{module}.lora_A.weight"] = _padded(a, (rank, a.shape[1]))
-        tensors[f"{prefix}{module}.lora_B.weight"] = _padded(b, (b.shape[0], rank))
+        tensors[f"{prefix}{module}.lora_A.weight"] = _padded(a, (rank, a.shape[1])).cpu()
+        tensors[f"{prefix}{module}.lora_B.weight"] = _padded(b, (b.shape[0], rank)).cpu()
     save_file(tensors, str(folder / ADAPTER_WEIGHTS))
     adapter_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM" if loaded.exp.task.name == "causal-lm" else "FEATURE_EXTRACTION",

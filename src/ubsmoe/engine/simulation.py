@@ -35,7 +35,7 @@ from ubsmoe.methods.base import ClientInfo, FederatedMethod, ServerState, get_me
 from ubsmoe.methods.records import ClientUpdate, TrainInstruction, flat_tensors
 from ubsmoe.tasks import Task, TaskData, get_task
 from ubsmoe.model import MoEModel, ModelSpec, build_model, load_tokenizer
-from ubsmoe.model.moe_model import backbone_positions, native_moe_shape, upcycle_cache_key
+from ubsmoe.model.moe_model import PRECISIONS, backbone_positions, native_moe_shape, upcycle_cache_key
 from ubsmoe.model.moe_layer import GATE_MODES
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,10 @@ def validate(config: ExperimentConfig) -> None:
         (config.federation.max_update_norm >= 0, "federation.max_update_norm must be >= 0 (0: no bound)"),
         (config.federation.update_norm_policy in ("clip", "reject"), "federation.update_norm_policy must be clip or reject"),
         (config.federation.client_timeout >= 0, "federation.client_timeout must be >= 0 seconds (0: no limit)"),
+        (config.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
+        (config.device in ("cpu", "cuda", "auto"), "device must be cpu, cuda or auto"),
+        (config.device != "cuda" or torch.cuda.is_available(),
+         "device=cuda, but torch sees no CUDA device here: use device=cpu (or auto), or install a CUDA build of torch"),
     ]
     for ok, message in checks:
         if not ok:
@@ -127,6 +131,13 @@ def check_model(config: ExperimentConfig, spec: ModelSpec) -> None:
                           f"{config.model.backbone} was trained for: lower model.max_length")
 
 
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda``, or ``auto`` (cuda when torch sees a CUDA device)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def build_experiment(config: ExperimentConfig, upcycle_cache: Path | None = None) -> Experiment:
     """Everything a run needs; with ``upcycle_cache`` (a folder) the upcycled experts and routers are read
     from it when an earlier build left them there (a Flower ClientApp process per message)."""
@@ -138,7 +149,7 @@ def build_experiment(config: ExperimentConfig, upcycle_cache: Path | None = None
     spec = method.model_spec(ModelSpec(
         backbone=config.model.backbone, num_experts=config.model.num_experts, lora_rank=config.model.lora_rank,
         lora_alpha=config.model.lora_alpha, router_init=config.model.router_init, gate_mode=config.model.gate_mode,
-        seed=config.seed,
+        seed=config.seed, precision=config.precision,
         dropout=None if config.model.dropout < 0 else config.model.dropout))
     check_model(config, spec)
     native = native_moe_shape(config.model.backbone)
@@ -162,6 +173,7 @@ def build_experiment(config: ExperimentConfig, upcycle_cache: Path | None = None
     else:
         method.k_max = config.model.top_k_max if (config.model.top_k_max and spec.num_experts > 1) else spec.num_experts
     method.prepare_model(model)
+    model.to(resolve_device(config.device))  # the server's records stay on the CPU (``trainable_state``)
     return Experiment(config, task, data, method, model, clients, [torch.from_numpy(p) for p in parts],
                       tiers(config.federation))
 

@@ -42,11 +42,11 @@ def expert_mean_outputs(layer: SparseMoEFFN, layout: SlotLayout, activation: tor
     adapted down matrix: no per-token output is formed. activation: (S, h) ungated, slots sorted by expert.
     """
     E = layer.num_experts
-    counts = torch.tensor(layout.counts, dtype=activation.dtype)
+    counts = torch.tensor(layout.counts, dtype=activation.dtype, device=activation.device)
     sums = activation.new_zeros(E, activation.shape[1]).index_add_(0, layout.expert, activation)
     means = (sums / counts.clamp_min(1).unsqueeze(1)).unsqueeze(1)  # (E, 1, h)
     low_rank = torch.bmm(torch.bmm(means, layer.lora_down_a), layer.lora_down_b) * layer.lora_scale  # through r
-    return (torch.bmm(means, layer.w_down) + low_rank).squeeze(1), counts > 0
+    return (torch.bmm(means, layer.frozen("w_down")) + low_rank).squeeze(1), counts > 0
 
 
 class DefaultOutputs(MoEHook):
@@ -101,7 +101,7 @@ class DefaultMoE(SparseMoE):
         update = super().client_update(model, start, client, settings, routing)
         (hook,) = [h for h in self.hooks if isinstance(h, DefaultOutputs)]
         update.tensors["defaults_updated"] = torch.stack(
-            [hook.updated.get(layer, torch.zeros(layer.num_experts, dtype=torch.bool)) for layer in model.moe_layers])
+            [hook.updated.get(layer, torch.zeros(layer.num_experts, dtype=torch.bool)).cpu() for layer in model.moe_layers])
         return update
 
     def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:

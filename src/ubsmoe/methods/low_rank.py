@@ -204,6 +204,9 @@ class MergingMethod(HeterogeneousRankMethod):
     evaluated one by one (the key is the rank): their predictions agree, but each runs its own rank-r_c
     adapter, and its inference FLOPs are counted at that rank.
 
+    Under ``precision=bf16`` the matrices the updates are folded into stay float32 (the rest of the backbone
+    is bf16): a round's small update would vanish in a bf16 weight.
+
     The server keeps every round's merged update in factored form (``merged/<round>/<adapter>/...`` in
     its state's tensors) and sends them all (``frozen_state``): a client that missed rounds, or a fresh
     process, rebuilds the merged base from the original weights (``sync_frozen``), applying each round
@@ -212,6 +215,12 @@ class MergingMethod(HeterogeneousRankMethod):
 
     def prepare_model(self, model: MoEModel) -> None:
         super().prepare_model(model)
+        params = dict(model.named_parameters())
+        with torch.no_grad():  # each round's update is folded into these: never into bf16 weights
+            for adapter in self.adapters:
+                weight = params[adapter.weight]
+                if weight.dtype != params[adapter.a].dtype:
+                    weight.data = weight.data.to(params[adapter.a].dtype)
         trainable = model.trainable_state()
         self.fresh = {n: trainable[n] for n in self.adapter_names()}
         model.merged_rounds = set()  # the merged updates already folded into this model's frozen weights

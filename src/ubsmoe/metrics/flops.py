@@ -10,7 +10,9 @@ Counted, with a multiply-add as 2 FLOPs:
   the factor on the model-width side (A of up/gate, B of down) costs two dense (T, d) x (d, E r)
   products over every expert and real token, and the factor on the expert-width side two products per
   slot (at K = M, every expert's slots are every token); at inference on so few slots that the layer
-  skips the merge (``SparseMoEFFN.merges``), s (x A_e) B_e per slot instead;
+  skips the merge (``SparseMoEFFN.merges``), s (x A_e) B_e per slot instead; in training of experts too
+  large to merge, the LoRA apart: x A_e for every token and expert and its dense gradient, and the
+  expert-width products per slot;
 - the task's head, as the head counts itself (``TaskHead.flops``: classification, one product per
   pooled vector);
 - in training, the backward pass: a frozen matrix needs the input gradient only (1 x its forward),
@@ -134,6 +136,11 @@ class FlopCounter:
                 lora_macs = tokens * layer.num_experts * layer.d_model + slots * layer.d_hidden  # per rank and matrix
                 merge = layer.num_experts * layer.d_model * layer.d_hidden  # W + s A B, once per batch
                 flops.lora += 2 * (merge + 2 * grad * lora_macs) * layer.active_rank * matrices
+            elif training:  # large experts: the LoRA apart (``UnmergedUpProjection``, ``UnmergedDownProjection``)
+                # x A_e for every token and expert and the dense gradient of the model-width factor, plus per
+                # slot the expert-width products: forward, their input gradient and their weight gradient
+                lora_macs = 2 * tokens * layer.num_experts * layer.d_model + slots * (3 * layer.d_hidden + layer.d_model)
+                flops.lora += 2 * lora_macs * layer.active_rank * matrices
             else:  # inference on few slots: s (x A_e) B_e per slot, no merged weight
                 flops.lora += 2 * slots * (layer.d_model + layer.d_hidden) * layer.active_rank * matrices
             if layer.router is not None:

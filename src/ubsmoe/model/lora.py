@@ -35,10 +35,22 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""
         r = self.active_rank
+        a, b = self.lora_a[:, :r], self.lora_b[:r]
+        weight = self.base.weight
+        if not x.dtype == weight.dtype == a.dtype:
+            return self._mixed(x, a, b)
         flat = x.reshape(-1, x.shape[-1])  # (N, in)
-        out = _LoRAProduct.apply(flat, self.base.weight, self.base.bias, self.lora_a[:, :r], self.lora_b[:r],
-                                 self.scale)
+        out = _LoRAProduct.apply(flat, weight, self.base.bias, a, b, self.scale)
         return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _mixed(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Lower-precision frozen weights (bf16) or inputs: the frozen product in the weight's dtype, the
+        low-rank one s (x A) B in the factors' (float32), summed in float32 and returned in x's dtype. The
+        update is never folded into the frozen weight, where an update far below its rounding step would vanish."""
+        weight, bias = self.base.weight, self.base.bias
+        frozen = torch.nn.functional.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
+        low_rank = (x.to(a.dtype) @ a) @ b
+        return (frozen.to(a.dtype) + self.scale * low_rank).to(x.dtype)
 
 
 class _LoRAProduct(torch.autograd.Function):

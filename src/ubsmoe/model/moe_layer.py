@@ -15,11 +15,15 @@ import torch
 from torch import nn
 
 from ubsmoe.model.grouped_lora import (DenseDownProjection, DenseUpProjection, GroupedDownProjection,
-                                       GroupedUpProjection, grouped_mm)
+                                       GroupedUpProjection, UnmergedDownProjection, UnmergedUpProjection,
+                                       frozen_product, grouped_mm)
 from ubsmoe.model.lora import kaiming_uniform
 from ubsmoe.model.matmul import NarrowLinear
 
 GATE_MODES = ("straight_through", "softmax", "softmax_renorm")
+# Largest E d h (numbers per stacked expert matrix) that training merges into W + s A B: 16 M numbers, 64 MB in
+# float32 per matrix (MiniLM's and SmolLM2's upcycled layers are below 1 M; OLMoE's 134 M are above).
+MERGE_LIMIT = 2**24
 
 
 @dataclass
@@ -71,9 +75,10 @@ class RoutingCounter:
         self.tokens = 0
 
     def add(self, experts: torch.Tensor, probs: torch.Tensor) -> None:
-        """experts: (T, K) selected experts; probs: (T, E) router probabilities."""
-        self.routed += torch.bincount(experts.reshape(-1), minlength=self.num_experts).to(torch.float64)
-        self.prob_sum += probs.detach().sum(0).to(torch.float64)
+        """experts: (T, K) selected experts; probs: (T, E) router probabilities (on any device: the
+        statistics are kept on the CPU, where the engine reads them)."""
+        self.routed += torch.bincount(experts.reshape(-1), minlength=self.num_experts).to("cpu", torch.float64)
+        self.prob_sum += probs.detach().sum(0).to("cpu", torch.float64)
         self.tokens += experts.shape[0]
 
 
@@ -161,6 +166,7 @@ class SparseMoEFFN(nn.Module):
         self.lora_scale = lora_alpha / lora_rank
         self.active_rank = lora_rank
         self.top_k = num_experts
+        self.merge_limit = MERGE_LIMIT
 
         # The frozen tensors are taken as they are, views included (a native MoE's transposed experts): no copy
         frozen = lambda t: None if t is None else nn.Parameter(t.detach(), requires_grad=False)  # noqa: E731
@@ -200,9 +206,21 @@ class SparseMoEFFN(nn.Module):
         return len(self.adapted) * self.lora_rank * (self.d_hidden + self.d_model)
 
     # ------------------------------------------------------------------ forward
+    def frozen(self, name: str) -> torch.Tensor | None:
+        """Frozen tensor ``w_up``, ``w_gate``, ``w_down``, ``b_up`` or ``b_down`` in the dtype the layer computes
+        in (its LoRA factors'): a bf16 model's experts are upcast for the call, so that W + s A B is formed in
+        float32 and no update is folded into bf16 weights."""
+        tensor = getattr(self, name)
+        compute = self.lora_up_a.dtype
+        return tensor if tensor is None or tensor.dtype == compute else tensor.to(compute)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: (batch, seq, d) -> (batch, seq, d); padding positions get zeros (plus ``b_down``)."""
-        shape = hidden.shape
+        """hidden: (batch, seq, d) -> (batch, seq, d); padding positions get zeros (plus ``b_down``).
+        Computes in the LoRA factors' dtype (float32) and returns ``hidden``'s dtype."""
+        shape, dtype = hidden.shape, hidden.dtype
+        compute = self.lora_up_a.dtype
+        if dtype != compute:
+            return self.forward(hidden.to(compute)).to(dtype)
         flat = hidden.reshape(-1, self.d_model)
         mask = self.context.token_mask
         token_index = None
@@ -215,7 +233,7 @@ class SparseMoEFFN(nn.Module):
         if token_index is not None:
             y = torch.zeros_like(flat).index_copy(0, token_index, y)
         if self.b_down is not None:
-            y = y + self.b_down
+            y = y + self.frozen("b_down")
         return y.reshape(shape)
 
     def _route_and_compute(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,7 +262,9 @@ class SparseMoEFFN(nn.Module):
             layout = SlotLayout.from_experts(experts, self.num_experts)
             slot_gates = gates.reshape(-1).index_select(0, layout.order)
             if self._merge_pays(layout.token.shape[0]):
-                y = self._routed_experts(x, layout, slot_gates)
+                y = self._routed_experts(x, layout, slot_gates, merged=True)
+            elif torch.is_grad_enabled():
+                y = self._routed_experts(x, layout, slot_gates, merged=False)
             else:
                 y = self._routed_experts_unmerged(x, layout, slot_gates)
         for hook in self.hooks:
@@ -270,25 +290,31 @@ class SparseMoEFFN(nn.Module):
             return _UnitGate.apply(hidden, gates)
         return hidden * gates.unsqueeze(-1)
 
-    def _routed_experts(self, x: torch.Tensor, layout: "SlotLayout", slot_gates: torch.Tensor) -> torch.Tensor:
+    def _routed_experts(self, x: torch.Tensor, layout: "SlotLayout", slot_gates: torch.Tensor,
+                        merged: bool = True) -> torch.Tensor:
         """Experts on their slots, grouped by expert. x: (T, d); slot_gates: (S,) -> (T, d).
 
-        Each projection runs through its merged weight W + s A B (``grouped_lora``); the gate multiplies the
-        hidden activation (S, h/E) rather than the output (S, d): the same value over fewer numbers.
+        Each projection runs through its merged weight W + s A B (``grouped_lora``), or, for experts too large
+        to merge them all (``merged=False``), through the frozen weight with the LoRA apart, so that memory
+        grows with K; the gate multiplies the hidden activation (S, h/E) rather than the output (S, d): the
+        same value over fewer numbers.
         """
         T = x.shape[0]
         extra_rows: dict[str, torch.Tensor] = {}  # what hooks add to the LoRA weight gradients, and read back
         projections = {}
+        up_projection = GroupedUpProjection if merged else UnmergedUpProjection
+        down_projection = GroupedDownProjection if merged else UnmergedDownProjection
+        weight = self.frozen if merged else (lambda name: getattr(self, name))  # unmerged: w in its own dtype
 
         def project(name: str, bias: torch.Tensor | None = None) -> torch.Tensor:  # (S, h)
             a, b = self._lora_factors(name)
-            out, projected = GroupedUpProjection.apply(x, a, getattr(self, f"w_{name}"), b, bias, self.lora_scale,
-                                                       layout.token, layout.pair, layout.ends, layout.counts, name,
-                                                       extra_rows)
+            out, projected = up_projection.apply(x, a, weight(f"w_{name}"), b, bias, self.lora_scale,
+                                                 layout.token, layout.pair, layout.ends, layout.counts, name,
+                                                 extra_rows)
             projections[name] = projected.view(T, self.num_experts, projected.shape[1] // self.num_experts)
             return out
 
-        up = project("up", self.b_up)
+        up = project("up", self.frozen("b_up"))
         gate = project("gate") if self.w_gate is not None else None
         hidden = self._hidden(up, gate, None)
         gated = self._apply_gates(hidden, slot_gates)
@@ -298,15 +324,20 @@ class SparseMoEFFN(nn.Module):
             for hook in self.hooks:
                 hook.observe_experts(self, layout, tensors)
         a, b = self._lora_factors("down")
-        return GroupedDownProjection.apply(gated, self.w_down, a, b, self.lora_scale, layout.token, layout.pair, T,
-                                           layout.ends, layout.counts, extra_rows)
+        return down_projection.apply(gated, weight("w_down"), a, b, self.lora_scale, layout.token, layout.pair, T,
+                                     layout.ends, layout.counts, extra_rows)
 
     def merges(self, slots: int, grad: bool) -> bool:
-        """Whether ``slots`` (token, expert) pairs run through merged weights W + s A B: always when
-        gradients flow (the backward reuses them); without gradients only when merging (E d h r
-        multiply-adds per matrix) costs less than the LoRA products of the slots themselves (S r (d + h)):
-        a decoding step's few tokens take the unmerged path. The FLOP counter follows the same rule."""
-        return grad or slots * (self.d_model + self.d_hidden) >= self.num_experts * self.d_model * self.d_hidden
+        """Whether ``slots`` (token, expert) pairs run through merged weights W + s A B. When gradients flow,
+        whenever every expert's merged matrix is small (E d h <= ``merge_limit``: the backward reuses it,
+        and it is the fastest path on small models); larger experts keep the LoRA apart, so that memory
+        beyond the frozen weights grows with K. Without gradients only when merging (E d h r multiply-adds
+        per matrix) costs less than the LoRA products of the slots themselves (S r (d + h)): a decoding
+        step's few tokens take the unmerged path. The FLOP counter follows the same rule."""
+        size = self.num_experts * self.d_model * self.d_hidden
+        if grad:
+            return size <= self.merge_limit
+        return slots * (self.d_model + self.d_hidden) >= size
 
     def _merge_pays(self, slots: int) -> bool:
         return self.merges(slots, torch.is_grad_enabled())
@@ -318,13 +349,13 @@ class SparseMoEFFN(nn.Module):
 
         def project(name: str, values: torch.Tensor) -> torch.Tensor:  # (S, in) -> (S, out)
             a, b = self._lora_factors(name)
-            out = grouped_mm(values, getattr(self, f"w_{name}"), layout.ends, layout.counts)
+            out = frozen_product(values, getattr(self, f"w_{name}"), layout.ends, layout.counts)
             low_rank = grouped_mm(grouped_mm(values, a, layout.ends, layout.counts), b, layout.ends, layout.counts)
             return out.add_(low_rank, alpha=self.lora_scale)
 
         up = project("up", inputs)
         if self.b_up is not None:
-            up = up + self.b_up.index_select(0, layout.expert)
+            up = up + self.frozen("b_up").index_select(0, layout.expert)
         gate = project("gate", inputs) if self.w_gate is not None else None
         activation = self._hidden(up, gate, None)
         # straight-through gates are exactly 1
@@ -344,14 +375,14 @@ class SparseMoEFFN(nn.Module):
 
         def project(name: str, bias: torch.Tensor | None = None) -> torch.Tensor:  # (T, E, h)
             a, b = self._lora_factors(name)
-            out, _ = DenseUpProjection.apply(x, a, getattr(self, f"w_{name}"), b, bias, self.lora_scale)
+            out, _ = DenseUpProjection.apply(x, a, self.frozen(f"w_{name}"), b, bias, self.lora_scale)
             return out
 
-        hidden = self._hidden(project("up", self.b_up), project("gate") if self.w_gate is not None else None, None)
+        hidden = self._hidden(project("up", self.frozen("b_up")), project("gate") if self.w_gate is not None else None, None)
         if gates is not None:
             hidden = self._apply_gates(hidden, gates)
         a, b = self._lora_factors("down")
-        return DenseDownProjection.apply(hidden, self.w_down, a, b, self.lora_scale)
+        return DenseDownProjection.apply(hidden, self.frozen("w_down"), a, b, self.lora_scale)
 
     def _all_experts_unmerged(self, x: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
         """Without gradients, for few tokens: every expert's frozen weight plus s (x A_e) B_e, batched over
@@ -359,12 +390,12 @@ class SparseMoEFFN(nn.Module):
 
         def project(name: str, values: torch.Tensor) -> torch.Tensor:  # (E or 1, T, in) -> (E, T, out)
             a, b = self._lora_factors(name)
-            weight = getattr(self, f"w_{name}")
+            weight = self.frozen(f"w_{name}")
             return torch.matmul(values, weight).add_(torch.matmul(torch.matmul(values, a), b), alpha=self.lora_scale)
 
         up = project("up", x.unsqueeze(0))
         if self.b_up is not None:
-            up = up + self.b_up.unsqueeze(1)
+            up = up + self.frozen("b_up").unsqueeze(1)
         gate = project("gate", x.unsqueeze(0)) if self.w_gate is not None else None
         hidden = self._hidden(up, gate, None)  # (E, T, h)
         if gates is not None and self.gate_mode != "straight_through":  # straight-through gates are exactly 1

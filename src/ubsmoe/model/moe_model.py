@@ -42,6 +42,7 @@ class ModelSpec:
     gate_mode: str = "straight_through"  # see SparseMoEFFN: straight_through, softmax or softmax_renorm
     seed: int = 0
     dropout: float | None = None  # every backbone dropout layer's probability; None keeps the checkpoint's
+    precision: str = "fp32"  # or "bf16": the frozen weights in bfloat16 (``cast_frozen``)
 
 
 class TaskHead(nn.Module):
@@ -83,8 +84,15 @@ class MoEModel(nn.Module):
         for layer in self.moe_layers:
             layer.set_top_k(k)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (its inputs are moved there)."""
+        return self.backbone.get_input_embeddings().weight.device
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **head_inputs) -> torch.Tensor:
-        return self.head(self.hidden_states(input_ids, attention_mask), attention_mask.bool(), **head_inputs)
+        device = self.device
+        head_inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in head_inputs.items()}
+        return self.head(self.hidden_states(input_ids, attention_mask), attention_mask.to(device).bool(), **head_inputs)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The backbone's last hidden states (B, S, d); padding positions are not routed."""
@@ -94,6 +102,9 @@ class MoEModel(nn.Module):
         """The backbone's output on input_ids (B, q). With a key-value cache (decoders), ``attention_mask``
         (B, past + q) covers the cached tokens too; the MoE layers route the q new positions, those whose
         mask is set."""
+        device = self.device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        backbone_inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in backbone_inputs.items()}
         self.context.token_mask = attention_mask[:, attention_mask.shape[1] - input_ids.shape[1]:].bool()
         try:
             return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **backbone_inputs)
@@ -115,8 +126,8 @@ class MoEModel(nn.Module):
         return tensors | {n: buffers[n] for n in self.shared_buffers}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """A copy of every trainable tensor and shared buffer, by name."""
-        return {n: t.detach().clone() for n, t in self._state_tensors().items()}
+        """A copy of every trainable tensor and shared buffer, by name, on the CPU (where records live)."""
+        return {n: t.detach().to("cpu", copy=True) for n, t in self._state_tensors().items()}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         """Overwrite the trainable tensors (and shared buffers) named in ``state``; unknown names are an error."""
@@ -204,7 +215,7 @@ def backbone_positions(backbone: str) -> int | None:
     return getattr(AutoConfig.from_pretrained(source.folder, **source.pretrained_kwargs()), "max_position_embeddings", None)
 
 
-def load_dense_backbone(backbone: str) -> tuple[nn.Module, BackboneFamily]:
+def load_dense_backbone(backbone: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, BackboneFamily]:
     """The pretrained Hugging Face model (no task head, no pooler: the task's head reads the hidden
     states itself), frozen, with CPU-cheap dropout (``fast_dropout``) and RMSNorm (``fast_norm``), and
     its family."""
@@ -218,7 +229,7 @@ def load_dense_backbone(backbone: str) -> tuple[nn.Module, BackboneFamily]:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModel.from_pretrained(source.folder, dtype=torch.float32, **source.pretrained_kwargs())
+        model = AutoModel.from_pretrained(source.folder, dtype=dtype, **source.pretrained_kwargs())
     finally:
         hf_logging.set_verbosity(verbosity)
     if getattr(model, "pooler", None) is not None:
@@ -267,14 +278,19 @@ own: ``_build_native``), add LoRA and the task's head.
         raise ValueError(f"router_init must be one of {ROUTER_INITS}, got {spec.router_init!r}")
     if spec.num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {spec.num_experts}")
+    if spec.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {spec.precision!r}")
     generator = torch.Generator().manual_seed(spec.seed)
-    model, family = load_dense_backbone(spec.backbone)
+    # A native MoE loads straight in its precision (no float32 copy of its weights); a dense backbone is
+    # upcycled in float32 and cast afterwards.
+    native = native_moe_shape(spec.backbone) is not None
+    model, family = load_dense_backbone(spec.backbone, PRECISIONS[spec.precision] if native else torch.float32)
     if spec.dropout is not None:
         for module in model.modules():
             if isinstance(module, nn.Dropout):
                 module.p = spec.dropout
     if family.native_moe:
-        return _build_native(model, family, spec, head, RoutingContext(), generator)
+        return cast_frozen(_build_native(model, family, spec, head, RoutingContext(), generator), spec.precision)
     layers = family.layers(model)
     cached = load_file(cache) if cache is not None and cache.is_file() else None
     calibration = None
@@ -315,7 +331,30 @@ own: ``_build_native``), add LoRA and the task's head.
         save_file(upcycled, partial)
         os.replace(partial, cache)  # whole or absent, also with several processes at once
     log.info("trainable parameters: %s", built.parameter_report())
-    return built
+    return cast_frozen(built, spec.precision)
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def cast_frozen(model: MoEModel, precision: str) -> MoEModel:
+    """Every frozen floating-point parameter of the pretrained model (and the language-model head's weight)
+    in the precision's dtype; what trains stays float32, and so do an MoE layer's own tensors other than its
+    experts (φ, which a method may unfreeze). Buffers such as rotary frequencies keep their dtype."""
+    dtype = PRECISIONS[precision]
+    if dtype == torch.float32:
+        return model
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if isinstance(module, SparseMoEFFN) and not name.startswith(("w_", "b_")):
+                    continue
+                if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+        head_weight = getattr(model.head, "weight", None)
+        if isinstance(head_weight, torch.Tensor) and not isinstance(head_weight, nn.Parameter):
+            model.head.weight = head_weight.to(dtype)
+    return model
 
 
 def _build_native(model: nn.Module, family: BackboneFamily, spec: ModelSpec, head: HeadFactory,

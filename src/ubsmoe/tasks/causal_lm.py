@@ -59,7 +59,7 @@ class LanguageModelHead(TaskHead):
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         chosen = hidden[mask if positions is None else positions]  # (n, d)
         self.last_positions = chosen.shape[0]
-        return F.linear(chosen, self.weight)
+        return F.linear(chosen.to(self.weight.dtype), self.weight).float()  # float32 logits in every precision
 
     def flops(self, attention_mask: torch.Tensor, training: bool, **inputs) -> float:
         """The projection at the positions of the last forward; a frozen matrix: in training its input
@@ -235,7 +235,8 @@ class CausalLM(Task):
 
     def loss(self, model: MoEModel, batch: Batch) -> torch.Tensor:
         positions, targets = next_token_positions(batch.labels)
-        return F.cross_entropy(model(batch.input_ids, batch.attention_mask, positions=positions), targets)
+        logits = model(batch.input_ids, batch.attention_mask, positions=positions)
+        return F.cross_entropy(logits, targets.to(logits.device))
 
     @torch.inference_mode()
     def evaluate(self, model: MoEModel, data: CommonsenseTestSet, batch_size: int,
@@ -348,7 +349,7 @@ def score_and_generate(model: MoEModel, questions: list[ScoredQuestion], batch_s
         prompt = model.run_backbone(ids, mask, position_ids=positions, use_cache=True,
                                     cache=DynamicCache(config=model.backbone.config))
         last = prompt.last_hidden_state[:, -1:]  # (B, 1, d): predicts each response's first token
-        first = model.head(last, torch.ones_like(last[..., 0], dtype=torch.bool)).log_softmax(-1)  # (B, V)
+        first = model.head(last, torch.ones_like(last[..., 0], dtype=torch.bool)).log_softmax(-1).cpu()  # (B, V)
         if observe is not None:  # the prompt pass and its one projection per prompt
             observe(mask)
         cache = prompt.cache
@@ -387,17 +388,17 @@ def _score_choices(model: MoEModel, chunk: list[ScoredQuestion], first: torch.Te
         real[i, : len(response)] = True
     totals = first[owner, ids[:, 0]].clone()  # each response's first token, predicted by its prompt
     if length > 1:
-        cache.batch_select_indices(owner)
+        cache.batch_select_indices(owner.to(model.device))
         extended = torch.cat([mask[owner], real.long()], dim=1)
         steps = positions[owner, -1:] + 1 + torch.arange(length)
         hidden = model.run_backbone(ids, extended, position_ids=steps, use_cache=True, cache=cache).last_hidden_state
         scored = F.pad(real[:, 1:], (0, 1), value=False)  # positions whose next token is a real response token
-        log_probs = model.head(hidden, real, positions=scored).log_softmax(-1)
+        log_probs = model.head(hidden, real.to(hidden.device), positions=scored).log_softmax(-1).cpu()
         token_scores = log_probs.gather(1, ids[:, 1:][real[:, 1:]].unsqueeze(1)).squeeze(1)
         totals.index_add_(0, scored.nonzero()[:, 0], token_scores)
         cache.crop(-length)  # back to the prompts (a negative count removes that many positions)
         first_rows = torch.tensor([0] + [len(q.responses) for q in chunk[:-1]]).cumsum(0)
-        cache.batch_select_indices(first_rows)
+        cache.batch_select_indices(first_rows.to(model.device))
     per_question = [[] for _ in chunk]
     for (qi, _), total in zip(rows, totals.tolist()):
         per_question[qi].append(total)
@@ -411,7 +412,7 @@ def _greedy(model: MoEModel, last: torch.Tensor, cache, mask: torch.Tensor, posi
     new = torch.empty((batch, 0), dtype=torch.long)
     done = torch.zeros(batch, dtype=torch.bool)
     for step in range(max_new_tokens):
-        token = model.head(hidden, torch.ones_like(hidden[..., 0], dtype=torch.bool)).argmax(-1)  # (B,)
+        token = model.head(hidden, torch.ones_like(hidden[..., 0], dtype=torch.bool)).argmax(-1).cpu()  # (B,)
         token = torch.where(done, torch.full_like(token, pad), token)
         new = torch.cat([new, token.unsqueeze(1)], dim=1)
         done |= token == eos
@@ -437,7 +438,7 @@ def _beam_search(model: MoEModel, last: torch.Tensor, cache, mask: torch.Tensor,
     open beams compete too. The answer is the best finished continuation.
     last: (B, 1, d); mask, positions: (B, P); the cache holds the B prompts and is reordered in place."""
     batch, n = last.shape[0], num_beams
-    log_probs = model.head(last, torch.ones_like(last[..., 0], dtype=torch.bool)).log_softmax(-1)  # (B, V)
+    log_probs = model.head(last, torch.ones_like(last[..., 0], dtype=torch.bool)).log_softmax(-1).cpu()  # (B, V)
     vocab = log_probs.shape[-1]
     scores = torch.zeros(batch, 1, dtype=log_probs.dtype)  # one open beam per prompt to start with
     sequences = torch.empty(batch, 0, dtype=torch.long)
@@ -467,14 +468,14 @@ def _beam_search(model: MoEModel, last: torch.Tensor, cache, mask: torch.Tensor,
         sequences = torch.cat([sequences[rows], tokens.unsqueeze(1)], dim=1)
         if step == max_new_tokens - 1 or all(done):
             break
-        cache.batch_select_indices(rows)  # each kept beam's history: its prompt's, then its parent beam's
+        cache.batch_select_indices(rows.to(model.device))  # each kept beam's history: its prompt's, then its parent beam's
         mask, positions = mask[rows], positions[rows]
         beams = n
         mask = torch.cat([mask, torch.ones((batch * n, 1), dtype=torch.long)], dim=1)
         positions = positions[:, -1:] + 1
         hidden = model.run_backbone(tokens.unsqueeze(1), mask, position_ids=positions, use_cache=True,
                                     cache=cache).last_hidden_state
-        log_probs = model.head(hidden, torch.ones_like(hidden[..., 0], dtype=torch.bool)).log_softmax(-1)
+        log_probs = model.head(hidden, torch.ones_like(hidden[..., 0], dtype=torch.bool)).log_softmax(-1).cpu()
     for q in range(batch):
         if not done[q]:  # out of tokens: the open beams compete with the finished ones
             for hypothesis in _open_beams(scores, sequences, q, n):

@@ -33,7 +33,7 @@ class ClassificationHead(TaskHead):
             self.linear.bias.zero_()
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.pool(hidden, mask))
+        return self.linear(self.pool(hidden, mask).to(self.linear.weight.dtype))  # bf16 hidden states: a float32 head
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """hidden: (B, S, d), mask: (B, S) -> (B, d): masked mean (encoders) or last real token (decoders)."""
@@ -72,14 +72,15 @@ class Classification(Task):
         return classification_head(len(data.key_names))
 
     def loss(self, model: MoEModel, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(model(batch.input_ids, batch.attention_mask), batch.labels)
+        logits = model(batch.input_ids, batch.attention_mask)
+        return F.cross_entropy(logits, batch.labels.to(logits.device))
 
     @torch.inference_mode()
     def evaluate(self, model: MoEModel, data: TokenizedDataset, batch_size: int,
                  observe: ForwardObserver | None = None) -> Evaluation:
         correct, loss_sum = 0, 0.0
         for input_ids, attention_mask, labels in data.batches(batch_size):
-            logits = model(input_ids, attention_mask)
+            logits = model(input_ids, attention_mask).cpu()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += (logits.argmax(-1) == labels).sum().item()
             if observe is not None:
@@ -102,7 +103,7 @@ class Classification(Task):
         for start in range(0, len(texts), batch_size):
             encoded = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
                                 max_length=self.config.model.max_length, return_tensors="pt")
-            probs = torch.softmax(model(encoded["input_ids"], encoded["attention_mask"]).float(), -1)
+            probs = torch.softmax(model(encoded["input_ids"], encoded["attention_mask"]).float().cpu(), -1)
             for text, row in zip(texts[start:start + batch_size], probs):
                 out.append({"text": text, "label": key_names[int(row.argmax())],
                             "probabilities": {name: float(p) for name, p in zip(key_names, row)}})
