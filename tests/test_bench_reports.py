@@ -71,3 +71,16 @@ def test_native_load_benchmark_measures_both_loaders(tmp_path):
     assert result["disk_bytes"] > 0 and set(result["runs"]) == {"transformers", "ubsmoe"}
     assert all(r["peak"] >= r["after"] >= r["baseline"] > 0 for r in result["runs"].values())
     assert "| ubsmoe |" in (tmp_path / "native_load.md").read_text()
+
+
+def test_memory_benchmark_measures_both_ks(tmp_path):
+    """`ubsmoe bench memory` on a small model: a UB-SMoE step at each K in its own process, both ratios."""
+    from ubsmoe.bench.memory import run
+
+    result = run(tmp_path / "memory.json", layers=1, experts=8, hidden=32, expert_width=16, vocab=64, batch=2,
+                 length=16, steps=2, threads=1)
+
+    assert set(result["runs"]) == {"2", "8"}
+    assert all(r["extra"] >= 0 and len(r["step_seconds"]) == 2 for r in result["runs"].values())
+    assert result["extra_memory_ratio"] > 0 and result["step_time_ratio"] > 0
+    assert "extra_memory_ratio (K = 2 over K = 8)" in (tmp_path / "memory.md").read_text()

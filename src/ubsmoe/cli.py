@@ -234,6 +234,12 @@ def _bench(args) -> int:
         run(Path(args.out), threads=args.threads, overrides=tuple(args.overrides))
         print(Path(args.out).with_suffix(".md").read_text())
         return 0
+    if args.name == "memory":
+        from ubsmoe.bench.memory import run
+
+        run(Path(args.out), threads=args.threads)
+        print(Path(args.out).with_suffix(".md").read_text())
+        return 0
     if args.name == "native-load":
         from ubsmoe.bench.native_load import run
 
@@ -351,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run a benchmark")
     bench.add_argument("name", choices=["moe-layer", "pg-step", "tiers", "upcycle", "dmr-reach", "flower-overhead",
-                                          "native-load"])
+                                          "native-load", "memory"])
     bench.add_argument("--out", required=True, help="result JSON path (a .md summary is written beside it)")
     bench.add_argument("--dropout", type=float, default=-1.0,
                        help="tiers only: backbone dropout probability (-1 keeps the checkpoint's)")
