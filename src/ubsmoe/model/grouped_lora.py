@@ -184,7 +184,6 @@ class GroupedDownProjection(torch.autograd.Function):
     def backward(ctx, grad_y):
         hidden, weight, low_rank, b, token, pair, ends = ctx.saved_tensors
         num_experts, rank, d = b.shape
-        num_tokens = grad_y.shape[0]
         grad_y = grad_y.contiguous()
         through_b = _through_b(grad_y, b, ctx.scale)  # s g B_iᵀ: (T, E r)
         ctx.extra_rows["down_through_b"] = through_b
@@ -194,13 +193,21 @@ class GroupedDownProjection(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_a = grouped_outer(hidden, through_b.view(-1, rank).index_select(0, pair), ends, ctx.counts)
         if ctx.needs_input_grad[3]:
-            rows = grad_y.new_zeros(num_tokens * num_experts, rank).index_copy_(0, pair, low_rank)
-            rows = rows.view(num_tokens, -1).mul_(ctx.scale)  # s hidden A_e at the active pairs: (T, E r)
-            extra = ctx.extra_rows.pop("down", None)
-            if extra is not None:
-                rows += extra
-            grad_b = (rows.T @ grad_y).view(num_experts, rank, d)
+            grad_b = _down_b_grad(grad_y, low_rank, pair, num_experts, ctx.scale, ctx.extra_rows)
         return grad_hidden, None, grad_a, grad_b, None, None, None, None, None, None, None
+
+
+def _down_b_grad(grad_y: torch.Tensor, low_rank: torch.Tensor, pair: torch.Tensor, num_experts: int, scale: float,
+                 extra_rows: dict) -> torch.Tensor:
+    """Gradient of every B_e of a down-projection as one dense product rowsᵀ g: rows (T, E r) hold s hidden A_e
+    at the active pairs (``low_rank``: (S, r)) plus a hook's ``extra_rows["down"]``. grad_y: (T, d) -> (E, r, d)."""
+    num_tokens, rank = grad_y.shape[0], low_rank.shape[1]
+    rows = grad_y.new_zeros(num_tokens * num_experts, rank).index_copy_(0, pair, low_rank)
+    rows = rows.view(num_tokens, -1).mul_(scale)
+    extra = extra_rows.pop("down", None)
+    if extra is not None:
+        rows += extra
+    return (rows.T @ grad_y).view(num_experts, rank, grad_y.shape[1])
 
 
 def _require_frozen(w: torch.Tensor) -> None:
@@ -371,8 +378,7 @@ class UnmergedDownProjection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         hidden, w, a, b, low_rank, token, pair, ends = ctx.saved_tensors
-        num_experts, rank, d = b.shape
-        num_tokens = grad_y.shape[0]
+        num_experts, rank = b.shape[:2]
         grad_y = grad_y.contiguous()
         through_b = _through_b(grad_y, b, ctx.scale)  # s g B_iᵀ for every token and expert: (T, E r)
         ctx.extra_rows["down_through_b"] = through_b
@@ -385,10 +391,5 @@ class UnmergedDownProjection(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_a = grouped_outer(hidden, slot_through_b, ends, ctx.counts)
         if ctx.needs_input_grad[3]:
-            rows = grad_y.new_zeros(num_tokens * num_experts, rank).index_copy_(0, pair, low_rank)
-            rows = rows.view(num_tokens, -1).mul_(ctx.scale)  # s hidden A_e at the active pairs: (T, E r)
-            extra = ctx.extra_rows.pop("down", None)
-            if extra is not None:
-                rows += extra
-            grad_b = (rows.T @ grad_y).view(num_experts, rank, d)
+            grad_b = _down_b_grad(grad_y, low_rank, pair, num_experts, ctx.scale, ctx.extra_rows)
         return grad_hidden, None, grad_a, grad_b, None, None, None, None, None, None, None
