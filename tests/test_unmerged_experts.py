@@ -29,10 +29,12 @@ def layer(gated: bool, bias: bool, generator: torch.Generator, experts: int = 6,
     return moe
 
 
-@pytest.mark.parametrize("gated, bias", [(True, False), (False, True)])
-def test_the_unmerged_path_gives_the_merged_outputs_and_gradients(gated, bias):
+@pytest.mark.parametrize("gated, bias, top_k", [(True, False, 2), (False, True, 2), (True, False, 6)])
+def test_the_unmerged_path_gives_the_merged_outputs_and_gradients(gated, bias, top_k):
+    """K = M (6 of 6) takes the every-expert path: the router's gradient too (straight-through gates)."""
     generator = torch.Generator().manual_seed(0)
     moe = layer(gated, bias, generator)
+    moe.set_top_k(top_k)
     x = torch.randn(2, 9, 16, generator=generator, requires_grad=True)
     weights = torch.linspace(-1, 1, 2 * 9 * 16).view(2, 9, 16)
     runs = []
@@ -48,6 +50,7 @@ def test_the_unmerged_path_gives_the_merged_outputs_and_gradients(gated, bias):
     torch.testing.assert_close(y_apart, y_merged, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gx_apart, gx_merged, atol=1e-5, rtol=1e-5)
     assert set(g_apart) == set(g_merged) and any(n.startswith("lora_") for n in g_apart)
+    assert "router.weight" in g_apart
     for name in g_merged:
         torch.testing.assert_close(g_apart[name], g_merged[name], atol=1e-5, rtol=1e-4)
 

@@ -11,7 +11,8 @@ plus one LoRA adapter per adapted layer, which ``peft.PeftModel.from_pretrained`
 
 A tier's update of one layer is its adapter at the tier's rank, ``s * a[:, :r_c] b[:r_c]``; for the merging
 methods (FLoRA, FLoRIST) also the rounds merged into the frozen weight, found as the difference from the
-original weight and factored exactly by SVD (the singular values above ``1e-6`` of the largest are kept).
+original weight and factored exactly by SVD (the singular values above ``1e-6`` of the largest and above the
+weights' float32 rounding are kept).
 The factors of every module are zero-padded to one rank, which changes nothing. A classification head
 (pooling and a linear layer, trained with the adapters) is not part of the backbone: it is written beside
 the adapter as ``task_head.safetensors`` (its pooling and labels in the metadata).
@@ -25,6 +26,7 @@ adapter type expresses. Their tier folder is a saved model restricted to that ti
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +63,9 @@ class LayerUpdate:
         merged = (self.weight.double() - self.original.double())
         if merged.abs().max() > 0:
             u, s, vh = torch.linalg.svd(merged, full_matrices=False)  # merged (in, out) = U S Vh
-            keep = int((s > s[0] * SINGULAR_CUTOFF).sum())
+            # the weights' own rounding: float32 steps of the weight's size over a random (in x out) matrix
+            noise = torch.finfo(self.weight.dtype).eps * self.original.abs().max().item() * sum(map(math.sqrt, merged.shape))
+            keep = int((s > max(s[0].item() * SINGULAR_CUTOFF, noise)).sum())
             a_parts.append(u[:, :keep].T.float())  # (keep, in)
             b_parts.append((vh[:keep].T * s[:keep]).float())  # (out, keep)
         return torch.cat(a_parts, 0), torch.cat(b_parts, 1)

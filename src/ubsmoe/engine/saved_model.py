@@ -15,9 +15,10 @@ the model up as a client of the chosen tier runs it. No pickle: safetensors and 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 
 from ubsmoe.config import ConfigError, config_from_dict
@@ -94,5 +95,8 @@ def load_model(run: Path) -> LoadedModel:
     if now != card["backbone"]:
         raise ConfigError(f"the backbone {now['name']} is not the one this model was trained on (its files differ): "
                           "restore the original checkpoint")
-    exp = build_experiment(config_from_dict(card["config"]), upcycle_cache=folder)
+    config = config_from_dict(card["config"])
+    if config.device == "cuda" and not torch.cuda.is_available():  # trained on a GPU, used on a CPU
+        config = replace(config, device="auto")
+    exp = build_experiment(config, upcycle_cache=folder)
     return LoadedModel(exp, state, card, run)

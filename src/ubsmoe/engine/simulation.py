@@ -116,19 +116,17 @@ def validate(config: ExperimentConfig) -> None:
 def check_model(config: ExperimentConfig, spec: ModelSpec) -> None:
     """What needs the model the method trains (its spec) and the backbone's config, before any data or
     weights are loaded."""
+    positions = backbone_positions(config.model.backbone)
+    if positions is not None and config.model.max_length > positions:
+        raise ConfigError(f"model.max_length={config.model.max_length} exceeds the {positions} positions "
+                          f"{config.model.backbone} was trained for: lower model.max_length")
     native = native_moe_shape(config.model.backbone)
     experts = native.num_experts if native else config.model.num_experts
     if config.model.top_k_max > experts:
         raise ConfigError(f"model.top_k_max={config.model.top_k_max} exceeds the {experts} experts per layer"
                           + (f" of {config.model.backbone}" if native else " (model.num_experts)"))
-    if native:
-        return
-    if spec.num_experts > 1 and spec.router_init == "calibrated" and config.model.calibration_samples < 1:
+    if not native and spec.num_experts > 1 and spec.router_init == "calibrated" and config.model.calibration_samples < 1:
         raise ConfigError("model.calibration_samples must be >= 1 with router_init=calibrated (or use router_init=centroid)")
-    positions = backbone_positions(config.model.backbone)
-    if positions is not None and config.model.max_length > positions:
-        raise ConfigError(f"model.max_length={config.model.max_length} exceeds the {positions} positions "
-                          f"{config.model.backbone} was trained for: lower model.max_length")
 
 
 def resolve_device(name: str) -> torch.device:

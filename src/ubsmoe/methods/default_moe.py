@@ -46,7 +46,8 @@ def expert_mean_outputs(layer: SparseMoEFFN, layout: SlotLayout, activation: tor
     sums = activation.new_zeros(E, activation.shape[1]).index_add_(0, layout.expert, activation)
     means = (sums / counts.clamp_min(1).unsqueeze(1)).unsqueeze(1)  # (E, 1, h)
     low_rank = torch.bmm(torch.bmm(means, layer.lora_down_a), layer.lora_down_b) * layer.lora_scale  # through r
-    return (torch.bmm(means, layer.frozen("w_down")) + low_rank).squeeze(1), counts > 0
+    w_down = layer.w_down  # in its own dtype: no float32 copy of a bf16 model's experts
+    return (torch.bmm(means.to(w_down.dtype), w_down).to(means.dtype) + low_rank).squeeze(1), counts > 0
 
 
 class DefaultOutputs(MoEHook):

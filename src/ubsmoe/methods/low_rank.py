@@ -98,9 +98,9 @@ def merge_into_base(model: MoEModel, adapter: Adapter, update: torch.Tensor) -> 
     weight = dict(model.named_parameters())[adapter.weight]
     with torch.no_grad():
         if adapter.base == "linear":
-            weight.add_(update.transpose(-1, -2).to(weight.dtype))
+            weight.add_(update.transpose(-1, -2).to(weight.device, weight.dtype))
         else:
-            weight.add_(update.to(weight.dtype))
+            weight.add_(update.to(weight.device, weight.dtype))
 
 
 def prefix(tensor: torch.Tensor, adapter_factor: str, rank: int) -> torch.Tensor:

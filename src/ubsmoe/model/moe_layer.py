@@ -390,16 +390,17 @@ class SparseMoEFFN(nn.Module):
 
         def project(name: str, values: torch.Tensor) -> torch.Tensor:  # (E or 1, T, in) -> (E, T, out)
             a, b = self._lora_factors(name)
-            weight = self.frozen(f"w_{name}")
-            return torch.matmul(values, weight).add_(torch.matmul(torch.matmul(values, a), b), alpha=self.lora_scale)
+            weight = getattr(self, f"w_{name}")  # in its own dtype: a bf16 expert runs in bf16, its LoRA apart
+            frozen = torch.matmul(values.to(weight.dtype), weight).to(values.dtype)
+            return frozen.add_(torch.matmul(torch.matmul(values, a), b), alpha=self.lora_scale)
 
         up = project("up", x.unsqueeze(0))
         if self.b_up is not None:
             up = up + self.frozen("b_up").unsqueeze(1)
         gate = project("gate", x.unsqueeze(0)) if self.w_gate is not None else None
         hidden = self._hidden(up, gate, None)  # (E, T, h)
-        if gates is not None and self.gate_mode != "straight_through":  # straight-through gates are exactly 1
-            hidden = hidden * gates.T.unsqueeze(2)
+        if gates is not None:  # straight-through gates: value 1, and still the router's gradient in training
+            hidden = self._apply_gates(hidden, gates.T)
         return project("down", hidden).sum(0)
 
 

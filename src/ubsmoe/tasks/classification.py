@@ -33,7 +33,7 @@ class ClassificationHead(TaskHead):
             self.linear.bias.zero_()
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.pool(hidden, mask).to(self.linear.weight.dtype))  # bf16 hidden states: a float32 head
+        return self.linear(self.pool(hidden.to(self.linear.weight.dtype), mask))  # bf16 hidden states: pooled in float32
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """hidden: (B, S, d), mask: (B, S) -> (B, d): masked mean (encoders) or last real token (decoders)."""
