@@ -123,8 +123,7 @@ class ExperimentConfig:
     threads: int = option(2, "CPU threads torch may use")
     device: str = option("cpu", "where the model trains and is scored: cpu, cuda, or auto (cuda when there is one)")
     precision: str = option("fp32", "fp32, or bf16: the frozen weights in bfloat16, the trained tensors in float32; "
-                                    "the experts and LoRA products compute in float32 (a LoRA update is never "
-                                    "folded into bfloat16 weights)")
+                                    "LoRA products compute in float32 and are never folded into bfloat16 weights")
     task: str = option("classification", "what is fine-tuned and scored: classification (see `ubsmoe tasks`)")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
