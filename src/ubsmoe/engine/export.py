@@ -71,35 +71,31 @@ class LayerUpdate:
         return torch.cat(a_parts, 0), torch.cat(b_parts, 1)
 
 
-def layer_updates(model: MoEModel, original: dict[str, torch.Tensor]) -> list[LayerUpdate]:
-    """Every adapted linear layer of a dense model, as configured now (its active rank); ``original``:
-    ``frozen_weights(model)`` before any merge."""
-    found = []
+def _adapted_layers(model: MoEModel):
+    """(module path, frozen weight (in, out) view, a (in, r), b (r, out), scale) of every adapted linear layer
+    of a dense model, at its active rank."""
     for path, module in model.backbone.named_modules():
         if isinstance(module, LoRALinear):
             r = module.active_rank
-            found.append(LayerUpdate(path, module.lora_a[:, :r].detach(), module.lora_b[:r].detach(), module.scale,
-                                     module.base.weight.detach().T, original[path]))
+            yield path, module.base.weight.detach().T, module.lora_a[:, :r], module.lora_b[:r], module.scale
     family = model.family
     for index, layer in enumerate(model.moe_layers):
         for matrix in layer.adapted:
-            path = f"{family.layer_path}.{index}.{family.ffn_modules[matrix]}"
             r = layer.active_rank
-            found.append(LayerUpdate(path, getattr(layer, f"lora_{matrix}_a")[0, :, :r].detach(),
-                                     getattr(layer, f"lora_{matrix}_b")[0, :r].detach(), layer.lora_scale,
-                                     getattr(layer, f"w_{matrix}")[0].detach(), original[path]))
-    return found
+            yield (f"{family.layer_path}.{index}.{family.ffn_modules[matrix]}", getattr(layer, f"w_{matrix}")[0].detach(),
+                   getattr(layer, f"lora_{matrix}_a")[0, :, :r], getattr(layer, f"lora_{matrix}_b")[0, :r], layer.lora_scale)
+
+
+def layer_updates(model: MoEModel, original: dict[str, torch.Tensor]) -> list[LayerUpdate]:
+    """Every adapted linear layer of a dense model, as configured now (its active rank); ``original``:
+    ``frozen_weights(model)`` before any merge."""
+    return [LayerUpdate(path, a.detach(), b.detach(), scale, weight, original[path])
+            for path, weight, a, b, scale in _adapted_layers(model)]
 
 
 def frozen_weights(model: MoEModel) -> dict[str, torch.Tensor]:
     """A copy of the frozen weight (in, out) of every adapted layer, by module path (see ``layer_updates``)."""
-    weights = {path: module.base.weight.detach().T.clone() for path, module in model.backbone.named_modules()
-               if isinstance(module, LoRALinear)}
-    family = model.family
-    for index, layer in enumerate(model.moe_layers):
-        for matrix in layer.adapted:
-            weights[f"{family.layer_path}.{index}.{family.ffn_modules[matrix]}"] = getattr(layer, f"w_{matrix}")[0].detach().clone()
-    return weights
+    return {path: weight.clone() for path, weight, *_ in _adapted_layers(model)}
 
 
 def export_tiers(loaded: LoadedModel, out: Path, tiers: list[float] | None = None) -> list[Path]:

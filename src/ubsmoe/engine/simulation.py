@@ -35,7 +35,8 @@ from ubsmoe.methods.base import ClientInfo, FederatedMethod, ServerState, get_me
 from ubsmoe.methods.records import ClientUpdate, TrainInstruction, flat_tensors
 from ubsmoe.tasks import Task, TaskData, get_task
 from ubsmoe.model import MoEModel, ModelSpec, build_model, load_tokenizer
-from ubsmoe.model.moe_model import PRECISIONS, backbone_positions, native_moe_shape, upcycle_cache_key
+from ubsmoe.model.moe_model import (PRECISIONS, NativeShape, backbone_positions, native_moe_shape,
+                                    upcycle_cache_key)
 from ubsmoe.model.moe_layer import GATE_MODES
 
 log = logging.getLogger(__name__)
@@ -113,9 +114,9 @@ def validate(config: ExperimentConfig) -> None:
     get_task(config.task).check(config)  # an unknown task is an UnknownNameError, a user error
 
 
-def check_model(config: ExperimentConfig, spec: ModelSpec) -> None:
+def check_model(config: ExperimentConfig, spec: ModelSpec) -> NativeShape | None:
     """What needs the model the method trains (its spec) and the backbone's config, before any data or
-    weights are loaded."""
+    weights are loaded; returns a native MoE backbone's M and K (None for a dense one)."""
     positions = backbone_positions(config.model.backbone)
     if positions is not None and config.model.max_length > positions:
         raise ConfigError(f"model.max_length={config.model.max_length} exceeds the {positions} positions "
@@ -127,6 +128,7 @@ def check_model(config: ExperimentConfig, spec: ModelSpec) -> None:
                           + (f" of {config.model.backbone}" if native else " (model.num_experts)"))
     if not native and spec.num_experts > 1 and spec.router_init == "calibrated" and config.model.calibration_samples < 1:
         raise ConfigError("model.calibration_samples must be >= 1 with router_init=calibrated (or use router_init=centroid)")
+    return native
 
 
 def resolve_device(name: str) -> torch.device:
@@ -149,8 +151,7 @@ def build_experiment(config: ExperimentConfig, upcycle_cache: Path | None = None
         lora_alpha=config.model.lora_alpha, router_init=config.model.router_init, gate_mode=config.model.gate_mode,
         seed=config.seed, precision=config.precision,
         dropout=None if config.model.dropout < 0 else config.model.dropout))
-    check_model(config, spec)
-    native = native_moe_shape(config.model.backbone)
+    native = check_model(config, spec)
     if native:  # the checkpoint's experts, router and top-k, whatever the method would upcycle
         spec = replace(spec, num_experts=native.num_experts)
     torch.manual_seed(config.seed)

@@ -10,7 +10,7 @@ package (``minilm``, ``smollm2``), a local Hugging Face checkpoint folder or a l
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -175,21 +175,6 @@ def _native_extract(layer: nn.Module) -> NativeMoE:
     )
 
 
-def _native_family(name: str) -> BackboneFamily:
-    return BackboneFamily(
-        name=name,
-        model_types=(name,),
-        pooling="last",
-        layers=lambda model: list(model.layers),
-        extract_ffn=None,
-        install_ffn=_llama_install,
-        attention=lambda layer: {"q_proj": (layer.self_attn, "q_proj"), "v_proj": (layer.self_attn, "v_proj")},
-        layer_path="layers",
-        ffn_modules={},
-        extract_moe=_native_extract,
-    )
-
-
 NATIVE_MOE_TYPES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe")  # Hugging Face model types read as they are
 
 FAMILIES = (
@@ -215,7 +200,11 @@ FAMILIES = (
         layer_path="layers",
         ffn_modules={"up": "mlp.up_proj", "down": "mlp.down_proj", "gate": "mlp.gate_proj"},
     ),
-) + tuple(_native_family(name) for name in NATIVE_MOE_TYPES)
+)
+# Native MoE decoders have the Llama layout (model.layers[i].self_attn / .mlp); their sparse block is read as it is
+_LLAMA = next(f for f in FAMILIES if f.name == "llama")
+FAMILIES += tuple(replace(_LLAMA, name=name, model_types=(name,), extract_ffn=None, ffn_modules={},
+                          extract_moe=_native_extract) for name in NATIVE_MOE_TYPES)
 
 
 def family_of(model_type: str) -> BackboneFamily:
