@@ -1,5 +1,7 @@
 """The tiers benchmark's report: goals read from the same-round ratios, met or not."""
 
+import pytest
+
 from ubsmoe.bench.tiers import goal_verdicts, to_markdown
 
 
@@ -83,4 +85,10 @@ def test_memory_benchmark_measures_both_ks(tmp_path):
     assert set(result["runs"]) == {"2", "8"}
     assert all(r["extra"] >= 0 and len(r["step_seconds"]) == 2 for r in result["runs"].values())
     assert result["extra_memory_ratio"] > 0 and result["step_time_ratio"] > 0
+    low, high = result["runs"]["2"], result["runs"]["8"]
+    # K = 8 routes 4x the slots: more saved for the backward and more expert FLOPs, the same attention FLOPs
+    assert high["saved_bytes"] > low["saved_bytes"] > 0 and result["saved_bytes_per_k"] > 0
+    assert high["train_flops"]["experts"] == pytest.approx(4 * low["train_flops"]["experts"])
+    assert high["train_flops"]["attention"] == low["train_flops"]["attention"] > 0
+    assert 0.25 < result["train_flop_ratio"] < 1
     assert "extra_memory_ratio (K = 2 over K = 8)" in (tmp_path / "memory.md").read_text()

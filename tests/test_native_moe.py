@@ -42,6 +42,9 @@ def test_each_converted_block_and_the_backbone_equal_the_original(tiny_moes, fam
     reference = AutoModelForCausalLM.from_pretrained(folder).eval()
     ours = build_model(ModelSpec(backbone=str(folder), lora_rank=4), language_model_head(str(folder))).eval()
     assert native_moe_shape(str(folder)) == NativeShape(4, 2) and len(ours.moe_layers) == 2
+    # every RMSNorm (the blocks', the final one, and OLMoE's and Qwen3-MoE's query and key norms) is ubsmoe's
+    norms = [type(m).__name__ for m in ours.backbone.modules() if type(m).__name__.endswith("RMSNorm")]
+    assert norms and set(norms) == {"FastRMSNorm"}, norms
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(3, 7, 16, generator=generator)
     with torch.no_grad():

@@ -216,8 +216,8 @@ def _bench(args) -> int:
     if args.name == "tiers":
         from ubsmoe.bench.tiers import run
 
-        run(Path(args.out), backbone=args.backbone, batch_size=args.batch_size, dropout=args.dropout,
-            max_length=args.max_length, threads=args.threads, repeats=args.repeats, part_repeats=args.part_repeats,
+        run(Path(args.out), backbone=args.backbone, batch_size=args.batch_size or 16, dropout=args.dropout,
+            max_length=args.max_length or 128, threads=args.threads, repeats=args.repeats, part_repeats=args.part_repeats,
             overrides=tuple(args.overrides))
         print(Path(args.out).with_suffix(".md").read_text())
         return 0
@@ -237,7 +237,7 @@ def _bench(args) -> int:
     if args.name == "memory":
         from ubsmoe.bench.memory import run
 
-        run(Path(args.out), threads=args.threads)
+        run(Path(args.out), threads=args.threads, batch=args.batch_size or 8, length=args.max_length or 256)
         print(Path(args.out).with_suffix(".md").read_text())
         return 0
     if args.name == "native-load":
@@ -363,8 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tiers only: backbone dropout probability (-1 keeps the checkpoint's)")
     bench.add_argument("--backbone", default="minilm",
                        help="tiers only: the backbone (built-in name, checkpoint folder or .gguf file)")
-    bench.add_argument("--batch-size", type=int, default=16, help="tiers only: texts in the timed batch")
-    bench.add_argument("--max-length", type=int, default=128, help="tiers only: tokens per text of the timed batch")
+    bench.add_argument("--batch-size", type=int, default=None,
+                       help="tiers and memory: texts in the timed batch (default 16 for tiers, 8 for memory)")
+    bench.add_argument("--max-length", type=int, default=None,
+                       help="tiers and memory: tokens per text of the timed batch (default 128 for tiers, 256 for memory)")
     bench.add_argument("--repeats", type=int, default=11, help="tiers only: timed turns per tier")
     bench.add_argument("--part-repeats", type=int, default=5,
                        help="tiers only: turns per tier with timing hooks (where a step's time goes)")

@@ -1,4 +1,5 @@
-"""RMSNorm with a hand-written backward, for the Llama-family backbones (Llama, Mistral, Qwen2).
+"""RMSNorm with a hand-written backward, for the Llama-family backbones (Llama, Mistral, Qwen2) and the native
+MoE families (OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE), whose RMSNorm is the same computation.
 
 Hugging Face's RMSNorm is five elementwise operations, each a pass over the (tokens, d) activations
 and most of them saved for autograd's backward, which runs as many again. On a CPU that is about 3.7 ms
@@ -15,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "OlmoeRMSNorm", "MixtralRMSNorm", "Qwen2MoeRMSNorm",
+                "Qwen3MoeRMSNorm")
 """Hugging Face classes that compute w * x / sqrt(mean(x^2) + eps) (in float32 for lower precisions)."""
 
 

@@ -313,8 +313,9 @@ class UnmergedUpProjection(torch.autograd.Function):
     grows with the slots (with K), not with every expert's d x h. Same inputs, outputs, ``extra_rows``
     protocol and gradients. The frozen product runs in w's dtype (bf16 stays bf16), the LoRA in float32.
 
-    Kept for the backward: the slots' inputs (S, d) and x A_e for every token and expert (T, E r), which
-    the pseudo-gradient's factor products read; no (E, d, h) tensor.
+    Kept for the backward: x (T, d), which the layer keeps anyway, x A_e for every token and expert (T, E r),
+    which the pseudo-gradient's factor products read, and x_t A_e per slot (S, r); neither the slots'
+    gathered inputs (S, d) nor any (E, d, h) tensor.
     """
 
     @staticmethod
@@ -329,13 +330,13 @@ class UnmergedUpProjection(torch.autograd.Function):
         out.add_(grouped_mm(slot_projected, b, ends, counts), alpha=scale)
         if bias is not None:
             out += bias.index_select(0, pair % num_experts).to(out.dtype)
-        ctx.save_for_backward(x, inputs, w, a, b, projected, slot_projected, token, pair, ends)
+        ctx.save_for_backward(x, w, a, b, projected, slot_projected, token, pair, ends)
         ctx.scale, ctx.counts, ctx.name, ctx.extra_rows = scale, counts, name, extra_rows
         return out, projected
 
     @staticmethod
     def backward(ctx, grad, _):
-        x, inputs, w, a, b, projected, slot_projected, token, pair, ends = ctx.saved_tensors
+        x, w, a, b, projected, slot_projected, token, pair, ends = ctx.saved_tensors
         num_tokens, d = x.shape
         rank = a.shape[2]
         grad = grad.contiguous()
