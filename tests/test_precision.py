@@ -101,6 +101,18 @@ def test_a_native_moe_loads_straight_in_bf16(tmp_path):
     moe = exp.model.moe_layers[0]
     assert moe.w_up.dtype == torch.bfloat16 and moe.lora_up_a.dtype == torch.float32
     assert moe.w_up.untyped_storage().data_ptr() == moe.w_gate.untyped_storage().data_ptr()  # still views
+    assert exp.model.head.weight.dtype == torch.bfloat16  # OLMoE's own (untied) lm_head, cast with the rest
+
+
+def test_a_tied_language_model_head_stays_the_embedding_in_bf16(tiny_causal_llama, tiny_suite):
+    """SmolLM2 ties its LM head to the input embedding: in bf16 (and on any device) that is one matrix, not a
+    second copy of the vocabulary beside the embedding."""
+    exp = build_experiment(load_config(overrides=causal_overrides(tiny_causal_llama, tiny_suite, precision="bf16"),
+                                       method="ubsmoe"))
+    embedding = exp.model.backbone.get_input_embeddings().weight
+    assert embedding.dtype == torch.bfloat16 and exp.model.head.weight is embedding
+    exp.model.to("cpu")
+    assert exp.model.head.weight is exp.model.backbone.get_input_embeddings().weight
 
 
 def test_devices(tiny_bert, tiny_task, tmp_path, capsys):

@@ -338,8 +338,8 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def cast_frozen(model: MoEModel, precision: str) -> MoEModel:
-    """Every frozen floating-point parameter of the pretrained model (and the language-model head's weight)
-    in the precision's dtype; what trains stays float32, and so do an MoE layer's own tensors other than its
+    """Every frozen floating-point parameter of the pretrained model (and the head's frozen buffers: an untied
+    language-model head's weight) in the precision's dtype; what trains stays float32, and so do an MoE layer's own tensors other than its
     experts (φ, which a method may unfreeze). Buffers such as rotary frequencies keep their dtype."""
     dtype = PRECISIONS[precision]
     if dtype == torch.float32:
@@ -351,9 +351,9 @@ def cast_frozen(model: MoEModel, precision: str) -> MoEModel:
                     continue
                 if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
                     p.data = p.data.to(dtype)
-        head_weight = getattr(model.head, "weight", None)
-        if isinstance(head_weight, torch.Tensor) and not isinstance(head_weight, nn.Parameter):
-            model.head.weight = head_weight.to(dtype)
+        for name, buffer in list(model.head.named_buffers(recurse=False)):  # a frozen head matrix (an LM head)
+            if buffer.is_floating_point():
+                setattr(model.head, name, buffer.to(dtype))
     return model
 
 

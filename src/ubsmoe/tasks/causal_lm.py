@@ -51,10 +51,21 @@ class LanguageModelHead(TaskHead):
     """The frozen vocabulary projection, run at chosen positions only: hidden (B, S, d), positions (B, S)
     bool -> logits (n, V) for the n chosen positions, in row-major order."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor | None = None, tied_to: nn.Embedding | None = None):
         super().__init__()
-        self.register_buffer("weight", weight.detach(), persistent=False)  # (V, d); shares the embedding if tied
+        if (weight is None) == (tied_to is None):
+            raise ValueError("LanguageModelHead takes either its own weight or the embedding it is tied to")
+        # Tied: the backbone owns the embedding, so it is no submodule here, and casting the model or moving it to
+        # a device leaves one matrix (a buffer beside the parameter would become a second copy in either).
+        self._tied = (tied_to,) if tied_to is not None else ()
+        if weight is not None:
+            self.register_buffer("own_weight", weight.detach(), persistent=False)  # (V, d)
         self.last_positions = 0
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """(V, d): the input embedding's matrix when tied (SmolLM2), else the checkpoint's ``lm_head.weight``."""
+        return self._tied[0].weight if self._tied else self.own_weight
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         chosen = hidden[mask if positions is None else positions]  # (n, d)
@@ -77,7 +88,7 @@ def language_model_head(backbone_name: str) -> HeadFactory:
             raise ConfigError(f"task causal-lm needs a decoder backbone (Llama family), got a {family.name} encoder: "
                               "set model.backbone=smollm2 or a local decoder checkpoint")
         if getattr(backbone.config, "tie_word_embeddings", False):
-            return LanguageModelHead(backbone.get_input_embeddings().weight)
+            return LanguageModelHead(tied_to=backbone.get_input_embeddings())
         return LanguageModelHead(_read_lm_head(backbone_name))
 
     return build
