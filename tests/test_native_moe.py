@@ -107,3 +107,32 @@ def test_top_k_max_beyond_the_checkpoints_experts_is_refused(tiny_moes, tiny_sui
     assert main(["run", "--quiet", "--out", str(tmp_path)]
                 + causal_overrides(tiny_moes("olmoe"), tiny_suite, **{"model.top_k_max": 5})) == 2
     assert "model.top_k_max=5 exceeds the 4 experts per layer of" in capsys.readouterr().err
+
+
+def test_a_shared_expert_counts_under_experts(tiny_moes):
+    """Qwen2-MoE's always-on shared expert (and its gate) is expert work on every position, not attention."""
+    from ubsmoe.metrics.flops import FlopCounter
+    from ubsmoe.model.lora import LoRALinear
+
+    folder = tiny_moes("qwen2_moe")
+    model = build_model(ModelSpec(backbone=str(folder), lora_rank=4), language_model_head(str(folder))).eval()
+    ids = torch.randint(3, 40, (2, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with FlopCounter(model) as counter, torch.no_grad():
+        model(ids, mask)
+        flops = counter.count(mask, training=False)
+    positions, blocks = ids.numel(), model.family.layers(model.backbone)
+
+    def matmul(linear):
+        return 2 * positions * linear.in_features * linear.out_features
+
+    shared = sum(matmul(m) for block in blocks for part in (block.mlp.shared, block.mlp.shared_gate)
+                 for m in part.modules() if isinstance(m, torch.nn.Linear))
+    routed = sum(2 * positions * moe.top_k * moe.d_model * moe.d_hidden * len(moe.adapted) for moe in model.moe_layers)
+    projections = sum(matmul(m.base if isinstance(m, LoRALinear) else m) for block in blocks
+                      for m in block.self_attn.modules() if isinstance(m, (LoRALinear, torch.nn.Linear))
+                      and not any(m is lora.base for lora in block.self_attn.modules() if isinstance(lora, LoRALinear)))
+    scores = 2 * 2 * 2 * 5 * 5 * counter.attention_width * len(blocks)
+    assert shared > 0
+    assert flops.experts == routed + shared
+    assert flops.attention == projections + scores

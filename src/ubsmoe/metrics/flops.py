@@ -13,6 +13,7 @@ Counted, with a multiply-add as 2 FLOPs:
   skips the merge (``SparseMoEFFN.merges``), s (x A_e) B_e per slot instead; in training of experts too
   large to merge, the LoRA apart: x A_e for every token and expert and its dense gradient, and the
   expert-width products per slot;
+- Qwen2-MoE's always-on shared expert and its gate, under experts, on all B x S positions as it runs;
 - the task's head, as the head counts itself (``TaskHead.flops``: classification, one product per
   pooled vector);
 - in training, the backward pass: a frozen matrix needs the input gradient only (1 x its forward),
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from ubsmoe.model.lora import LoRALinear
+from ubsmoe.model.moe_model import SharedExpertMoE
 
 
 @dataclass
@@ -40,7 +42,7 @@ class PassFlops:
     """FLOPs of one pass, split by where they go."""
 
     attention: float = 0.0  # projections (frozen part) and scores
-    experts: float = 0.0  # frozen expert matrices
+    experts: float = 0.0  # frozen expert matrices (routed slots, and a shared expert's positions)
     lora: float = 0.0  # every LoRA (attention and experts)
     router: float = 0.0
     head: float = 0.0
@@ -69,7 +71,10 @@ class FlopCounter:
         # MoE layers are counted from their routing, LoRA-wrapped linears together with their LoRA
         skip = {id(m) for layer in model.moe_layers for m in layer.modules()}
         skip |= {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
+        shared = {id(m) for block in blocks for moe in block.modules() if isinstance(moe, SharedExpertMoE)
+                  for m in moe.modules()}
         self.frozen_linears: list[nn.Linear] = []
+        self.shared_expert_linears: list[nn.Linear] = []  # Qwen2-MoE's shared expert and its gate
         self.lora_modules: list[LoRALinear] = []
         for block in blocks:
             for module in block.modules():
@@ -78,12 +83,12 @@ class FlopCounter:
                 if isinstance(module, LoRALinear):
                     self.lora_modules.append(module)
                 elif isinstance(module, nn.Linear):
-                    self.frozen_linears.append(module)
+                    (self.shared_expert_linears if id(module) in shared else self.frozen_linears).append(module)
         # Whether each linear's input needed a gradient in the last forward: the first block's
         # projections read the frozen embeddings, so their backward stops at the weights' own terms.
         self.input_needs_grad: dict[nn.Module, bool] = {}
         self._handles = [module.register_forward_pre_hook(self._note_input)
-                         for module in self.frozen_linears + self.lora_modules]
+                         for module in self.frozen_linears + self.shared_expert_linears + self.lora_modules]
         config = model.backbone.config
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -117,6 +122,9 @@ class FlopCounter:
         for module in self.frozen_linears:
             input_grad = grad * self.input_needs_grad.get(module, True)
             frozen += 2 * positions * module.in_features * module.out_features * (1 + input_grad)
+        for module in self.shared_expert_linears:
+            input_grad = grad * self.input_needs_grad.get(module, True)
+            flops.experts += 2 * positions * module.in_features * module.out_features * (1 + input_grad)
         for module in self.lora_modules:
             base, rank = module.base, module.active_rank
             input_grad = grad * self.input_needs_grad.get(module, True)
