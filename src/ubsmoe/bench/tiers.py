@@ -89,7 +89,12 @@ def run(out: Path, methods: tuple[str, ...] = ("ubsmoe", "hetlora"), backbone: s
             hooked[key] = _turn(exp, budget, batch, counter, flops, key, parts)
     times = interleaved_times(candidates, repeats, progress="timed rounds (every tier once)")
     interleaved_times(hooked, part_repeats, warmup=0, progress="rounds with timing hooks")
-    result = {"benchmark": "tiers", "backbone": backbone, "batch_size": batch_size, "max_length": max_length,
+    dropout_option = f" --dropout {dropout:g}" if dropout >= 0 else ""
+    command = (f"ubsmoe bench tiers --backbone {backbone} --batch-size {batch_size} --max-length {max_length} "
+               f"--repeats {repeats} --part-repeats {part_repeats} --threads {threads}{dropout_option} --out {out}"
+               + "".join(f" {item}" for item in overrides))
+    result = {"benchmark": "tiers", "command": command, "backbone": backbone, "batch_size": batch_size,
+              "max_length": max_length,
               "threads": threads, "steps_per_turn": STEPS_PER_TURN,
               "dropout": "checkpoint" if dropout < 0 else dropout,
               "repeats": repeats, "part_repeats": part_repeats, "overrides": list(overrides), "torch": torch.__version__,
@@ -174,7 +179,8 @@ def to_markdown(result: dict) -> str:
              f"{result['max_length']} tokens, "
              f"{result['threads']} threads, median of {result['repeats']} turns of {result['steps_per_turn']} steps, "
              f"backbone dropout: {result['dropout']})", "",
-             *([f"Settings: `{' '.join(result['overrides'])}`", ""] if result.get("overrides") else []),
+             *([f"Made by `{result['command']}`.", ""] if result.get("command") else
+               [f"Settings: `{' '.join(result['overrides'])}`", ""] if result.get("overrides") else []),
              "| method | tier | training FLOPs | median step ms | GFLOP/s |", "|---|---|---|---|---|"]
     for name, entry in result["methods"].items():
         for tier, t in entry["tiers"].items():
