@@ -62,6 +62,10 @@ def test_bench_refuses_a_thread_count_below_one_before_running(tmp_path, capsys)
     assert main(["bench", "tiers", "--out", str(out), "--threads", "0"]) == 2
     assert "--threads must be at least 1, got 0" in capsys.readouterr().err
     assert not out.exists()
+    for option in ("--batch-size", "--max-length"):
+        assert main(["bench", "memory", "--out", str(out), option, "0"]) == 2
+        assert f"{option} must be at least 1, got 0" in capsys.readouterr().err
+        assert not out.exists()
 
 
 def test_native_load_benchmark_measures_both_loaders(tmp_path):

@@ -201,6 +201,13 @@ def _report(args) -> int:
 def _bench(args) -> int:
     if args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+    for option, value in (("--batch-size", args.batch_size), ("--max-length", args.max_length)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{option} must be at least 1, got {value}")
+
+    def size(value: int | None, default: int) -> int:
+        return default if value is None else value
+
     if args.name == "moe-layer":
         from ubsmoe.bench.moe_layer import run
 
@@ -216,8 +223,8 @@ def _bench(args) -> int:
     if args.name == "tiers":
         from ubsmoe.bench.tiers import run
 
-        run(Path(args.out), backbone=args.backbone, batch_size=args.batch_size or 16, dropout=args.dropout,
-            max_length=args.max_length or 128, threads=args.threads, repeats=args.repeats, part_repeats=args.part_repeats,
+        run(Path(args.out), backbone=args.backbone, batch_size=size(args.batch_size, 16), dropout=args.dropout,
+            max_length=size(args.max_length, 128), threads=args.threads, repeats=args.repeats, part_repeats=args.part_repeats,
             overrides=tuple(args.overrides))
         print(Path(args.out).with_suffix(".md").read_text())
         return 0
@@ -237,7 +244,7 @@ def _bench(args) -> int:
     if args.name == "memory":
         from ubsmoe.bench.memory import run
 
-        run(Path(args.out), threads=args.threads, batch=args.batch_size or 8, length=args.max_length or 256)
+        run(Path(args.out), threads=args.threads, batch=size(args.batch_size, 8), length=size(args.max_length, 256))
         print(Path(args.out).with_suffix(".md").read_text())
         return 0
     if args.name == "native-load":

@@ -31,7 +31,7 @@ from pathlib import Path
 from ubsmoe.bench.native_load import write_checkpoint
 
 STEP = r"""
-import json, sys, threading, time
+import contextlib, json, sys, threading, time
 import torch
 import torch.nn.functional as F
 
@@ -61,7 +61,7 @@ vocab = model.head.weight.shape[0]
 base = anon()
 peak = [base]
 done = threading.Event()
-parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+parameters = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}  # not activations
 saved = {}
 def pack(t):
     ptr = t.untyped_storage().data_ptr()
@@ -84,7 +84,7 @@ for step in range(steps):
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
     start = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(pack if step == 0 else (lambda t: t), lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if step == 0 else contextlib.nullcontext():
         logits = model(ids, mask, positions=positions)
         loss = F.cross_entropy(logits, ids[:, 1:].reshape(-1))
     extra = method.local_loss(model)
