@@ -224,8 +224,8 @@ def _bench(args) -> int:
         from ubsmoe.bench.tiers import run
 
         run(Path(args.out), backbone=args.backbone, batch_size=size(args.batch_size, 16), dropout=args.dropout,
-            max_length=size(args.max_length, 128), threads=args.threads, repeats=args.repeats, part_repeats=args.part_repeats,
-            overrides=tuple(args.overrides))
+            max_length=size(args.max_length, 128), threads=args.threads, repeats=args.repeats,
+            part_repeats=args.part_repeats, overrides=tuple(args.overrides))
         print(Path(args.out).with_suffix(".md").read_text())
         return 0
     if args.name == "dmr-reach":
@@ -373,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=None,
                        help="tiers and memory: texts in the timed batch (default 16 for tiers, 8 for memory)")
     bench.add_argument("--max-length", type=int, default=None,
-                       help="tiers and memory: tokens per text of the timed batch (default 128 for tiers, 256 for memory)")
+                       help="tiers and memory: tokens per text of the timed batch "
+                            "(default 128 for tiers, 256 for memory)")
     bench.add_argument("--repeats", type=int, default=11, help="tiers only: timed turns per tier")
     bench.add_argument("--part-repeats", type=int, default=5,
                        help="tiers only: turns per tier with timing hooks (where a step's time goes)")

@@ -9,7 +9,7 @@ first step above the memory after building (the frozen weights, the adapters, th
 activations, saved tensors and gradients. ``step_seconds`` is the median of the later steps.
 
 Beside them, each run records what explains them: the bytes autograd saved for the backward in the first
-step (distinct storages, parameters left out), the gradients' and AdamW moments' bytes, and the step's
+step (distinct storages, the model's parameters and buffers left out), the gradients' and AdamW moments' bytes, and the step's
 counted FLOPs (``FlopCounter``). Saved bytes are a + b K (per-slot tensors grow with K; attention, norms,
 the router and the pseudo-gradient's factor products do not), so the two runs give a and b; the FLOP ratio
 is the step-time ratio a perfectly efficient step would reach.
@@ -109,9 +109,8 @@ print(json.dumps({"k": k, "after_build": base, "peak_first_step": peak[0], "extr
 MMAP_THRESHOLD = 128 * 1024
 """glibc's initial mmap threshold, fixed for the measured processes. By default glibc raises it (up to 32 MiB)
 whenever a large block is freed, after which blocks of activation size come from its heap and stay in the
-resident set once freed; the peak RSS then counts memory the step no longer holds (on a 2-layer model at
-8 x 256 tokens and K = 2: 510 MiB against 324 MiB with the threshold fixed). Fixed, every tensor of 128 KiB or
-more is its own mapping, returned when freed, and the RSS follows the live tensors."""
+resident set once freed; the peak RSS then counts memory the step no longer holds. Fixed, every tensor of
+128 KiB or more is its own mapping, returned when freed, and the RSS follows the live tensors."""
 
 
 def measure(folder: Path, k: int, batch: int, length: int, steps: int, threads: int) -> dict:

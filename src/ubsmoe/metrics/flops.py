@@ -118,13 +118,13 @@ class FlopCounter:
         tokens = int(attention_mask.sum())
         grad = 1 if training else 0  # backward multipliers: frozen 1x, trainable 2x
         flops = PassFlops()
-        frozen = 0.0
-        for module in self.frozen_linears:
+
+        def frozen_linear(module: nn.Linear) -> float:  # on every position; its input gradient if it needs one
             input_grad = grad * self.input_needs_grad.get(module, True)
-            frozen += 2 * positions * module.in_features * module.out_features * (1 + input_grad)
-        for module in self.shared_expert_linears:
-            input_grad = grad * self.input_needs_grad.get(module, True)
-            flops.experts += 2 * positions * module.in_features * module.out_features * (1 + input_grad)
+            return 2 * positions * module.in_features * module.out_features * (1 + input_grad)
+
+        frozen = sum(map(frozen_linear, self.frozen_linears), 0.0)
+        flops.experts += sum(map(frozen_linear, self.shared_expert_linears), 0.0)
         for module in self.lora_modules:
             base, rank = module.base, module.active_rank
             input_grad = grad * self.input_needs_grad.get(module, True)

@@ -338,9 +338,10 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def cast_frozen(model: MoEModel, precision: str) -> MoEModel:
-    """Every frozen floating-point parameter of the pretrained model (and the head's frozen buffers: an untied
-    language-model head's weight) in the precision's dtype; what trains stays float32, and so do an MoE layer's own tensors other than its
-    experts (φ, which a method may unfreeze). Buffers such as rotary frequencies keep their dtype."""
+    """Every frozen floating-point parameter of the pretrained model, and the head's frozen buffers (an untied
+    language-model head's weight), in the precision's dtype; what trains stays float32, and so do an MoE
+    layer's own tensors other than its experts (φ, which a method may unfreeze). The backbone's buffers,
+    such as rotary frequencies, keep their dtype."""
     dtype = PRECISIONS[precision]
     if dtype == torch.float32:
         return model
