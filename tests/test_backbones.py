@@ -17,7 +17,8 @@ def test_builtin_backbones_resolve_to_installed_files():
     smollm2 = resolve_backbone("smollm2")
     assert smollm2.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert (smollm2.folder / smollm2.gguf_file).stat().st_size > 90e6
-    assert smollm2.pretrained_kwargs() == {"local_files_only": True, "gguf_file": smollm2.gguf_file}
+    assert smollm2.pretrained_kwargs() == {"local_files_only": True, "trust_remote_code": False,
+                                           "gguf_file": smollm2.gguf_file}
 
 
 def test_a_local_gguf_file_resolves_to_its_folder(tmp_path):

@@ -60,11 +60,11 @@ def test_bench_refuses_a_thread_count_below_one_before_running(tmp_path, capsys)
 
     out = tmp_path / "tiers.json"
     assert main(["bench", "tiers", "--out", str(out), "--threads", "0"]) == 2
-    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+    assert "--threads: must be at least 1, got 0" in capsys.readouterr().err
     assert not out.exists()
     for option in ("--batch-size", "--max-length"):
         assert main(["bench", "memory", "--out", str(out), option, "0"]) == 2
-        assert f"{option} must be at least 1, got 0" in capsys.readouterr().err
+        assert f"{option}: must be at least 1, got 0" in capsys.readouterr().err
         assert not out.exists()
 
 

@@ -71,7 +71,7 @@ def unfinished(tiny_bert, tiny_task, tmp_path):
 def test_resume_refuses_another_config_and_a_fresh_run_refuses_the_folder(unfinished, capsys):
     out, overrides = unfinished
     assert main(["run", "--quiet", "--resume", str(out)] + overrides + ["model.lora_rank=2", "train.lr=0.5"]) == 2
-    assert "differing keys: model.lora_rank, train.lr" in capsys.readouterr().err
+    assert "would change the run's numbers: model.lora_rank, train.lr;" in capsys.readouterr().err
     assert main(["run", "--quiet", "--out", str(out)] + overrides) == 2
     assert f"continue it with --resume {out}" in capsys.readouterr().err
     assert read_checkpoint(out).round == 1  # nothing lost

@@ -90,7 +90,7 @@ def test_answer_choices_read_the_closing_format_line():
 @pytest.mark.parametrize("layout, message", [
     ({}, "holds no task folder with a test.json"),
     ({"a": {"test": [record("q")]}}, "holds no task folder with a train.json"),
-    ({"a": {"train": [record("q")], "test": [{"instruction": "q"}]}}, "record 0 lacks output, answer"),
+    ({"a": {"train": [record("q")], "test": [{"instruction": "q"}]}}, "record 1 lacks output, answer"),
     ({"a": {"train": [record("q", "answer3")], "test": [record("q")]}}, "answer 'answer3' is not among the choices"),
 ])
 def test_bad_suites_are_refused_with_the_file_and_the_fix(tmp_path, layout, message):

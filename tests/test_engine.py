@@ -133,7 +133,7 @@ def test_bad_settings_exit_with_code_2_and_say_why(argv, message, capsys, tmp_pa
 
 @pytest.mark.parametrize("override, message", [
     ("method.zeta=2", "method.zeta must be in [0, 1], got 2.0"),
-    ("model.num_experts=5", "cannot split 64 neurons into 5 equal experts"),
+    ("model.num_experts=5", "into 5 equal experts: choose model.num_experts dividing 64"),
     ("data.dataset=nowhere.csv", "data file nowhere.csv does not exist"),
     ("task=classifier", "unknown task 'classifier'; registered tasks"),
     ("federation.num_clients=500", "samples cannot give 500 clients"),

@@ -2,7 +2,9 @@
 with certificates made for the test (the loopback address in the SuperLink certificate's SAN), runs
 submitted with ``ubsmoe flower run``. The first run gives the in-process numbers; in the second, a
 SuperNode is killed while it trains, and the run goes on without it after the round timeout and
-records who dropped in which rounds. Every process started here is ended by its process group."""
+records who dropped in which rounds. Every process started here is ended by its process group.
+A user's mistake (no SuperLink at the address, a CA file that is no certificate, an address without
+its port) is one line and exit code 2, found before anything is submitted: no SuperLink needed."""
 
 import json
 import os
@@ -18,7 +20,9 @@ import pytest
 pytest.importorskip("flwr", reason="Flower is the optional extra ubsmoe[flower]")
 
 from tiny_experiment import tiny_overrides  # noqa: E402
-from ubsmoe.config import load_config  # noqa: E402
+from ubsmoe.cli import main  # noqa: E402
+from ubsmoe.config import MissingPackageError, load_config  # noqa: E402
+from ubsmoe.engine.flower.deployment import flwr_executable  # noqa: E402
 from ubsmoe.engine.simulation import run_experiment  # noqa: E402
 
 from test_client_server import deterministic  # noqa: E402
@@ -147,3 +151,40 @@ def test_a_supernode_killed_mid_round_is_dropped_after_the_timeout(deployment, t
         assert [c["id"] for c in entry["clients"]] == [0]
         assert [f["client_id"] for f in entry["failed_clients"]] == [1]
     assert len(results["history"]) == 2
+
+
+@pytest.mark.parametrize("superlink, tls, message", [
+    ("127.0.0.1:{port}", "--insecure", "no SuperLink answers at 127.0.0.1:{port} (connection refused): start it"),
+    ("127.0.0.1:{port}", "--root-certificates", "is not a PEM certificate: give the CA certificate (ca.crt) written by "
+                                                "`ubsmoe flower certificates`"),
+    ("localhost", "--insecure", "--superlink localhost has no port: give HOST:PORT"),
+], ids=["no-superlink", "not-a-certificate", "no-port"])
+def test_a_user_error_is_one_line_and_exit_code_2(superlink, tls, message, tmp_path, capfd):
+    port = free_port()
+    certificate = tmp_path / "ca.crt"
+    certificate.write_text("hello\n")
+    connection = ["--insecure"] if tls == "--insecure" else [tls, str(certificate)]
+
+    code = main(["flower", "run", "--superlink", superlink.format(port=port), *connection,
+                 "--out", str(tmp_path / "out"), "--node-wait", "1", "federation.rounds=1"])
+
+    captured = capfd.readouterr()
+    assert code == 2
+    assert captured.err.startswith("ubsmoe: error: ") and captured.err.count("\n") == 1
+    assert message.format(port=port) in captured.err
+    assert "Traceback" not in captured.out + captured.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_flwr_is_found_on_path_else_the_error_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    on_path = tmp_path / "bin" / "flwr"
+    on_path.parent.mkdir()
+    on_path.write_text("#!/bin/sh\n")
+    on_path.chmod(0o755)
+    monkeypatch.setenv("PATH", str(on_path.parent))
+
+    assert flwr_executable() == on_path
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(MissingPackageError, match=r"pip install 'ubsmoe\[flower\]'"):
+        flwr_executable()

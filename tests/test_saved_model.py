@@ -105,5 +105,5 @@ def test_a_causal_lm_run_predicts_and_evaluates_as_its_last_round(tiny_causal_ll
 
     inputs.write_text(json.dumps({"input": "no instruction"}) + "\n")
     assert main(["predict", "--run", str(run), "--tier", "1.0", "--input", str(inputs),
-                 "--output", str(tmp_path / "p.jsonl")]) == 2
+                 "--output", str(tmp_path / "p2.jsonl")]) == 2
     assert "input record 1 has no 'instruction'" in capsys.readouterr().err

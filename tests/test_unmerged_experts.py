@@ -48,7 +48,9 @@ def test_the_unmerged_path_gives_the_merged_outputs_and_gradients(gated, bias, t
                                                     if p.grad is not None}))
     (y_merged, gx_merged, g_merged), (y_apart, gx_apart, g_apart) = runs
     torch.testing.assert_close(y_apart, y_merged, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(gx_apart, gx_merged, atol=1e-5, rtol=1e-5)
+    # rtol as for the weights' gradients below: the two paths sum the experts' float32 input gradients in
+    # another order (one element of 288 differed by 4.7e-5 relative, 1.4e-5 absolute, at K = M gated)
+    torch.testing.assert_close(gx_apart, gx_merged, atol=1e-5, rtol=1e-4)
     assert set(g_apart) == set(g_merged) and any(n.startswith("lora_") for n in g_apart)
     assert "router.weight" in g_apart
     for name in g_merged:

@@ -8,8 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from ubsmoe.config import ConfigError, describe, load_config
-from ubsmoe.engine.errors import FederationStopped
+from ubsmoe.config import ConfigError, MissingFileError, describe, load_config
+from ubsmoe.engine.errors import FederationStopped, RunInterrupted
 
 
 def _methods(_args) -> int:
@@ -41,16 +41,18 @@ def _run(args) -> int:
     resume = None
     if args.resume:
         from ubsmoe.config import config_from_dict
-        from ubsmoe.engine.checkpoint import read_checkpoint
+        from ubsmoe.engine.checkpoint import check_resumable, read_checkpoint
 
         out = Path(args.resume)
         if (out / "results.json").is_file():
             raise ConfigError(f"{out} holds a finished run (results.json): nothing to resume")
-        resume = read_checkpoint(out)
-        given = args.config or args.overrides or args.method
-        config = load_config(args.config, args.overrides, method=args.method) if given else config_from_dict(resume.config)
         if args.engine != "inprocess":
             raise ConfigError("--resume continues runs of the in-process engine")
+        resume = read_checkpoint(out)
+        # what the command line gives is applied to the checkpoint's config; what differs from it is refused
+        # when the run is restored, naming only those keys
+        config = load_config(args.config, args.overrides, method=args.method, base=config_from_dict(resume.config))
+        check_resumable(resume, resolved(config))  # before anything is built
     else:
         config = load_config(args.config, args.overrides, method=args.method)
         out = Path(args.out)
@@ -63,6 +65,18 @@ def _run(args) -> int:
     print(tier_table(results))
     print(f"\nresults: {out / 'results.json'}  summary: {out / 'summary.md'}")
     return 0
+
+
+def resolved(config):
+    """``config`` with its method's options resolved (typed, defaults filled in), as a run stores it."""
+    import copy
+
+    from ubsmoe.config import resolve_method_options
+    from ubsmoe.methods.base import get_method
+
+    config = copy.deepcopy(config)
+    resolve_method_options(config, get_method(config.method_name).Options)
+    return config
 
 
 def _flower_simulation():
@@ -87,7 +101,7 @@ def _flower_certificates(args) -> int:
     _flower_simulation()  # the same packages
     from ubsmoe.engine.flower.certificates import write_certificates
 
-    paths = write_certificates(Path(args.folder), args.host, args.days)
+    paths = write_certificates(Path(args.folder), args.host, args.days, force=args.force)
     print("\n".join(f"{name}: {path}" for name, path in paths.items()))
     return 0
 
@@ -112,35 +126,59 @@ def _flower_run(args) -> int:
 
 def _predict(args) -> int:
     from ubsmoe.data.text_files import read_records
-    from ubsmoe.engine.saved_model import load_model
+    from ubsmoe.engine.saved_model import load_model, open_model
+    from ubsmoe.storage import check_output, write_atomically
 
-    source = Path(args.input)
+    source, output = Path(args.input), Path(args.output)
     if not source.is_file():
-        raise ConfigError(f"--input {source} does not exist")
-    if source.suffix.lower() == ".txt":
-        records = [{"text": line} for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        records = read_records(source)
+        raise MissingFileError(f"--input {source} does not exist" + (" as a file (it is a folder)" if source.is_dir() else ""))
+    saved = open_model(Path(args.run))
+    saved.check_tier(args.tier)
+    check_output("--output", output, [("--input", source), ("--run", saved.folder)], args.force)
+    records = read_text_lines(source) if source.suffix.lower() == ".txt" else read_records(source)
     if not records:
         raise ConfigError(f"--input {source} holds no texts")
-    output = Path(args.output)
-    if output.is_dir():
-        raise ConfigError(f"--output {output} is a folder: give a file (JSONL)")
-    loaded = load_model(Path(args.run))
+    saved.task().check_records(records, source, saved.card["label_names"])
+    loaded = load_model(saved)
     loaded.setup_tier(args.tier)
     predictions = loaded.exp.task.predict(loaded.exp.model, records, loaded.card["label_names"], args.batch_size)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text("".join(json.dumps(p) + "\n" for p in predictions), encoding="utf-8")
+    write_atomically(output, "".join(json.dumps(p) + "\n" for p in predictions))
     print(f"{len(predictions)} predictions of tier {args.tier:g}: {output}")
     return 0
 
 
-def _evaluate(args) -> int:
-    from ubsmoe.engine.evaluation import evaluate
-    from ubsmoe.engine.saved_model import load_model
+def read_text_lines(source: Path) -> list[dict]:
+    """A .txt input: one record ``{"text": line}`` per non-empty line."""
+    try:
+        lines = source.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"--input {source} is not UTF-8 ({error.reason} at byte {error.start}): convert it, e.g. "
+                          f"`iconv -f latin1 -t utf-8 {source.name} > utf8-{source.name}`") from None
+    return [{"text": line} for line in lines if line.strip()]
 
-    loaded = load_model(Path(args.run))
-    data = loaded.exp.task.labelled(Path(args.data), loaded.card["label_names"])
+
+def _evaluate(args) -> int:
+    from dataclasses import replace
+
+    from ubsmoe.engine.evaluation import evaluate
+    from ubsmoe.engine.saved_model import load_model, open_model
+    from ubsmoe.storage import check_output, write_atomically
+
+    data_path = Path(args.data)
+    if not data_path.exists():
+        raise MissingFileError(f"--data {data_path} does not exist")
+    saved = open_model(Path(args.run))
+    if args.tier is not None:
+        saved.check_tier(args.tier)
+    output = Path(args.output) if args.output else None
+    if output is not None:
+        check_output("--output", output, [("--data", data_path), ("--run", saved.folder)], args.force)
+    config = saved.config()
+    columns = {k: v for k, v in (("text_column", args.text_column), ("label_column", args.label_column)) if v}
+    if columns:
+        config = replace(config, data=replace(config.data, **columns))
+    data = saved.task(config).labelled(data_path, saved.card["label_names"])  # bad data refused before the model loads
+    loaded = load_model(saved)
     tiers = [args.tier] if args.tier is not None else loaded.tiers
     scores = {}
     for budget in tiers:
@@ -153,17 +191,20 @@ def _evaluate(args) -> int:
     for budget, result in scores.items():
         print(f"| beta={budget} | {result['accuracy']:.4f} | {result['loss']:.4f} |"
               + "".join(f" {result['details'][p]:.4f} |" for p in protocols))
-    if args.output:
-        Path(args.output).write_text(json.dumps({"data": str(args.data), "tiers": scores}, indent=1))
+    if output is not None:
+        write_atomically(output, json.dumps({"data": str(args.data), "tiers": scores}, indent=1))
     return 0
 
 
 def _export(args) -> int:
-    from ubsmoe.engine.export import export_tiers
-    from ubsmoe.engine.saved_model import load_model
+    from ubsmoe.engine.export import check_export, export_tiers
+    from ubsmoe.engine.saved_model import load_model, open_model
 
-    loaded = load_model(Path(args.run))
-    folders = export_tiers(loaded, Path(args.out), [args.tier] if args.tier is not None else None)
+    saved = open_model(Path(args.run))
+    tiers = [args.tier] if args.tier is not None else saved.tiers
+    check_export(saved, Path(args.out), tiers, args.force)  # before the model loads: nothing is overwritten unasked
+    loaded = load_model(saved)
+    folders = export_tiers(loaded, Path(args.out), tiers)
     kind = "PEFT LoRA adapter" if loaded.exp.model.num_experts == 1 else "saved model for `ubsmoe predict --run`"
     for folder in folders:
         print(f"{folder}: {kind}")
@@ -182,6 +223,9 @@ def _compare(args) -> int:
         seeds = [int(s) for s in args.seeds.split(",")] if "," in args.seeds else list(range(int(args.seeds)))
     except ValueError:
         raise ConfigError(f"--seeds must be a count (3) or a list (0,1,2), got {args.seeds!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds must be a count of at least 1 (3 = 0,1,2) or a list of distinct seeds, "
+                          f"got {args.seeds!r}")
     out = Path(args.out)
     run_comparison(variants, seeds, out, args.config, args.overrides, show_progress=not args.quiet, jobs=args.jobs)
     print((out / "report.md").read_text().split("## Plots")[0])
@@ -199,12 +243,6 @@ def _report(args) -> int:
 
 
 def _bench(args) -> int:
-    if args.threads < 1:
-        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-    for option, value in (("--batch-size", args.batch_size), ("--max-length", args.max_length)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{option} must be at least 1, got {value}")
-
     def size(value: int | None, default: int) -> int:
         return default if value is None else value
 
@@ -262,8 +300,37 @@ def _bench(args) -> int:
     raise ConfigError(f"unknown benchmark {args.name!r}")
 
 
+def count(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a count of texts, turns, jobs, days, threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a duration in seconds, above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0 seconds, got {text}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad option reported as one line (and exit code 2), like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ubsmoe", description="Resource-adaptive federated fine-tuning with sparse MoE")
+    parser = Parser(prog="ubsmoe", description="Resource-adaptive federated fine-tuning with sparse MoE")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("methods", help="list the registered federated methods").set_defaults(func=_methods)
     sub.add_parser("tasks", help="list the registered tasks (the config's `task`)").set_defaults(func=_tasks)
@@ -291,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--input", required=True, help="a .txt file (one text per line) or a data file: classification reads its 'text' column, "
                               "causal-lm its 'instruction' (and optional 'input') or 'text' column")
     predict.add_argument("--output", required=True, help="predictions, one JSON object per line")
-    predict.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
+    predict.add_argument("--batch-size", type=count, default=32, help="texts per forward pass")
+    predict.add_argument("--force", action="store_true", help="replace an existing --output")
     predict.set_defaults(func=_predict)
 
     evaluate = sub.add_parser("evaluate", help="score the model a run saved on a labelled file, per tier")
@@ -299,8 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="classification: a labelled data file (the run's text and label columns); causal-lm: a "
                                "commonsense folder or one task's test.json")
     evaluate.add_argument("--tier", type=float, help="one tier only (default: every tier of the run)")
-    evaluate.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
+    evaluate.add_argument("--batch-size", type=count, default=64, help="texts per forward pass")
     evaluate.add_argument("--output", help="write the scores as JSON here too")
+    evaluate.add_argument("--force", action="store_true", help="replace an existing --output")
+    evaluate.add_argument("--text-column", help="classification: the data file's text column (default: the run's "
+                                                "data.text_column)")
+    evaluate.add_argument("--label-column", help="classification: the data file's label column (default: the run's "
+                                                 "data.label_column)")
     evaluate.set_defaults(func=_evaluate)
 
     export = sub.add_parser("export", help="export a saved model per tier: PEFT LoRA adapters (dense methods) "
@@ -313,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run", required=True, help="the run's --out folder")
     export.add_argument("--out", required=True, help="where the tier folders go")
     export.add_argument("--tier", type=float, help="one tier only (default: every tier of the run)")
+    export.add_argument("--force", action="store_true", help="replace tier folders that exist in --out")
     export.set_defaults(func=_export)
 
     compare = sub.add_parser("compare", help="run several methods over seeds and write a comparison report",
@@ -323,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--variants", help="comma-separated variants method[:key=value...], e.g. "
                                             "ubsmoe,ubsmoe:pg=false,ubsmoe:dmr=false (a bare key is a method option), "
                                             "or a .toml file with a `variants` list")
-    compare.add_argument("--jobs", type=int, default=1,
+    compare.add_argument("--jobs", type=count, default=1,
                          help="runs at a time, each in its own process (set threads=1 with jobs=2 on 2 cores)")
     compare.add_argument("--seeds", default="1", help="a number of seeds (3 = 0,1,2) or a list (0,5,7)")
     compare.add_argument("--out", required=True, help="comparison folder")
@@ -338,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     certificates.add_argument("folder", help="where ca.crt, ca.key, superlink.crt and superlink.key go")
     certificates.add_argument("--host", action="append", required=True,
                               help="a name or IP address the SuperNodes reach the SuperLink by (repeatable)")
-    certificates.add_argument("--days", type=int, default=365, help="validity in days")
+    certificates.add_argument("--days", type=count, default=365, help="validity in days")
+    certificates.add_argument("--force", action="store_true", help="replace the certificates and keys in the folder")
     certificates.set_defaults(func=_flower_certificates)
     flower_run = flower_sub.add_parser("run", help="run one experiment on the deployment; the server writes --out",
                                        description="Submit the experiment (--config and key=value overrides, as for "
@@ -350,9 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     flower_run.add_argument("--out", required=True, help="results folder (absolute path on the SuperLink's machine)")
     flower_run.add_argument("--config", help="TOML config file (on the SuperLink's machine)")
     flower_run.add_argument("--force", action="store_true", help="replace a finished run in --out")
-    flower_run.add_argument("--round-timeout", type=float, default=86400.0,
+    flower_run.add_argument("--round-timeout", type=seconds, default=86400.0,
                             help="seconds a round waits for its clients; then it goes on with those that answered")
-    flower_run.add_argument("--node-wait", type=float, default=300.0,
+    flower_run.add_argument("--node-wait", type=seconds, default=300.0,
                             help="seconds to wait for one SuperNode per client before the first round")
     flower_run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     flower_run.set_defaults(func=_flower_run)
@@ -370,15 +445,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tiers only: backbone dropout probability (-1 keeps the checkpoint's)")
     bench.add_argument("--backbone", default="minilm",
                        help="tiers only: the backbone (built-in name, checkpoint folder or .gguf file)")
-    bench.add_argument("--batch-size", type=int, default=None,
+    bench.add_argument("--batch-size", type=count, default=None,
                        help="tiers and memory: texts in the timed batch (default 16 for tiers, 8 for memory)")
-    bench.add_argument("--max-length", type=int, default=None,
+    bench.add_argument("--max-length", type=count, default=None,
                        help="tiers and memory: tokens per text of the timed batch "
                             "(default 128 for tiers, 256 for memory)")
-    bench.add_argument("--repeats", type=int, default=11, help="tiers only: timed turns per tier")
-    bench.add_argument("--part-repeats", type=int, default=5,
+    bench.add_argument("--repeats", type=count, default=11, help="tiers only: timed turns per tier")
+    bench.add_argument("--part-repeats", type=count, default=5,
                        help="tiers only: turns per tier with timing hooks (where a step's time goes)")
-    bench.add_argument("--threads", type=int, default=2,
+    bench.add_argument("--threads", type=count, default=2,
                        help="CPU threads torch may use in the timed benchmarks (moe-layer, pg-step, tiers, flower-overhead)")
     bench.add_argument("overrides", nargs="*", metavar="key=value",
                        help="tiers and flower-overhead: config settings, e.g. task=causal-lm data.dataset=commonsense:PATH")
@@ -389,12 +464,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:  # key=value settings after the options land here (argparse fills nargs="*" at the first positional)
-        if hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
-            args.overrides = list(args.overrides or []) + extra
-        else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # key=value settings after the options land here (argparse fills nargs="*" at the first positional)
+            if hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+                args.overrides = list(args.overrides or []) + extra
+            else:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as done:  # --help (0) or a bad option (2, one line already printed)
+        return done.code if isinstance(done.code, int) else 2
     try:
         return args.func(args)
     except ConfigError as error:  # user errors only: a bug keeps its traceback
@@ -405,6 +483,22 @@ def main(argv: list[str] | None = None) -> int:
         resume = f"; `ubsmoe run --resume {out}` continues from its last checkpoint" if args.command == "run" else ""
         print(f"ubsmoe: the run stopped: {error}{resume}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: one line saying what is kept, and the shell's code 130
+        print(f"\nubsmoe: {interrupted(args, interrupt)}", file=sys.stderr)
+        return 130
+
+
+def interrupted(args, interrupt: KeyboardInterrupt) -> str:
+    """What an interrupted command leaves, and how to go on."""
+    if isinstance(interrupt, RunInterrupted):
+        out = getattr(args, "resume", None) or getattr(args, "out", None)
+        if interrupt.checkpoint_round == 0 or out is None:
+            return f"interrupted in round {interrupt.round_index}, before any checkpoint: start the run again"
+        return (f"interrupted in round {interrupt.round_index}; the last checkpoint is round "
+                f"{interrupt.checkpoint_round}: resume with `ubsmoe run --resume {out}`")
+    if args.command == "compare":
+        return "interrupted: finished runs are kept; the same `ubsmoe compare` command resumes the rest"
+    return "interrupted"
 
 
 if __name__ == "__main__":

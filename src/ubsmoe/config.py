@@ -108,6 +108,9 @@ class TrainConfig:
     train_on_inputs: bool = option(False, "causal-lm: the loss covers the prompt's tokens too (default: the response's only)")
 
 
+PROTOCOLS = ("generation", "loglik")  # what evaluation.protocol may name as causal-lm's headline accuracy
+
+
 @dataclass
 class EvaluationConfig:
     protocol: str = option("generation", "causal-lm: the headline accuracy, generation (generate, then read the "
@@ -226,10 +229,11 @@ def apply_setting(config: ExperimentConfig, key: str, value: Any, from_text: boo
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                method: str | None = None) -> ExperimentConfig:
-    """Defaults, then the TOML file, then ``key=value`` overrides, then ``--method``. Method options
-    are resolved against the method's own config by ``resolve_method_options``."""
-    config = ExperimentConfig()
+                method: str | None = None, base: ExperimentConfig | None = None) -> ExperimentConfig:
+    """Defaults (or ``base``: a resumed run's config), then the TOML file, then ``key=value`` overrides,
+    then ``--method``. Method options are resolved against the method's own config by
+    ``resolve_method_options``."""
+    config = ExperimentConfig() if base is None else config_from_dict(base.to_dict())
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -306,6 +310,9 @@ def describe(config_cls=ExperimentConfig, prefix: str = "") -> list[tuple[str, s
             rows.append((prefix + f.name, json.dumps(default), f.metadata.get("help", "")))
     return rows
 
+
+# Keys that cannot change a run's numbers: a resumed run may set them to other values than its checkpoint's.
+RESUME_FREE_KEYS = ("threads",)
 
 # Keys added since without changing any number the runs before them made: their defaults are what those
 # runs did. Any other missing key makes a stored run another config.

@@ -48,7 +48,7 @@ sampler = threading.Thread(target=sample, daemon=True)
 sampler.start()
 try:
     if which == "transformers":
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
     else:
         model = build_model(ModelSpec(backbone=folder, lora_rank=8), language_model_head(folder))
 finally:

@@ -40,6 +40,8 @@ _ANSWER_PATTERNS = {
     "hellaswag": r"ending1|ending2|ending3|ending4",
 }
 _DEFAULT_PATTERN = r"answer1|answer2|answer3|answer4|answer5"  # ARC, OpenBookQA, Social IQa
+# The commonsense tasks of LLM-Adapters, whose answers these patterns read.
+ANSWER_TASKS = ("ARC-Challenge", "ARC-Easy", "boolq", "hellaswag", "openbookqa", "piqa", "social_i_qa", "winogrande")
 
 
 @dataclass(frozen=True)
@@ -98,12 +100,18 @@ def load_commonsense(folder: str | Path, need_train: bool = True) -> Commonsense
         raise ConfigError(f"commonsense folder {root} does not exist; pass the folder that holds one sub-folder "
                           "per task (ARC-Easy/train.json, ARC-Easy/test.json, ...)")
     suite = CommonsenseSuite({}, {})
+    untested = []
     for task_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         if not (task_dir / "test.json").is_file():
+            if (task_dir / "train.json").is_file():
+                untested.append(task_dir.name)
             continue
         suite.test[task_dir.name] = read_task_file(task_dir / "test.json", task_dir.name)
         if (task_dir / "train.json").is_file():
             suite.train[task_dir.name] = read_task_file(task_dir / "train.json", task_dir.name)
+    if untested:
+        raise ConfigError(f"{root}: the task folder(s) {', '.join(untested)} hold a train.json but no test.json, "
+                          "so they would be neither scored nor trained on: add their test.json, or move them out")
     if not suite.test:
         raise ConfigError(f"{root} holds no task folder with a test.json; expected e.g. {root}/boolq/test.json")
     if need_train and not suite.train:
@@ -119,11 +127,16 @@ def read_task_file(path: Path, task: str) -> list[CommonsenseExample]:
     if not isinstance(records, list) or not records:
         raise ConfigError(f"{path} must hold a non-empty JSON list of records")
     examples = []
-    for number, record in enumerate(records):
+    for number, record in enumerate(records, 1):  # counted as a person counts, from 1
         missing = [k for k in ("instruction", "output", "answer") if not isinstance(record, dict) or k not in record]
         if missing:
             raise ConfigError(f"{path}: record {number} lacks {', '.join(missing)}; every record needs "
                               "instruction, output and answer (input may be empty)")
+        wrong = [k for k in ("instruction", "output", "answer") if not isinstance(record[k], str)]
+        wrong += ["input"] if not isinstance(record.get("input") or "", str) else []
+        if wrong:
+            raise ConfigError(f"{path}: record {number}'s {', '.join(wrong)} must be text, got "
+                              f"{', '.join(repr(record[k])[:40] for k in wrong)}")
         example = CommonsenseExample(task, str(record["instruction"]), str(record.get("input") or ""),
                                      str(record["output"]), str(record["answer"]))
         if not example.output.endswith(example.answer):

@@ -91,8 +91,9 @@ def load_text_file(path: str | Path, text_column: str = "text", label_column: st
         raise ConfigError(f"{path} holds no records")
     for column in (text_column, label_column):
         if column not in records[0]:
-            raise ConfigError(f"{path} has no column {column!r}; its columns are {sorted(records[0])}. "
-                             f"Set data.text_column / data.label_column")
+            raise ConfigError(f"{path} has no column {column!r}; its columns are {sorted(records[0])}: name the text "
+                              "and label columns with data.text_column and data.label_column (`ubsmoe evaluate`: "
+                              "--text-column and --label-column)")
     unlabelled = [n for n, r in enumerate(records, 1) if r.get(label_column) in (None, "")]
     if unlabelled:
         raise ConfigError(f"{path}: {len(unlabelled)} rows have no {label_column!r} (data rows {unlabelled[:5]}): "

@@ -16,14 +16,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as save_tensors
-
 from ubsmoe.config import ConfigError
 from ubsmoe.methods.records import ServerState, flat_scalars, flat_tensors, state_from_flat
+from ubsmoe.storage import DamagedFileError, read_tensors, write_tensors
 
 CHECKPOINT = "checkpoint.safetensors"
-FORMAT = 1
+FORMAT = 2  # 2: every tensor's SHA-256 in the metadata
 
 
 class CheckpointError(ConfigError):
@@ -49,53 +47,23 @@ def write_checkpoint(folder: Path, checkpoint: Checkpoint) -> Path:
 
 
 def write_state(path: Path, state: ServerState, meta: dict, fault_round: int | None = None) -> Path:
-    """The state's tensors (flat names) with ``meta`` as JSON in the safetensors metadata, written whole or
-    not at all (temporary file, fsync, rename, fsync of the folder)."""
-    tensors = {name: value.detach().contiguous().clone() for name, value in flat_tensors(state).items()}
-    data = save_tensors(tensors, metadata={"ubsmoe": json.dumps(meta)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".{path.name}.{os.getpid()}.partial"
-    with temporary.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    if fault_round is not None:
-        fault_point("checkpoint", fault_round)
-    os.replace(temporary, path)
-    for stale in path.parent.glob(f".{path.name}.*.partial"):  # left by a process killed while writing
-        stale.unlink(missing_ok=True)
-    _fsync_folder(path.parent)
-    return path
+    """The state's tensors (flat names, each with its SHA-256) with ``meta`` as JSON in the safetensors
+    metadata, written whole or not at all (``storage.write_tensors``)."""
+    before_rename = None if fault_round is None else (lambda: fault_point("checkpoint", fault_round))
+    return write_tensors(path, flat_tensors(state), {"ubsmoe": json.dumps(meta)}, before_rename=before_rename)
 
 
-def read_state(path: Path) -> tuple[ServerState, dict]:
-    """(the state, its metadata) from a file ``write_state`` wrote; ``ValueError``-family errors if damaged."""
-    with safe_open(path, "pt") as handle:
-        meta = json.loads((handle.metadata() or {})["ubsmoe"])
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT}")
-    return state_from_flat(tensors, meta["scalars"]), meta
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """A text file written whole or not at all: temporary file, fsync, rename."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync_folder(path.parent)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` durable."""
-    directory = os.open(folder, os.O_RDONLY)
+def read_state(path: Path, fix: str) -> tuple[ServerState, dict]:
+    """(the state, its metadata) from a file ``write_state`` wrote, every tensor verified against its digest;
+    a damaged or foreign file is a ``DamagedFileError`` naming ``fix``."""
+    tensors, metadata = read_tensors(path, fix)
     try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+        meta = json.loads(metadata["ubsmoe"])
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT}")
+        return state_from_flat(tensors, meta["scalars"]), meta
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise DamagedFileError(f"{path} is damaged ({error}): {fix}") from None
 
 
 def read_checkpoint(folder: Path) -> Checkpoint:
@@ -103,12 +71,25 @@ def read_checkpoint(folder: Path) -> Checkpoint:
     path = folder / CHECKPOINT
     if not path.is_file():
         raise CheckpointError(f"{folder} holds no checkpoint ({CHECKPOINT}): nothing to resume")
+    fix = "start the run over with `ubsmoe run --force`, or delete the file"
+    state, meta = read_state(path, fix)
     try:
-        state, meta = read_state(path)
         return Checkpoint(int(meta["round"]), state, meta["history"], meta["round0"], meta["config"],
                           float(meta["runtime_s"]))
-    except (SafetensorError, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is damaged ({error}): delete it, or run with --force to start over") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise DamagedFileError(f"{path} is damaged ({error}): {fix}") from None
+
+
+def check_resumable(checkpoint: Checkpoint, config) -> None:
+    """Refuse to resume ``checkpoint`` with ``config`` (an ``ExperimentConfig``, method options resolved)
+    where a setting that changes numbers differs from the checkpoint's, naming only those keys."""
+    from ubsmoe.config import RESUME_FREE_KEYS, differing_keys
+
+    differing = [k for k in differing_keys(checkpoint.config, config) if k not in RESUME_FREE_KEYS]
+    if differing:
+        raise CheckpointError(f"these settings differ from the checkpoint's and would change the run's numbers: "
+                              f"{', '.join(differing)}; resume without them (only {', '.join(RESUME_FREE_KEYS)} "
+                              "may change), or start over with --force")
 
 
 def fault_point(phase: str, round_index: int) -> None:

@@ -4,3 +4,12 @@
 class FederationStopped(RuntimeError):
     """A round cannot go on for a reason outside the code (too few clients answered): the run stops, its
     last checkpoint stays, and ``ubsmoe run --resume`` continues it once the clients answer again."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """The user interrupted a run (Ctrl-C) in round ``round_index``; ``checkpoint_round`` is the round of the
+    last checkpoint in the run's folder (0: none yet), from which ``ubsmoe run --resume`` continues."""
+
+    def __init__(self, round_index: int, checkpoint_round: int):
+        super().__init__(round_index, checkpoint_round)
+        self.round_index, self.checkpoint_round = round_index, checkpoint_round

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +36,8 @@ import torch
 from safetensors.torch import save_file
 
 from ubsmoe.config import ConfigError
-from ubsmoe.engine.checkpoint import write_atomically
-from ubsmoe.engine.saved_model import CARD, LoadedModel, model_folder
+from ubsmoe.engine.saved_model import CARD, LoadedModel, SavedModel
+from ubsmoe.storage import check_writable_folder, fsync_folder, write_atomically
 from ubsmoe.model import MoEModel
 from ubsmoe.model.lora import LoRALinear
 
@@ -98,9 +99,34 @@ def frozen_weights(model: MoEModel) -> dict[str, torch.Tensor]:
     return {path: weight.clone() for path, weight, *_ in _adapted_layers(model)}
 
 
+def tier_folder(out: Path, budget: float) -> Path:
+    return out / f"tier-{budget:g}"
+
+
+def check_export(saved: SavedModel, out: Path, tiers: list[float], force: bool) -> None:
+    """Before the model loads: the tiers exist, ``out`` is a writable folder that is not the saved model's,
+    and no tier folder to be written exists unless ``force`` (``ConfigError`` naming the fix)."""
+    for budget in tiers:
+        saved.check_tier(budget)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: give a folder for the exported tiers")
+    source = saved.folder.resolve()
+    for budget in tiers:
+        target = tier_folder(out, budget).resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise ConfigError(f"--out {out} would write {tier_folder(out, budget)} over or inside the model it exports "
+                              f"({saved.folder}): export into another folder")
+    existing = [tier_folder(out, b) for b in tiers if tier_folder(out, b).exists()]
+    if existing and not force:
+        raise ConfigError(f"--out {out} already holds {', '.join(f.name for f in existing)}: choose another --out, "
+                          "or pass --force to replace those tier folders")
+    check_writable_folder("--out", out)
+
+
 def export_tiers(loaded: LoadedModel, out: Path, tiers: list[float] | None = None) -> list[Path]:
     """One folder per tier in ``out`` (``tier-<budget>``): a PEFT adapter for a dense model, a saved
-    model of that tier for a sparse one. Returns the folders."""
+    model of that tier for a sparse one. Each is written into a temporary folder and then put in place,
+    replacing a folder of that name (``check_export`` refuses one unless ``--force``). Returns the folders."""
     tiers = loaded.tiers if tiers is None else tiers
     for budget in tiers:
         loaded.check_tier(budget)
@@ -110,15 +136,29 @@ def export_tiers(loaded: LoadedModel, out: Path, tiers: list[float] | None = Non
     original = frozen_weights(loaded.exp.model) if dense else {}
     folders = []
     for budget in tiers:
-        folder = out / f"tier-{budget:g}"
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = tier_folder(out, budget)
+        partial = out / f".{folder.name}.{os.getpid()}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
         if dense:
             loaded.setup_tier(budget)
-            write_peft_adapter(loaded, folder, original)
+            write_peft_adapter(loaded, partial, original)
         else:
-            write_tier_model(loaded, folder, budget)
+            write_tier_model(loaded, partial, budget)
+        replace_folder(partial, folder)
         folders.append(folder)
     return folders
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put the complete folder ``new`` at ``target``: an earlier ``target`` is moved aside first and removed
+    last, so that ``target`` is at every moment either the old folder or the new one (or briefly absent)."""
+    old = target.with_name(f".{target.name}.{os.getpid()}.old")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+    fsync_folder(target.parent)
 
 
 def write_peft_adapter(loaded: LoadedModel, folder: Path, original: dict[str, torch.Tensor]) -> None:
@@ -150,7 +190,7 @@ def write_peft_adapter(loaded: LoadedModel, folder: Path, original: dict[str, to
 
 def write_tier_model(loaded: LoadedModel, folder: Path, budget: float) -> None:
     """The saved model with only tier ``budget``: a folder ``ubsmoe predict --run`` loads."""
-    source = model_folder(loaded.run)
+    source = loaded.folder
     for path in source.iterdir():
         if path.suffix == ".safetensors":
             shutil.copy2(path, folder / path.name)

@@ -19,12 +19,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 
-from ubsmoe.config import ConfigError, config_from_dict
-from ubsmoe.engine.checkpoint import FORMAT, read_state, write_atomically, write_state
+from ubsmoe.config import ConfigError, ExperimentConfig, MissingFileError, config_from_dict
+from ubsmoe.engine.checkpoint import CHECKPOINT, FORMAT, read_state, write_state
 from ubsmoe.methods.records import ServerState, flat_scalars
 from ubsmoe.model.backbones import backbone_identity
+from ubsmoe.storage import DamagedFileError, write_atomically
+from ubsmoe.tasks import Task, get_task
 
 STATE, CARD = "state.safetensors", "model.json"
 
@@ -42,11 +43,14 @@ def save_model(folder: Path, server) -> Path:
 
 
 @dataclass
-class LoadedModel:
-    exp: object  # engine.simulation.Experiment
-    state: ServerState
+class SavedModel:
+    """A saved model's files, read and verified, before anything is built: what ``predict``, ``evaluate``
+    and ``export`` check their inputs against before the backbone loads."""
+
+    run: Path  # the folder the user named
+    folder: Path  # where the files are (``model_folder(run)``)
     card: dict
-    run: Path  # the folder it was loaded from
+    state: ServerState
 
     @property
     def tiers(self) -> list[float]:
@@ -57,6 +61,25 @@ class LoadedModel:
         if budget not in self.tiers:
             raise ConfigError(f"--tier {budget:g} is not a tier of this model; its tiers are "
                               f"{', '.join(f'{t:g}' for t in self.tiers)}")
+
+    def config(self) -> ExperimentConfig:
+        config = config_from_dict(self.card["config"])
+        if config.device == "cuda" and not torch.cuda.is_available():  # trained on a GPU, used on a CPU
+            config = replace(config, device="auto")
+        return config
+
+    def task(self, config: ExperimentConfig | None = None) -> Task:
+        """The run's task (``config``: the run's, perhaps with other data columns), without the model: it
+        checks and reads input files."""
+        config = config or self.config()
+        return get_task(config.task)(config)
+
+
+@dataclass
+class LoadedModel(SavedModel):
+    """A saved model rebuilt: ``exp`` (an ``engine.simulation.Experiment``) holds the model."""
+
+    exp: object = None
 
     def setup_tier(self, budget: float) -> None:
         """Configure the model as a client of tier ``budget`` runs it at inference."""
@@ -76,27 +99,39 @@ def model_folder(run: Path) -> Path:
     return run if (run / CARD).is_file() else run / "model"
 
 
-def load_model(run: Path) -> LoadedModel:
-    """The saved model of the run in ``run`` (its ``model/`` folder), or of a sparse tier's export folder."""
-    from ubsmoe.engine.simulation import build_experiment
-
+def open_model(run: Path) -> SavedModel:
+    """The saved model of the run in ``run`` (its ``model/`` folder), or of a sparse tier's export folder:
+    its card and state, every tensor verified, and its backbone checked; nothing built."""
+    if not run.is_dir():
+        raise MissingFileError(f"--run {run} is not a folder: give the --out folder of a finished run (or a sparse "
+                               "tier's export)")
     folder = model_folder(run)
     if not (folder / CARD).is_file() or not (folder / STATE).is_file():
+        if (run / CHECKPOINT).is_file():
+            raise ConfigError(f"{run} holds an unfinished run (its last checkpoint, but no saved model yet): "
+                              f"finish it with `ubsmoe run --resume {run}`")
         raise ConfigError(f"{run} holds no saved model ({folder / CARD}, {folder / STATE}): give the --out folder "
                           "of a finished run (or a sparse tier's export)")
+    fix = ("export the tier again (`ubsmoe export --force`)" if folder == run
+           else f"run the experiment again (`ubsmoe run --force --out {run}`)")
     try:
-        card = json.loads((folder / CARD).read_text())
+        card = json.loads((folder / CARD).read_text(encoding="utf-8"))
         if card.get("format") != FORMAT:
             raise ValueError(f"format {card.get('format')!r}, expected {FORMAT}")
-        state, _ = read_state(folder / STATE)
-    except (SafetensorError, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"the saved model in {folder} is damaged ({error})") from None
+    except (ValueError, AttributeError, UnicodeDecodeError) as error:
+        raise DamagedFileError(f"{folder / CARD} is damaged ({error}): {fix}") from None
+    state, _ = read_state(folder / STATE, fix)
     now = backbone_identity(card["config"]["model"]["backbone"])
     if now != card["backbone"]:
         raise ConfigError(f"the backbone {now['name']} is not the one this model was trained on (its files differ): "
                           "restore the original checkpoint")
-    config = config_from_dict(card["config"])
-    if config.device == "cuda" and not torch.cuda.is_available():  # trained on a GPU, used on a CPU
-        config = replace(config, device="auto")
-    exp = build_experiment(config, upcycle_cache=folder)
-    return LoadedModel(exp, state, card, run)
+    return SavedModel(run, folder, card, state)
+
+
+def load_model(run: Path | SavedModel) -> LoadedModel:
+    """The saved model (``open_model``'s, or that of the folder ``run``) rebuilt from its config."""
+    from ubsmoe.engine.simulation import build_experiment
+
+    saved = run if isinstance(run, SavedModel) else open_model(run)
+    exp = build_experiment(saved.config(), upcycle_cache=saved.folder)
+    return LoadedModel(saved.run, saved.folder, saved.card, saved.state, exp)

@@ -20,12 +20,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ubsmoe.config import ConfigError, ExperimentConfig, differing_keys, resolve_method_options
+from ubsmoe.config import PROTOCOLS, ConfigError, ExperimentConfig, resolve_method_options
 from ubsmoe.data.dataset import TokenizedDataset
-from ubsmoe.engine.checkpoint import Checkpoint, CheckpointError, fault_point, write_atomically, write_checkpoint
+from ubsmoe.engine.checkpoint import Checkpoint, check_resumable, fault_point, write_checkpoint
+from ubsmoe.storage import write_atomically
 from ubsmoe.engine.client import ClientRuntime, run_client
 from ubsmoe.engine.clients import make_clients, sample_clients, tiers
-from ubsmoe.engine.errors import FederationStopped
+from ubsmoe.engine.errors import FederationStopped, RunInterrupted
 from ubsmoe.engine.evaluation import evaluate_tiers
 from ubsmoe.engine.saved_model import save_model
 from ubsmoe.engine.local_training import local_steps
@@ -35,7 +36,7 @@ from ubsmoe.methods.base import ClientInfo, FederatedMethod, ServerState, get_me
 from ubsmoe.methods.records import ClientUpdate, TrainInstruction, flat_tensors
 from ubsmoe.tasks import Task, TaskData, get_task
 from ubsmoe.model import MoEModel, ModelSpec, build_model, load_tokenizer
-from ubsmoe.model.moe_model import (PRECISIONS, NativeShape, backbone_positions, native_moe_shape,
+from ubsmoe.model.moe_model import (PRECISIONS, NativeShape, backbone_config, native_moe_shape,
                                     upcycle_cache_key)
 from ubsmoe.model.moe_layer import GATE_MODES
 
@@ -105,6 +106,8 @@ def validate(config: ExperimentConfig) -> None:
         (config.federation.client_timeout >= 0, "federation.client_timeout must be >= 0 seconds (0: no limit)"),
         (config.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
         (config.device in ("cpu", "cuda", "auto"), "device must be cpu, cuda or auto"),
+        (config.evaluation.protocol in PROTOCOLS,
+         f"evaluation.protocol must be one of {', '.join(PROTOCOLS)}, got {config.evaluation.protocol!r}"),
         (config.device != "cuda" or torch.cuda.is_available(),
          "device=cuda, but torch sees no CUDA device here: use device=cpu (or auto), or install a CUDA build of torch"),
     ]
@@ -117,7 +120,8 @@ def validate(config: ExperimentConfig) -> None:
 def check_model(config: ExperimentConfig, spec: ModelSpec) -> NativeShape | None:
     """What needs the model the method trains (its spec) and the backbone's config, before any data or
     weights are loaded; returns a native MoE backbone's M and K (None for a dense one)."""
-    positions = backbone_positions(config.model.backbone)
+    backbone = backbone_config(config.model.backbone)
+    positions = getattr(backbone, "max_position_embeddings", None)
     if positions is not None and config.model.max_length > positions:
         raise ConfigError(f"model.max_length={config.model.max_length} exceeds the {positions} positions "
                           f"{config.model.backbone} was trained for: lower model.max_length")
@@ -126,6 +130,10 @@ def check_model(config: ExperimentConfig, spec: ModelSpec) -> NativeShape | None
     if config.model.top_k_max > experts:
         raise ConfigError(f"model.top_k_max={config.model.top_k_max} exceeds the {experts} experts per layer"
                           + (f" of {config.model.backbone}" if native else " (model.num_experts)"))
+    width = getattr(backbone, "intermediate_size", None)
+    if not native and spec.num_experts > 1 and isinstance(width, int) and width % spec.num_experts:
+        raise ConfigError(f"cannot split the {width} FFN neurons of {config.model.backbone} into {spec.num_experts} "
+                          f"equal experts: choose model.num_experts dividing {width}")
     if not native and spec.num_experts > 1 and spec.router_init == "calibrated" and config.model.calibration_samples < 1:
         raise ConfigError("model.calibration_samples must be >= 1 with router_init=calibrated (or use router_init=centroid)")
     return native
@@ -201,15 +209,14 @@ class Server:
         self.updates: list[ClientUpdate] = []
         self.failures: list[ClientFailure] = []
         self.earlier_runtime_s = 0.0  # seconds run before a resume
+        self.checkpoint_round = 0  # the round of the last checkpoint written or resumed from (0: none)
 
     def restore(self, checkpoint: Checkpoint) -> int:
         """Continue from a checkpoint of this config; returns the next round."""
-        differing = differing_keys(checkpoint.config, self.config)
-        if differing:
-            raise CheckpointError(f"the checkpoint was written by a run with another config (differing keys: "
-                                  f"{', '.join(differing)}): resume with its config, or start over with --force")
+        check_resumable(checkpoint, self.config)
         self.state, self.history, self.round0 = checkpoint.state, checkpoint.history, checkpoint.round0
         self.earlier_runtime_s = checkpoint.runtime_s
+        self.checkpoint_round = checkpoint.round
         return checkpoint.round + 1
 
     def checkpoint(self, round_index: int) -> Checkpoint:
@@ -300,6 +307,7 @@ class Server:
         every, total = self.config.federation.checkpoint_every, self.config.federation.rounds
         if every > 0 and (round_index % every == 0 or round_index == total):
             write_checkpoint(out, self.checkpoint(round_index))
+            self.checkpoint_round = round_index
             write_atomically(out / "history.json", json.dumps(self.history, indent=1))
 
     def results(self) -> dict:
@@ -359,34 +367,38 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True, client_
     total, timeout = config.federation.rounds, config.federation.client_timeout
     rounds = tqdm(range(first, total + 1), desc=f"{server.method.name} rounds", unit="round",
                   disable=not show_progress, initial=first - 1, total=total)
-    for round_index in rounds:
-        sampled = server.sample(round_index)
-        total_steps = sum(local_steps(config.train, c.num_examples) for c in sampled)
-        updates = []
-        with tqdm(total=total_steps, desc=f"round {round_index} clients", unit="step", leave=False,
-                  disable=not show_progress) as bar:
-            failures: list[ClientFailure] = []
-            for client in sampled:
-                bar.set_description(f"round {round_index} client {client.client_id} (beta={client.budget:g})")
-                instruction = server.instruction(client, round_index)
-                started = time.monotonic()
-                try:
-                    answer = server.admit(instruction, client_fn(instruction, bar))
-                except Exception as error:  # a failing client is left out, as on Flower; its traceback is logged
-                    log.warning("round %d: client %d failed", round_index, client.client_id, exc_info=True)
-                    answer = ClientFailure(client.client_id, f"{type(error).__name__}: {error}")
-                took = time.monotonic() - started
-                if timeout and took > timeout and not isinstance(answer, ClientFailure):  # a straggler's late answer
-                    answer = ClientFailure(client.client_id, f"no answer within federation.client_timeout={timeout:g} s "
-                                                             f"(it took {took:.1f} s)")
-                (failures if isinstance(answer, ClientFailure) else updates).append(answer)
-                fault_point("train", round_index)
-        server.aggregate(round_index, updates, failures)
-        fault_point("aggregate", round_index)
-        entry = server.evaluate(round_index)
-        if out is not None:
-            server.save_progress(out, round_index)
-        rounds.set_postfix(avg_acc=f"{entry['average_accuracy']:.3f}")
+    round_index = first
+    try:
+        for round_index in rounds:
+            sampled = server.sample(round_index)
+            total_steps = sum(local_steps(config.train, c.num_examples) for c in sampled)
+            updates = []
+            with tqdm(total=total_steps, desc=f"round {round_index} clients", unit="step", leave=False,
+                      disable=not show_progress) as bar:
+                failures: list[ClientFailure] = []
+                for client in sampled:
+                    bar.set_description(f"round {round_index} client {client.client_id} (beta={client.budget:g})")
+                    instruction = server.instruction(client, round_index)
+                    started = time.monotonic()
+                    try:
+                        answer = server.admit(instruction, client_fn(instruction, bar))
+                    except Exception as error:  # a failing client is left out, as on Flower; its traceback is logged
+                        log.warning("round %d: client %d failed", round_index, client.client_id, exc_info=True)
+                        answer = ClientFailure(client.client_id, f"{type(error).__name__}: {error}")
+                    took = time.monotonic() - started
+                    if timeout and took > timeout and not isinstance(answer, ClientFailure):  # a straggler's late answer
+                        answer = ClientFailure(client.client_id, f"no answer within federation.client_timeout={timeout:g} s "
+                                                                 f"(it took {took:.1f} s)")
+                    (failures if isinstance(answer, ClientFailure) else updates).append(answer)
+                    fault_point("train", round_index)
+            server.aggregate(round_index, updates, failures)
+            fault_point("aggregate", round_index)
+            entry = server.evaluate(round_index)
+            if out is not None:
+                server.save_progress(out, round_index)
+            rounds.set_postfix(avg_acc=f"{entry['average_accuracy']:.3f}")
+    except KeyboardInterrupt:
+        raise RunInterrupted(round_index, server.checkpoint_round) from None
     if out is not None:
         save_model(out / "model", server)
     return server.results() | {"engine": "inprocess"}

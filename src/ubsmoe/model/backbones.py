@@ -10,6 +10,7 @@ package (``minilm``, ``smollm2``), a local Hugging Face checkpoint folder or a l
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -48,8 +49,11 @@ class BackboneSource:
     gguf_file: str | None = None
 
     def pretrained_kwargs(self) -> dict:
-        """Keyword arguments for the offline ``from_pretrained`` calls (config, tokenizer, model)."""
-        return {"local_files_only": True} | ({"gguf_file": self.gguf_file} if self.gguf_file else {})
+        """Keyword arguments for the offline ``from_pretrained`` calls (config, tokenizer, model). Code in the
+        folder is never run: ``trust_remote_code=False`` stops transformers from asking whether to run it
+        (``resolve_backbone`` refuses such a folder before)."""
+        return ({"local_files_only": True, "trust_remote_code": False}
+                | ({"gguf_file": self.gguf_file} if self.gguf_file else {}))
 
 
 def resolve_backbone(name_or_path: str) -> BackboneSource:
@@ -73,13 +77,47 @@ def resolve_backbone(name_or_path: str) -> BackboneSource:
         if missing:
             raise MissingPackageError(f"reading the GGUF backbone {path.name} needs the packages {', '.join(missing)}: "
                               f"run `pip install {' '.join(missing)}` (pinned in requirements.txt)")
+        with path.open("rb") as handle:
+            if handle.read(4) != GGUF_MAGIC:
+                raise ConfigError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes): "
+                                  "pass a real .gguf file, or a Hugging Face checkpoint folder")
         return BackboneSource(path.parent, path.name)
     if not (path / "config.json").is_file():
         raise MissingFileError(
             f"no Hugging Face checkpoint at {path} (config.json missing): pass a built-in backbone "
             f"({known}), a local folder with config.json and weights, or a .gguf file"
         )
+    check_no_custom_code(path)
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        found = f"only pickle weights ({', '.join(pickled)}), which" if pickled else "no weights in safetensors format:"
+        raise ConfigError(f"the backbone folder {path} holds {found} ubsmoe does not load (unpickling a file can run "
+                          "code): convert the checkpoint to safetensors (`model.save_pretrained(folder)` in a "
+                          "trusted environment writes model.safetensors)")
     return BackboneSource(path)
+
+
+GGUF_MAGIC = b"GGUF"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def check_no_custom_code(folder: Path) -> None:
+    """Refuse a checkpoint folder that asks to run its own Python code: an ``auto_map`` in any of its JSON
+    files (config, tokenizer, processor) names classes in the folder's ``.py`` files, which transformers
+    would import if the user agreed. ubsmoe runs only the code of installed packages."""
+    for file in sorted(folder.glob("*.json")):
+        try:
+            content = json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            if file.name == "config.json":
+                raise ConfigError(f"{file} is not a UTF-8 JSON file: restore the checkpoint's config.json") from None
+            continue
+        if isinstance(content, dict) and content.get("auto_map"):
+            classes = sorted({str(v) for v in (content["auto_map"].values() if isinstance(content["auto_map"], dict)
+                                               else [content["auto_map"]])})
+            raise ConfigError(f"the backbone folder {folder} asks to run its own Python code ({file.name}: auto_map "
+                              f"-> {', '.join(classes)}); ubsmoe never runs code from a model folder: use a checkpoint "
+                              "of a supported family whose config has no auto_map")
 
 
 @dataclass(frozen=True)

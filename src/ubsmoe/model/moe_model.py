@@ -11,13 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ubsmoe.model import fast_dropout, fast_norm
@@ -26,6 +24,7 @@ from ubsmoe.model.backbones import (NATIVE_MOE_TYPES, BackboneFamily, backbone_i
 from ubsmoe.model.lora import LoRALinear
 from ubsmoe.model.moe_layer import RoutingContext, SparseMoEFFN
 from ubsmoe.model.upcycle import ROUTER_INITS, calibrated_router, centroid_router, split_ffn
+from ubsmoe.storage import read_tensors, write_tensors
 
 log = logging.getLogger(__name__)
 
@@ -206,13 +205,12 @@ def load_tokenizer(backbone: str):
     return tokenizer
 
 
-def backbone_positions(backbone: str) -> int | None:
-    """How many positions the backbone was trained for (its config's ``max_position_embeddings``), read
-    without loading its weights."""
+def backbone_config(backbone: str):
+    """The backbone's Hugging Face config, read without its weights (and without running any code)."""
     from transformers import AutoConfig
 
     source = resolve_backbone(backbone)
-    return getattr(AutoConfig.from_pretrained(source.folder, **source.pretrained_kwargs()), "max_position_embeddings", None)
+    return AutoConfig.from_pretrained(source.folder, **source.pretrained_kwargs())
 
 
 def load_dense_backbone(backbone: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, BackboneFamily]:
@@ -292,7 +290,10 @@ own: ``_build_native``), add LoRA and the task's head.
     if family.native_moe:
         return cast_frozen(_build_native(model, family, spec, head, RoutingContext(), generator), spec.precision)
     layers = family.layers(model)
-    cached = load_file(cache) if cache is not None and cache.is_file() else None
+    cached = None
+    if cache is not None and cache.is_file():
+        cached, _ = read_tensors(cache, f"delete {cache.name} (the experts are split and calibrated again) or run the "
+                                        "experiment again with --force")
     calibration = None
     if cached is None and spec.num_experts > 1 and spec.router_init == "calibrated":
         if calibration_batches is None:
@@ -326,10 +327,7 @@ own: ``_build_native``), add LoRA and the task's head.
         moe_layers.append(moe)
     built = MoEModel(model, family, moe_layers, head(model, family, generator), context)
     if cache is not None and cached is None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_name(f".{cache.name}.{os.getpid()}.partial")
-        save_file(upcycled, partial)
-        os.replace(partial, cache)  # whole or absent, also with several processes at once
+        write_tensors(cache, upcycled, single_writer=False)  # whole or absent, also with several processes at once
     log.info("trainable parameters: %s", built.parameter_report())
     return cast_frozen(built, spec.precision)
 
@@ -404,10 +402,7 @@ class NativeShape:
 
 def native_moe_shape(backbone: str) -> NativeShape | None:
     """M and K of a native MoE backbone, read from its config without its weights; None for a dense one."""
-    from transformers import AutoConfig
-
-    source = resolve_backbone(backbone)
-    config = AutoConfig.from_pretrained(source.folder, **source.pretrained_kwargs())
+    config = backbone_config(backbone)
     if config.model_type not in NATIVE_MOE_TYPES:
         return None
     experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts")

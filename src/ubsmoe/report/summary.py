@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from ubsmoe.config import ConfigError
-from ubsmoe.engine.checkpoint import CHECKPOINT, write_atomically
+from ubsmoe.engine.checkpoint import CHECKPOINT
+from ubsmoe.storage import write_atomically
 
 
 def check_output_folder(out_dir: Path, force: bool = False) -> None:

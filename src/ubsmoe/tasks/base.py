@@ -81,12 +81,19 @@ class Task:
         """Scores of ``model`` as it is configured now (eval mode, no gradients) on ``data`` (``TaskData.test``)."""
         raise NotImplementedError
 
+    def check_records(self, records: list[dict], source: Path, key_names: list[str]) -> None:
+        """Refuse (``ConfigError``, records counted from 1) input records ``predict`` could not read; runs
+        before the model is loaded."""
+        raise ConfigError(f"ubsmoe predict does not support the {self.name} task yet")
+
     def predict(self, model: MoEModel, records: list[dict], key_names: list[str], batch_size: int) -> list[dict]:
-        """One JSON-ready prediction per input record (``{"text": ...}``), with the model as configured now."""
+        """One JSON-ready prediction per input record (checked by ``check_records``), with the model as
+        configured now."""
         raise ConfigError(f"ubsmoe predict does not support the {self.name} task yet")
 
     def labelled(self, path: Path, key_names: list[str]) -> Sized:
-        """A labelled file as ``evaluate`` reads it, labels numbered as in training (``key_names``)."""
+        """A labelled file as ``evaluate`` reads it, labels numbered as in training (``key_names``); needs
+        the tokenizer, not the model, so that bad data is refused before the model loads."""
         raise ConfigError(f"ubsmoe evaluate does not support the {self.name} task yet")
 
 

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ubsmoe.config import ConfigError
-from ubsmoe.data.commonsense import (CommonsenseExample, evaluation_subsets, extract_answer, load_commonsense,
+from ubsmoe.data.commonsense import (ANSWER_TASKS, CommonsenseExample, evaluation_subsets, extract_answer, load_commonsense,
                                      read_task_file, training_mix)
 from ubsmoe.data.dataset import Batch, TokenizedDataset
 from ubsmoe.model import HeadFactory, MoEModel, TaskHead
@@ -43,7 +43,6 @@ from ubsmoe.model.backbones import BackboneFamily, resolve_backbone
 from ubsmoe.tasks.base import Evaluation, ForwardObserver, Task, TaskData, register
 
 IGNORE = -100  # the label of a position that carries no loss
-PROTOCOLS = ("generation", "loglik")  # what evaluation.protocol may name as the headline accuracy
 DATASET_PREFIX = "commonsense:"
 
 
@@ -219,8 +218,6 @@ class CausalLM(Task):
     @classmethod
     def check(cls, config) -> None:
         suite_path(config.data.dataset)
-        if config.evaluation.protocol not in PROTOCOLS:
-            raise ConfigError(f"evaluation.protocol must be one of {', '.join(PROTOCOLS)}, got {config.evaluation.protocol!r}")
         if config.evaluation.max_new_tokens < 1 or config.evaluation.num_beams < 1:
             raise ConfigError("evaluation.max_new_tokens and evaluation.num_beams must be >= 1")
 
@@ -271,19 +268,31 @@ class CausalLM(Task):
             details[metric] = statistics.mean(details[f"{task}/{metric}"] for task in data.questions)
         return Evaluation(accuracy=details[self.config.evaluation.protocol], loss=nll / max(tokens, 1), details=details)
 
+    def check_records(self, records: list[dict], source: Path, key_names: list[str]) -> None:
+        """Every record needs a text ``instruction`` (or ``text``); a ``task``, where given, must be one the
+        run trained on (``key_names``) or one of LLM-Adapters' tasks, whose answer pattern is known."""
+        known = sorted(set(ANSWER_TASKS) | set(key_names))
+        for number, record in enumerate(records, 1):
+            instruction = record.get("instruction", record.get("text"))
+            if instruction is None:
+                raise ConfigError(f"input record {number} has no 'instruction' (or 'text'): every record needs the "
+                                  "question to answer")
+            if not isinstance(instruction, str) or not instruction.strip():
+                raise ConfigError(f"input record {number}'s instruction must be a non-empty text, got "
+                                  f"{instruction!r:.60}")
+            task = record.get("task")
+            if task not in (None, "") and task not in known:
+                raise ConfigError(f"input record {number} names the task {task!r}, whose answer pattern is unknown; "
+                                  f"known tasks: {', '.join(known)} (leave 'task' out to read the first of "
+                                  "the instruction's choices)")
+
     def predict(self, model: MoEModel, records: list[dict], key_names: list[str], batch_size: int) -> list[dict]:
         """The generated response to each record's ``instruction`` (and optional ``input``; a bare ``text`` is
         the instruction), in the training prompt, decoded as evaluation decodes; with the choice it names
         when the instruction offers choices (``Answer format: a/b``), else ``answer`` is null."""
         self._tokenizer_for_inference()
-        examples = []
-        for number, record in enumerate(records, 1):
-            instruction = record.get("instruction", record.get("text"))
-            if not isinstance(instruction, str) or not instruction.strip():
-                raise ConfigError(f"input record {number} has no 'instruction' (or 'text'): every record needs the "
-                                  "question to answer")
-            examples.append(CommonsenseExample(str(record.get("task", "")), instruction, str(record.get("input") or ""),
-                                               "", ""))
+        examples = [CommonsenseExample(str(record.get("task") or ""), record.get("instruction", record.get("text")),
+                                       str(record.get("input") or ""), "", "") for record in records]
         encoded = [ScoredQuestion(e.task, fit_prompt(_token_ids(self.tokenizer, e.prompt, special=True),
                                                      self.config.model.max_length - self.config.evaluation.max_new_tokens,
                                                      self.tokenizer.bos_token_id), [], [], e.choices, -1)
@@ -301,6 +310,9 @@ class CausalLM(Task):
         self._tokenizer_for_inference()
         if path.is_dir():
             subsets = load_commonsense(path, need_train=False).test
+        elif path.is_file() and path.suffix.lower() != ".json":
+            raise ConfigError(f"--data {path} is not a commonsense test set: a causal-lm run is evaluated on a "
+                              "commonsense folder (one sub-folder per task) or one task's test.json")
         elif path.is_file():
             subsets = {path.parent.name: read_task_file(path, path.parent.name)}
         else:

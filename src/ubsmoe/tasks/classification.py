@@ -87,6 +87,16 @@ class Classification(Task):
                 observe(attention_mask)
         return Evaluation(accuracy=correct / len(data), loss=loss_sum / len(data))
 
+    def check_records(self, records: list[dict], source: Path, key_names: list[str]) -> None:
+        """Every record needs a non-empty ``text``."""
+        if not any("text" in r for r in records):
+            raise ConfigError(f"--input {source} has no column 'text'; its columns are {sorted(records[0])}: rename "
+                              "the column that holds the texts to 'text'")
+        missing = [n for n, r in enumerate(records, 1) if not str(r.get("text") or "").strip()]
+        if missing:
+            raise ConfigError(f"{len(missing)} input records have no 'text' (records {missing[:5]}): give every "
+                              "record its text")
+
     @torch.inference_mode()
     def predict(self, model: MoEModel, records: list[dict], key_names: list[str], batch_size: int) -> list[dict]:
         """The likeliest label and every label's probability, per text."""
@@ -94,10 +104,6 @@ class Classification(Task):
 
         tokenizer = load_tokenizer(self.config.model.backbone)
         tokenizer.padding_side = "right"
-        missing = [n for n, r in enumerate(records, 1) if not str(r.get("text") or "").strip()]
-        if missing:
-            raise ConfigError(f"{len(missing)} input records have no 'text' (records {missing[:5]}): give every "
-                              "record its text")
         texts = [str(r["text"]) for r in records]
         out = []
         for start in range(0, len(texts), batch_size):
@@ -114,5 +120,9 @@ class Classification(Task):
         from ubsmoe.model import load_tokenizer
 
         data = self.config.data
+        if path.is_dir():
+            raise ConfigError(f"--data {path} is a folder: a classification run is evaluated on one labelled data file "
+                              f"(.csv, .tsv, .jsonl, .json or .parquet) with the columns {data.text_column!r} and "
+                              f"{data.label_column!r}")
         dataset = load_text_file(path, data.text_column, data.label_column, label_names=key_names, header=data.header)
         return tokenize(dataset, load_tokenizer(self.config.model.backbone), self.config.model.max_length)

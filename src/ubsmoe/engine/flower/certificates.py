@@ -14,6 +14,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from ubsmoe.config import ConfigError
+
 
 def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ubsmoe federation"),
@@ -25,10 +27,18 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def write_certificates(folder: Path, hosts: list[str], days: int = 365) -> dict[str, Path]:
+CERTIFICATE_FILES = ("ca.crt", "superlink.crt", "superlink.key", "ca.key")
+
+
+def write_certificates(folder: Path, hosts: list[str], days: int = 365, force: bool = False) -> dict[str, Path]:
     """ca.crt (give it to every SuperNode: --root-certificates), superlink.crt and superlink.key (the
     SuperLink's --ssl-certfile and --ssl-keyfile, with --ssl-ca-certfile ca.crt). The keys are written
-    readable by their owner only."""
+    readable by their owner only. A folder that holds any of them is refused unless ``force``: a new CA
+    would lock out every SuperNode given the old one."""
+    existing = [name for name in CERTIFICATE_FILES if (folder / name).exists()]
+    if existing and not force:
+        raise ConfigError(f"{folder} already holds {', '.join(existing)}: choose another folder, or pass --force to "
+                          "replace them (every SuperNode then needs the new ca.crt)")
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
