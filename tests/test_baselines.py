@@ -242,6 +242,7 @@ def test_default_moe_moving_average_and_no_gradient_for_inactive_experts():
     layer = moe_from(dense_ffn(gated=False), num_experts=4, rank=2)
     layer.set_top_k(1)
     layer.register_buffer("expert_defaults", torch.randn(4, layer.d_model))
+    layer.register_buffer("expert_defaults_seen", torch.tensor([1.0, 1.0, 0.0, 0.0]))  # 2 and 3: no mean yet
     before = layer.expert_defaults.clone()
     hook = DefaultOutputs(decay=0.9, update=True)
     layer.hooks = [hook]
@@ -261,7 +262,10 @@ def test_default_moe_moving_average_and_no_gradient_for_inactive_experts():
             assert torch.equal(layer.expert_defaults[e], before[e])
             continue
         outputs = layer.activation(flat[mine] @ up[e] + layer.b_up[e]) @ down[e]
-        assert torch.allclose(layer.expert_defaults[e], 0.9 * before[e] + 0.1 * outputs.mean(0), atol=1e-5)
+        # an expert's first mean is its default as it is (no bias towards the zero it started from)
+        expected = 0.9 * before[e] + 0.1 * outputs.mean(0) if e < 2 else outputs.mean(0)
+        assert torch.allclose(layer.expert_defaults[e], expected, atol=1e-5)
+        assert layer.expert_defaults_seen[e] == 1
     # the forward adds every inactive expert's default (straight-through gate: value 1)
     hook.update = False
     layer.hooks = []
@@ -283,16 +287,16 @@ def test_default_moe_averages_each_default_over_the_clients_that_updated_it():
     """Regression: a client at K = M (dense path) uploaded a zero change for every default, which FedAvg
     averaged in, halving the others' moves."""
     method = DefaultMoE(DefaultMoEOptions(), k_max=4)
-    method.default_names = ["d0"]
-    state = ServerState({"d0": torch.zeros(4, 2), "w": torch.zeros(1)})
+    method.default_names, method.seen_names = ["d0"], ["s0"]
+    state = ServerState({"d0": torch.zeros(4, 2), "s0": torch.tensor([0.0, 1.0, 0.0, 0.0]), "w": torch.zeros(1)})
     moved = torch.tensor([[1.0, 1.0], [0.0, 0.0], [2.0, 2.0], [0.0, 0.0]])
     updates = [
-        ClientUpdate(ClientInfo(0, 1.0, 10), {"d0": torch.zeros(4, 2), "w": torch.ones(1)},
+        ClientUpdate(ClientInfo(0, 1.0, 10), {"d0": torch.zeros(4, 2), "s0": torch.zeros(4), "w": torch.ones(1)},
                      tensors={"defaults_updated": torch.zeros(1, 4, dtype=torch.bool)}),  # K = M: updated none
-        ClientUpdate(ClientInfo(1, 0.25, 30), {"d0": moved, "w": torch.zeros(1)},
+        ClientUpdate(ClientInfo(1, 0.25, 30), {"d0": moved, "s0": torch.tensor([1.0, 0, 1, 0]), "w": torch.zeros(1)},
                      tensors={"defaults_updated": torch.tensor([[True, False, True, False]])}),
         ClientUpdate(ClientInfo(2, 0.5, 60), {"d0": torch.full((4, 2), 4.0) * torch.tensor([[1], [0], [0], [0]]),
-                                              "w": torch.zeros(1)},
+                                              "s0": torch.tensor([1.0, 0, 0, 0]), "w": torch.zeros(1)},
                      tensors={"defaults_updated": torch.tensor([[True, False, False, False]])}),
     ]
 
@@ -300,6 +304,7 @@ def test_default_moe_averages_each_default_over_the_clients_that_updated_it():
 
     expected = torch.tensor([[(30 * 1 + 60 * 4) / 90] * 2, [0, 0], [2, 2], [0, 0]])
     torch.testing.assert_close(new["d0"], expected)
+    torch.testing.assert_close(new["s0"], torch.tensor([1.0, 1.0, 1.0, 0.0]))  # a default once set stays set
     torch.testing.assert_close(new["w"], torch.tensor([0.1]))  # everything else stays FedAvg
 
 

@@ -119,10 +119,11 @@ def test_pseudo_gradient_work_is_counted_in_training_only(one_layer_model):
         layer.hooks.clear()
 
 
-@pytest.mark.parametrize("k", [1, 2, 4])
-def test_flop_counter_agrees_with_torch_on_every_matmul_run(tmp_path, monkeypatch, k):
+@pytest.mark.parametrize("shared, k", [(0, 1), (0, 2), (0, 4), (1, 1), (1, 2), (1, 3)])
+def test_flop_counter_agrees_with_torch_on_every_matmul_run(tmp_path, monkeypatch, shared, k):
     """Two blocks (the first reads the frozen embeddings: no input gradients), with the pseudo-gradient,
-    the fused expert matmuls as plain per-expert matmuls so that torch's FlopCounterMode sees them all."""
+    the fused expert matmuls as plain per-expert matmuls so that torch's FlopCounterMode sees them all;
+    with a shared expert (S = 1 of M = 4: k of the 3 routed experts beside it) too."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from ubsmoe.model import grouped_lora
@@ -130,14 +131,14 @@ def test_flop_counter_agrees_with_torch_on_every_matmul_run(tmp_path, monkeypatc
 
     monkeypatch.setattr(grouped_lora, "_HAS_GROUPED_MM", False)
     folder = write_tiny_bert(tmp_path, hidden=32, layers=2, ffn=64)
-    model = build_model(ModelSpec(backbone=str(folder), num_experts=4, lora_rank=4, router_init="centroid"),
-                        classification_head(3))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    ids = torch.randint(5, 20, mask.shape, generator=torch.Generator().manual_seed(0))
+    model = build_model(ModelSpec(backbone=str(folder), num_experts=4, lora_rank=4, router_init="centroid",
+                                  shared_experts=shared), classification_head(3), calibration_batches=[(ids, mask)])
     model.set_top_k(k)
     for layer in model.moe_layers:
         layer.hooks.append(PseudoGradient(rho=0.5))
     counter = FlopCounter(model)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
-    ids = torch.randint(5, 20, mask.shape)
     with FlopCounterMode(display=False) as torch_count:
         model(ids, mask).sum().backward()
         for layer in model.moe_layers:
@@ -153,6 +154,9 @@ def test_flop_counter_agrees_with_torch_on_every_matmul_run(tmp_path, monkeypatc
     # The attention adapters add x A B to the frozen product by an in-place addmm_, which torch's counter
     # skips: 2 * 10 positions * r * 32 = 2,560 for each of the 4 adapted projections (query and value,
     # two blocks).
-    fused_extra = (5_376 + 2_688) * k * 2 if k < 4 else 0
+    # The shared part runs as one dense expert (no padding, nothing routed).
+    routed = 4 - shared
+    fused_extra = (5_376 + 2_688) * k * 2 if k < routed else 0
     assert torch_count.get_total_flops() == counted.total - 38_400 + fused_extra - 4 * 2_560
-    assert counted.hooks > 0 if k < 4 else counted.hooks == 0
+    assert counted.hooks > 0 if k < routed else counted.hooks == 0
+    assert counted.experts == 2 * 2 * 7 * (k + shared) * 32 * 16 * 2 * 2  # K_c = k + S experts' slots, 2 blocks

@@ -14,7 +14,8 @@ from ubsmoe.config import load_config
 from ubsmoe.engine.simulation import build_experiment, run_experiment
 from ubsmoe.methods import REGISTRY
 from ubsmoe.model import ModelSpec, build_model
-from ubsmoe.model.moe_model import NativeShape, SharedExpertMoE, native_moe_shape
+from ubsmoe.model.moe_model import NativeShape, native_moe_shape
+from ubsmoe.model.shared_expert import SharedExpertMoE
 from ubsmoe.tasks.causal_lm import language_model_head
 
 CASES = [(family, renormalise) for family in NATIVE_MOE_FAMILIES for renormalise in (False, True)

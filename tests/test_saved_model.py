@@ -25,7 +25,7 @@ def test_the_saved_model_gives_every_tiers_last_scores_without_upcycling(finishe
     from ubsmoe.engine.saved_model import load_model
 
     results = json.loads((finished / "results.json").read_text())
-    monkeypatch.setattr(moe_model, "split_ffn", lambda *a, **k: pytest.fail("upcycled again"))
+    monkeypatch.setattr(moe_model, "upcycled_parts", lambda *a, **k: pytest.fail("upcycled again"))
     loaded = load_model(finished)
 
     for tier in loaded.exp.tiers:  # the run's own test split, each tier's model rebuilt from the saved state

@@ -34,12 +34,13 @@ def test_server_statistics_and_phi_update_match_a_hand_computation():
     method = UBSMoE(UBSMoEOptions(zeta=0.25), k_max=2)
     method.phi_names = ["phi0", "phi1"]
     state = ServerState({"phi0": torch.zeros(4), "phi1": torch.full((4,), 0.4)})
-    updates = [ClientUpdate(ClientInfo(0, 1.0, 1), {"phi0": torch.full((4,), 0.2), "phi1": torch.zeros(4)},
+    # 3 examples and 1: the data weights (0.75, 0.25) are the reverse of the token shares (0.25, 0.75)
+    updates = [ClientUpdate(ClientInfo(0, 1.0, 3), {"phi0": torch.full((4,), 0.2), "phi1": torch.zeros(4)},
                             RoutingStats(routed[0], tokens[0])),
-               ClientUpdate(ClientInfo(1, 0.5, 3), {"phi0": torch.full((4,), -0.2), "phi1": torch.zeros(4)},
+               ClientUpdate(ClientInfo(1, 0.5, 1), {"phi0": torch.full((4,), -0.2), "phi1": torch.zeros(4)},
                             RoutingStats(routed[1], tokens[1]))]
     new = method.aggregate(state, updates)
-    phi_bar0 = 0.25 * 0.2 + 0.75 * -0.2  # example-weighted mean of the clients' phi
+    phi_bar0 = 0.25 * 0.2 + 0.75 * -0.2  # the token-weighted mean of the clients' phi (SPEC section 4)
     torch.testing.assert_close(new.params["phi0"], (0.25 * phi_bar0 + 0.75 * expected).float())
     torch.testing.assert_close(new.params["phi1"], (0.25 * 0.4 + 0.75 * target[1]).float())
 
@@ -264,3 +265,21 @@ def test_candidate_set_outside_its_range_is_refused(tiny_bert, tiny_task):
     config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task) + ["method.candidates=9"], method="ubsmoe")
     with pytest.raises(ValueError, match=r"method.candidates must lie in \[K_max=4, M=4\]"):
         run_experiment(config, show_progress=False)
+
+
+def test_the_range_regulariser_pulls_phi_back_where_it_leaves_its_range(tiny_bert, tiny_task):
+    """At the defaults phi stays inside [-1, 1] and the regulariser never acts (reg=false gives the same
+    numbers); with a narrow range and a strong weight it does, and phi ends closer to the range."""
+    def final_phi(**options):
+        overrides = tiny_overrides(tiny_bert, tiny_task, **{"federation.rounds": 2, "train.lr": 0.05}
+                                   | {f"method.{k}": v for k, v in options.items()})
+        results = run_experiment(load_config(overrides=overrides, method="ubsmoe"), show_progress=False)
+        return torch.tensor(results["final"]["server"]["phi"])
+
+    narrow = {"phi_min": -0.05, "phi_max": 0.05, "lam": 50.0, "zeta": 1.0}
+    regularised, free = final_phi(**narrow), final_phi(**narrow, reg=False)
+    outside = lambda phi: (phi.abs() - 0.05).clamp_min(0).sum()  # noqa: E731
+
+    assert not torch.equal(regularised, free)
+    assert outside(regularised) < outside(free)
+    assert torch.equal(final_phi(), final_phi(reg=False))  # the defaults: the regulariser never acts

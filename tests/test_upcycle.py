@@ -75,7 +75,7 @@ def test_trainable_parameters_are_adapters_routers_and_head_only(tiny_bert):
 
 
 def test_calibrated_router_needs_calibration_data(tiny_bert):
-    with pytest.raises(ValueError, match="needs calibration batches"):
+    with pytest.raises(ValueError, match="need calibration batches"):
         build_model(ModelSpec(backbone=str(tiny_bert), num_experts=4, router_init="calibrated"), classification_head(3))
 
 
@@ -99,7 +99,7 @@ def test_the_upcycling_cache_gives_the_same_model_without_upcycling_again(tiny_b
     def no_upcycling(*args, **kwargs):
         raise AssertionError("upcycled again")
 
-    monkeypatch.setattr(moe_model, "split_ffn", no_upcycling)
+    monkeypatch.setattr(moe_model, "upcycled_parts", no_upcycling)
     monkeypatch.setattr(moe_model, "capture_ffn_inputs", no_upcycling)
     second = build_experiment(config, upcycle_cache=tmp_path)
 

@@ -294,7 +294,12 @@ def _bench(args) -> int:
     if args.name == "upcycle":
         from ubsmoe.bench.upcycle_fidelity import run
 
-        run(Path(args.out))
+        settings = dict(item.split("=", 1) for item in args.overrides)
+        unknown = sorted(set(settings) - {"data.dataset"})
+        if unknown:
+            raise ConfigError(f"bench upcycle takes only data.dataset=commonsense:PATH, got {', '.join(unknown)}")
+        commonsense = settings.get("data.dataset", "commonsense:../shared/data/commonsense").removeprefix("commonsense:")
+        run(Path(args.out), threads=args.threads, commonsense=commonsense)
         print(Path(args.out).with_suffix(".md").read_text())
         return 0
     raise ConfigError(f"unknown benchmark {args.name!r}")

@@ -47,6 +47,9 @@ def option(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
 class ModelConfig:
     backbone: str = option("minilm", "built-in backbone (minilm, smollm2), a local Hugging Face checkpoint folder or a .gguf file")
     num_experts: int = option(8, "M, experts per upcycled FFN layer (must divide the FFN width)")
+    shared_experts: int = option(0, "S of the M expert slots of an upcycled FFN form an always-on shared part (its "
+                                    "S h / M most important neurons); K_c counts them, so a client runs S shared and "
+                                    "K_c - S routed experts; 0: every expert is routed")
     top_k_max: int = option(0, "K_max, experts a full-budget client activates; 0 means num_experts")
     lora_rank: int = option(8, "LoRA rank r (the largest rank for heterogeneous-rank methods)")
     lora_alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / rank")
@@ -316,7 +319,7 @@ RESUME_FREE_KEYS = ("threads",)
 
 # Keys added since without changing any number the runs before them made: their defaults are what those
 # runs did. Any other missing key makes a stored run another config.
-NEUTRAL_NEW_KEYS = ("task", "train.train_on_inputs", "evaluation.protocol", "evaluation.max_new_tokens",
+NEUTRAL_NEW_KEYS = ("task", "model.shared_experts", "train.train_on_inputs", "evaluation.protocol", "evaluation.max_new_tokens",
                     "evaluation.num_beams", "evaluation.round0", "data.header", "federation.min_clients",
                     "federation.checkpoint_every", "federation.max_update_norm", "federation.update_norm_policy",
                     "federation.client_timeout", "device", "precision")

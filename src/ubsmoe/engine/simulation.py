@@ -32,7 +32,7 @@ from ubsmoe.engine.saved_model import save_model
 from ubsmoe.engine.local_training import local_steps
 from ubsmoe.metrics.balance import experts_without_update, load_balance
 from ubsmoe.metrics.flops import FlopCounter
-from ubsmoe.methods.base import ClientInfo, FederatedMethod, ServerState, get_method
+from ubsmoe.methods.base import ClientInfo, FederatedMethod, ServerState, get_method, top_k_for_budget
 from ubsmoe.methods.records import ClientUpdate, TrainInstruction, flat_tensors
 from ubsmoe.tasks import Task, TaskData, get_task
 from ubsmoe.model import MoEModel, ModelSpec, build_model, load_tokenizer
@@ -130,6 +130,21 @@ def check_model(config: ExperimentConfig, spec: ModelSpec) -> NativeShape | None
     if config.model.top_k_max > experts:
         raise ConfigError(f"model.top_k_max={config.model.top_k_max} exceeds the {experts} experts per layer"
                           + (f" of {config.model.backbone}" if native else " (model.num_experts)"))
+    shared = config.model.shared_experts
+    if not native and spec.num_experts > 1 and not 0 <= shared <= spec.num_experts - 2:
+        raise ConfigError(f"model.shared_experts={shared} must lie in [0, model.num_experts - 2 = "
+                          f"{spec.num_experts - 2}]: at least two experts stay routed")
+    if not native and spec.num_experts > 1 and config.model.top_k_max and config.model.top_k_max <= shared:
+        raise ConfigError(f"model.top_k_max={config.model.top_k_max} must exceed model.shared_experts={shared}")
+    if not native and spec.num_experts > 1 and shared:
+        k_max = config.model.top_k_max or spec.num_experts
+        low = [(b, top_k_for_budget(k_max, b)) for b in tiers(config.federation) if top_k_for_budget(k_max, b) < shared]
+        if low:
+            raise ConfigError(f"budget {low[0][0]:g} gives K_c = {low[0][1]} experts, fewer than the {shared} shared ones "
+                              "(model.shared_experts): raise the lowest budget or lower model.shared_experts")
+    if native and shared:
+        raise ConfigError(f"model.shared_experts applies to upcycled dense backbones; {config.model.backbone} brings its "
+                          "own experts: set model.shared_experts=0")
     width = getattr(backbone, "intermediate_size", None)
     if not native and spec.num_experts > 1 and isinstance(width, int) and width % spec.num_experts:
         raise ConfigError(f"cannot split the {width} FFN neurons of {config.model.backbone} into {spec.num_experts} "
@@ -157,7 +172,7 @@ def build_experiment(config: ExperimentConfig, upcycle_cache: Path | None = None
     spec = method.model_spec(ModelSpec(
         backbone=config.model.backbone, num_experts=config.model.num_experts, lora_rank=config.model.lora_rank,
         lora_alpha=config.model.lora_alpha, router_init=config.model.router_init, gate_mode=config.model.gate_mode,
-        seed=config.seed, precision=config.precision,
+        seed=config.seed, precision=config.precision, shared_experts=config.model.shared_experts,
         dropout=None if config.model.dropout < 0 else config.model.dropout))
     native = check_model(config, spec)
     if native:  # the checkpoint's experts, router and top-k, whatever the method would upcycle
@@ -169,7 +184,7 @@ def build_experiment(config: ExperimentConfig, upcycle_cache: Path | None = None
     clients, parts = make_clients(config.federation, data.partition_keys, config.seed)
 
     calibration = None
-    if spec.num_experts > 1 and spec.router_init == "calibrated" and not native:
+    if spec.num_experts > 1 and (spec.router_init == "calibrated" or spec.shared_experts) and not native:
         # The server's calibration set: a few unlabelled training texts (labels are never read).
         chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
         calibration = [(ids, mask) for ids, mask, _ in train.batches(32, chosen[: config.model.calibration_samples])]
@@ -178,7 +193,9 @@ def build_experiment(config: ExperimentConfig, upcycle_cache: Path | None = None
     if native:
         method.k_max = config.model.top_k_max or native.top_k
     else:
-        method.k_max = config.model.top_k_max if (config.model.top_k_max and spec.num_experts > 1) else spec.num_experts
+        k_max = config.model.top_k_max if (config.model.top_k_max and spec.num_experts > 1) else spec.num_experts
+        method.shared_experts = model.shared_experts
+        method.k_max = k_max - model.shared_experts
     method.prepare_model(model)
     model.to(resolve_device(config.device))  # the server's records stay on the CPU (``trainable_state``)
     return Experiment(config, task, data, method, model, clients, [torch.from_numpy(p) for p in parts],
@@ -326,7 +343,8 @@ class Server:
                          "label_counts": np.bincount(np.asarray(exp.data.partition_keys)[exp.client_indices[c.client_id].numpy()],
                                                      minlength=len(exp.data.key_names)).tolist()} for c in exp.clients],
             "parameters": model.parameter_report(),
-            "k_max": method.k_max,
+            "k_max": method.k_max + method.shared_experts,  # K_max, counting the shared experts
+            "shared_experts": method.shared_experts,
             "round0": self.round0,
             "history": history,
             "final": {k: v for k, v in history[-1].items() if k != "clients"},

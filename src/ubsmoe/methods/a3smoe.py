@@ -17,7 +17,7 @@ from torch import nn
 
 from ubsmoe.config import ConfigError, option
 from ubsmoe.methods.base import (
-    ClientInfo, ClientSettings, ClientUpdate, Params, ServerState, register, top_k_for_budget, weighted_delta_average,
+    ClientInfo, ClientSettings, ClientUpdate, Params, ServerState, register, weighted_delta_average,
 )
 from ubsmoe.methods.smoe import SparseMoE
 from ubsmoe.model import MoEModel
@@ -86,10 +86,10 @@ class A3SMoE(SparseMoE):
         return state.params | dict(zip(self.scale_names, scales))
 
     def client_params(self, state: ServerState, client: ClientInfo) -> Params:
-        return self._with_scales(state, top_k_for_budget(self.k_max, client.budget))
+        return self._with_scales(state, self.top_k(client.budget))
 
     def eval_params(self, state: ServerState, budget: float) -> Params:
-        return self._with_scales(state, top_k_for_budget(self.k_max, budget))
+        return self._with_scales(state, self.top_k(budget))
 
     def client_hooks(self, model: MoEModel, settings: ClientSettings) -> list[MoEHook]:
         return [OutputRescaling()] if self._rescaled(settings.top_k) else []
@@ -112,7 +112,7 @@ class A3SMoE(SparseMoE):
         tensors = dict(state.tensors)
         by_k: dict[int, list[ClientUpdate]] = {}
         for u in updates:
-            by_k.setdefault(top_k_for_budget(self.k_max, u.client.budget), []).append(u)
+            by_k.setdefault(self.top_k(u.client.budget), []).append(u)
         for k, group in by_k.items():
             if self._rescaled(k):
                 start = self._with_scales(state, k)

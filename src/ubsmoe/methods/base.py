@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ubsmoe.config import UnknownNameError
+from ubsmoe.config import ConfigError, UnknownNameError
 from ubsmoe.methods.records import ClientInfo, ClientSettings, ClientUpdate, Params, RoutingStats, ServerState
 from ubsmoe.model import MoEModel, ModelSpec
 
@@ -43,7 +43,17 @@ class FederatedMethod:
 
     def __init__(self, options: Any, k_max: int):
         self.options = options
-        self.k_max = k_max
+        self.k_max = k_max  # the routed experts a full-budget client activates (K_max - S)
+        self.shared_experts = 0  # S, the always-on shared expert slots of every layer (set with k_max)
+
+    def top_k(self, budget: float) -> int:
+        """The routed experts a client of this budget activates: K_c - S, where K_c = max(1, floor(K_max beta))
+        counts the S shared experts (K_max = ``k_max`` + S). A K_c below S is a ``ConfigError``."""
+        k_c = top_k_for_budget(self.k_max + self.shared_experts, budget)
+        if k_c < self.shared_experts:
+            raise ConfigError(f"budget {budget:g} gives K_c = {k_c} experts, fewer than the {self.shared_experts} "
+                              "shared ones (model.shared_experts): raise the budget or lower model.shared_experts")
+        return k_c - self.shared_experts
 
     # ------------------------------------------------------------------ model (both sides)
     def model_spec(self, spec: ModelSpec) -> ModelSpec:

@@ -2,7 +2,9 @@
 
 Each layer keeps d_i (E, d), an exponential moving average of expert i's mean output over the tokens
 routed to it (updated at every training forward, d_i <- beta d_i + (1 - beta) mean_i, for the experts
-that received tokens). In the forward sum an inactive expert contributes its default output with the
+that received tokens). A default starts from the first mean it sees (``expert_defaults_seen``, which
+travels with it), not from zero: an average started at zero is (1 - beta^n) of the true mean after n
+updates, 23 % after 5 steps at beta = 0.95. In the forward sum an inactive expert contributes its default output with the
 gate the layer uses (straight-through: value 1, gradient d/dp_i; softmax gates: p_i), so the router
 receives a gradient for every expert while the inactive experts' weights receive none (d is constant
 to autograd). The defaults travel with the trainable state. The server averages each expert's default
@@ -63,8 +65,10 @@ class DefaultOutputs(MoEHook):
             return
         with torch.no_grad():
             means, seen = expert_mean_outputs(layer, layout, tensors["activation"].detach())
-            blended = self.decay * layer.expert_defaults + (1 - self.decay) * means
+            started = layer.expert_defaults_seen.bool().unsqueeze(1)
+            blended = torch.where(started, self.decay * layer.expert_defaults + (1 - self.decay) * means, means)
             layer.expert_defaults.copy_(torch.where(seen.unsqueeze(1), blended, layer.expert_defaults))
+            layer.expert_defaults_seen.copy_(layer.expert_defaults_seen.maximum(seen.to(layer.expert_defaults_seen.dtype)))
             self.updated[layer] = self.updated.get(layer, torch.zeros_like(seen)) | seen
 
     def adjust_output(self, layer, output: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
@@ -92,6 +96,9 @@ class DefaultMoE(SparseMoE):
         super().prepare_model(model)
         self.default_names = [model.share_buffer(layer, "expert_defaults", torch.zeros(layer.num_experts, layer.d_model))
                               for layer in model.moe_layers]
+        # (E,) 1 once an expert's default holds a mean (it then blends), 0 before (its first mean is taken as is)
+        self.seen_names = [model.share_buffer(layer, "expert_defaults_seen", torch.zeros(layer.num_experts))
+                           for layer in model.moe_layers]
 
     def client_hooks(self, model: MoEModel, settings: ClientSettings) -> list[MoEHook]:
         return [DefaultOutputs(self.options.ema_decay, update=settings.training)]  # defaults learn in training
@@ -117,4 +124,6 @@ class DefaultMoE(SparseMoE):
             total = weights.sum(0)
             step = sum(w.unsqueeze(1) * u.delta[name] for w, u in zip(weights, updates))
             params[name] = state.params[name] + step / total.clamp_min(1).unsqueeze(1)
+            seen = self.seen_names[index]
+            params[seen] = state.params[seen].maximum((total > 0).to(state.params[seen].dtype))
         return replace(new, params=params)

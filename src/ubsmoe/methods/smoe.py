@@ -7,7 +7,7 @@ methods subclass it and say which layer hooks a client runs (``client_hooks``).
 from __future__ import annotations
 
 from ubsmoe.config import ConfigError
-from ubsmoe.methods.base import ClientSettings, FederatedMethod, register, top_k_for_budget
+from ubsmoe.methods.base import ClientSettings, FederatedMethod, register
 from ubsmoe.model import MoEModel
 from ubsmoe.model.moe_layer import MoEHook
 
@@ -27,7 +27,7 @@ class SparseMoE(FederatedMethod):
             raise ConfigError(f"{self.name} needs a sparse model: set model.num_experts >= 2")
 
     def tier_settings(self, budget: float) -> ClientSettings:
-        return ClientSettings(top_k=top_k_for_budget(self.k_max, budget))
+        return ClientSettings(top_k=self.top_k(budget))
 
     def client_hooks(self, model: MoEModel, settings: ClientSettings) -> list[MoEHook]:
         """The hooks the layers run for this client's training or a tier's evaluation; none here."""
@@ -35,7 +35,8 @@ class SparseMoE(FederatedMethod):
 
     def setup_client(self, model: MoEModel, settings: ClientSettings) -> None:
         model.set_top_k(settings.top_k)
-        self.hooks = self.client_hooks(model, settings)
+        # K_c - S = 0: the shared experts run alone, and no routing mechanism has anything to act on
+        self.hooks = self.client_hooks(model, settings) if settings.top_k > 0 else []
         model.attach_hooks(self.hooks)
 
     def teardown_client(self, model: MoEModel) -> None:
@@ -43,4 +44,4 @@ class SparseMoE(FederatedMethod):
         self.hooks = []
 
     def eval_key(self, budget: float) -> int:
-        return top_k_for_budget(self.k_max, budget)
+        return self.top_k(budget)

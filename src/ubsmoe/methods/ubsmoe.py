@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ubsmoe.config import ConfigError, option
-from ubsmoe.methods.base import ClientSettings, ClientUpdate, ServerState, register, top_k_for_budget
+from ubsmoe.methods.base import ClientSettings, ClientUpdate, ServerState, register
 from ubsmoe.methods.smoe import SparseMoE
 from ubsmoe.model import MoEModel
 from ubsmoe.model.moe_layer import MoEHook
@@ -82,18 +82,24 @@ class UBSMoE(SparseMoE):
         self.phi_names = [model.state_name(layer.modulation) for layer in model.moe_layers]
 
     def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
-        state = super().aggregate(state, updates)  # FedAvg, phi included: phi_bar
+        """FedAvg by data size of every delta but phi's; phi_bar = sum_c p_c phi_c with p_c the client's share
+        of the layer's routed tokens (SPEC section 4), blended with the target: zeta phi_bar + (1 - zeta) phi~."""
+        new = super().aggregate(state, updates)
         if not self.options.dmr or not updates:
-            return state
+            return new
         routed = torch.stack([u.routing.routed for u in updates])
-        tokens = torch.stack([u.routing.tokens for u in updates])
-        top_k = torch.tensor([top_k_for_budget(self.k_max, u.client.budget) for u in updates], dtype=torch.float64)
+        tokens = torch.stack([u.routing.tokens for u in updates])  # (C, L)
+        top_k = torch.tensor([self.top_k(u.client.budget) for u in updates], dtype=torch.float64)
         usage, target = utilisation_target(routed, tokens, top_k, self.options.eps)
-        params = dict(state.params)
+        params = dict(new.params)
         zeta = self.options.zeta
         for layer_index, name in enumerate(self.phi_names):
-            params[name] = (zeta * params[name] + (1 - zeta) * target[layer_index].to(params[name].dtype))
-        return replace(state, params=params, tensors={"usage": usage, "phi_target": target})
+            seen = tokens[:, layer_index]
+            if seen.sum() > 0:  # else (no client routed a token) phi_bar stays the data-weighted mean
+                share = (seen / seen.sum()).to(state.params[name].dtype)
+                params[name] = state.params[name] + sum(w * u.delta[name] for w, u in zip(share, updates))
+            params[name] = zeta * params[name] + (1 - zeta) * target[layer_index].to(params[name].dtype)
+        return replace(new, params=params, tensors={"usage": usage, "phi_target": target})
 
     def round_report(self, state: ServerState) -> dict:
         """phi (L, E) after the round, and the utilisation and target it was pulled towards."""

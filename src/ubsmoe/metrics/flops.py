@@ -13,7 +13,8 @@ Counted, with a multiply-add as 2 FLOPs:
   skips the merge (``SparseMoEFFN.merges``), s (x A_e) B_e per slot instead; in training of experts too
   large to merge, the LoRA apart: x A_e for every token and expert and its dense gradient, and the
   expert-width products per slot;
-- Qwen2-MoE's always-on shared expert and its gate, under experts, on all B x S positions as it runs;
+- an upcycled shared part (``model.shared_experts``) as a one-expert MoE layer on every real token;
+  Qwen2-MoE's always-on shared expert and its gate, under experts, on all B x S positions as it runs;
 - the task's head, as the head counts itself (``TaskHead.flops``: classification, one product per
   pooled vector);
 - in training, the backward pass: a frozen matrix needs the input gradient only (1 x its forward),
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from ubsmoe.model.lora import LoRALinear
-from ubsmoe.model.moe_model import SharedExpertMoE
+from ubsmoe.model.shared_expert import SharedExpertMoE
 
 
 @dataclass
@@ -69,7 +70,7 @@ class FlopCounter:
         self.model = model
         blocks = model.family.layers(model.backbone)
         # MoE layers are counted from their routing, LoRA-wrapped linears together with their LoRA
-        skip = {id(m) for layer in model.moe_layers for m in layer.modules()}
+        skip = {id(m) for layer in list(model.moe_layers) + list(model.shared_layers) for m in layer.modules()}
         skip |= {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
         shared = {id(m) for block in blocks for moe in block.modules() if isinstance(moe, SharedExpertMoE)
                   for m in moe.modules()}
@@ -136,7 +137,7 @@ class FlopCounter:
             flops.lora += 2 * rank * base.in_features * base.out_features * input_grad
         scores = 2 * 2 * batch * seq * seq * self.attention_width * self.num_blocks
         flops.attention = frozen + scores * (1 + 2 * grad)
-        for layer in self.model.moe_layers:
+        for layer in list(self.model.moe_layers) + list(self.model.shared_layers):  # routed, then shared parts
             slots = tokens * (layer.top_k if layer.router is not None else 1)
             matrices = len(layer.adapted)
             flops.experts += 2 * slots * layer.d_model * layer.d_hidden * matrices * (1 + grad)

@@ -166,6 +166,7 @@ class SparseMoEFFN(nn.Module):
         self.lora_scale = lora_alpha / lora_rank
         self.active_rank = lora_rank
         self.top_k = num_experts
+        self.beside_shared = False  # routed experts beside an upcycled shared part (``UpcycledSharedMoE``): K may be 0
         self.merge_limit = MERGE_LIMIT
 
         # The frozen tensors are taken as they are, views included (a native MoE's transposed experts): no copy
@@ -194,11 +195,12 @@ class SparseMoEFFN(nn.Module):
 
     # ------------------------------------------------------------------ configuration
     def set_top_k(self, k: int) -> None:
-        """Activate ``k`` experts per token from now on (1 <= k <= num_experts)."""
-        if not isinstance(k, int) or not 1 <= k <= self.num_experts:
-            raise ValueError(
-                f"top-K must be an integer in [1, {self.num_experts}] (the layer has {self.num_experts} experts), got {k!r}"
-            )
+        """Activate ``k`` experts per token from now on (1 <= k <= num_experts; 0 for routed experts beside an
+        always-on shared part, which then runs alone)."""
+        lowest = 0 if self.beside_shared else 1
+        if not isinstance(k, int) or not lowest <= k <= self.num_experts:
+            raise ValueError(f"top-K must be an integer in [{lowest}, {self.num_experts}] (the layer has "
+                             f"{self.num_experts} experts), got {k!r}")
         self.top_k = k
 
     def lora_parameters_per_expert(self) -> int:
@@ -240,6 +242,9 @@ class SparseMoEFFN(nn.Module):
         """x: (T, d) real tokens -> (T, d) combined expert outputs (without ``b_down``)."""
         if self.router is None:
             return self._all_experts(x, None)
+        if self.top_k == 0:  # the shared part beside this layer runs alone: nothing routed, nothing counted
+            self.last_routing = None
+            return x.new_zeros(x.shape)
         scores = NarrowLinear.apply(x, self.router.weight)  # (T, E): x W_rᵀ in MKL's fast orientation
         select, logits = scores, scores
         for hook in self.hooks:

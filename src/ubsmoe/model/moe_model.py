@@ -23,7 +23,8 @@ from ubsmoe.model.backbones import (NATIVE_MOE_TYPES, BackboneFamily, backbone_i
                                     resolve_backbone)
 from ubsmoe.model.lora import LoRALinear
 from ubsmoe.model.moe_layer import RoutingContext, SparseMoEFFN
-from ubsmoe.model.upcycle import ROUTER_INITS, calibrated_router, centroid_router, split_ffn
+from ubsmoe.model.shared_expert import SharedExpertMoE, UpcycledSharedMoE
+from ubsmoe.model.upcycle import ROUTER_INITS, SHARED, UPCYCLED, upcycled_parts
 from ubsmoe.storage import read_tensors, write_tensors
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class ModelSpec:
     seed: int = 0
     dropout: float | None = None  # every backbone dropout layer's probability; None keeps the checkpoint's
     precision: str = "fp32"  # or "bf16": the frozen weights in bfloat16 (``cast_frozen``)
+    shared_experts: int = 0  # S of the num_experts slots form an always-on shared part (``model.shared_expert``)
 
 
 class TaskHead(nn.Module):
@@ -65,21 +67,26 @@ class MoEModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, family: BackboneFamily, moe_layers: list[SparseMoEFFN],
-                 head: TaskHead, context: RoutingContext):
+                 head: TaskHead, context: RoutingContext, shared_layers: list[SparseMoEFFN] = (),
+                 shared_experts: int = 0):
         super().__init__()
         self.backbone = backbone
         self.family = family
-        self.moe_layers = nn.ModuleList(moe_layers)
+        self.moe_layers = nn.ModuleList(moe_layers)  # the routed experts of every layer
+        # upcycled shared parts (``model.shared_expert``): S expert slots per layer always on, one-expert layers
+        self.shared_layers = nn.ModuleList(shared_layers)
+        self.shared_experts = shared_experts
         self.context = context
         self.shared_buffers: list[str] = []
         self.head = head
 
     @property
     def num_experts(self) -> int:
+        """The routed experts per layer (M - S with S shared experts)."""
         return self.moe_layers[0].num_experts
 
     def set_top_k(self, k: int) -> None:
-        """Every MoE layer activates k experts per token from now on."""
+        """Every MoE layer activates k routed experts per token from now on (beside the S shared ones)."""
         for layer in self.moe_layers:
             layer.set_top_k(k)
 
@@ -184,6 +191,7 @@ class MoEModel(nn.Module):
                  if n.startswith("lora_")}
         kinds |= {id(p): "router" for layer in self.moe_layers for n, p in layer.named_parameters()
                   if not n.startswith("lora_")}  # router weights and routing adjustments (phi, rescaling)
+        kinds |= {id(p): "shared_expert_lora" for layer in self.shared_layers for p in layer.parameters()}
         kinds |= {id(p): "head" for p in self.head.parameters()}
         for p in self.parameters():
             if p.requires_grad:
@@ -294,38 +302,46 @@ own: ``_build_native``), add LoRA and the task's head.
     if cache is not None and cache.is_file():
         cached, _ = read_tensors(cache, f"delete {cache.name} (the experts are split and calibrated again) or run the "
                                         "experiment again with --force")
+    shared = spec.shared_experts if spec.num_experts > 1 else 0
+    if shared and not 0 < shared <= spec.num_experts - 2:
+        raise ValueError(f"shared_experts must lie in [0, num_experts - 2 = {spec.num_experts - 2}] (at least two "
+                         f"routed experts), got {shared}")
     calibration = None
-    if cached is None and spec.num_experts > 1 and spec.router_init == "calibrated":
+    if cached is None and spec.num_experts > 1 and (spec.router_init == "calibrated" or shared):
         if calibration_batches is None:
-            raise ValueError("router_init='calibrated' needs calibration batches; pass some or use router_init='centroid'")
+            raise ValueError("router_init='calibrated' and shared experts need calibration batches; pass some")
         calibration = capture_ffn_inputs(model, family, calibration_batches)
 
     context = RoutingContext()
-    moe_layers = []
+    moe_layers, shared_layers = [], []
     upcycled: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(layers):
         dense = family.extract_ffn(layer)
         if cached is not None:
-            parts = {name: cached.get(f"{i}.{name}") for name in UPCYCLED}
+            parts = {name: cached[f"{i}.{name}"] for name in UPCYCLED + SHARED if f"{i}.{name}" in cached}
         else:
-            split = split_ffn(dense, spec.num_experts, seed=spec.seed + i)
-            router = None
-            if spec.num_experts > 1:
-                router = (calibrated_router(dense, split, calibration[i]) if calibration is not None
-                          else centroid_router(dense, split)).float()
-            parts = {"w_up": split.w_up, "w_down": split.w_down, "w_gate": split.w_gate, "b_up": split.b_up,
-                     "b_down": split.b_down, "router": router}
-            upcycled |= {f"{i}.{name}": value.contiguous() for name, value in parts.items() if value is not None}
+            parts = upcycled_parts(dense, spec.num_experts, shared, None if calibration is None else calibration[i],
+                                   spec.router_init, seed=spec.seed + i)
+            upcycled |= {f"{i}.{name}": value for name, value in parts.items()}
         moe = SparseMoEFFN(
-            parts["w_up"], parts["w_down"], dense.activation, w_gate=parts["w_gate"], b_up=parts["b_up"],
-            b_down=parts["b_down"], router_weight=parts["router"], lora_rank=spec.lora_rank,
+            parts["w_up"], parts["w_down"], dense.activation, w_gate=parts.get("w_gate"), b_up=parts.get("b_up"),
+            b_down=parts.get("b_down"), router_weight=parts.get("router"), lora_rank=spec.lora_rank,
             lora_alpha=spec.lora_alpha, gate_mode=spec.gate_mode, context=context, generator=generator,
         )
-        family.install_ffn(layer, moe)
+        if shared:
+            part = SparseMoEFFN(
+                parts["shared.w_up"], parts["shared.w_down"], dense.activation, w_gate=parts.get("shared.w_gate"),
+                b_up=parts.get("shared.b_up"), b_down=parts.get("shared.b_down"), lora_rank=spec.lora_rank,
+                lora_alpha=spec.lora_alpha, context=context, generator=generator,
+            )
+            family.install_ffn(layer, UpcycledSharedMoE(moe, part))
+            shared_layers.append(part)
+        else:
+            family.install_ffn(layer, moe)
         for _, (parent, attr) in family.attention(layer).items():
             setattr(parent, attr, LoRALinear(getattr(parent, attr), spec.lora_rank, spec.lora_alpha, generator))
         moe_layers.append(moe)
-    built = MoEModel(model, family, moe_layers, head(model, family, generator), context)
+    built = MoEModel(model, family, moe_layers, head(model, family, generator), context, shared_layers, shared)
     if cache is not None and cached is None:
         write_tensors(cache, upcycled, single_writer=False)  # whole or absent, also with several processes at once
     log.info("trainable parameters: %s", built.parameter_report())
@@ -380,18 +396,6 @@ def _build_native(model: nn.Module, family: BackboneFamily, spec: ModelSpec, hea
     return built
 
 
-class SharedExpertMoE(nn.Module):
-    """Routed experts plus an always-on shared expert scaled by a sigmoid gate (Qwen2-MoE):
-    hidden (B, S, d) -> routed(hidden) + sigmoid(shared_gate(hidden)) * shared(hidden)."""
-
-    def __init__(self, routed: SparseMoEFFN, shared: nn.Module, shared_gate: nn.Module):
-        super().__init__()
-        self.routed, self.shared, self.shared_gate = routed, shared, shared_gate
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.routed(hidden) + torch.sigmoid(self.shared_gate(hidden)) * self.shared(hidden)
-
-
 @dataclass(frozen=True)
 class NativeShape:
     """A native MoE checkpoint's experts per layer (M) and the experts a token takes (K)."""
@@ -409,7 +413,6 @@ def native_moe_shape(backbone: str) -> NativeShape | None:
     return NativeShape(int(experts), int(config.num_experts_per_tok))
 
 
-UPCYCLED = ("w_up", "w_down", "w_gate", "b_up", "b_down", "router")  # what the upcycling cache holds per layer
 
 
 def upcycle_cache_key(spec: ModelSpec, calibration_batches) -> str:

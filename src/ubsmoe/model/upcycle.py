@@ -50,6 +50,31 @@ class DenseFFN:
         y = self.hidden(x) @ self.w_down
         return y + self.b_down if self.b_down is not None else y
 
+    def neurons(self, index: torch.Tensor, with_b_down: bool) -> "DenseFFN":
+        """The FFN of the hidden neurons ``index`` (h',) only; ``b_down`` kept or dropped (it is added once,
+        by whichever part always runs)."""
+        return DenseFFN(self.w_up[:, index], self.w_down[index], self.activation,
+                        None if self.w_gate is None else self.w_gate[:, index],
+                        None if self.b_up is None else self.b_up[index], self.b_down if with_b_down else None)
+
+
+def neuron_importance(ffn: DenseFFN, x: torch.Tensor) -> torch.Tensor:
+    """x: (n, d) calibration inputs -> (h,): each hidden neuron's mean |activation| on them times the norm of
+    its row of W_down, the size of what it adds to the output."""
+    return ffn.hidden(x.to(ffn.w_up.dtype)).abs().mean(0) * ffn.w_down.norm(dim=1)
+
+
+def split_shared(ffn: DenseFFN, x: torch.Tensor, num_experts: int, shared: int) -> tuple[DenseFFN, DenseFFN]:
+    """(shared part, routed part) of ``ffn``: the shared part holds the ``shared * h / num_experts`` neurons
+    most important on the calibration inputs x: (n, d) (``neuron_importance``) and ``b_down``; the routed
+    part the others, to be split into ``num_experts - shared`` experts. Both keep the neurons' order."""
+    h = ffn.w_up.shape[1]
+    if h % num_experts:
+        raise ConfigError(f"cannot split {h} neurons into {num_experts} equal experts: choose num_experts dividing {h}")
+    chosen = torch.zeros(h, dtype=torch.bool)
+    chosen[neuron_importance(ffn, x).topk(shared * h // num_experts).indices] = True
+    return ffn.neurons(chosen.nonzero().squeeze(1), True), ffn.neurons((~chosen).nonzero().squeeze(1), False)
+
 
 @dataclass
 class ExpertSplit:
@@ -152,3 +177,31 @@ def calibrated_router(ffn: DenseFFN, split: ExpertSplit, x: torch.Tensor, ridge:
     gram = x.T @ x
     gram += ridge * gram.diagonal().mean() * torch.eye(x.shape[1], dtype=x.dtype)
     return torch.linalg.solve(gram, x.T @ target).T
+
+
+UPCYCLED = ("w_up", "w_down", "w_gate", "b_up", "b_down", "router")  # the routed experts' tensors of a layer
+SHARED = ("shared.w_up", "shared.w_down", "shared.w_gate", "shared.b_up", "shared.b_down")  # its shared part's
+
+
+def upcycled_parts(ffn: DenseFFN, num_experts: int, shared: int, x: torch.Tensor | None, router_init: str,
+                   seed: int) -> dict[str, torch.Tensor]:
+    """One dense FFN upcycled: the routed experts' stacked tensors (``UPCYCLED``; the router ``calibrated`` on
+    the calibration inputs x: (n, d), or from the ``centroid``s) and, with ``shared`` > 0 shared expert slots,
+    the shared part's as one expert (``SHARED``: w_up (1, d, S h / M), ...), chosen on x. One expert is the
+    dense FFN as it is. None-valued tensors are left out."""
+    routed_ffn, parts = ffn, {}
+    if shared:
+        if x is None:
+            raise ValueError("shared experts are chosen on calibration inputs; pass some")
+        shared_ffn, routed_ffn = split_shared(ffn, x, num_experts, shared)
+        one = split_ffn(shared_ffn, 1)
+        parts |= {"shared.w_up": one.w_up, "shared.w_down": one.w_down, "shared.w_gate": one.w_gate,
+                  "shared.b_up": one.b_up, "shared.b_down": one.b_down}
+    split = split_ffn(routed_ffn, num_experts - shared, seed=seed)
+    router = None
+    if num_experts - shared > 1:
+        router = (calibrated_router(routed_ffn, split, x) if router_init == "calibrated"
+                  else centroid_router(routed_ffn, split)).float()
+    parts |= {"w_up": split.w_up, "w_down": split.w_down, "w_gate": split.w_gate, "b_up": split.b_up,
+              "b_down": split.b_down, "router": router}
+    return {name: value.contiguous() for name, value in parts.items() if value is not None}

@@ -15,7 +15,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from ubsmoe.config import ConfigError, ExperimentConfig, MissingFileError, differing_keys, load_config, resolve_method_options
-from ubsmoe.report.summary import human, write_results
+from ubsmoe.report.summary import human, shared_note, write_results
 from ubsmoe.report.variants import Variant, parse_variant
 
 
@@ -322,7 +322,8 @@ def setting(runs: dict[str, list[dict]]) -> str:
     model, federation = config["model"], config["federation"]
     duplicates = f", {first['duplicates_removed']} duplicates removed" if "duplicates_removed" in first else ""
     return (f"{config['data']['dataset']} ({first['num_train']} train / {first['num_test']} test texts{duplicates}), "
-            f"backbone {model['backbone']} with M = {model['num_experts']} experts (K_max = {first['k_max']}), "
+            f"backbone {model['backbone']} with M = {model['num_experts']} experts (K_max = {first['k_max']}"
+            f"{shared_note(first)}), "
             f"LoRA rank {model['lora_rank']}; {federation['num_clients']} clients in tiers β = "
             f"{', '.join(map(str, first['tiers']))}, {federation['rounds']} rounds of {config['train']['local_steps']} "
             f"local steps (batch {config['train']['batch_size']}). Seeds: "

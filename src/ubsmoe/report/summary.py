@@ -52,13 +52,19 @@ def tier_table(results: dict) -> str:
     return "\n".join([header, rule, row])
 
 
+def shared_note(results: dict) -> str:
+    """", S = 1 shared" where the run's upcycled layers have shared experts (K counts them), else ""."""
+    shared = results.get("shared_experts", 0)
+    return f", S = {shared} shared" if shared else ""
+
+
 def summary_markdown(results: dict) -> str:
     config = results["config"]
     lines = [
         f"# {results['method']} on {config['data']['dataset']}",
         "",
         f"Backbone {config['model']['backbone']}, M={config['model']['num_experts']} experts "
-        f"(K_max={results['k_max']}), LoRA r={config['model']['lora_rank']}; "
+        f"(K_max={results['k_max']}{shared_note(results)}), LoRA r={config['model']['lora_rank']}; "
         f"{config['federation']['num_clients']} clients, {config['federation']['rounds']} rounds, "
         f"{config['federation']['partition']} split; {results['num_train']} train / {results['num_test']} test "
         f"samples; {results['runtime_s']:.0f} s.",
