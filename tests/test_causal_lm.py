@@ -120,7 +120,8 @@ def test_every_method_fine_tunes_the_causal_lm_end_to_end(tiny_causal_llama, tin
     assert {k.split("/")[0] for k in details if "/" in k} == {"ARC-Easy", "boolq", "winogrande"}
     assert final["tier_accuracy"]["0.5"] == details["generation"]  # the headline protocol
     assert details["winogrande/chance"] == 0.5 and details["chance"] == pytest.approx((1 / 3 + 0.5 + 0.5) / 3)
-    assert all(0 <= v <= 1 for k, v in details.items())
+    assert all(0 <= v <= 1 for k, v in details.items() if not k.endswith(("questions", "generated")))
+    assert details["questions"] == details["generated"] == 12  # every question scored and generated
     assert math.isfinite(final["test_loss"]) and set(results["round0"]) == {"0.5", "1.0"}
     assert all(math.isfinite(c["train_loss"]) for c in results["history"][-1]["clients"])
     assert sum(sum(c["label_counts"]) for c in results["clients"]) == results["num_train"] == 48
@@ -199,3 +200,37 @@ def test_beam_search_with_the_cache_equals_beam_search_on_whole_sequences(experi
         assert answer.generated == expected
         set_aside += ended
     assert (set_aside > 0) == eos_is_likely
+
+
+def test_generation_on_a_subset_keeps_every_scored_question_and_counts_the_format(experiment, monkeypatch):
+    """With evaluation.generate_questions=2, every question is scored by log-likelihood as before and only a
+    seeded 2 per task generate; the format rate counts generations that name any choice of the pattern."""
+    import ubsmoe.tasks.causal_lm as causal_lm
+
+    task = experiment.task
+    everything = task.evaluate(experiment.model, experiment.test, 8)
+    task.config = replace(task.config, evaluation=replace(task.config.evaluation, generate_questions=2))
+    decoded = iter(["answer2 it is", "option1", "the correct answer is true", "no idea", "xyz", "answer9"])
+    monkeypatch.setattr(task.tokenizer, "batch_decode", lambda ids, **k: [next(decoded) for _ in ids])
+    try:
+        subset = task.evaluate(experiment.model, experiment.test, 8)
+    finally:
+        task.config = replace(task.config, evaluation=replace(task.config.evaluation, generate_questions=0))
+
+    details = subset.details
+    for name in experiment.test.questions:
+        assert details[f"{name}/loglik"] == everything.details[f"{name}/loglik"]  # all scored, as before
+        assert (details[f"{name}/questions"], details[f"{name}/generated"]) == (4, 2)
+    # tasks in order, two generations each: ARC-Easy finds answer2 and nothing in "option1"; boolq "true" and
+    # nothing in "no idea"; winogrande nothing in "xyz" ("answer9" names no option either)
+    assert [details[f"{t}/format"] for t in ("ARC-Easy", "boolq", "winogrande")] == [0.5, 0.5, 0.0]
+    assert details["questions"] == 12 and details["generated"] == 6
+    assert causal_lm.generation_subset(4, 2, "0/boolq") == causal_lm.generation_subset(4, 2, "0/boolq")
+
+
+def test_majority_and_chance_baselines_by_hand(experiment):
+    data = experiment.test
+    for task, questions in data.questions.items():
+        answers = [q.choices[q.answer] for q in questions]
+        assert data.majority(task) == max(answers.count(a) for a in set(answers)) / len(answers)
+        assert data.chance(task) == pytest.approx(sum(1 / len(q.choices) for q in questions) / len(questions))

@@ -119,6 +119,9 @@ class EvaluationConfig:
     protocol: str = option("generation", "causal-lm: the headline accuracy, generation (generate, then read the "
                                          "answer, as LLM-Adapters) or loglik (the likeliest answer)")
     max_new_tokens: int = option(32, "causal-lm: tokens generated per question at most")
+    generate_questions: int = option(0, "causal-lm: answers are generated for a seeded subset of at most this many "
+                                        "of each task's scored questions (0: every one); log-likelihood scores "
+                                        "every one")
     num_beams: int = option(1, "causal-lm: 1 decodes greedily; more runs beam search (LLM-Adapters used 4)")
     round0: bool = option(True, "evaluate every tier before the first round (results.json: round0)")
 
@@ -319,7 +322,7 @@ RESUME_FREE_KEYS = ("threads",)
 
 # Keys added since without changing any number the runs before them made: their defaults are what those
 # runs did. Any other missing key makes a stored run another config.
-NEUTRAL_NEW_KEYS = ("task", "model.shared_experts", "train.train_on_inputs", "evaluation.protocol", "evaluation.max_new_tokens",
+NEUTRAL_NEW_KEYS = ("task", "model.shared_experts", "evaluation.generate_questions", "train.train_on_inputs", "evaluation.protocol", "evaluation.max_new_tokens",
                     "evaluation.num_beams", "evaluation.round0", "data.header", "federation.min_clients",
                     "federation.checkpoint_every", "federation.max_update_norm", "federation.update_norm_policy",
                     "federation.client_timeout", "device", "precision")

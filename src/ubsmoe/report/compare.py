@@ -16,6 +16,8 @@ from pathlib import Path
 
 from ubsmoe.config import ConfigError, ExperimentConfig, MissingFileError, differing_keys, load_config, resolve_method_options
 from ubsmoe.report.summary import human, shared_note, write_results
+from ubsmoe.report.uncertainty import (beyond_two_se, ratio_interval, summarise_uncertainty, task_baselines,
+                                       uncertainty_tables)
 from ubsmoe.report.variants import Variant, parse_variant
 
 
@@ -173,7 +175,9 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
                                 for t in tiers}
             entry["train_load_cv"] = _mean_std([r["final"]["balance"]["train"]["mean_cv"] for r in results])
         methods[method] = entry
-    return {"methods": methods, "headline": headline(methods), "beyond_one_std": beyond_one_std(methods)}
+    summarise_uncertainty(runs, methods)
+    return {"methods": methods, "headline": headline(methods), "beyond_one_std": beyond_one_std(methods),
+            "beyond_two_se": beyond_two_se(methods) if len(methods) > 1 else [], "task_baselines": task_baselines(runs)}
 
 
 def beyond_one_std(methods: dict) -> list[dict]:
@@ -218,6 +222,9 @@ def headline(methods: dict) -> dict:
             result["low_resource_gain"] = {"tier": low, "ubsmoe": accuracy, "ubsmoe_variant": ours,
                                            "best_heterogeneous_rank": best, "its_accuracy": rivals[best],
                                            "gain": accuracy / rivals[best] if rivals[best] > 0 else float("inf")}
+            if "accuracy_se" in methods[ours]:
+                result["low_resource_gain"]["interval_95"] = ratio_interval(
+                    accuracy, methods[ours]["accuracy_se"][low], rivals[best], methods[best]["accuracy_se"][low])
     return result
 
 
@@ -236,7 +243,7 @@ def tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             ["method", "seeds"] + [f"β={t}" for t in tiers] + ["average"],
             [[m, str(len(e["seeds"]))] + [fmt(e["accuracy"].get(t)) for t in tiers] + [fmt(e["average"])]
              for m, e in methods.items()])
-    result = [main]
+    result = [main, *uncertainty_tables(summary)]
     cost_rows = []
     for m, e in methods.items():
         for t in tiers:
@@ -259,7 +266,8 @@ def tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     if gain:
         result.append(("Low-resource gain", ["tier", "UB-SMoE", "best heterogeneous-rank method", "its accuracy", "gain"],
                        [[f"β={gain['tier']}", f"{gain['ubsmoe']:.4f}", gain["best_heterogeneous_rank"],
-                         f"{gain['its_accuracy']:.4f}", f"{gain['gain']:.2f}x"]]))
+                         f"{gain['its_accuracy']:.4f}", f"{gain['gain']:.2f}x"
+                         + (" (95 %: {:.2f}–{:.2f})".format(*gain["interval_95"]) if "interval_95" in gain else "")]]))
     balance = [[m, f"{e['train_load_cv']['mean']:.3f} ± {e['train_load_cv']['std']:.3f}"]
                + [f"{e['load_cv'][t]:.3f}" if t in e["load_cv"] else "–" for t in tiers]
                for m, e in methods.items() if "load_cv" in e]

@@ -24,8 +24,10 @@ token of the right response.
 from __future__ import annotations
 
 import json
+import random
 import re
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +140,19 @@ class CommonsenseTestSet:
     def chance(self, task: str) -> float:
         return statistics.mean(1 / len(q.choices) for q in self.questions[task])
 
+    def majority(self, task: str) -> float:
+        """The accuracy of always giving the task's most common right answer (the best constant answer)."""
+        answers = Counter(q.choices[q.answer] for q in self.questions[task])
+        return answers.most_common(1)[0][1] / len(self.questions[task])
+
+
+def generation_subset(count: int, cap: int, seed: str) -> list[int]:
+    """The (ascending) indices of at most ``cap`` of ``count`` questions whose answers are generated, drawn
+    from ``seed``; every one for ``cap`` 0."""
+    if not cap or cap >= count:
+        return list(range(count))
+    return sorted(random.Random(seed).sample(range(count), cap))
+
 
 def suite_path(dataset: str) -> Path:
     if not dataset.startswith(DATASET_PREFIX):
@@ -249,24 +264,43 @@ class CausalLM(Task):
     @torch.inference_mode()
     def evaluate(self, model: MoEModel, data: CommonsenseTestSet, batch_size: int,
                  observe: ForwardObserver | None = None) -> Evaluation:
+        """Per task: log-likelihood accuracy (``loglik``, ``loglik_norm``) over every scored question; on the
+        seeded subset whose answers are generated (``evaluation.generate_questions``), the generation accuracy
+        and the format rate (the share of generations in which the task's answer pattern appears at all);
+        the chance level and the majority baseline (the share of the most common right answer); the counts
+        (``questions``, ``generated``) the standard errors are computed from. Then their means over tasks."""
         details: dict[str, float] = {}
         nll, tokens = 0.0, 0
+        evaluation = self.config.evaluation
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         for task, questions in data.questions.items():
-            answers = score_and_generate(model, questions, batch_size, self.config.evaluation.max_new_tokens, eos, pad,
-                                         observe, desc=task, num_beams=self.config.evaluation.num_beams)
+            chosen = generation_subset(len(questions), evaluation.generate_questions, f"{self.config.data.split_seed}/{task}")
+            rest = [i for i in range(len(questions)) if i not in set(chosen)]
+            answers: list[Answer | None] = [None] * len(questions)
+            for indices, new_tokens in ((chosen, evaluation.max_new_tokens), (rest, 0)):
+                if indices:
+                    for i, answer in zip(indices, score_and_generate(
+                            model, [questions[i] for i in indices], batch_size, new_tokens, eos, pad, observe,
+                            desc=task, num_beams=evaluation.num_beams)):
+                        answers[i] = answer
             nll -= sum(a.scores[q.answer] for a, q in zip(answers, questions))
             tokens += sum(len(q.responses[q.answer]) for q in questions)
-            texts = self.tokenizer.batch_decode([a.generated for a in answers], skip_special_tokens=True)
+            texts = self.tokenizer.batch_decode([answers[i].generated for i in chosen], skip_special_tokens=True)
+            read = [extract_answer(task, text) for text in texts]
             details[f"{task}/loglik"] = statistics.mean(float(a.likeliest(q) == q.answer) for a, q in zip(answers, questions))
             details[f"{task}/loglik_norm"] = statistics.mean(
                 float(a.likeliest(q, per_char=True) == q.answer) for a, q in zip(answers, questions))
             details[f"{task}/generation"] = statistics.mean(
-                float(extract_answer(task, text) == q.choices[q.answer]) for text, q in zip(texts, questions))
+                float(r == questions[i].choices[questions[i].answer]) for r, i in zip(read, chosen))
+            details[f"{task}/format"] = statistics.mean(float(r != "") for r in read)
             details[f"{task}/chance"] = data.chance(task)
-        for metric in ("loglik", "loglik_norm", "generation", "chance"):
+            details[f"{task}/majority"] = data.majority(task)
+            details[f"{task}/questions"], details[f"{task}/generated"] = len(questions), len(chosen)
+        for metric in ("loglik", "loglik_norm", "generation", "format", "chance", "majority"):
             details[metric] = statistics.mean(details[f"{task}/{metric}"] for task in data.questions)
-        return Evaluation(accuracy=details[self.config.evaluation.protocol], loss=nll / max(tokens, 1), details=details)
+        for count in ("questions", "generated"):
+            details[count] = sum(details[f"{task}/{count}"] for task in data.questions)
+        return Evaluation(accuracy=details[evaluation.protocol], loss=nll / max(tokens, 1), details=details)
 
     def check_records(self, records: list[dict], source: Path, key_names: list[str]) -> None:
         """Every record needs a text ``instruction`` (or ``text``); a ``task``, where given, must be one the
@@ -378,7 +412,9 @@ def score_and_generate(model: MoEModel, questions: list[ScoredQuestion], batch_s
         cache = prompt.cache
         scores = (_score_choices(model, chunk, first, cache, mask, positions, pad)
                   if any(q.responses for q in chunk) else [[] for _ in chunk])
-        if num_beams > 1:
+        if max_new_tokens == 0:  # scored only
+            generated = [[] for _ in chunk]
+        elif num_beams > 1:
             generated = _beam_search(model, last, cache, mask, positions, max_new_tokens, eos, num_beams)
         else:
             generated = _greedy(model, last, cache, mask, positions, max_new_tokens, eos, pad)
