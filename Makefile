@@ -33,6 +33,7 @@ bench: install
 	$(VENV)/bin/ubsmoe bench pg-step --out benchmarks/pg_step.json
 	$(VENV)/bin/ubsmoe bench tiers --out benchmarks/tiers.json
 	$(VENV)/bin/ubsmoe bench upcycle --out benchmarks/upcycle_fidelity.json
+	$(VENV)/bin/ubsmoe bench pg-fidelity --out benchmarks/pg_fidelity.json
 
 clean:
 	rm -rf $(VENV) runs

@@ -139,3 +139,30 @@ def test_the_fidelity_bench_measures_no_layer_error_at_k_equal_m(tiny_llama):
 
     assert max(measured[3]) < 1e-5
     assert min(measured[1]) > 1e-3
+
+
+def test_the_pg_fidelity_bench_finds_the_exact_direction_where_every_expert_is_the_same(tiny_llama):
+    """Identical experts and router rows: every token has p_i = 1/E and every expert's true gradient equals
+    the active ones', so the pseudo-gradient points exactly the same way (cosine 1), at rho / E of its norm."""
+    from ubsmoe.bench.pg_fidelity import lm_loss, measure
+
+    path = str(tiny_llama)
+    enc, calibration = batches(path)
+    model = build_model(ModelSpec(backbone=path, num_experts=4, lora_rank=4, router_init="centroid"),
+                        classification_head(3))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in model.moe_layers:
+            for name, p in layer.named_parameters():
+                if name.startswith(("w_", "lora_")) or name == "router.weight":
+                    first = p[0].clone() if name != "router.weight" else p[0].clone()
+                    if name.startswith("lora_") and name.endswith("_b"):
+                        first = torch.randn(first.shape, generator=generator) * 0.05
+                    p.copy_(first.expand_as(p))
+            for name in ("w_up", "w_gate", "w_down"):
+                getattr(layer, name).copy_(getattr(layer, name)[0].expand_as(getattr(layer, name)))
+
+    rows = measure(model, lm_loss(enc["input_ids"], enc["attention_mask"]), k=1, draw_b=False)
+
+    assert rows and all(r["cosine"] == pytest.approx(1.0, abs=1e-4) for r in rows)
+    assert all(r["norm_ratio"] == pytest.approx((1 - 1 / 4) / 4, rel=1e-3) for r in rows)

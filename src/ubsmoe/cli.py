@@ -291,18 +291,28 @@ def _bench(args) -> int:
         run(Path(args.out))
         print(Path(args.out).with_suffix(".md").read_text())
         return 0
+    if args.name == "pg-fidelity":
+        from ubsmoe.bench.pg_fidelity import run
+
+        run(Path(args.out), threads=args.threads, commonsense=commonsense_path(args.overrides, "pg-fidelity"))
+        print(Path(args.out).with_suffix(".md").read_text())
+        return 0
     if args.name == "upcycle":
         from ubsmoe.bench.upcycle_fidelity import run
 
-        settings = dict(item.split("=", 1) for item in args.overrides)
-        unknown = sorted(set(settings) - {"data.dataset"})
-        if unknown:
-            raise ConfigError(f"bench upcycle takes only data.dataset=commonsense:PATH, got {', '.join(unknown)}")
-        commonsense = settings.get("data.dataset", "commonsense:../shared/data/commonsense").removeprefix("commonsense:")
-        run(Path(args.out), threads=args.threads, commonsense=commonsense)
+        run(Path(args.out), threads=args.threads, commonsense=commonsense_path(args.overrides, "upcycle"))
         print(Path(args.out).with_suffix(".md").read_text())
         return 0
     raise ConfigError(f"unknown benchmark {args.name!r}")
+
+
+def commonsense_path(overrides: list[str], bench: str) -> str:
+    """The commonsense folder a benchmark reads: ``data.dataset=commonsense:PATH`` or ../shared/data/commonsense."""
+    settings = dict(item.split("=", 1) for item in overrides)
+    unknown = sorted(set(settings) - {"data.dataset"})
+    if unknown:
+        raise ConfigError(f"bench {bench} takes only data.dataset=commonsense:PATH, got {', '.join(unknown)}")
+    return settings.get("data.dataset", "commonsense:../shared/data/commonsense").removeprefix("commonsense:")
 
 
 def count(text: str) -> int:
@@ -444,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run a benchmark")
     bench.add_argument("name", choices=["moe-layer", "pg-step", "tiers", "upcycle", "dmr-reach", "flower-overhead",
-                                          "native-load", "memory"])
+                                          "native-load", "memory", "pg-fidelity"])
     bench.add_argument("--out", required=True, help="result JSON path (a .md summary is written beside it)")
     bench.add_argument("--dropout", type=float, default=-1.0,
                        help="tiers only: backbone dropout probability (-1 keeps the checkpoint's)")
