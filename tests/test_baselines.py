@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_experiment import tiny_overrides
+from tiny_experiment import assert_every_client_answered, tiny_overrides
 from ubsmoe.config import load_config
 from ubsmoe.engine.client import run_client
 from ubsmoe.engine.simulation import build_experiment, instruction_for, run_experiment
@@ -334,6 +334,7 @@ def test_every_method_runs_end_to_end(tiny_bert, tiny_task, method):
     assert all(0.0 <= a <= 1.0 for a in final["tier_accuracy"].values())
     assert math.isfinite(final["test_loss"])
     assert all(np.isfinite(c["train_loss"]) for h in results["history"] for c in h["clients"])
+    assert_every_client_answered(results)
 
 
 def test_heterogeneous_rank_methods_see_every_adapter(tiny_bert, tiny_task):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tiny_experiment import causal_overrides
+from tiny_experiment import assert_every_client_answered, causal_overrides
 from ubsmoe.config import ConfigError, load_config
 from ubsmoe.data.commonsense import load_commonsense
 from ubsmoe.engine.simulation import build_experiment, run_experiment
@@ -125,6 +125,7 @@ def test_every_method_fine_tunes_the_causal_lm_end_to_end(tiny_causal_llama, tin
     assert math.isfinite(final["test_loss"]) and set(results["round0"]) == {"0.5", "1.0"}
     assert all(math.isfinite(c["train_loss"]) for c in results["history"][-1]["clients"])
     assert sum(sum(c["label_counts"]) for c in results["clients"]) == results["num_train"] == 48
+    assert_every_client_answered(results)
 
 
 def test_tiers_benchmark_times_the_causal_lm_step(tiny_causal_llama, tiny_suite, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tiny_checkpoints import PROMPT_WORDS, WORDS, write_tiny_moe
-from tiny_experiment import causal_overrides
+from tiny_experiment import assert_every_client_answered, causal_overrides
 from ubsmoe.config import load_config
 from ubsmoe.engine.simulation import build_experiment, run_experiment
 
@@ -29,4 +29,5 @@ def test_a_tiny_olmoe_trains_on_the_gpu_in_bf16(tmp_path, tiny_suite, method):
     on_cpu = run_experiment(load_config(overrides=overrides, method=method), show_progress=False)
 
     assert all(math.isfinite(c["train_loss"]) for c in on_gpu["history"][-1]["clients"])
+    assert_every_client_answered(on_gpu)
     assert on_gpu["final"]["test_loss"] == pytest.approx(on_cpu["final"]["test_loss"], rel=0.05)

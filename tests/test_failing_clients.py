@@ -1,6 +1,8 @@
-"""Failing clients in the in-process engine (as on Flower): a client that raises, returns non-finite or
-wrongly shaped tensors, or sends deltas it was not sent is left out of that round's aggregation and
-recorded in results.json (client, reason, in its round's entry); fewer than federation.min_clients
+"""Failing clients in the in-process engine (as on Flower): a client that did not deliver (its transport
+reports a ``ClientFault``, its training diverged), returns non-finite or wrongly shaped tensors, or sends
+deltas it was not sent is left out of that round's aggregation and recorded in results.json (client,
+reason, in its round's entry); a client whose code raises stops the run with its traceback unless
+federation.on_client_error=drop; fewer than federation.min_clients
 updates stop the run with a message naming every failure; updates beyond federation.max_update_norm
 are clipped or rejected."""
 
@@ -14,6 +16,7 @@ from tiny_experiment import tiny_overrides
 from ubsmoe.cli import main
 from ubsmoe.config import load_config
 from ubsmoe.engine.client import run_client
+from ubsmoe.engine.errors import ClientFault
 from ubsmoe.engine.simulation import Server, build_experiment, run_experiment
 from ubsmoe.metrics.flops import FlopCounter
 
@@ -27,8 +30,8 @@ def faulty_client(config, faults: dict[tuple[int, int], str]):
 
     def client_fn(instruction, progress):
         fault = faults.get((instruction.round, instruction.client.client_id))
-        if fault == "raise":
-            raise RuntimeError("the device fell off the network")
+        if fault == "raise":  # what a transport reports for a client that did not deliver
+            raise ClientFault("the device fell off the network")
         update = run_client(runtime, instruction, progress)
         name = next(iter(update.delta))
         if fault == "nan":
@@ -54,7 +57,7 @@ def test_failing_clients_are_left_out_and_recorded(tiny_bert, tiny_task):
     first, second = results["history"]
     assert [c["id"] for c in first["clients"]] == [1] and [c["id"] for c in second["clients"]] == [0]
     assert [(f["client_id"], f["reason"]) for f in first["failed_clients"]] == [
-        (0, "RuntimeError: the device fell off the network"), (2, "the update holds NaN or infinite values")]
+        (0, "the device fell off the network"), (2, "the update holds NaN or infinite values")]
     reasons = [f["reason"] for f in second["failed_clients"]]
     assert [f["client_id"] for f in second["failed_clients"]] == [1, 2]
     assert reasons[0].endswith("expected " + reasons[0].split("expected ")[1]) and "has shape" in reasons[0]
@@ -78,7 +81,7 @@ def test_a_client_slower_than_the_timeout_is_left_out_of_its_round(tiny_bert, ti
 def test_too_few_updates_stop_the_run_naming_every_failure(tiny_bert, tiny_task):
     config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **THREE, **{"federation.min_clients": 2}))
     with pytest.raises(RuntimeError, match=r"round 1: 1 of the sampled clients .*min_clients=2 .*client 0: "
-                                           r"RuntimeError: the device fell off.*client 2: the update holds NaN"):
+                                           r"the device fell off.*client 2: the update holds NaN"):
         run_experiment(config, show_progress=False, client_fn=faulty_client(config, {(1, 0): "raise", (1, 2): "nan"}))
 
 
@@ -93,14 +96,14 @@ def test_a_run_stopped_by_its_clients_says_how_to_resume_and_resumes_to_the_same
 
     def down_in_round_2(runtime, instruction, progress=None):
         if instruction.round == 2:
-            raise ConnectionError("the network is down")
+            raise ClientFault("the network is down")
         return real(runtime, instruction, progress)
 
     monkeypatch.setattr(simulation, "run_client", down_in_round_2)
     assert main(["run", "--quiet", "--out", str(tmp_path / "run")] + overrides) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("ubsmoe: the run stopped: round 2: 0 of the sampled clients returned an update")
-    assert "client 0: ConnectionError: the network is down" in err and "Traceback" not in err
+    assert "client 0: the network is down" in err and "Traceback" not in err
     assert err.endswith(f"`ubsmoe run --resume {tmp_path / 'run'}` continues from its last checkpoint")
 
     monkeypatch.setattr(simulation, "run_client", real)  # the clients are back
@@ -140,3 +143,37 @@ def test_a_bad_norm_policy_is_a_user_error(tiny_bert, tiny_task, tmp_path, capsy
                 + ["federation.update_norm_policy=drop"]) == 2
     assert "federation.update_norm_policy must be clip or reject" in capsys.readouterr().err
     assert not (tmp_path / "x" / "results.json").exists()
+
+
+def test_a_bug_in_a_client_stops_the_run_unless_the_config_drops_it(tiny_bert, tiny_task, monkeypatch):
+    """A client's exception is a bug, not a dropped client: it reaches the caller with its traceback, so that a
+    method that crashes for one tier fails every end-to-end test; on_client_error=drop leaves it out."""
+    import ubsmoe.engine.simulation as simulation
+
+    real = simulation.run_client
+
+    def crashes_for_the_low_tier(runtime, instruction, progress=None):
+        if instruction.client.budget < 1:
+            raise ZeroDivisionError("a bug in the method")
+        return real(runtime, instruction, progress)
+
+    monkeypatch.setattr(simulation, "run_client", crashes_for_the_low_tier)
+    overrides = tiny_overrides(tiny_bert, tiny_task, **{"federation.rounds": 1})
+
+    with pytest.raises(ZeroDivisionError, match="a bug in the method"):
+        run_experiment(load_config(overrides=overrides), show_progress=False)
+    dropped = run_experiment(load_config(overrides=overrides + ["federation.on_client_error=drop"]), show_progress=False)
+    [failure] = dropped["history"][0]["failed_clients"]
+    assert failure == {"client_id": 0, "reason": "ZeroDivisionError: a bug in the method"}
+
+
+def test_a_diverged_client_is_a_fault_not_a_bug(tiny_bert, tiny_task):
+    """A non-finite training loss is the client's round failing, which the engines leave out (a ClientFault)."""
+    from ubsmoe.engine.simulation import instruction_for
+
+    config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **{"train.lr": 1e30}))
+    exp = build_experiment(config)
+    instruction = instruction_for(exp.method, exp.method.initial_state(exp.model), exp.clients[0], 1)
+
+    with pytest.raises(ClientFault, match=r"client 0: training loss became (nan|inf)"):
+        run_client(exp.client_runtime(None), instruction)

@@ -18,7 +18,8 @@ from tiny_experiment import tiny_overrides  # noqa: E402
 from ubsmoe.cli import main  # noqa: E402
 from ubsmoe.config import load_config  # noqa: E402
 from ubsmoe.engine.client import run_client  # noqa: E402
-from ubsmoe.engine.flower.messages import read_instruction, read_update, instruction_content, update_content  # noqa: E402
+from ubsmoe.engine.flower.messages import (CLIENT_FAULT, instruction_content, read_instruction, read_update,  # noqa: E402
+                                          update_content)
 from ubsmoe.engine.flower.strategy import MethodStrategy  # noqa: E402
 from ubsmoe.engine.simulation import Server, run_experiment  # noqa: E402
 
@@ -80,11 +81,13 @@ def ray_processes_end(within_s: float) -> bool:
     return False
 
 
-def reply(to: str, content=None, error: str | None = None, node: int = 1):
+def reply(to: str, content=None, error: str | None = None, node: int = 1, code: int = CLIENT_FAULT):
     """What the strategy reads of a Flower reply to the message with id ``to`` (node 1: the SuperLink
-    answers for a node gone offline)."""
+    answers for a node gone offline); an error reply says a client did not deliver unless ``code`` says
+    its code raised."""
     return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node, reply_to_message_id=to),
-                           has_error=lambda: error is not None, error=SimpleNamespace(reason=error), content=content)
+                           has_error=lambda: error is not None, error=SimpleNamespace(reason=error, code=code),
+                           content=content)
 
 
 def sent(instructions) -> list:
@@ -128,6 +131,30 @@ def test_strategy_drops_failed_replies_and_needs_min_clients(tiny_bert, tiny_tas
     strategy.outgoing = sent([strict.instruction(client, 1) for client in strict.exp.clients])
     with pytest.raises(RuntimeError, match=r"1 of the sampled clients returned an update, fewer than federation.min_clients=2 .*client 1: node offline.*client 2: no reply"):
         strategy.aggregate_train(1, [reply("m0", update_content(good)), reply("m1", error="node offline")])
+
+
+@pytest.mark.parametrize("policy", ["raise", "drop"])
+def test_a_client_whose_code_raised_stops_the_run_with_its_traceback_unless_dropping(tiny_bert, tiny_task, policy):
+    from flwr.common.constant import ErrorCode
+
+    from ubsmoe.engine.errors import ClientBug
+
+    config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **{"federation.on_client_error": policy}))
+    server = Server(config)
+    strategy = MethodStrategy(server)
+    instructions = [server.instruction(client, 1) for client in server.exp.clients]
+    strategy.outgoing = sent(instructions)
+    good = run_client(server.exp.client_runtime(server.flop_counter), instructions[0])
+    trace = 'Traceback (most recent call last):\n  File "smoe.py", line 3\nZeroDivisionError: division by zero'
+    replies = [reply("m0", update_content(good)), reply("m1", error=trace, code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION)]
+
+    if policy == "raise":
+        with pytest.raises(ClientBug, match=r"(?s)round 1: client 1's code raised.*ZeroDivisionError: division by zero"):
+            strategy.aggregate_train(1, replies)
+        assert strategy.client_bug is not None
+    else:
+        strategy.aggregate_train(1, replies)
+        assert [(f.client_id, f.reason) for f in server.failures] == [(1, "ZeroDivisionError: division by zero")]
 
 
 def test_flower_engine_without_flower_installed_is_a_user_error(tiny_bert, tiny_task, tmp_path, monkeypatch, capsys):

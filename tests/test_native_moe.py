@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tiny_checkpoints import NATIVE_MOE_FAMILIES, PROMPT_WORDS, WORDS, write_tiny_moe
-from tiny_experiment import causal_overrides
+from tiny_experiment import assert_every_client_answered, causal_overrides
 from ubsmoe.config import load_config
 from ubsmoe.engine.simulation import build_experiment, run_experiment
 from ubsmoe.methods import REGISTRY
@@ -82,6 +82,7 @@ def test_every_method_fine_tunes_a_native_moe(tiny_moes, tiny_suite, method):
 
     assert results["k_max"] == 2  # the checkpoint's top-k; M = 4 from its config, not model.num_experts
     assert all(math.isfinite(c["train_loss"]) for c in results["history"][-1]["clients"])
+    assert_every_client_answered(results)
     assert set(results["final"]["tier_accuracy"]) == {"0.5", "1.0"}
 
 

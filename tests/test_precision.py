@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tiny_checkpoints import PROMPT_WORDS, WORDS, write_tiny_moe
-from tiny_experiment import causal_overrides, tiny_overrides, write_tiny_suite
+from tiny_experiment import assert_every_client_answered, causal_overrides, tiny_overrides, write_tiny_suite
 from ubsmoe.config import ConfigError, load_config
 from ubsmoe.engine.simulation import build_experiment, run_experiment
 from ubsmoe.methods import REGISTRY
@@ -33,6 +33,7 @@ def test_every_method_runs_in_bf16(tiny_bert, tiny_task, method):
 
     assert math.isfinite(results["final"]["test_loss"])
     assert all(math.isfinite(c["train_loss"]) for c in results["history"][-1]["clients"])
+    assert_every_client_answered(results)
 
 
 def test_bf16_gives_the_float32_numbers_within_its_rounding(tiny_bert, tiny_task):

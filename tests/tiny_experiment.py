@@ -72,3 +72,13 @@ def causal_overrides(backbone, suite, **extra) -> list[str]:
         "train.lr": 0.01, "train.eval_batch_size": 8, "evaluation.max_new_tokens": 6,
     } | extra
     return [f"{k}={v}" for k, v in settings.items()]
+
+
+def assert_every_client_answered(results: dict) -> None:
+    """Every round aggregated an update from every client it sampled: a left-out client would let a method
+    that fails for one tier pass an end-to-end test."""
+    federation = results["config"]["federation"]
+    sampled = max(1, round(federation["fraction_fit"] * federation["num_clients"]))
+    for entry in results["history"]:
+        assert "failed_clients" not in entry, entry["failed_clients"]
+        assert len(entry["clients"]) == sampled, entry["clients"]

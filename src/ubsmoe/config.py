@@ -93,6 +93,11 @@ class FederationConfig:
     min_clients: int = option(1, "fewest clients whose updates a round needs; fewer answers stop the run")
     max_update_norm: float = option(0.0, "largest L2 norm of a client's deltas; 0: no bound")
     update_norm_policy: str = option("clip", "an update beyond max_update_norm: clip (scaled down to it) or reject")
+    on_client_error: str = option("raise", "a client whose code raises (a bug, unlike a fault: a node gone, a timeout, "
+                                           "a non-finite loss, a reply that cannot be admitted, which is always left "
+                                           "out): raise stops the run with its traceback; drop leaves the client out "
+                                           "of the round and records it in failed_clients (fault tolerance in "
+                                           "deployments)")
     client_timeout: float = option(0.0, "seconds a client's round may take; a later answer is left out of the "
                                         "round (in-process: discarded when it comes; Flower: the round's wait). "
                                         "0: no limit")
@@ -325,7 +330,7 @@ RESUME_FREE_KEYS = ("threads",)
 NEUTRAL_NEW_KEYS = ("task", "model.shared_experts", "evaluation.generate_questions", "train.train_on_inputs", "evaluation.protocol", "evaluation.max_new_tokens",
                     "evaluation.num_beams", "evaluation.round0", "data.header", "federation.min_clients",
                     "federation.checkpoint_every", "federation.max_update_norm", "federation.update_norm_policy",
-                    "federation.client_timeout", "device", "precision")
+                    "federation.client_timeout", "federation.on_client_error", "device", "precision")
 
 
 def differing_keys(stored: dict[str, Any], wanted: ExperimentConfig) -> list[str]:

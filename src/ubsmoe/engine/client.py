@@ -15,6 +15,7 @@ import torch
 
 from ubsmoe.config import ExperimentConfig
 from ubsmoe.data.dataset import TokenizedDataset
+from ubsmoe.engine.errors import ClientFault
 from ubsmoe.engine.local_training import train_local
 from ubsmoe.methods.base import FederatedMethod
 from ubsmoe.methods.records import ClientUpdate, RoutingStats, TrainInstruction
@@ -58,8 +59,8 @@ def run_client(runtime: ClientRuntime, instruction: TrainInstruction, progress=N
         try:
             metrics = train_local(model, runtime.task, method, runtime.train, runtime.partitions[client.client_id],
                                   config.train, generator, progress=progress, flop_counter=runtime.flop_counter)
-        except FloatingPointError as error:
-            raise FloatingPointError(f"client {client.client_id}: {error}") from None
+        except FloatingPointError as error:  # diverged: a fault of this client's round, not a bug
+            raise ClientFault(f"client {client.client_id}: {error}") from None
         routing = None
         if model.num_experts > 1:
             routed, tokens, _ = model.routing_counts()

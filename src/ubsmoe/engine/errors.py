@@ -13,3 +13,14 @@ class RunInterrupted(KeyboardInterrupt):
     def __init__(self, round_index: int, checkpoint_round: int):
         super().__init__(round_index, checkpoint_round)
         self.round_index, self.checkpoint_round = round_index, checkpoint_round
+
+
+class ClientFault(Exception):
+    """A client that did not deliver for a reason outside ubsmoe's code: its node went away or did not answer
+    in time, its reply could not be admitted, or its training diverged (a non-finite loss). The round goes
+    on without it (``failed_clients``). Any other exception from a client is a bug: it stops the run with
+    its traceback unless ``federation.on_client_error=drop``."""
+
+
+class ClientBug(RuntimeError):
+    """A client's code raised in another process (a Flower ClientApp): its traceback, as the client sent it."""

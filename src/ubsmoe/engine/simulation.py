@@ -26,7 +26,7 @@ from ubsmoe.engine.checkpoint import Checkpoint, check_resumable, fault_point, w
 from ubsmoe.storage import write_atomically
 from ubsmoe.engine.client import ClientRuntime, run_client
 from ubsmoe.engine.clients import make_clients, sample_clients, tiers
-from ubsmoe.engine.errors import FederationStopped, RunInterrupted
+from ubsmoe.engine.errors import ClientFault, FederationStopped, RunInterrupted
 from ubsmoe.engine.evaluation import evaluate_tiers
 from ubsmoe.engine.saved_model import save_model
 from ubsmoe.engine.local_training import local_steps
@@ -104,6 +104,7 @@ def validate(config: ExperimentConfig) -> None:
         (config.federation.max_update_norm >= 0, "federation.max_update_norm must be >= 0 (0: no bound)"),
         (config.federation.update_norm_policy in ("clip", "reject"), "federation.update_norm_policy must be clip or reject"),
         (config.federation.client_timeout >= 0, "federation.client_timeout must be >= 0 seconds (0: no limit)"),
+        (config.federation.on_client_error in ("raise", "drop"), "federation.on_client_error must be raise or drop"),
         (config.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
         (config.device in ("cpu", "cuda", "auto"), "device must be cpu, cuda or auto"),
         (config.evaluation.protocol in PROTOCOLS,
@@ -400,8 +401,12 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True, client_
                     started = time.monotonic()
                     try:
                         answer = server.admit(instruction, client_fn(instruction, bar))
-                    except Exception as error:  # a failing client is left out, as on Flower; its traceback is logged
-                        log.warning("round %d: client %d failed", round_index, client.client_id, exc_info=True)
+                    except ClientFault as fault:  # the client did not deliver: left out, as on Flower
+                        answer = ClientFailure(client.client_id, str(fault))
+                    except Exception as error:  # a bug: it stops the run, unless the config asks to drop
+                        if config.federation.on_client_error != "drop":
+                            raise
+                        log.warning("round %d: client %d raised", round_index, client.client_id, exc_info=True)
                         answer = ClientFailure(client.client_id, f"{type(error).__name__}: {error}")
                     took = time.monotonic() - started
                     if timeout and took > timeout and not isinstance(answer, ClientFailure):  # a straggler's late answer

@@ -15,14 +15,17 @@ import hashlib
 import json
 import os
 import tempfile
+import traceback
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from ubsmoe.config import config_from_dict
 from ubsmoe.engine.client import ClientRuntime, run_client
-from ubsmoe.engine.flower.messages import read_instruction, update_content
+from ubsmoe.engine.errors import ClientFault
+from ubsmoe.engine.flower.messages import CLIENT_FAULT, read_instruction, update_content
 from ubsmoe.metrics.flops import FlopCounter
 
 PARTITION, BUDGET, CACHE_DIR = "partition-id", "budget", "cache-dir"
@@ -60,7 +63,12 @@ def train(msg: Message, context: Context) -> Message:
     if partition is not None and int(partition) != instruction.client.client_id:
         return Message(Error(code=0, reason=f"this node holds partition {partition}, not the instruction's "
                                             f"client {instruction.client.client_id}"), reply_to=msg)
-    update = run_client(runtime_for(config_text, upcycle_cache(context)), instruction)
+    try:
+        update = run_client(runtime_for(config_text, upcycle_cache(context)), instruction)
+    except ClientFault as fault:  # did not deliver: the server leaves this client out of the round
+        return Message(Error(code=CLIENT_FAULT, reason=str(fault)), reply_to=msg)
+    except Exception:  # a bug: the server stops the run with this traceback (federation.on_client_error)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=traceback.format_exc()), reply_to=msg)
     return Message(update_content(update), reply_to=msg)
 
 

@@ -16,6 +16,7 @@ from ubsmoe.methods.records import (
 )
 
 TENSORS, SCALARS, RUN = "tensors", "scalars", "run"
+CLIENT_FAULT = 1000  # the error code of a client that did not deliver (``ClientFault``), beside Flower's own codes
 
 
 def _arrays(tensors: Params) -> ArrayRecord:

@@ -55,6 +55,8 @@ def run_flower_simulation(config: ExperimentConfig, show_progress: bool = True, 
                        backend_config=backend)
     finally:
         bar.close()
+    if strategy.client_bug is not None:  # Flower logs the ServerApp's exception; the run ends with it here
+        raise strategy.client_bug
     if len(server.history) != config.federation.rounds:
         raise RuntimeError(f"the Flower simulation ended after {len(server.history)} of "
                            f"{config.federation.rounds} rounds (see its log above)")

@@ -4,8 +4,11 @@ on the server, all through the engine's ``Server`` (the in-process engine drives
 
 Flower's built-in FedAvg expects every client to return the same arrays; here clients return what
 their method and tier make them send (ranks, extras), so the strategy reads them as records.
-Replies with errors, and updates the server does not admit (non-finite or wrongly shaped tensors,
-see ``Server.admit``), are dropped and recorded in the round's ``failed_clients``; a round needs ``federation.min_clients`` updates or the run stops.
+A client that did not deliver (its node gone, no reply in time, a non-finite loss, an update the
+server does not admit: non-finite or wrongly shaped tensors, see ``Server.admit``) is dropped and
+recorded in the round's ``failed_clients``; a round needs ``federation.min_clients`` updates or the run
+stops. A client whose code raised is a bug: the run stops with its traceback (``ClientBug``), unless
+``federation.on_client_error=drop``.
 """
 
 from __future__ import annotations
@@ -16,15 +19,21 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from ubsmoe.engine.errors import ClientBug
 from ubsmoe.engine.flower.client_app import BUDGET, PARTITION
-from ubsmoe.engine.flower.messages import global_arrays, instruction_content, read_update
+from ubsmoe.engine.flower.messages import CLIENT_FAULT, global_arrays, instruction_content, read_update
 from ubsmoe.engine.simulation import ClientFailure, Server
 from ubsmoe.methods.records import TrainInstruction
 
 log = logging.getLogger(__name__)
+
+# Replies that say a client did not deliver (left out of the round); any other error reply is a bug
+FAULTS = (CLIENT_FAULT, ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+          ErrorCode.CLIENT_APP_CRASHED)
 
 
 class MethodStrategy(Strategy):
@@ -39,6 +48,7 @@ class MethodStrategy(Strategy):
         self.ttl = max(float(DEFAULT_TTL), round_timeout_s + 60.0)  # a message outlives the round's wait
         self.node_of: dict[int, int] = {}  # client (partition) id -> node id
         self.outgoing: list[tuple[Message, TrainInstruction]] = []  # this round's messages (ids set when pushed)
+        self.client_bug: ClientBug | None = None  # what stopped the run, for the engine that started it
 
     def summary(self) -> None:
         """Flower's log line about the strategy (our runs log through results.json instead)."""
@@ -95,7 +105,12 @@ class MethodStrategy(Strategy):
             client_id = instruction.client.client_id
             answered.add(client_id)
             if reply.has_error():
-                failures.append(ClientFailure(client_id, str(reply.error.reason)))
+                if reply.error.code not in FAULTS and self.server.config.federation.on_client_error != "drop":
+                    self.client_bug = ClientBug(f"round {server_round}: client {client_id}'s code raised "
+                                                f"(federation.on_client_error=drop would leave it out):\n"
+                                                f"{reply.error.reason}")
+                    raise self.client_bug
+                failures.append(ClientFailure(client_id, str(reply.error.reason).strip().splitlines()[-1]))
                 continue
             try:
                 answer = self.server.admit(instruction, read_update(reply.content))
