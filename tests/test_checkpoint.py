@@ -88,15 +88,23 @@ def test_a_damaged_checkpoint_is_reported_not_trusted(unfinished, capsys):
     assert "checkpoint.safetensors is damaged" in error and "--force" in error
 
 
-def test_compare_resumes_an_interrupted_run(unfinished, tiny_bert, tiny_task):
+def test_compare_resumes_an_interrupted_run(unfinished, tiny_bert, tiny_task, monkeypatch):
+    import ubsmoe.engine.simulation as simulation
     from ubsmoe.report.compare import run_comparison
 
     out, overrides = unfinished
     folder = out.parent / "compare" / "ubsmoe-s0"
     folder.parent.mkdir()
     out.rename(folder)
+    real = simulation.run_client
 
+    def no_round_1_again(runtime, instruction, progress=None):  # round 1 is in the checkpoint
+        assert instruction.round > 1, "the comparison ran the run again from the start"
+        return real(runtime, instruction, progress)
+
+    monkeypatch.setattr(simulation, "run_client", no_round_1_again)
     run_comparison(["ubsmoe"], [0], folder.parent, overrides=overrides, show_progress=False)
+    monkeypatch.setattr(simulation, "run_client", real)
 
     resumed = json.loads((folder / "results.json").read_text())
     uninterrupted = run_experiment(load_config(overrides=overrides), show_progress=False)

@@ -1,5 +1,5 @@
 """The client/server seam: what crosses between server and client is records of tensors and scalars, and
-a client with its own model and method object, fed those records serialised (safetensors and JSON),
+a client with its own model and method object, fed those records through Flower's message codec,
 gives exactly the numbers of the in-process engine, for every method; the merging methods' clients
 rebuild the merged base from the records even when they missed rounds or start from nothing."""
 
@@ -13,10 +13,11 @@ from safetensors.torch import save as save_tensors
 from tiny_experiment import tiny_overrides
 from ubsmoe.config import load_config
 from ubsmoe.engine.client import run_client
+from ubsmoe.engine.flower.messages import instruction_content, read_instruction, read_update, update_content
 from ubsmoe.engine.simulation import build_experiment, run_experiment
 from ubsmoe.methods import REGISTRY
 from ubsmoe.methods.records import (
-    ClientSettings, TrainMetrics, flat_scalars, flat_tensors, instruction_from_flat, update_from_flat,
+    ClientInfo, ClientSettings, ClientUpdate, TrainMetrics, flat_scalars, flat_tensors, instruction_from_flat, update_from_flat,
 )
 from ubsmoe.metrics.flops import FlopCounter
 
@@ -44,9 +45,11 @@ def remote_client(config, fresh_each_message: bool = False):
         return runtimes[0]
 
     def client_fn(instruction, progress):
-        received = instruction_from_flat(*wire(flat_tensors(instruction), flat_scalars(instruction)))
+        wire(flat_tensors(instruction), flat_scalars(instruction))  # only tensors and plain scalars cross
+        received, _ = read_instruction(instruction_content(instruction, config))  # Flower's message codec
         update = run_client(runtime(), received, progress)
-        return update_from_flat(*wire(flat_tensors(update), flat_scalars(update)))
+        wire(flat_tensors(update), flat_scalars(update))
+        return read_update(update_content(update))
     return client_fn
 
 
@@ -85,6 +88,16 @@ def test_merging_methods_rebuild_the_base_for_clients_that_missed_rounds(tiny_be
     assert deterministic(apart) == deterministic(shared)
     downloads = [h["cost"]["clients"][0]["download_bytes"] for h in shared["history"]]
     assert downloads[0] < downloads[1] < downloads[2]  # every round's merged update travels to a client
+
+
+def test_bfloat16_tensors_cross_flowers_codec_bit_for_bit():
+    tensors = {"w": torch.randn(3, 4).to(torch.bfloat16), "b": torch.arange(3.0)}
+    update = ClientUpdate(ClientInfo(0, 1.0, 4), dict(tensors))
+
+    back = read_update(update_content(update))
+
+    assert back.delta["w"].dtype == torch.bfloat16 and torch.equal(back.delta["w"], tensors["w"])
+    assert torch.equal(back.delta["b"], tensors["b"])
 
 
 def test_record_round_trips():

@@ -21,6 +21,7 @@ def test_every_method_gives_the_recorded_numbers(numbers):
 
     assert sorted(numbers) == sorted(reference), "a method was added or removed: rewrite the reference file"
     for run, rounds in reference.items():
+        assert len(numbers[run]) == len(rounds), run  # zip alone would hide a missing round
         for recorded, now in zip(rounds, numbers[run]):
             # exact on this machine; the tolerance only absorbs another CPU's summation order
             assert now["tier_accuracy"] == recorded["tier_accuracy"], run

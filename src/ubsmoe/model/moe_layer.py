@@ -8,7 +8,7 @@ and no token is dropped. Padding tokens (``RoutingContext.token_mask``) are neit
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -53,33 +53,38 @@ class RoutingRecord:
     gates: torch.Tensor
 
 
-@dataclass
 class RoutingCounter:
     """Running routing statistics of one layer: what DMR uploads and what balance metrics read.
 
-    routed: (E,) tokens routed to each expert; tokens: non-padding tokens seen;
-    prob_sum: (E,) sum over tokens of the router probability of each expert.
+    routed: (E,) tokens routed to each expert; tokens: non-padding tokens seen; prob_sum: (E,) sum over
+    tokens of the router probability of each expert. The sums stay where the routing runs (no copy to the
+    CPU, and so no GPU synchronisation, per forward); ``routed`` and ``prob_sum`` read them as CPU float64.
     """
 
-    num_experts: int
-    routed: torch.Tensor = field(init=False)
-    prob_sum: torch.Tensor = field(init=False)
-    tokens: int = 0
-
-    def __post_init__(self) -> None:
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
         self.reset()
 
     def reset(self) -> None:
-        self.routed = torch.zeros(self.num_experts, dtype=torch.float64)
-        self.prob_sum = torch.zeros(self.num_experts, dtype=torch.float64)
+        self._routed: torch.Tensor | None = None
+        self._prob_sum: torch.Tensor | None = None
         self.tokens = 0
 
     def add(self, experts: torch.Tensor, probs: torch.Tensor) -> None:
-        """experts: (T, K) selected experts; probs: (T, E) router probabilities (on any device: the
-        statistics are kept on the CPU, where the engine reads them)."""
-        self.routed += torch.bincount(experts.reshape(-1), minlength=self.num_experts).to("cpu", torch.float64)
-        self.prob_sum += probs.detach().sum(0).to("cpu", torch.float64)
+        """experts: (T, K) selected experts; probs: (T, E) router probabilities."""
+        routed = torch.bincount(experts.reshape(-1), minlength=self.num_experts).to(torch.float64)
+        prob_sum = probs.detach().sum(0).to(torch.float64)
+        self._routed = routed if self._routed is None else self._routed + routed
+        self._prob_sum = prob_sum if self._prob_sum is None else self._prob_sum + prob_sum
         self.tokens += experts.shape[0]
+
+    @property
+    def routed(self) -> torch.Tensor:
+        return torch.zeros(self.num_experts, dtype=torch.float64) if self._routed is None else self._routed.cpu()
+
+    @property
+    def prob_sum(self) -> torch.Tensor:
+        return torch.zeros(self.num_experts, dtype=torch.float64) if self._prob_sum is None else self._prob_sum.cpu()
 
 
 class MoEHook:

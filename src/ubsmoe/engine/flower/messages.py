@@ -19,13 +19,23 @@ TENSORS, SCALARS, RUN = "tensors", "scalars", "run"
 CLIENT_FAULT = 1000  # the error code of a client that did not deliver (``ClientFault``), beside Flower's own codes
 
 
+BF16 = "@bf16"  # a bfloat16 tensor travels as its bits (int16), under its name with this suffix
+
+
 def _arrays(tensors: Params) -> ArrayRecord:
-    return ArrayRecord({name: value.detach().contiguous() for name, value in tensors.items()}) if tensors \
-        else ArrayRecord()
+    """Tensors as Flower arrays (numpy underneath, which has no bfloat16: those travel bit for bit as int16)."""
+    if not tensors:
+        return ArrayRecord()
+    return ArrayRecord({name + BF16 if value.dtype == torch.bfloat16 else name:
+                        value.detach().contiguous().view(torch.int16) if value.dtype == torch.bfloat16
+                        else value.detach().contiguous() for name, value in tensors.items()})
 
 
 def _tensors(record: ArrayRecord) -> Params:
-    return dict(record.to_torch_state_dict()) if len(record) else {}
+    if not len(record):
+        return {}
+    return {name.removesuffix(BF16): value.view(torch.bfloat16) if name.endswith(BF16) else value
+            for name, value in record.to_torch_state_dict().items()}
 
 
 def _scalars(record: ConfigRecord) -> Scalars:
