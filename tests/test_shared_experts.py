@@ -166,3 +166,16 @@ def test_the_pg_fidelity_bench_finds_the_exact_direction_where_every_expert_is_t
 
     assert rows and all(r["cosine"] == pytest.approx(1.0, abs=1e-4) for r in rows)
     assert all(r["norm_ratio"] == pytest.approx((1 - 1 / 4) / 4, rel=1e-3) for r in rows)
+
+
+def test_the_default_is_the_backbones_measured_one_and_older_runs_had_none():
+    from ubsmoe.config import ExperimentConfig, config_from_dict, differing_keys
+    from ubsmoe.model.backbones import default_shared_experts
+
+    assert [default_shared_experts(name, -1) for name in ("smollm2", "minilm", "/models/llama")] == [1, 0, 0]
+    assert default_shared_experts("smollm2", 0) == 0
+    older = ExperimentConfig().to_dict()
+    del older["model"]["shared_experts"]  # a run written before the key: it had no shared experts
+    assert config_from_dict(older).model.shared_experts == 0
+    assert differing_keys(older, config_from_dict(older)) == []
+    assert differing_keys(older, ExperimentConfig()) == ["model.shared_experts"]

@@ -47,9 +47,10 @@ def option(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
 class ModelConfig:
     backbone: str = option("minilm", "built-in backbone (minilm, smollm2), a local Hugging Face checkpoint folder or a .gguf file")
     num_experts: int = option(8, "M, experts per upcycled FFN layer (must divide the FFN width)")
-    shared_experts: int = option(0, "S of the M expert slots of an upcycled FFN form an always-on shared part (its "
-                                    "S h / M most important neurons); K_c counts them, so a client runs S shared and "
-                                    "K_c - S routed experts; 0: every expert is routed")
+    shared_experts: int = option(-1, "S of the M expert slots of an upcycled FFN form an always-on shared part (its "
+                                     "S h / M most important neurons); K_c counts them, so a client runs S shared and "
+                                     "K_c - S routed experts; 0: every expert is routed; -1: the backbone's measured "
+                                     "default (smollm2: 1; minilm and local checkpoints: 0)")
     top_k_max: int = option(0, "K_max, experts a full-budget client activates; 0 means num_experts")
     lora_rank: int = option(8, "LoRA rank r (the largest rank for heterogeneous-rank methods)")
     lora_alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / rank")
@@ -275,8 +276,13 @@ def apply_table(config: ExperimentConfig, data: dict[str, Any]) -> None:
 
 
 def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
-    """The config ``to_dict`` wrote (another process's, a checkpoint's): every value checked again."""
+    """The config ``to_dict`` wrote (another process's, a checkpoint's): every value checked again. A key it
+    lacks (written before the key existed) takes the value such runs had (``BEFORE_KEY``), else the default."""
     config = ExperimentConfig()
+    stored = flatten_keys(data)
+    for key, value in BEFORE_KEY.items():
+        if key not in stored:
+            apply_setting(config, key, value, from_text=False)
     apply_table(config, data)
     return config
 
@@ -322,6 +328,9 @@ def describe(config_cls=ExperimentConfig, prefix: str = "") -> list[tuple[str, s
     return rows
 
 
+# Keys whose default differs from what runs written before the key existed did.
+BEFORE_KEY = {"model.shared_experts": 0}
+
 # Keys that cannot change a run's numbers: a resumed run may set them to other values than its checkpoint's.
 RESUME_FREE_KEYS = ("threads",)
 
@@ -341,5 +350,5 @@ def differing_keys(stored: dict[str, Any], wanted: ExperimentConfig) -> list[str
     stored_flat = flatten_keys(json.loads(json.dumps(stored)))
     wanted_flat = flatten_keys(json.loads(json.dumps(wanted.to_dict())))
     defaults = flatten_keys(json.loads(json.dumps(ExperimentConfig().to_dict())))
-    stored_flat |= {k: defaults[k] for k in NEUTRAL_NEW_KEYS if k not in stored_flat}
+    stored_flat |= {k: BEFORE_KEY.get(k, defaults[k]) for k in NEUTRAL_NEW_KEYS if k not in stored_flat}
     return sorted(k for k in set(stored_flat) | set(wanted_flat) if stored_flat.get(k, "(missing)") != wanted_flat.get(k))

@@ -38,6 +38,7 @@ from ubsmoe.tasks import Task, TaskData, get_task
 from ubsmoe.model import MoEModel, ModelSpec, build_model, load_tokenizer
 from ubsmoe.model.moe_model import (PRECISIONS, NativeShape, backbone_config, native_moe_shape,
                                     upcycle_cache_key)
+from ubsmoe.model.backbones import default_shared_experts
 from ubsmoe.model.moe_layer import GATE_MODES
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def validate(config: ExperimentConfig) -> None:
         (config.model.num_experts >= 1, "model.num_experts must be >= 1"),
         (config.model.top_k_max >= 0, "model.top_k_max must be >= 0 (0 means all, or a native MoE's own top-k)"),
         (config.model.lora_rank >= 1, "model.lora_rank must be >= 1"),
+        (config.model.shared_experts >= -1, "model.shared_experts must be >= 0 (or -1: the backbone's default)"),
         (config.model.router_init in ("calibrated", "centroid"), "model.router_init must be calibrated or centroid"),
         (config.model.gate_mode in GATE_MODES, f"model.gate_mode must be one of {', '.join(GATE_MODES)}"),
         (config.threads >= 1, "threads must be >= 1"),
@@ -131,7 +133,7 @@ def check_model(config: ExperimentConfig, spec: ModelSpec) -> NativeShape | None
     if config.model.top_k_max > experts:
         raise ConfigError(f"model.top_k_max={config.model.top_k_max} exceeds the {experts} experts per layer"
                           + (f" of {config.model.backbone}" if native else " (model.num_experts)"))
-    shared = config.model.shared_experts
+    shared = default_shared_experts(config.model.backbone, config.model.shared_experts)
     if not native and spec.num_experts > 1 and not 0 <= shared <= spec.num_experts - 2:
         raise ConfigError(f"model.shared_experts={shared} must lie in [0, model.num_experts - 2 = "
                           f"{spec.num_experts - 2}]: at least two experts stay routed")
@@ -143,7 +145,7 @@ def check_model(config: ExperimentConfig, spec: ModelSpec) -> NativeShape | None
         if low:
             raise ConfigError(f"budget {low[0][0]:g} gives K_c = {low[0][1]} experts, fewer than the {shared} shared ones "
                               "(model.shared_experts): raise the lowest budget or lower model.shared_experts")
-    if native and shared:
+    if native and config.model.shared_experts > 0:
         raise ConfigError(f"model.shared_experts applies to upcycled dense backbones; {config.model.backbone} brings its "
                           "own experts: set model.shared_experts=0")
     width = getattr(backbone, "intermediate_size", None)
@@ -173,7 +175,8 @@ def build_experiment(config: ExperimentConfig, upcycle_cache: Path | None = None
     spec = method.model_spec(ModelSpec(
         backbone=config.model.backbone, num_experts=config.model.num_experts, lora_rank=config.model.lora_rank,
         lora_alpha=config.model.lora_alpha, router_init=config.model.router_init, gate_mode=config.model.gate_mode,
-        seed=config.seed, precision=config.precision, shared_experts=config.model.shared_experts,
+        seed=config.seed, precision=config.precision,
+        shared_experts=default_shared_experts(config.model.backbone, config.model.shared_experts),
         dropout=None if config.model.dropout < 0 else config.model.dropout))
     native = check_model(config, spec)
     if native:  # the checkpoint's experts, router and top-k, whatever the method would upcycle

