@@ -24,7 +24,7 @@ def run_numbers(backbones: dict[str, Path], task: Path) -> dict[str, list[dict]]
     """Per "backbone/method", per round: tier accuracies and losses, the clients' train losses and FLOPs,
     each tier's inference FLOPs per token (dropout on, one thread)."""
     from ubsmoe.config import load_config
-    from ubsmoe.engine.simulation import run_experiment
+    from ubsmoe.engine.rounds import run_experiment
     from ubsmoe.methods import REGISTRY
 
     numbers = {}

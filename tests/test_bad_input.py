@@ -314,7 +314,7 @@ def test_transformers_is_never_allowed_to_run_a_folders_code(tiny_causal_llama, 
 
 
 def test_ctrl_c_says_where_to_resume(tiny_bert, tiny_task, tmp_path, capsys, monkeypatch):
-    import ubsmoe.engine.simulation as simulation
+    import ubsmoe.engine.rounds as simulation
 
     real = simulation.run_client
 

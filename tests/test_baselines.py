@@ -9,7 +9,9 @@ import torch
 from tiny_experiment import assert_every_client_answered, tiny_overrides
 from ubsmoe.config import load_config
 from ubsmoe.engine.client import run_client
-from ubsmoe.engine.simulation import build_experiment, instruction_for, run_experiment
+from ubsmoe.engine.experiment import build_experiment
+from ubsmoe.engine.rounds import run_experiment
+from ubsmoe.engine.server import instruction_for
 from ubsmoe.methods.a3smoe import activation_weights
 from ubsmoe.methods.base import ClientInfo, ClientUpdate, FederatedMethod, RoutingStats, ServerState
 from ubsmoe.methods import REGISTRY

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from tiny_experiment import assert_every_client_answered, causal_overrides
 from ubsmoe.config import ConfigError, load_config
 from ubsmoe.data.commonsense import load_commonsense
-from ubsmoe.engine.simulation import build_experiment, run_experiment
+from ubsmoe.engine.experiment import build_experiment
+from ubsmoe.engine.rounds import run_experiment
 from ubsmoe.methods import REGISTRY
 from ubsmoe.model import load_tokenizer
 from ubsmoe.tasks.causal_lm import IGNORE, encode_questions, encode_training, next_token_positions, score_and_generate

@@ -15,7 +15,7 @@ from tiny_experiment import tiny_overrides
 from ubsmoe.cli import main
 from ubsmoe.config import load_config
 from ubsmoe.engine.checkpoint import CHECKPOINT, read_checkpoint
-from ubsmoe.engine.simulation import run_experiment
+from ubsmoe.engine.rounds import run_experiment
 
 from test_client_server import deterministic
 
@@ -89,7 +89,7 @@ def test_a_damaged_checkpoint_is_reported_not_trusted(unfinished, capsys):
 
 
 def test_compare_resumes_an_interrupted_run(unfinished, tiny_bert, tiny_task, monkeypatch):
-    import ubsmoe.engine.simulation as simulation
+    import ubsmoe.engine.rounds as simulation
     from ubsmoe.report.compare import run_comparison
 
     out, overrides = unfinished

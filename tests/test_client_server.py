@@ -14,7 +14,8 @@ from tiny_experiment import tiny_overrides
 from ubsmoe.config import load_config
 from ubsmoe.engine.client import run_client
 from ubsmoe.engine.flower.messages import instruction_content, read_instruction, read_update, update_content
-from ubsmoe.engine.simulation import build_experiment, run_experiment
+from ubsmoe.engine.experiment import build_experiment
+from ubsmoe.engine.rounds import run_experiment
 from ubsmoe.methods import REGISTRY
 from ubsmoe.methods.records import (
     ClientInfo, ClientSettings, ClientUpdate, TrainMetrics, flat_scalars, flat_tensors, instruction_from_flat, update_from_flat,
@@ -118,7 +119,7 @@ def test_hetlora_ranks_are_decided_on_the_server_and_sent(tiny_bert, tiny_task):
     state = method.initial_state(exp.model)
     client = exp.clients[1]  # beta = 1: rank 4
     state.scalars[f"rank/{client.client_id}"] = 2  # as if it had pruned itself last round
-    from ubsmoe.engine.simulation import instruction_for
+    from ubsmoe.engine.server import instruction_for
 
     instruction = instruction_for(method, state, client, 2)
     assert instruction.settings.rank == 2

@@ -6,7 +6,7 @@ import torch
 from tiny_experiment import tiny_overrides
 from tiny_checkpoints import write_tiny_bert
 from ubsmoe.config import load_config
-from ubsmoe.engine.simulation import run_experiment
+from ubsmoe.engine.rounds import run_experiment
 from ubsmoe.metrics.flops import FlopCounter
 from ubsmoe.model import ModelSpec, build_model
 from ubsmoe.tasks.classification import classification_head

@@ -10,7 +10,8 @@ import torch
 from tiny_checkpoints import PROMPT_WORDS, WORDS, write_tiny_moe
 from tiny_experiment import assert_every_client_answered, causal_overrides
 from ubsmoe.config import load_config
-from ubsmoe.engine.simulation import build_experiment, run_experiment
+from ubsmoe.engine.experiment import build_experiment
+from ubsmoe.engine.rounds import run_experiment
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")]

@@ -11,7 +11,7 @@ from ubsmoe.data.dataset import TextDataset, drop_duplicates, duplicate_key, str
 from ubsmoe.data.sources import load_train_test
 from ubsmoe.data.text_files import load_text_file
 from ubsmoe.config import ConfigError, load_config
-from ubsmoe.engine.simulation import build_experiment
+from ubsmoe.engine.experiment import build_experiment
 
 from tiny_experiment import tiny_overrides
 

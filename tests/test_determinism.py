@@ -9,7 +9,9 @@ from ubsmoe.config import load_config
 from ubsmoe.engine.clients import sample_clients
 from ubsmoe.engine.evaluation import evaluate, evaluate_tiers
 from ubsmoe.engine.client import run_client
-from ubsmoe.engine.simulation import build_experiment, instruction_for, run_experiment
+from ubsmoe.engine.experiment import build_experiment
+from ubsmoe.engine.rounds import run_experiment
+from ubsmoe.engine.server import instruction_for
 from ubsmoe.methods import REGISTRY
 
 DROPOUT = 0.1  # the tiny backbone's checkpoint has dropout 0: switch it on so the masks' seeding is exercised

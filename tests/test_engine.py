@@ -8,7 +8,7 @@ from ubsmoe.cli import main
 from ubsmoe.config import load_config
 from ubsmoe.data.partition import dirichlet_partition, iid_partition
 from ubsmoe.engine.clients import client_budgets, sample_clients
-from ubsmoe.engine.simulation import run_experiment
+from ubsmoe.engine.rounds import run_experiment
 from ubsmoe.methods.base import ClientInfo, ClientUpdate, FederatedMethod, ServerState, top_k_for_budget
 
 from tiny_experiment import tiny_overrides
@@ -150,7 +150,7 @@ def test_user_errors_found_while_building_exit_2_in_one_line(tiny_bert, tiny_tas
 
 
 def test_an_unusable_output_folder_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("ubsmoe.engine.simulation.run_experiment", lambda *a, **k: pytest.fail("it trained"))
+    monkeypatch.setattr("ubsmoe.engine.rounds.run_experiment", lambda *a, **k: pytest.fail("it trained"))
     (tmp_path / "a-file").write_text("")
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "results.json").write_text("{}")
@@ -166,7 +166,7 @@ def test_a_bug_is_not_taken_for_a_user_error(monkeypatch, tmp_path):
     def broken(*args, **kwargs):
         raise KeyError("a bug")
 
-    monkeypatch.setattr("ubsmoe.engine.simulation.run_experiment", broken)
+    monkeypatch.setattr("ubsmoe.engine.rounds.run_experiment", broken)
     with pytest.raises(KeyError, match="a bug"):
         main(["run", "--quiet", "--out", str(tmp_path)])
 
@@ -192,7 +192,7 @@ def test_methods_command_lists_registered_methods(capsys):
 
 
 def test_backbone_dropout_can_be_set(tiny_bert, tiny_task):
-    from ubsmoe.engine.simulation import build_experiment
+    from ubsmoe.engine.experiment import build_experiment
 
     config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **{"model.dropout": 0.3}), method="smoe")
     model = build_experiment(config).model

@@ -17,7 +17,9 @@ from ubsmoe.cli import main
 from ubsmoe.config import load_config
 from ubsmoe.engine.client import run_client
 from ubsmoe.engine.errors import ClientFault
-from ubsmoe.engine.simulation import Server, build_experiment, run_experiment
+from ubsmoe.engine.experiment import build_experiment
+from ubsmoe.engine.rounds import run_experiment
+from ubsmoe.engine.server import Server
 from ubsmoe.metrics.flops import FlopCounter
 
 THREE = {"federation.num_clients": 3, "federation.budgets": "0.5,1.0,1.0", "threads": 1}
@@ -89,7 +91,7 @@ def test_a_run_stopped_by_its_clients_says_how_to_resume_and_resumes_to_the_same
                                                                                        tmp_path, monkeypatch, capsys):
     import json
 
-    import ubsmoe.engine.simulation as simulation
+    import ubsmoe.engine.rounds as simulation
 
     overrides = tiny_overrides(tiny_bert, tiny_task, **THREE, **{"federation.rounds": 3})
     real = simulation.run_client
@@ -148,7 +150,7 @@ def test_a_bad_norm_policy_is_a_user_error(tiny_bert, tiny_task, tmp_path, capsy
 def test_a_bug_in_a_client_stops_the_run_unless_the_config_drops_it(tiny_bert, tiny_task, monkeypatch):
     """A client's exception is a bug, not a dropped client: it reaches the caller with its traceback, so that a
     method that crashes for one tier fails every end-to-end test; on_client_error=drop leaves it out."""
-    import ubsmoe.engine.simulation as simulation
+    import ubsmoe.engine.rounds as simulation
 
     real = simulation.run_client
 
@@ -169,7 +171,7 @@ def test_a_bug_in_a_client_stops_the_run_unless_the_config_drops_it(tiny_bert, t
 
 def test_a_diverged_client_is_a_fault_not_a_bug(tiny_bert, tiny_task):
     """A non-finite training loss is the client's round failing, which the engines leave out (a ClientFault)."""
-    from ubsmoe.engine.simulation import instruction_for
+    from ubsmoe.engine.server import instruction_for
 
     config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **{"train.lr": 1e30}))
     exp = build_experiment(config)

@@ -21,7 +21,8 @@ from ubsmoe.engine.client import run_client  # noqa: E402
 from ubsmoe.engine.flower.messages import (CLIENT_FAULT, instruction_content, read_instruction, read_update,  # noqa: E402
                                           update_content)
 from ubsmoe.engine.flower.strategy import MethodStrategy  # noqa: E402
-from ubsmoe.engine.simulation import Server, run_experiment  # noqa: E402
+from ubsmoe.engine.rounds import run_experiment
+from ubsmoe.engine.server import Server  # noqa: E402
 
 from test_client_server import deterministic  # noqa: E402
 

@@ -23,7 +23,7 @@ from tiny_experiment import tiny_overrides  # noqa: E402
 from ubsmoe.cli import main  # noqa: E402
 from ubsmoe.config import MissingPackageError, load_config  # noqa: E402
 from ubsmoe.engine.flower.deployment import flwr_executable  # noqa: E402
-from ubsmoe.engine.simulation import run_experiment  # noqa: E402
+from ubsmoe.engine.rounds import run_experiment  # noqa: E402
 
 from test_client_server import deterministic  # noqa: E402
 

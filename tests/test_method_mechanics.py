@@ -13,7 +13,8 @@ from test_moe_layer import D, E, dense_ffn, moe_from
 from ubsmoe.config import load_config
 from ubsmoe.engine.evaluation import evaluate_tiers
 from ubsmoe.engine.client import run_client
-from ubsmoe.engine.simulation import build_experiment, instruction_for
+from ubsmoe.engine.experiment import build_experiment
+from ubsmoe.engine.server import instruction_for
 from ubsmoe.methods.a3smoe import OutputRescaling
 from ubsmoe.methods.base import ClientInfo, ClientUpdate, RoutingStats
 from ubsmoe.methods.smoe_aux import SMoEAux, SMoEAuxOptions

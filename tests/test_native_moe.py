@@ -11,7 +11,8 @@ import torch
 from tiny_checkpoints import NATIVE_MOE_FAMILIES, PROMPT_WORDS, WORDS, write_tiny_moe
 from tiny_experiment import assert_every_client_answered, causal_overrides
 from ubsmoe.config import load_config
-from ubsmoe.engine.simulation import build_experiment, run_experiment
+from ubsmoe.engine.experiment import build_experiment
+from ubsmoe.engine.rounds import run_experiment
 from ubsmoe.methods import REGISTRY
 from ubsmoe.model import ModelSpec, build_model
 from ubsmoe.model.moe_model import NativeShape, native_moe_shape

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from tiny_checkpoints import PROMPT_WORDS, WORDS, write_tiny_moe
 from tiny_experiment import assert_every_client_answered, causal_overrides, tiny_overrides, write_tiny_suite
 from ubsmoe.config import ConfigError, load_config
-from ubsmoe.engine.simulation import build_experiment, run_experiment
+from ubsmoe.engine.experiment import build_experiment
+from ubsmoe.engine.rounds import run_experiment
 from ubsmoe.methods import REGISTRY
 from ubsmoe.model.lora import LoRALinear
 from ubsmoe.model.moe_layer import SparseMoEFFN

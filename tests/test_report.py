@@ -40,7 +40,7 @@ def test_compare_skips_finished_runs(comparison, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished run was run again")
 
-    monkeypatch.setattr("ubsmoe.engine.simulation.run_experiment", must_not_run)
+    monkeypatch.setattr("ubsmoe.engine.rounds.run_experiment", must_not_run)
     run_comparison(["smoe", "hetlora"], [0, 1], out, overrides=overrides, show_progress=False)
 
 

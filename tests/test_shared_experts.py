@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from tiny_experiment import tiny_overrides
 from ubsmoe.cli import main
 from ubsmoe.config import load_config
-from ubsmoe.engine.simulation import build_experiment, run_experiment
+from ubsmoe.engine.experiment import build_experiment
+from ubsmoe.engine.rounds import run_experiment
 from ubsmoe.model import ModelSpec, build_model, load_tokenizer
 from ubsmoe.model.moe_model import load_dense_backbone
 from ubsmoe.model.shared_expert import UpcycledSharedMoE

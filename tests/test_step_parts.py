@@ -7,7 +7,7 @@ import torch
 from ubsmoe.bench.step_parts import PARTS, StepParts
 from ubsmoe.config import load_config
 from ubsmoe.engine.local_training import local_step
-from ubsmoe.engine.simulation import build_experiment
+from ubsmoe.engine.experiment import build_experiment
 
 from tiny_experiment import tiny_overrides
 

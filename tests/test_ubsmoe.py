@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ubsmoe.config import ConfigError, load_config
-from ubsmoe.engine.simulation import build_experiment, run_experiment
+from ubsmoe.engine.experiment import build_experiment
+from ubsmoe.engine.rounds import run_experiment
 from ubsmoe.methods.base import ClientInfo, ClientUpdate, RoutingStats, ServerState
 from ubsmoe.methods.ubsmoe import UBSMoE, UBSMoEOptions, utilisation_target
 from ubsmoe.model.moe_layer import GATE_MODES

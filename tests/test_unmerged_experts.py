@@ -10,7 +10,8 @@ import ubsmoe.model.moe_layer as moe_layer
 from tiny_experiment import tiny_overrides
 from ubsmoe.config import load_config
 from ubsmoe.data.dataset import Batch
-from ubsmoe.engine.simulation import build_experiment, run_experiment
+from ubsmoe.engine.experiment import build_experiment
+from ubsmoe.engine.rounds import run_experiment
 from ubsmoe.model.moe_layer import SparseMoEFFN
 
 

@@ -89,7 +89,7 @@ def test_the_upcycling_cache_gives_the_same_model_without_upcycling_again(tiny_b
     clustering and calibrating again, and the two models are equal tensor for tensor."""
     from tiny_experiment import tiny_overrides
     from ubsmoe.config import load_config
-    from ubsmoe.engine.simulation import build_experiment
+    from ubsmoe.engine.experiment import build_experiment
     import ubsmoe.model.moe_model as moe_model
 
     config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task))

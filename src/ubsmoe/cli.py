@@ -31,7 +31,7 @@ def _tasks(_args) -> int:
 
 
 def _run(args) -> int:
-    from ubsmoe.engine.simulation import run_experiment
+    from ubsmoe.engine.rounds import run_experiment
     from ubsmoe.report.summary import check_output_folder, tier_table, write_results
 
     if args.help_config:
@@ -109,7 +109,7 @@ def _flower_certificates(args) -> int:
 def _flower_run(args) -> int:
     _flower_simulation()  # the same packages
     from ubsmoe.engine.flower.deployment import run_deployment
-    from ubsmoe.engine.simulation import validate
+    from ubsmoe.engine.experiment import validate
 
     config = load_config(args.config, args.overrides)
     validate(config)  # before anything is sent: a bad value loses nothing

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ubsmoe.config import load_config
-from ubsmoe.engine.simulation import build_experiment
+from ubsmoe.engine.experiment import build_experiment
 
 
 def load(scores: torch.Tensor, phi: torch.Tensor, k: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ def numbers(results: dict) -> list[dict]:
 
 def run(out: Path, threads: int = 2, overrides: tuple[str, ...] = ()) -> dict:
     from ubsmoe.engine.flower.simulation import run_flower_simulation
-    from ubsmoe.engine.simulation import run_experiment
+    from ubsmoe.engine.rounds import run_experiment
 
     config = load_config(overrides=[f"threads={threads}", *overrides])
     started = time.perf_counter()

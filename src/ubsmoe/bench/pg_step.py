@@ -15,7 +15,7 @@ import torch
 from ubsmoe.bench.timing import interleaved_medians
 from ubsmoe.config import load_config
 from ubsmoe.engine.local_training import local_step
-from ubsmoe.engine.simulation import build_experiment
+from ubsmoe.engine.experiment import build_experiment
 from ubsmoe.methods.base import ClientSettings, top_k_for_budget
 from ubsmoe.methods.ubsmoe import UBSMoE, UBSMoEOptions
 

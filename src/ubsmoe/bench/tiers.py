@@ -27,7 +27,7 @@ from ubsmoe.bench.step_parts import PARTS, StepParts
 from ubsmoe.bench.timing import interleaved_times
 from ubsmoe.config import load_config
 from ubsmoe.engine.local_training import local_step
-from ubsmoe.engine.simulation import build_experiment
+from ubsmoe.engine.experiment import build_experiment
 from ubsmoe.metrics.flops import FlopCounter
 
 BUDGETS = (0.25, 0.5, 0.75, 1.0)

@@ -22,6 +22,7 @@ import torch
 
 from ubsmoe.config import ConfigError, ExperimentConfig, MissingFileError, config_from_dict
 from ubsmoe.engine.checkpoint import CHECKPOINT, FORMAT, read_state, write_state
+from ubsmoe.engine.experiment import Experiment, build_experiment
 from ubsmoe.methods.records import ServerState, flat_scalars
 from ubsmoe.model.backbones import backbone_identity
 from ubsmoe.storage import DamagedFileError, write_atomically
@@ -77,9 +78,9 @@ class SavedModel:
 
 @dataclass
 class LoadedModel(SavedModel):
-    """A saved model rebuilt: ``exp`` (an ``engine.simulation.Experiment``) holds the model."""
+    """A saved model rebuilt: ``exp`` holds the model."""
 
-    exp: object = None
+    exp: Experiment | None = None
 
     def setup_tier(self, budget: float) -> None:
         """Configure the model as a client of tier ``budget`` runs it at inference."""
@@ -130,8 +131,6 @@ def open_model(run: Path) -> SavedModel:
 
 def load_model(run: Path | SavedModel) -> LoadedModel:
     """The saved model (``open_model``'s, or that of the folder ``run``) rebuilt from its config."""
-    from ubsmoe.engine.simulation import build_experiment
-
     saved = run if isinstance(run, SavedModel) else open_model(run)
     exp = build_experiment(saved.config(), upcycle_cache=saved.folder)
     return LoadedModel(saved.run, saved.folder, saved.card, saved.state, exp)

@@ -24,7 +24,7 @@ from ubsmoe.report.variants import Variant, parse_variant
 def plan_runs(variants: list[Variant], seeds: list[int], config_path: str | None = None,
               overrides: list[str] | None = None) -> dict[tuple[str, int], ExperimentConfig]:
     """The resolved config of every (variant label, seed), every key and method option checked."""
-    from ubsmoe.engine.simulation import validate
+    from ubsmoe.engine.experiment import validate
     from ubsmoe.methods import get_method
 
     configs = {}
@@ -104,7 +104,7 @@ def run_comparison(variants: list[Variant | str], seeds: list[int], out: Path, c
 def run_one(config: ExperimentConfig, folder: Path, label: str, show_progress: bool) -> None:
     """One run of the comparison, written to ``folder`` with its variant's label."""
     from ubsmoe.engine.checkpoint import CHECKPOINT, read_checkpoint
-    from ubsmoe.engine.simulation import run_experiment
+    from ubsmoe.engine.rounds import run_experiment
 
     resume = read_checkpoint(folder) if (folder / CHECKPOINT).is_file() else None  # an interrupted run goes on
     results = run_experiment(config, show_progress=show_progress, out=folder, resume=resume)

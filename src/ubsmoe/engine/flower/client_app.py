@@ -25,6 +25,7 @@ from flwr.common.constant import ErrorCode
 from ubsmoe.config import config_from_dict
 from ubsmoe.engine.client import ClientRuntime, run_client
 from ubsmoe.engine.errors import ClientFault
+from ubsmoe.engine.experiment import build_experiment
 from ubsmoe.engine.flower.messages import CLIENT_FAULT, read_instruction, update_content
 from ubsmoe.metrics.flops import FlopCounter
 
@@ -35,8 +36,6 @@ _RUNTIMES: dict[str, ClientRuntime] = {}  # config digest -> this process's runt
 def runtime_for(config_text: str, upcycle_cache: Path | None = None) -> ClientRuntime:
     """This process's client runtime for the config (built on first use, then kept; the upcycled experts
     and routers read from ``upcycle_cache`` when an earlier process of the node left them there)."""
-    from ubsmoe.engine.simulation import build_experiment  # the engine's builder; imported late (no cycle)
-
     key = hashlib.sha256(config_text.encode()).hexdigest()
     if key not in _RUNTIMES:
         _RUNTIMES.clear()  # never two models in one process

@@ -22,7 +22,7 @@ from ubsmoe.config import load_config
 from ubsmoe.engine.flower.messages import global_arrays
 from ubsmoe.engine.flower.strategy import MethodStrategy
 from ubsmoe.engine.saved_model import save_model
-from ubsmoe.engine.simulation import Server
+from ubsmoe.engine.server import Server
 
 app = ServerApp()
 

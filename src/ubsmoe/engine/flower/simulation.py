@@ -29,7 +29,7 @@ def run_flower_simulation(config: ExperimentConfig, show_progress: bool = True, 
     from ubsmoe.engine.flower.messages import global_arrays
     from ubsmoe.engine.flower.strategy import MethodStrategy
     from ubsmoe.engine.saved_model import save_model
-    from ubsmoe.engine.simulation import Server
+    from ubsmoe.engine.server import Server
 
     server = Server(config, upcycle_cache=None if out is None else out / "model")
     timeout_s = config.federation.client_timeout or timeout_s

@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import Strategy
 from ubsmoe.engine.errors import ClientBug
 from ubsmoe.engine.flower.client_app import BUDGET, PARTITION
 from ubsmoe.engine.flower.messages import CLIENT_FAULT, global_arrays, instruction_content, read_update
-from ubsmoe.engine.simulation import ClientFailure, Server
+from ubsmoe.engine.server import ClientFailure, Server
 from ubsmoe.methods.records import TrainInstruction
 
 log = logging.getLogger(__name__)
