@@ -2,10 +2,12 @@
 client code, the records carried as Flower messages between processes), and the strategy drops
 failed and non-finite replies, records them, and stops a round with fewer than min_clients updates."""
 
+import contextlib
 import json
 import os
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -186,3 +188,34 @@ def test_bench_flower_overhead_measures_both_engines(tiny_bert, tiny_task, tmp_p
     assert result["time_ratio"] == pytest.approx(result["flower_sim_s"] / result["inprocess_s"])
     assert result["inprocess_s"] > 0 and result["clients"] == 2
     assert "time_ratio (Flower / in-process)" in out.with_suffix(".md").read_text()
+
+
+def test_a_killed_flower_simulation_resumes_to_the_uninterrupted_numbers(tiny_bert, tiny_task, tmp_path):
+    """The server process killed (SIGKILL) during round 3's evaluation; `ubsmoe run --resume --engine
+    flower-sim` continues from round 2's checkpoint and ends with the numbers of a run never stopped."""
+    import signal
+    import subprocess
+    import sys
+
+    from ubsmoe.engine.checkpoint import read_checkpoint
+
+    overrides = tiny_overrides(tiny_bert, tiny_task, **(FOUR_CLIENTS | {"federation.rounds": 3}))
+    out = tmp_path / "run"
+    command = [str(Path(sys.executable).parent / "ubsmoe"), "run", "--quiet", "--engine", "flower-sim", "--method",
+               "smoe", "--out", str(out)] + overrides
+    killed = subprocess.Popen(command, env=os.environ | {"UBSMOE_FAULT": "kill:evaluate:3"}, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _, err = killed.communicate(timeout=600)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(killed.pid, signal.SIGKILL)  # the simulation's Ray processes with it
+    assert killed.returncode == -9, err.decode()[-2000:]
+    assert read_checkpoint(out).round == 2 and ray_processes_end(within_s=60)
+
+    assert main(["run", "--quiet", "--engine", "flower-sim", "--resume", str(out)]) == 0
+
+    resumed = json.loads((out / "results.json").read_text())
+    uninterrupted = run_experiment(load_config(overrides=overrides, method="smoe"), show_progress=False)
+    assert deterministic(resumed) == deterministic(uninterrupted)
+    assert resumed["round0"] == uninterrupted["round0"] and ray_processes_end(within_s=30)

@@ -46,9 +46,7 @@ def _run(args) -> int:
         out = Path(args.resume)
         if (out / "results.json").is_file():
             raise ConfigError(f"{out} holds a finished run (results.json): nothing to resume")
-        if args.engine != "inprocess":
-            raise ConfigError("--resume continues runs of the in-process engine")
-        resume = read_checkpoint(out)
+        resume = read_checkpoint(out)  # either engine continues either's checkpoint: they give the same numbers
         # what the command line gives is applied to the checkpoint's config; what differs from it is refused
         # when the run is restored, naming only those keys
         config = load_config(args.config, args.overrides, method=args.method, base=config_from_dict(resume.config))
@@ -58,7 +56,7 @@ def _run(args) -> int:
         out = Path(args.out)
         check_output_folder(out, force=args.force)  # before anything is trained: a bad folder loses nothing
     if args.engine == "flower-sim":
-        results = _flower_simulation()(config, show_progress=not args.quiet, out=out)
+        results = _flower_simulation()(config, show_progress=not args.quiet, out=out, resume=resume)
     else:
         results = run_experiment(config, show_progress=not args.quiet, out=out, resume=resume)
     write_results(results, out)
@@ -118,7 +116,7 @@ def _flower_run(args) -> int:
         raise ConfigError(f"--out {out} must be an absolute path: the server writes it on the SuperLink's machine")
     run_deployment(args.superlink, out, args.config, args.overrides,
                    Path(args.root_certificates) if args.root_certificates else None, args.insecure, args.force,
-                   args.round_timeout, args.node_wait)
+                   args.round_timeout, args.node_wait, resume=args.resume)
     where = "" if (out / "results.json").is_file() else " (on the SuperLink's machine; the server's log above says how it went)"
     print(f"results: {out / 'results.json'}{where}")
     return 0
@@ -440,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     flower_run.add_argument("--out", required=True, help="results folder (absolute path on the SuperLink's machine)")
     flower_run.add_argument("--config", help="TOML config file (on the SuperLink's machine)")
     flower_run.add_argument("--force", action="store_true", help="replace a finished run in --out")
+    flower_run.add_argument("--resume", action="store_true", help="continue the unfinished run in --out from its last "
+                                                                  "checkpoint (settings given apply to its config)")
     flower_run.add_argument("--round-timeout", type=seconds, default=86400.0,
                             help="seconds a round waits for its clients; then it goes on with those that answered")
     flower_run.add_argument("--node-wait", type=seconds, default=300.0,

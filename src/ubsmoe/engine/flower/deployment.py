@@ -57,6 +57,7 @@ config = ""          # the experiment's TOML file (absolute path); empty: the de
 overrides = ""       # key=value settings, separated by spaces
 out = ""             # the results folder (absolute path)
 force = false        # replace a finished run in out
+resume = false       # continue the run in out from its last checkpoint
 node-wait-s = 300.0  # how long to wait for one SuperNode per client
 round-timeout-s = 86400.0  # how long a round waits for its clients' replies
 """
@@ -183,7 +184,7 @@ def _submitted_run(finished: subprocess.CompletedProcess, where: str, tls: str) 
 
 def run_deployment(superlink: str, out: Path, config_path: str | None, overrides: list[str],
                    root_certificates: Path | None, insecure: bool, force: bool = False,
-                   round_timeout_s: float = 86400.0, node_wait_s: float = 300.0) -> None:
+                   round_timeout_s: float = 86400.0, node_wait_s: float = 300.0, resume: bool = False) -> None:
     """Submit the run to the SuperLink at ``superlink`` (HOST:PORT) and wait for it to end; the server
     writes ``out/results.json`` on its machine (``out`` is a path there)."""
     if insecure == (root_certificates is not None):
@@ -203,6 +204,7 @@ def run_deployment(superlink: str, out: Path, config_path: str | None, overrides
         f"overrides={_toml_string(shlex.join(overrides))}",
         f"out={_toml_string(str(out))}",
         f"force={'true' if force else 'false'}",
+        f"resume={'true' if resume else 'false'}",
         f"node-wait-s={float(node_wait_s)}",
         f"round-timeout-s={float(round_timeout_s)}",
     ])

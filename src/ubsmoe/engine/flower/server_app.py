@@ -18,7 +18,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from ubsmoe.config import load_config
+from ubsmoe.config import config_from_dict, load_config
+from ubsmoe.engine.checkpoint import read_checkpoint
 from ubsmoe.engine.flower.messages import global_arrays
 from ubsmoe.engine.flower.strategy import MethodStrategy
 from ubsmoe.engine.saved_model import save_model
@@ -32,14 +33,23 @@ def main(grid: Grid, context: Context) -> None:
     from ubsmoe.report.summary import check_output_folder, write_results
 
     settings = context.run_config
-    config = load_config(str(settings.get("config", "")) or None, shlex.split(str(settings.get("overrides", ""))))
+    config_file = str(settings.get("config", "")) or None
+    overrides = shlex.split(str(settings.get("overrides", "")))
     out = Path(str(settings.get("out", "runs/flower")))
-    check_output_folder(out, force=bool(settings.get("force", False)))
+    checkpoint = None
+    if bool(settings.get("resume", False)):  # continue the run in out from its last checkpoint
+        checkpoint = read_checkpoint(out)
+        config = load_config(config_file, overrides, base=config_from_dict(checkpoint.config))
+    else:
+        config = load_config(config_file, overrides)
+        check_output_folder(out, force=bool(settings.get("force", False)))
     server = Server(config, upcycle_cache=out / "model")
+    first = 1 if checkpoint is None else server.restore(checkpoint)
     timeout = config.federation.client_timeout or float(settings.get("round-timeout-s", 24 * 3600))
     strategy = MethodStrategy(server, node_wait_s=float(settings.get("node-wait-s", 300)), round_timeout_s=timeout,
-                              out=out)
-    strategy.start(grid, global_arrays(server.state.params), num_rounds=config.federation.rounds,
-                   timeout=timeout, evaluate_fn=strategy.evaluate)
+                              out=out, rounds_done=first - 1)
+    if first <= config.federation.rounds:
+        strategy.start(grid, global_arrays(server.state.params), num_rounds=config.federation.rounds - first + 1,
+                       timeout=timeout, evaluate_fn=strategy.evaluate)
     save_model(out / "model", server)
     write_results(server.results() | {"engine": "flower"}, out)

@@ -15,13 +15,16 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ubsmoe.config import ExperimentConfig
+from ubsmoe.engine.checkpoint import Checkpoint
 
 
 def run_flower_simulation(config: ExperimentConfig, show_progress: bool = True, timeout_s: float = 24 * 3600,
-                          out: Path | None = None) -> dict:
+                          out: Path | None = None, resume: Checkpoint | None = None) -> dict:
     """Run every round on Flower's simulation engine and return the results dictionary. A round waits
     ``federation.client_timeout`` seconds for its clients if set, else ``timeout_s``. With ``out``, the
-    checkpoint and history after every round and the final model go there, as ``run_experiment`` writes them."""
+    checkpoint and history after every round and the final model go there, as ``run_experiment`` writes them;
+    ``resume`` continues from a checkpoint (Flower counts the remaining rounds from 1, the strategy adds
+    the rounds done)."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
@@ -32,15 +35,16 @@ def run_flower_simulation(config: ExperimentConfig, show_progress: bool = True, 
     from ubsmoe.engine.server import Server
 
     server = Server(config, upcycle_cache=None if out is None else out / "model")
+    first = 1 if resume is None else server.restore(resume)
     timeout_s = config.federation.client_timeout or timeout_s
-    bar = tqdm(total=config.federation.rounds, desc=f"{server.method.name} rounds (flower-sim)", unit="round",
-               disable=not show_progress)
-    strategy = MethodStrategy(server, progress=bar, round_timeout_s=timeout_s, out=out)
+    bar = tqdm(total=config.federation.rounds, initial=first - 1, desc=f"{server.method.name} rounds (flower-sim)",
+               unit="round", disable=not show_progress)
+    strategy = MethodStrategy(server, progress=bar, round_timeout_s=timeout_s, out=out, rounds_done=first - 1)
     app = ServerApp()
 
     @app.main()
     def main(grid, context) -> None:
-        strategy.start(grid, global_arrays(server.state.params), num_rounds=config.federation.rounds,
+        strategy.start(grid, global_arrays(server.state.params), num_rounds=config.federation.rounds - first + 1,
                        timeout=timeout_s, evaluate_fn=strategy.evaluate)
 
     flwr_log = logging.getLogger("flwr")  # Flower's round-by-round log: results.json holds what it says
@@ -51,8 +55,9 @@ def run_flower_simulation(config: ExperimentConfig, show_progress: bool = True, 
                "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": True,
                              "object_store_memory": 512 * 2**20}}
     try:
-        run_simulation(server_app=app, client_app=client_app.app, num_supernodes=config.federation.num_clients,
-                       backend_config=backend)
+        if first <= config.federation.rounds:  # a checkpoint of the last round leaves only the model to save
+            run_simulation(server_app=app, client_app=client_app.app, num_supernodes=config.federation.num_clients,
+                           backend_config=backend)
     finally:
         bar.close()
     if strategy.client_bug is not None:  # Flower logs the ServerApp's exception; the run ends with it here

@@ -40,8 +40,10 @@ class MethodStrategy(Strategy):
     """Configuration, aggregation and evaluation delegated to the registered ubsmoe method."""
 
     def __init__(self, server: Server, node_wait_s: float = 120.0, progress=None, round_timeout_s: float = DEFAULT_TTL,
-                 out: Path | None = None):
+                 out: Path | None = None, rounds_done: int = 0):
         self.server = server
+        # Flower numbers the rounds it runs from 1; a resumed run's round r is Flower's r - rounds_done
+        self.rounds_done = rounds_done
         self.out = out  # where each round's checkpoint and history go (as the in-process engine writes them)
         self.node_wait_s = node_wait_s
         self.progress = progress  # a tqdm bar over the rounds, or None
@@ -82,6 +84,7 @@ class MethodStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
+        server_round += self.rounds_done
         if not self.node_of:
             self._map_nodes(grid)
         self.outgoing = []
@@ -94,6 +97,7 @@ class MethodStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.rounds_done
         # A reply names the message it answers; the SuperLink itself answers for a node gone offline.
         by_id = {message.metadata.message_id: instruction for message, instruction in self.outgoing}
         updates, failures, answered = [], [], set()
@@ -134,9 +138,10 @@ class MethodStrategy(Strategy):
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's ``evaluate_fn``: round 0 is the evaluation before training (if configured)."""
         if server_round == 0:
-            if self.server.config.evaluation.round0:
+            if self.server.config.evaluation.round0 and not self.rounds_done:  # a resumed run has its round 0
                 self.server.evaluate_round0()
             return None
+        server_round += self.rounds_done
         entry = self.server.evaluate(server_round)
         if self.out is not None:
             self.server.save_progress(self.out, server_round)
