@@ -75,7 +75,7 @@ def test_a_client_with_its_own_model_gives_the_in_process_numbers(tiny_bert, tin
     assert shared["history"][-1]["cost"]["clients"][0]["download_bytes"] > 0
 
 
-@pytest.mark.parametrize("method", ["flora", "florist"])
+@pytest.mark.parametrize("method", sorted(n for n, m in REGISTRY.items() if m.merges_into_base))
 def test_merging_methods_rebuild_the_base_for_clients_that_missed_rounds(tiny_bert, tiny_task, method):
     """One of three clients per round, each message to a freshly built model: the client rebuilds the
     merged base from the original weights and every earlier round's factored update, and the numbers

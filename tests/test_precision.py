@@ -28,7 +28,7 @@ def test_every_method_runs_in_bf16(tiny_bert, tiny_task, method):
     adapted = {m.base.weight.dtype for m in model.modules() if isinstance(m, LoRALinear)}
     adapted |= {layer.w_up.dtype for layer in model.moe_layers}
     # FLoRA and FLoRIST fold each round's update into the adapted matrices: those stay float32
-    assert adapted == ({torch.float32} if method in ("flora", "florist") else {torch.bfloat16})
+    assert adapted == ({torch.float32} if REGISTRY[method].merges_into_base else {torch.bfloat16})
 
     results = run_experiment(load_config(overrides=overrides, method=method), show_progress=False)
 

@@ -197,3 +197,16 @@ def test_a_stored_run_without_a_key_that_changes_numbers_is_another_config(ablat
 
     with pytest.raises(ConfigError, match=r"differing keys: data.split_seed\);"):
         run_comparison(parse_variants("ubsmoe"), [0], folder, overrides=overrides, show_progress=False)
+
+
+def test_the_readmes_table_of_methods_is_the_registrys(capsys):
+    """README.md holds `ubsmoe methods --markdown` as it is: a method added to the registry appears in both."""
+    from pathlib import Path
+
+    from ubsmoe.cli import main
+
+    assert main(["methods", "--markdown"]) == 0
+    table = capsys.readouterr().out
+
+    assert table.count("\n") == 2 + len(__import__("ubsmoe.methods", fromlist=["REGISTRY"]).REGISTRY)
+    assert table in (Path(__file__).parent.parent / "README.md").read_text()

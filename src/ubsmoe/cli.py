@@ -12,9 +12,13 @@ from ubsmoe.config import ConfigError, MissingFileError, describe, load_config
 from ubsmoe.engine.errors import FederationStopped, RunInterrupted
 
 
-def _methods(_args) -> int:
+def _methods(args) -> int:
     from ubsmoe.methods import REGISTRY
+    from ubsmoe.methods.base import methods_markdown
 
+    if args.markdown:
+        print(methods_markdown(), end="")
+        return 0
     width = max(len(name) for name in REGISTRY)
     for name in sorted(REGISTRY):
         print(f"{name:<{width}}  {REGISTRY[name].description}")
@@ -345,7 +349,9 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="ubsmoe", description="Resource-adaptive federated fine-tuning with sparse MoE")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("methods", help="list the registered federated methods").set_defaults(func=_methods)
+    methods = sub.add_parser("methods", help="list the registered federated methods")
+    methods.add_argument("--markdown", action="store_true", help="the README's table of methods, with their kinds")
+    methods.set_defaults(func=_methods)
     sub.add_parser("tasks", help="list the registered tasks (the config's `task`)").set_defaults(func=_tasks)
 
     run = sub.add_parser("run", help="run one federated experiment",
@@ -392,10 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export a saved model per tier: PEFT LoRA adapters (dense methods) "
                                            "or ubsmoe model folders (sparse methods)",
                             description="Write OUT/tier-<budget>/ for every tier (or --tier). Dense-model methods "
-                                        "(fedavg-lora, hetlora, flexlora, flora, florist) give a PEFT LoRA adapter "
-                                        "(adapter_config.json, adapter_model.safetensors) for the backbone; sparse "
-                                        "methods give a folder that `ubsmoe predict --run` and `ubsmoe evaluate "
-                                        "--run` load.")
+                                        "(kind dense in `ubsmoe methods --markdown`) give a PEFT LoRA adapter (adapter_config.json, "
+                                        "adapter_model.safetensors) for the backbone; sparse methods give a folder "
+                                        "that `ubsmoe predict --run` and `ubsmoe evaluate --run` load.")
     export.add_argument("--run", required=True, help="the run's --out folder")
     export.add_argument("--out", required=True, help="where the tier folders go")
     export.add_argument("--tier", type=float, help="one tier only (default: every tier of the run)")

@@ -1,6 +1,6 @@
 """Exporting a saved model per tier: a PEFT LoRA adapter for dense models, an ``ubsmoe predict`` folder for sparse ones.
 
-Dense-model methods (fedavg-lora, hetlora, flexlora, flora, florist: one expert per FFN) change the
+Dense-model methods (``FederatedMethod.dense``: one expert per FFN) change the
 backbone only by low-rank updates of its linear layers, so each tier's model is the original backbone
 plus one LoRA adapter per adapted layer, which ``peft.PeftModel.from_pretrained`` loads:
 
@@ -168,14 +168,15 @@ def write_peft_adapter(loaded: LoadedModel, folder: Path, original: dict[str, to
     updates = layer_updates(model, original)
     factors = {u.module: u.factors() for u in updates}
     rank = max(a.shape[0] for a, _ in factors.values())
-    prefix = "base_model.model." + ("model." if loaded.exp.task.name == "causal-lm" else "")
+    task = loaded.exp.task
+    prefix = "base_model.model." + task.peft_module_prefix
     tensors = {}
     for module, (a, b) in factors.items():
         tensors[f"{prefix}{module}.lora_A.weight"] = _padded(a, (rank, a.shape[1])).cpu()
         tensors[f"{prefix}{module}.lora_B.weight"] = _padded(b, (b.shape[0], rank)).cpu()
     save_file(tensors, str(folder / ADAPTER_WEIGHTS))
     adapter_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM" if loaded.exp.task.name == "causal-lm" else "FEATURE_EXTRACTION",
+        "peft_type": "LORA", "task_type": task.peft_task_type,
         "base_model_name_or_path": config.model.backbone, "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
         "target_modules": sorted(factors), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,

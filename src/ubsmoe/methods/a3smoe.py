@@ -55,6 +55,9 @@ def activation_weights(routed: torch.Tensor, tokens: torch.Tensor, sizes: torch.
 class A3SMoE(SparseMoE):
     name = "a3smoe"
     description = "A3SMoE: activation-aware expert aggregation and output rescaling for low-K clients"
+    details = ('activation-aware expert aggregation, weights ∝ (a_ci/n_c)^t·\\|D_c\\| (`temperature` 1), learnable'
+               ' output rescaling per layer and K for K_c < K_max')
+    tier_model = "global model at K_c with that K's scalars"
     Options = A3SMoEOptions
 
     def prepare_model(self, model: MoEModel) -> None:

@@ -38,8 +38,14 @@ class FederatedMethod:
     """
 
     name: ClassVar[str] = ""
-    description: ClassVar[str] = ""
+    description: ClassVar[str] = ""  # one line, for ``ubsmoe methods``
+    details: ClassVar[str] = ""  # what it does, for the README's table (``ubsmoe methods --markdown``)
+    tier_model: ClassVar[str] = ""  # the model a client of a tier holds after a round
     Options: ClassVar[type | None] = None
+    # Traits the CLI, export and the tests read instead of lists of names:
+    dense: ClassVar[bool] = False  # trains the dense backbone (one expert per FFN): exports as a PEFT adapter
+    rank_heterogeneous: ClassVar[bool] = False  # clients train LoRA ranks r_c by budget
+    merges_into_base: ClassVar[bool] = False  # folds each round's update into the frozen weights
 
     def __init__(self, options: Any, k_max: int):
         self.options = options
@@ -158,6 +164,21 @@ def register(cls: type[FederatedMethod]) -> type[FederatedMethod]:
         raise ValueError(f"method name {cls.name!r} is registered twice")
     REGISTRY[cls.name] = cls
     return cls
+
+
+def methods_markdown() -> str:
+    """The README's table of methods, from the registry: name, what it does, the tier's model, its kind."""
+    from ubsmoe.config import ExperimentConfig
+
+    default = ExperimentConfig().method_name
+    lines = ["| method | what it does | a tier's model | kind |", "|---|---|---|---|"]
+    for name in sorted(REGISTRY, key=lambda n: (REGISTRY[n].dense, n != default, n)):
+        method = REGISTRY[name]
+        kind = ("dense, rank r_c" if method.rank_heterogeneous else "dense") if method.dense else "sparse, top-K_c"
+        kind += ", merged into the base" if method.merges_into_base else ""
+        label = f"`{name}`" + (" (default)" if name == default else "")
+        lines.append(f"| {label} | {method.details or method.description} | {method.tier_model} | {kind} |")
+    return "\n".join(lines) + "\n"
 
 
 def get_method(name: str) -> type[FederatedMethod]:

@@ -90,6 +90,11 @@ class DefaultOutputs(MoEHook):
 class DefaultMoE(SparseMoE):
     name = "default-moe"
     description = "Default MoE: moving-average default outputs for inactive experts (dense router gradient)"
+    details = ("moving averages of each expert's mean output stand in for inactive experts (`ema_decay` 0.95), "
+               'each started from the first mean it sees (an average started at zero is 23 % of the mean after 5'
+               ' steps at 0.95): dense router gradient; each average is aggregated over the clients that updated'
+               ' it')
+    tier_model = 'global model and defaults at K_c'
     Options = DefaultMoEOptions
 
     def prepare_model(self, model: MoEModel) -> None:

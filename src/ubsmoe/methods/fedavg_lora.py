@@ -16,6 +16,9 @@ from ubsmoe.model import ModelSpec
 class FedAvgLoRA(FederatedMethod):
     name = "fedavg-lora"
     description = "dense model, same LoRA rank on every client, FedAvg (homogeneous reference)"
+    details = 'dense model, the same LoRA rank everywhere (homogeneous reference)'
+    tier_model = 'the global dense model'
+    dense = True
 
     def model_spec(self, spec: ModelSpec) -> ModelSpec:
         return replace(spec, num_experts=1)

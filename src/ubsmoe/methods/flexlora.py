@@ -27,6 +27,8 @@ def weighted_product_average(products: list[torch.Tensor], sizes: list[int]) -> 
 class FlexLoRA(HeterogeneousRankMethod):
     name = "flexlora"
     description = "FlexLoRA: full-size weighted update average, SVD redistribution at each client's rank"
+    details = 'dense model, rank r_c; weighted average of full-size updates, SVD, top-r_c redistribution'
+    tier_model = 'truncated SVD of the global update at r_c'
 
     def _params_at_rank(self, state: ServerState, rank: int) -> Params:
         if not state.tensors:  # before any aggregation: the initial adapters

@@ -30,6 +30,8 @@ def stack_factors(factors: list[tuple[torch.Tensor, torch.Tensor]], sizes: list[
 class FLoRA(MergingMethod):
     name = "flora"
     description = "FLoRA: exact stacking of heterogeneous-rank adapters, merged into the base each round"
+    details = 'dense model, rank r_c; exact stacking Σ p_c B_c A_c merged into the base, fresh adapters each round'
+    tier_model = 'the merged model (same for every tier)'
 
     def round_update(self, adapter: Adapter, factors, sizes) -> tuple[dict, dict]:
         stacked_a, stacked_b = stack_factors(factors, sizes)

@@ -56,6 +56,8 @@ def thresholded_pair(stacked_a: torch.Tensor, stacked_b: torch.Tensor, tau: floa
 class FLoRIST(MergingMethod):
     name = "florist"
     description = "FLoRIST: SVD of stacked adapters, energy-thresholded global low-rank pair merged each round"
+    details = 'as `flora`, but SVD of the stacked factors and one global pair keeping energy ≥ τ (`tau` 0.9)'
+    tier_model = 'the merged model (same for every tier)'
     Options = FLoRISTOptions
 
     def round_update(self, adapter: Adapter, factors, sizes) -> tuple[dict, dict]:

@@ -55,6 +55,10 @@ def next_rank(rank: int, gamma: float, tail_before: float, tail_after: float) ->
 class HetLoRA(HeterogeneousRankMethod):
     name = "hetlora"
     description = "HetLoRA: zero-padded heterogeneous ranks, norm-weighted aggregation, rank self-pruning"
+    details = ('dense model, rank r_c; zero-padding, aggregation weighted by ‖ΔW_c‖_F, truncation, rank '
+               'self-pruning (`prune_lambda` 1e-3, `prune_gamma` 0.99; at these defaults it never fires: γ = '
+               '0.99 leaves a one-rank tail that the next local round grows back)')
+    tier_model = 'global adapters truncated to r_c'
     Options = HetLoRAOptions
 
     def client_settings(self, state: ServerState, client: ClientInfo) -> ClientSettings:

@@ -124,6 +124,8 @@ class HeterogeneousRankMethod(FederatedMethod):
     client zero-pads them to r_max (``start_params``) and returns the first r_c ranks of its deltas.
     """
 
+    dense, rank_heterogeneous = True, True
+
     def model_spec(self, spec: ModelSpec) -> ModelSpec:
         self.r_max = spec.lora_rank
         return replace(spec, num_experts=1)
@@ -212,6 +214,8 @@ class MergingMethod(HeterogeneousRankMethod):
     process, rebuilds the merged base from the original weights (``sync_frozen``), applying each round
     once and in order. The fresh adapters come from the seeded model each side builds.
     """
+
+    merges_into_base = True
 
     def prepare_model(self, model: MoEModel) -> None:
         super().prepare_model(model)

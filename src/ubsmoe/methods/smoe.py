@@ -16,6 +16,8 @@ from ubsmoe.model.moe_layer import MoEHook
 class SparseMoE(FederatedMethod):
     name = "smoe"
     description = "heterogeneous sparse MoE: top-K_c experts per client, FedAvg, no balancing"
+    details = 'naive heterogeneous sparse MoE: top-K_c per client, FedAvg, no balancing'
+    tier_model = 'global model at K_c'
 
     def __init__(self, options, k_max: int):
         super().__init__(options, k_max)

@@ -35,6 +35,8 @@ def switch_balance_loss(record: RoutingRecord, num_experts: int) -> torch.Tensor
 class SMoEAux(SparseMoE):
     name = "smoe-aux"
     description = "sparse MoE with the Switch auxiliary load-balancing loss"
+    details = 'sparse MoE + Switch auxiliary load-balancing loss (`aux_coef` 0.01)'
+    tier_model = 'global model at K_c'
     Options = SMoEAuxOptions
 
     def local_loss(self, model: MoEModel) -> torch.Tensor | None:

@@ -42,6 +42,9 @@ def bias_step(bias: torch.Tensor, experts: torch.Tensor, rate: float) -> torch.T
 class SMoEBias(SparseMoE):
     name = "smoe-bias"
     description = "sparse MoE with auxiliary-loss-free balancing (per-expert selection bias)"
+    details = ('sparse MoE + auxiliary-loss-free selection bias, b_i += u·sign(mean load − load_i) (`bias_rate` '
+               '1e-3)')
+    tier_model = 'global model and bias at K_c'
     Options = SMoEBiasOptions
 
     def prepare_model(self, model: MoEModel) -> None:

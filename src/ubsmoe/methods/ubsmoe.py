@@ -64,6 +64,8 @@ def utilisation_target(routed: torch.Tensor, tokens: torch.Tensor, top_k: torch.
 class UBSMoE(SparseMoE):
     name = "ubsmoe"
     description = "UB-SMoE: sparse MoE with Dynamic Modulated Routing and the Universal Pseudo-Gradient"
+    details = 'UB-SMoE: top-K_c experts per client, Dynamic Modulated Routing, Universal Pseudo-Gradient'
+    tier_model = "global model at the tier's K_c, routing by s + φ"
     Options = UBSMoEOptions
 
     def candidates(self, num_experts: int) -> int:

@@ -56,6 +56,10 @@ class Task:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    # How PEFT loads an exported dense tier: its task type, and where the backbone's modules sit under the
+    # model class that type loads (AutoModel: at the top; AutoModelForCausalLM: under ``model.``)
+    peft_task_type: ClassVar[str] = "FEATURE_EXTRACTION"
+    peft_module_prefix: ClassVar[str] = ""
 
     def __init__(self, config: ExperimentConfig):
         self.config = config

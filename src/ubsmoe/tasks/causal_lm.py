@@ -229,6 +229,7 @@ def next_token_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 class CausalLM(Task):
     name = "causal-lm"
     description = "causal-LM fine-tuning on the commonsense suite; accuracy per task by generation and log-likelihood"
+    peft_task_type, peft_module_prefix = "CAUSAL_LM", "model."
 
     @classmethod
     def check(cls, config) -> None:
