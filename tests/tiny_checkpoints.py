@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from ubsmoe.model.backbones import NATIVE_MOE_TYPES
+
 WORDS = ("the a of to in and is was for on with by at from bank rates market shares profit film music award "
          "star show game match team goal win cup election minister party vote government phone software "
          "computer internet users network technology court police economy growth sales year new says").split()
@@ -69,7 +71,7 @@ def write_word_tokenizer(folder: Path, words: tuple[str, ...], bos: bool = False
     return vocab
 
 
-NATIVE_MOE_FAMILIES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe")
+NATIVE_MOE_FAMILIES = NATIVE_MOE_TYPES  # every family ubsmoe reads, from its own table
 
 
 def write_tiny_moe(folder: Path, model_type: str, words: tuple[str, ...] = WORDS, hidden: int = 16, layers: int = 2,

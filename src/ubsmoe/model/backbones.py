@@ -227,7 +227,13 @@ def _native_extract(layer: nn.Module) -> NativeMoE:
     )
 
 
-NATIVE_MOE_TYPES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe")  # Hugging Face model types read as they are
+# Native MoE model types read as they are, with the class of their RMSNorm (``fast_norm`` replaces it)
+NATIVE_MOE_NORMS = {"olmoe": "OlmoeRMSNorm", "mixtral": "MixtralRMSNorm", "qwen2_moe": "Qwen2MoeRMSNorm",
+                    "qwen3_moe": "Qwen3MoeRMSNorm"}
+NATIVE_MOE_TYPES = tuple(NATIVE_MOE_NORMS)
+# The Llama family's model types and their RMSNorm classes
+LLAMA_NORMS = {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "qwen2": "Qwen2RMSNorm"}
+RMS_NORM_CLASSES = tuple(LLAMA_NORMS.values()) + tuple(NATIVE_MOE_NORMS.values())
 
 FAMILIES = (
     BackboneFamily(
@@ -243,7 +249,7 @@ FAMILIES = (
     ),
     BackboneFamily(
         name="llama",
-        model_types=("llama", "mistral", "qwen2"),
+        model_types=tuple(LLAMA_NORMS),
         pooling="last",
         layers=lambda model: list(model.layers),
         extract_ffn=_llama_extract,

@@ -16,9 +16,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "OlmoeRMSNorm", "MixtralRMSNorm", "Qwen2MoeRMSNorm",
-                "Qwen3MoeRMSNorm")
-"""Hugging Face classes that compute w * x / sqrt(mean(x^2) + eps) (in float32 for lower precisions)."""
+from ubsmoe.model.backbones import RMS_NORM_CLASSES
+
+NORM_CLASSES = RMS_NORM_CLASSES
+"""Hugging Face classes that compute w * x / sqrt(mean(x^2) + eps) (in float32 for lower precisions): the
+backbone families' table (``model.backbones``)."""
 
 
 class _RMSNorm(torch.autograd.Function):
