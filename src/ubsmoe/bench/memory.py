@@ -30,80 +30,6 @@ from pathlib import Path
 
 from ubsmoe.bench.native_load import write_checkpoint
 
-STEP = r"""
-import contextlib, json, sys, threading, time
-import torch
-import torch.nn.functional as F
-
-def anon():
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-
-folder, k, batch, length, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-torch.set_num_threads(threads)
-from ubsmoe.methods.base import get_method
-from ubsmoe.model import ModelSpec, build_model
-from ubsmoe.metrics.flops import FlopCounter
-from ubsmoe.tasks.causal_lm import language_model_head
-
-model = build_model(ModelSpec(backbone=folder, lora_rank=8), language_model_head(folder))
-method_cls = get_method("ubsmoe")
-method = method_cls(method_cls.Options(), k_max=8)
-method.prepare_model(model)
-settings = method.tier_settings(k / 8)
-assert settings.top_k == k, settings
-method.setup_client(model, settings)
-model.train()
-optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-generator = torch.Generator().manual_seed(0)
-vocab = model.head.weight.shape[0]
-base = anon()
-peak = [base]
-done = threading.Event()
-parameters = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}  # not activations
-saved = {}
-def pack(t):
-    ptr = t.untyped_storage().data_ptr()
-    if ptr not in parameters:
-        saved[ptr] = t.untyped_storage().nbytes()
-    return t
-counter = FlopCounter(model)
-flops = None
-def sample():
-    while not done.is_set():
-        peak[0] = max(peak[0], anon())
-        time.sleep(0.002)
-times = []
-for step in range(steps):
-    ids = torch.randint(3, vocab, (batch, length), generator=generator)
-    mask = torch.ones_like(ids)
-    positions = torch.ones_like(ids, dtype=torch.bool)
-    positions[:, -1] = False
-    if step == 0:
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-    start = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if step == 0 else contextlib.nullcontext():
-        logits = model(ids, mask, positions=positions)
-        loss = F.cross_entropy(logits, ids[:, 1:].reshape(-1))
-    extra = method.local_loss(model)
-    optimizer.zero_grad(set_to_none=True)
-    (loss if extra is None else loss + extra).backward()
-    method.after_backward(model)
-    optimizer.step()
-    times.append(time.perf_counter() - start)
-    if step == 0:
-        done.set()
-        sampler.join()
-        peak[0] = max(peak[0], anon())
-        flops = counter.count(mask, training=True).as_dict()
-        counter.close()
-trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-print(json.dumps({"k": k, "after_build": base, "peak_first_step": peak[0], "extra": peak[0] - base,
-                  "gradient_and_adam_bytes": 3 * trained, "saved_bytes": sum(saved.values()),
-                  "train_flops": flops, "step_seconds": times}))
-"""
 
 
 MMAP_THRESHOLD = 128 * 1024
@@ -115,8 +41,8 @@ resident set once freed; the peak RSS then counts memory the step no longer hold
 
 def measure(folder: Path, k: int, batch: int, length: int, steps: int, threads: int) -> dict:
     env = os.environ | {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
-    done = subprocess.run([sys.executable, "-c", STEP, str(folder), str(k), str(batch), str(length), str(steps),
-                           str(threads)], capture_output=True, text=True, timeout=3600, env=env)
+    done = subprocess.run([sys.executable, "-m", "ubsmoe.bench.memory_step", str(folder), str(k), str(batch),
+                           str(length), str(steps), str(threads)], capture_output=True, text=True, timeout=3600, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"the K = {k} step failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
