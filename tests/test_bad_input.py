@@ -118,6 +118,21 @@ def _flipped(ctx: Context, which: str) -> Path:
     return ctx.run
 
 
+def _edited(ctx: Context, name: str, old: bytes, new: bytes) -> Path:
+    """The run with one of its files edited in place (same length: a header that still parses)."""
+    if name == "checkpoint.safetensors":
+        (ctx.run / "results.json").unlink()
+    data = (ctx.run / name).read_bytes()
+    assert old in data and len(old) == len(new)
+    (ctx.run / name).write_bytes(data.replace(old, new, 1))
+    return ctx.run
+
+
+def _without_experts(ctx: Context) -> Path:
+    next(p for p in (ctx.run / "model").glob("*.safetensors") if p.name != "state.safetensors").unlink()
+    return ctx.run
+
+
 def _flipped_checkpoint(ctx: Context) -> Path:
     (ctx.run / "results.json").unlink()
     flip_bytes(ctx.run / "checkpoint.safetensors")
@@ -146,6 +161,14 @@ CASES = [
          2, "state.safetensors is damaged"),
     Case("flipped upcycled experts", lambda c: ["evaluate", "--run", str(_flipped(c, "experts")), "--data", str(c.task)],
          2, "SHA-256 mismatch", loads_model=True),  # read where the experts are built, after the backbone
+    Case("checkpoint metadata edited", lambda c: ["run", "--resume", str(_edited(c, "checkpoint.safetensors",
+                                                                                  b'\\"round\\": 2', b'\\"round\\": 1'))],
+         2, "its metadata (round, scalars, config) differs"),
+    Case("model.json edited", lambda c: ["predict", "--run", str(_edited(c, "model/model.json", b'"top_k": 2', b'"top_k": 1')),
+                                         "--tier", "0.5", "--input", str(c.file("t.txt", "bank")), "--output",
+                                         str(c.tmp / "p")], 2, "it is not the card written with state.safetensors"),
+    Case("saved model without its experts", lambda c: ["evaluate", "--run", str(_without_experts(c)), "--data",
+                                                        str(c.task)], 2, "lacks the upcycled experts this model was trained with"),
     # 3. outputs never destroy inputs
     Case("evaluate --output is --data", lambda c: ["evaluate", "--run", str(c.run), "--data", str(c.file("d.csv", CSV)),
                                                    "--output", str(c.tmp / "d.csv")], 2, "which this command reads",

@@ -154,7 +154,6 @@ def test_a_client_whose_code_raised_stops_the_run_with_its_traceback_unless_drop
     if policy == "raise":
         with pytest.raises(ClientBug, match=r"(?s)round 1: client 1's code raised.*ZeroDivisionError: division by zero"):
             strategy.aggregate_train(1, replies)
-        assert strategy.client_bug is not None
     else:
         strategy.aggregate_train(1, replies)
         assert [(f.client_id, f.reason) for f in server.failures] == [(1, "ZeroDivisionError: division by zero")]

@@ -180,3 +180,21 @@ def test_the_default_is_the_backbones_measured_one_and_older_runs_had_none():
     assert config_from_dict(older).model.shared_experts == 0
     assert differing_keys(older, config_from_dict(older)) == []
     assert differing_keys(older, ExperimentConfig()) == ["model.shared_experts"]
+
+
+def test_dmr_leaves_phi_alone_in_a_round_no_client_routed_through():
+    """Clients at K_c = S route nothing: no utilisation statistics, so phi keeps its data-weighted mean (no
+    0 / 0 reaching the model)."""
+    from ubsmoe.methods.base import ClientInfo, ClientUpdate, RoutingStats, ServerState
+    from ubsmoe.methods.ubsmoe import UBSMoE, UBSMoEOptions
+
+    method = UBSMoE(UBSMoEOptions(), k_max=3)
+    method.shared_experts, method.phi_names = 1, ["phi0"]
+    state = ServerState({"phi0": torch.tensor([0.1, 0.2, 0.3])})
+    idle = RoutingStats(torch.zeros(1, 3, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    updates = [ClientUpdate(ClientInfo(c, 0.25, 4), {"phi0": torch.full((3,), 0.1 * c)}, idle) for c in range(2)]
+
+    new = method.aggregate(state, updates)
+
+    torch.testing.assert_close(new.params["phi0"], torch.tensor([0.15, 0.25, 0.35]))
+    assert torch.isfinite(new.tensors["phi_target"]).all()

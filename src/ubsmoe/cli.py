@@ -76,8 +76,11 @@ def resolved(config):
     from ubsmoe.config import resolve_method_options
     from ubsmoe.methods.base import get_method
 
+    from ubsmoe.engine.experiment import validate
+
     config = copy.deepcopy(config)
     resolve_method_options(config, get_method(config.method_name).Options)
+    validate(config)  # also resolves what the config leaves to the backbone (model.shared_experts=-1)
     return config
 
 
@@ -334,8 +337,8 @@ def seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0 seconds, got {text}")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, got {text}")
     return value
 
 

@@ -2,8 +2,8 @@
 or not at all, never over an input of the same command.
 
 - ``write_tensors`` / ``read_tensors``: a safetensors file whose metadata holds the SHA-256 of every
-  tensor's bytes; reading recomputes them, so flipped bytes in the tensor data are a ``DamagedFileError``
-  instead of silently different numbers (the header is JSON and fails to parse when damaged).
+  tensor (dtype, shape and bytes) and of the rest of the metadata; reading recomputes them, so flipped
+  bytes anywhere are a ``DamagedFileError`` instead of silently different numbers.
 - ``write_atomically``: a text file via a temporary file, fsync and rename.
 - ``check_output``: an output path that is an input of the command, or that exists without ``--force``,
   is refused before any work.
@@ -25,7 +25,8 @@ from safetensors.torch import save as save_tensors
 
 from ubsmoe.config import ConfigError
 
-DIGESTS = "sha256"  # the metadata key of the per-tensor digests (a JSON object: name -> hex digest)
+DIGESTS = "sha256"  # the metadata key of the digests (a JSON object: tensor name -> hex digest, and METADATA's)
+METADATA = "@metadata"  # the digests' entry for the other metadata (no tensor may bear this name)
 
 
 class DamagedFileError(ConfigError):
@@ -34,10 +35,17 @@ class DamagedFileError(ConfigError):
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
-    """SHA-256 of a tensor's bytes in memory order (any dtype, any shape; the dtype and shape are checked
-    by the safetensors header itself)."""
+    """SHA-256 of a tensor's dtype, shape and bytes in memory order: a header edited to another dtype or
+    shape of the same size changes it too."""
     flat = tensor.detach().contiguous().reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"").hexdigest()
+    digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def metadata_digest(metadata: dict[str, str]) -> str:
+    """SHA-256 of the metadata's entries (sorted JSON): the round, the scalars, the config beside the tensors."""
+    return hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
@@ -49,6 +57,7 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     (Flower's ClientApps), theirs are left alone."""
     tensors = {name: value.detach().to("cpu").contiguous() for name, value in tensors.items()}
     digests = {name: tensor_digest(value) for name, value in tensors.items()}
+    digests[METADATA] = metadata_digest(dict(metadata or {}))
     data = save_tensors(tensors, metadata=dict(metadata or {}) | {DIGESTS: json.dumps(digests, sort_keys=True)})
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.parent / f".{path.name}.{os.getpid()}.partial"
@@ -84,8 +93,11 @@ def read_tensors(path: Path, fix: str) -> tuple[dict[str, torch.Tensor], dict[st
         digests = json.loads(metadata.pop(DIGESTS))
     except ValueError:
         raise DamagedFileError(f"{path} is damaged (its digests are not JSON): {fix}") from None
-    if not isinstance(digests, dict) or set(digests) != set(tensors):
+    if not isinstance(digests, dict) or set(digests) != set(tensors) | {METADATA}:
         raise DamagedFileError(f"{path} is damaged (its digests do not list its tensors): {fix}")
+    if digests[METADATA] != metadata_digest(metadata):
+        raise DamagedFileError(f"{path} is damaged: its metadata (round, scalars, config) differs from what was "
+                               f"written (SHA-256 mismatch): {fix}")
     changed = sorted(name for name, value in tensors.items() if tensor_digest(value) != digests[name])
     if changed:
         named = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")

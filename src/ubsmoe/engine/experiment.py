@@ -62,6 +62,7 @@ def validate(config: ExperimentConfig) -> None:
         (config.model.top_k_max >= 0, "model.top_k_max must be >= 0 (0 means all, or a native MoE's own top-k)"),
         (config.model.lora_rank >= 1, "model.lora_rank must be >= 1"),
         (config.model.shared_experts >= -1, "model.shared_experts must be >= 0 (or -1: the backbone's default)"),
+        (config.evaluation.generate_questions >= 0, "evaluation.generate_questions must be >= 0 (0: every question)"),
         (config.model.router_init in ("calibrated", "centroid"), "model.router_init must be calibrated or centroid"),
         (config.model.gate_mode in GATE_MODES, f"model.gate_mode must be one of {', '.join(GATE_MODES)}"),
         (config.threads >= 1, "threads must be >= 1"),
@@ -96,6 +97,8 @@ def validate(config: ExperimentConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    # -1 means the backbone's measured default: the config (and so every stored copy of it) holds the value used
+    config.model.shared_experts = default_shared_experts(config.model.backbone, config.model.shared_experts)
     get_task(config.task).check(config)  # an unknown task is an UnknownNameError, a user error
 
 
@@ -143,9 +146,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_experiment(config: ExperimentConfig, upcycle_cache: Path | None = None) -> Experiment:
+def build_experiment(config: ExperimentConfig, upcycle_cache: Path | None = None,
+                     cache_required: bool = False) -> Experiment:
     """Everything a run needs; with ``upcycle_cache`` (a folder) the upcycled experts and routers are read
-    from it when an earlier build left them there (a Flower ClientApp process per message)."""
+    from it when an earlier build left them there (a Flower ClientApp process per message). A saved model
+    is ``cache_required``: its experts must be the ones it was trained with, never split again."""
     torch.set_num_threads(config.threads)
     method_cls = get_method(config.method_name)
     options = resolve_method_options(config, method_cls.Options)
@@ -172,6 +177,10 @@ def build_experiment(config: ExperimentConfig, upcycle_cache: Path | None = None
         chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
         calibration = [(ids, mask) for ids, mask, _ in train.batches(32, chosen[: config.model.calibration_samples])]
     cache = None if upcycle_cache is None or native else upcycle_cache / f"{upcycle_cache_key(spec, calibration)}.safetensors"
+    if cache_required and cache is not None and not cache.is_file():
+        raise ConfigError(f"{upcycle_cache} lacks the upcycled experts this model was trained with ({cache.name}): its "
+                          "backbone or the run's data files changed since (they fix the experts' calibration); "
+                          "restore them, or run the experiment again")
     model = build_model(spec, task.head(data), calibration_batches=calibration, cache=cache)
     if native:
         method.k_max = config.model.top_k_max or native.top_k

@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import save_file
 
 from ubsmoe.config import ConfigError
-from ubsmoe.engine.saved_model import CARD, LoadedModel, SavedModel
+from ubsmoe.engine.saved_model import STATE, LoadedModel, SavedModel, write_saved
 from ubsmoe.storage import check_writable_folder, fsync_folder, write_atomically
 from ubsmoe.model import MoEModel
 from ubsmoe.model.lora import LoRALinear
@@ -191,12 +191,10 @@ def write_peft_adapter(loaded: LoadedModel, folder: Path, original: dict[str, to
 
 def write_tier_model(loaded: LoadedModel, folder: Path, budget: float) -> None:
     """The saved model with only tier ``budget``: a folder ``ubsmoe predict --run`` loads."""
-    source = loaded.folder
-    for path in source.iterdir():
-        if path.suffix == ".safetensors":
+    for path in loaded.folder.iterdir():
+        if path.suffix == ".safetensors" and path.name != STATE:  # the upcycled experts and routers
             shutil.copy2(path, folder / path.name)
-    card = dict(loaded.card, tiers={str(budget): loaded.card["tiers"][str(budget)]})
-    write_atomically(folder / CARD, json.dumps(card, indent=1))
+    write_saved(folder, loaded.state, dict(loaded.card, tiers={str(budget): loaded.card["tiers"][str(budget)]}))
 
 
 def _padded(tensor: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

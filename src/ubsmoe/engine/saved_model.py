@@ -14,6 +14,7 @@ the model up as a client of the chosen tier runs it. No pickle: safetensors and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,11 +36,19 @@ def save_model(folder: Path, server) -> Path:
     """Write the server's final model into ``folder`` (the upcycled parts are already there when the run
     was built with ``upcycle_cache=folder``)."""
     state, method, exp = server.state, server.method, server.exp
-    write_state(folder / STATE, state, {"format": FORMAT, "scalars": flat_scalars(state)})
     card = {"format": FORMAT, "method": method.name, "task": exp.task.name, "label_names": exp.data.key_names,
             "tiers": {str(b): method.eval_settings(state, b).to_scalars() for b in exp.tiers},
             "backbone": backbone_identity(server.config.model.backbone), "config": server.config.to_dict()}
-    write_atomically(folder / CARD, json.dumps(card, indent=1))
+    return write_saved(folder, state, card)
+
+
+def write_saved(folder: Path, state: ServerState, card: dict) -> Path:
+    """``state.safetensors`` (with the card's SHA-256, so that a card that is not its own is refused) and
+    ``model.json`` in ``folder``."""
+    text = json.dumps(card, indent=1)
+    write_state(folder / STATE, state, {"format": FORMAT, "scalars": flat_scalars(state),
+                                         "card_sha256": hashlib.sha256(text.encode()).hexdigest()})
+    write_atomically(folder / CARD, text)
     return folder
 
 
@@ -116,12 +125,16 @@ def open_model(run: Path) -> SavedModel:
     fix = ("export the tier again (`ubsmoe export --force`)" if folder == run
            else f"run the experiment again (`ubsmoe run --force --out {run}`)")
     try:
-        card = json.loads((folder / CARD).read_text(encoding="utf-8"))
+        text = (folder / CARD).read_text(encoding="utf-8")
+        card = json.loads(text)
         if card.get("format") != FORMAT:
             raise ValueError(f"format {card.get('format')!r}, expected {FORMAT}")
     except (ValueError, AttributeError, UnicodeDecodeError) as error:
         raise DamagedFileError(f"{folder / CARD} is damaged ({error}): {fix}") from None
-    state, _ = read_state(folder / STATE, fix)
+    state, meta = read_state(folder / STATE, fix)
+    if meta.get("card_sha256") != hashlib.sha256(text.encode()).hexdigest():
+        raise DamagedFileError(f"{folder / CARD} is damaged: it is not the card written with {STATE} (SHA-256 "
+                               f"mismatch): {fix}")
     now = backbone_identity(card["config"]["model"]["backbone"])
     if now != card["backbone"]:
         raise ConfigError(f"the backbone {now['name']} is not the one this model was trained on (its files differ): "
@@ -132,5 +145,5 @@ def open_model(run: Path) -> SavedModel:
 def load_model(run: Path | SavedModel) -> LoadedModel:
     """The saved model (``open_model``'s, or that of the folder ``run``) rebuilt from its config."""
     saved = run if isinstance(run, SavedModel) else open_model(run)
-    exp = build_experiment(saved.config(), upcycle_cache=saved.folder)
+    exp = build_experiment(saved.config(), upcycle_cache=saved.folder, cache_required=True)
     return LoadedModel(saved.run, saved.folder, saved.card, saved.state, exp)

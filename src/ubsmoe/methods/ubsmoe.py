@@ -71,7 +71,8 @@ class UBSMoE(SparseMoE):
     def candidates(self, num_experts: int) -> int:
         n = self.options.candidates or min(num_experts, 2 * self.k_max)
         if not self.k_max <= n <= num_experts:
-            raise ConfigError(f"method.candidates must lie in [K_max={self.k_max}, M={num_experts}], got {n}")
+            raise ConfigError(f"method.candidates must lie in [K_max={self.k_max}, M={num_experts}] (routed experts: "
+                              f"shared ones do not count), got {n}")
         return n
 
     # ------------------------------------------------------------------ server
@@ -93,13 +94,15 @@ class UBSMoE(SparseMoE):
         tokens = torch.stack([u.routing.tokens for u in updates])  # (C, L)
         top_k = torch.tensor([self.top_k(u.client.budget) for u in updates], dtype=torch.float64)
         usage, target = utilisation_target(routed, tokens, top_k, self.options.eps)
+        usage, target = usage.nan_to_num(0.0), target.nan_to_num(0.0)  # layers no client routed a token through
         params = dict(new.params)
         zeta = self.options.zeta
         for layer_index, name in enumerate(self.phi_names):
             seen = tokens[:, layer_index]
-            if seen.sum() > 0:  # else (no client routed a token) phi_bar stays the data-weighted mean
-                share = (seen / seen.sum()).to(state.params[name].dtype)
-                params[name] = state.params[name] + sum(w * u.delta[name] for w, u in zip(share, updates))
+            if seen.sum() == 0:  # no client routed a token (each ran its shared experts alone): no statistics
+                continue
+            share = (seen / seen.sum()).to(state.params[name].dtype)
+            params[name] = state.params[name] + sum(w * u.delta[name] for w, u in zip(share, updates))
             params[name] = zeta * params[name] + (1 - zeta) * target[layer_index].to(params[name].dtype)
         return replace(new, params=params, tensors={"usage": usage, "phi_target": target})
 

@@ -138,6 +138,8 @@ class FlopCounter:
         scores = 2 * 2 * batch * seq * seq * self.attention_width * self.num_blocks
         flops.attention = frozen + scores * (1 + 2 * grad)
         for layer in list(self.model.moe_layers) + list(self.model.shared_layers):  # routed, then shared parts
+            if layer.router is not None and layer.top_k == 0:  # the shared part runs alone: nothing routed
+                continue
             slots = tokens * (layer.top_k if layer.router is not None else 1)
             matrices = len(layer.adapted)
             flops.experts += 2 * slots * layer.d_model * layer.d_hidden * matrices * (1 + grad)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from ubsmoe.config import ConfigError
@@ -28,9 +29,10 @@ def check_output_folder(out_dir: Path, force: bool = False) -> None:
         probe.unlink()
     except OSError as error:
         raise ConfigError(f"cannot write into --out {out_dir} ({error.strerror}): choose a folder you can write") from None
-    if force:  # the run replaced: nothing of it may be resumed or reported any more
+    if force:  # the run replaced: nothing of it may be resumed, reported or loaded any more
         for name in ("results.json", "summary.md", "history.json", CHECKPOINT):
             (out_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / "model", ignore_errors=True)
 
 
 def write_results(results: dict, out_dir: Path) -> None:

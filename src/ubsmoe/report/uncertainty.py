@@ -66,7 +66,9 @@ def summarise_uncertainty(runs: dict[str, list[dict]], methods: dict) -> None:
     for label, results in runs.items():
         entry = methods[label]
         entry["accuracy_se"] = {t: accuracy_error(results, t) for t in entry["tiers"]}
-        entry["average_se"] = math.sqrt(sum(se ** 2 for se in entry["accuracy_se"].values())) / len(entry["tiers"])
+        # the tiers are scored on the same questions, so their errors move together: the mean of the errors (the
+        # error of the average when they are perfectly correlated), not the independent sqrt(sum se^2) / T
+        entry["average_se"] = sum(entry["accuracy_se"].values()) / len(entry["tiers"])
         rounds = len(results[0]["history"])
         if rounds >= 2:
             entry["arrived"] = {}
@@ -74,7 +76,7 @@ def summarise_uncertainty(runs: dict[str, list[dict]], methods: dict) -> None:
                 last, before = (statistics.mean(r["history"][i]["tier_accuracy"][t] for r in results) for i in (-1, -2))
                 se = entry["accuracy_se"][t]
                 entry["arrived"][t] = {"last": last, "before": before, "se": se,
-                                       "arrived": not abs(last - before) > se}
+                                       "arrived": None if math.isnan(se) else abs(last - before) <= se}
         protocols = {}
         for t in entry["tiers"]:
             details = mean_details(results, t)
@@ -145,7 +147,7 @@ def uncertainty_tables(summary: dict) -> list[tuple[str, list[str], list[list[st
                        [[t, f"{b['chance']:.3f}", f"{b['majority']:.3f}", f"{b['questions']:.0f} / {b['generated']:.0f}"]
                         for t, b in baselines.items()]))
     arrival = [[m, f"β={t}", f"{a['before']:.3f}", f"{a['last']:.3f}", f"{a['se']:.3f}",
-                "yes" if a["arrived"] else "no: last rounds differ by more than one SE"]
+                {True: "yes", False: "no: last rounds differ by more than one SE", None: "unknown (no SE)"}[a["arrived"]]]
                for m, e in methods.items() for t, a in e.get("arrived", {}).items()]
     if arrival:
         tables.append(("Arrived? The last two rounds' accuracy against one standard error",

@@ -276,7 +276,8 @@ class CausalLM(Task):
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         for task, questions in data.questions.items():
             chosen = generation_subset(len(questions), evaluation.generate_questions, f"{self.config.data.split_seed}/{task}")
-            rest = [i for i in range(len(questions)) if i not in set(chosen)]
+            generated = set(chosen)
+            rest = [i for i in range(len(questions)) if i not in generated]
             answers: list[Answer | None] = [None] * len(questions)
             for indices, new_tokens in ((chosen, evaluation.max_new_tokens), (rest, 0)):
                 if indices:

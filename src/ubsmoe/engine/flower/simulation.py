@@ -42,10 +42,16 @@ def run_flower_simulation(config: ExperimentConfig, show_progress: bool = True, 
     strategy = MethodStrategy(server, progress=bar, round_timeout_s=timeout_s, out=out, rounds_done=first - 1)
     app = ServerApp()
 
+    stopped: list[BaseException] = []  # what ended the ServerApp early (Flower logs it and goes on)
+
     @app.main()
     def main(grid, context) -> None:
-        strategy.start(grid, global_arrays(server.state.params), num_rounds=config.federation.rounds - first + 1,
-                       timeout=timeout_s, evaluate_fn=strategy.evaluate)
+        try:
+            strategy.start(grid, global_arrays(server.state.params), num_rounds=config.federation.rounds - first + 1,
+                           timeout=timeout_s, evaluate_fn=strategy.evaluate)
+        except BaseException as error:
+            stopped.append(error)
+            raise
 
     flwr_log = logging.getLogger("flwr")  # Flower's round-by-round log: results.json holds what it says
     flwr_log.setLevel(logging.ERROR)
@@ -60,8 +66,8 @@ def run_flower_simulation(config: ExperimentConfig, show_progress: bool = True, 
                            backend_config=backend)
     finally:
         bar.close()
-    if strategy.client_bug is not None:  # Flower logs the ServerApp's exception; the run ends with it here
-        raise strategy.client_bug
+    if stopped:  # the run ends here with the ServerApp's own error (a client's bug, too few clients, ...)
+        raise stopped[0]
     if len(server.history) != config.federation.rounds:
         raise RuntimeError(f"the Flower simulation ended after {len(server.history)} of "
                            f"{config.federation.rounds} rounds (see its log above)")

@@ -50,7 +50,6 @@ class MethodStrategy(Strategy):
         self.ttl = max(float(DEFAULT_TTL), round_timeout_s + 60.0)  # a message outlives the round's wait
         self.node_of: dict[int, int] = {}  # client (partition) id -> node id
         self.outgoing: list[tuple[Message, TrainInstruction]] = []  # this round's messages (ids set when pushed)
-        self.client_bug: ClientBug | None = None  # what stopped the run, for the engine that started it
 
     def summary(self) -> None:
         """Flower's log line about the strategy (our runs log through results.json instead)."""
@@ -110,11 +109,10 @@ class MethodStrategy(Strategy):
             answered.add(client_id)
             if reply.has_error():
                 if reply.error.code not in FAULTS and self.server.config.federation.on_client_error != "drop":
-                    self.client_bug = ClientBug(f"round {server_round}: client {client_id}'s code raised "
-                                                f"(federation.on_client_error=drop would leave it out):\n"
-                                                f"{reply.error.reason}")
-                    raise self.client_bug
-                failures.append(ClientFailure(client_id, str(reply.error.reason).strip().splitlines()[-1]))
+                    raise ClientBug(f"round {server_round}: client {client_id}'s code raised "
+                                    f"(federation.on_client_error=drop would leave it out):\n{reply.error.reason}")
+                reason = (str(reply.error.reason).strip().splitlines() or ["(no reason given)"])[-1]
+                failures.append(ClientFailure(client_id, reason))
                 continue
             try:
                 answer = self.server.admit(instruction, read_update(reply.content))
