@@ -25,7 +25,6 @@ from flwr.common.constant import ErrorCode
 from ubsmoe.config import config_from_dict
 from ubsmoe.engine.client import ClientRuntime, run_client
 from ubsmoe.engine.errors import ClientFault
-from ubsmoe.engine.experiment import build_experiment
 from ubsmoe.engine.flower.messages import CLIENT_FAULT, read_instruction, update_content
 from ubsmoe.metrics.flops import FlopCounter
 
@@ -36,6 +35,10 @@ _RUNTIMES: dict[str, ClientRuntime] = {}  # config digest -> this process's runt
 def runtime_for(config_text: str, upcycle_cache: Path | None = None) -> ClientRuntime:
     """This process's client runtime for the config (built on first use, then kept; the upcycled experts
     and routers read from ``upcycle_cache`` when an earlier process of the node left them there)."""
+    # imported on the first training message, not with the app: a node answers the server's first query (its
+    # partition id) without loading the model's stack
+    from ubsmoe.engine.experiment import build_experiment
+
     key = hashlib.sha256(config_text.encode()).hexdigest()
     if key not in _RUNTIMES:
         _RUNTIMES.clear()  # never two models in one process
