@@ -211,6 +211,10 @@ CASES = [
                                                            str(c.file("q.jsonl", json.dumps({"instruction": "q?", "task": "quiz"}))),
                                                            "--output", str(c.tmp / "p")], 2, "names the task 'quiz'"),
     # 6. resume: overrides apply to the checkpoint's config
+    Case("resume with --out", lambda c: ["run", "--resume", str(c.unfinished()), "--out", str(c.tmp / "o")], 2,
+         "--resume continues the run in its own folder: leave out --out and --force"),
+    Case("resume with another method", lambda c: ["run", "--resume", str(c.unfinished()), "--method", "ubsmoe"], 2,
+         "is one of smoe, not ubsmoe: resume it without --method"),
     Case("resume with another lr", lambda c: ["run", "--resume", str(c.unfinished()), "train.lr=0.5"], 2,
          "differ from the checkpoint's and would change the run's numbers: train.lr;"),
     # 8. (flower run: tests/test_flower_deployment.py) 9. files that are not what they claim

@@ -48,16 +48,21 @@ def _run(args) -> int:
         from ubsmoe.engine.checkpoint import check_resumable, read_checkpoint
 
         out = Path(args.resume)
+        if args.out is not None or args.force:
+            raise ConfigError("--resume continues the run in its own folder: leave out --out and --force")
         if (out / "results.json").is_file():
             raise ConfigError(f"{out} holds a finished run (results.json): nothing to resume")
         resume = read_checkpoint(out)  # either engine continues either's checkpoint: they give the same numbers
+        method = resume.config.get("method", {}).get("name")
+        if args.method is not None and args.method != method:
+            raise ConfigError(f"the run in {out} is one of {method}, not {args.method}: resume it without --method")
         # what the command line gives is applied to the checkpoint's config; what differs from it is refused
         # when the run is restored, naming only those keys
         config = load_config(args.config, args.overrides, method=args.method, base=config_from_dict(resume.config))
         check_resumable(resume, resolved(config))  # before anything is built
     else:
         config = load_config(args.config, args.overrides, method=args.method)
-        out = Path(args.out)
+        out = Path(args.out or "runs/latest")
         check_output_folder(out, force=args.force)  # before anything is trained: a bad folder loses nothing
     if args.engine == "flower-sim":
         results = _flower_simulation()(config, show_progress=not args.quiet, out=out, resume=resume)
@@ -361,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run one experiment. Settings: defaults < --config FILE.toml < key=value "
                                      "overrides (see --help-config for every key).")
     run.add_argument("--method", help="registered method name (see `ubsmoe methods`)")
-    run.add_argument("--out", default="runs/latest", help="output folder for results.json and summary.md")
+    run.add_argument("--out", help="output folder for results.json and summary.md (default runs/latest)")
     run.add_argument("--config", help="TOML config file")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--force", action="store_true", help="replace a finished or unfinished run in --out")
@@ -502,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ubsmoe: error: {error}", file=sys.stderr)
         return 2
     except FederationStopped as error:  # not a bug either: the clients did not answer
-        out = getattr(args, "resume", None) or getattr(args, "out", None)
+        out = getattr(args, "resume", None) or getattr(args, "out", None) or "runs/latest"
         resume = f"; `ubsmoe run --resume {out}` continues from its last checkpoint" if args.command == "run" else ""
         print(f"ubsmoe: the run stopped: {error}{resume}", file=sys.stderr)
         return 1
@@ -514,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
 def interrupted(args, interrupt: KeyboardInterrupt) -> str:
     """What an interrupted command leaves, and how to go on."""
     if isinstance(interrupt, RunInterrupted):
-        out = getattr(args, "resume", None) or getattr(args, "out", None)
+        out = getattr(args, "resume", None) or getattr(args, "out", None) or "runs/latest"
         if interrupt.checkpoint_round == 0 or out is None:
             return f"interrupted in round {interrupt.round_index}, before any checkpoint: start the run again"
         return (f"interrupted in round {interrupt.round_index}; the last checkpoint is round "

@@ -18,7 +18,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from ubsmoe.config import config_from_dict, load_config
+from ubsmoe.config import ConfigError, config_from_dict, load_config
 from ubsmoe.engine.checkpoint import read_checkpoint
 from ubsmoe.engine.flower.messages import global_arrays
 from ubsmoe.engine.flower.strategy import MethodStrategy
@@ -38,6 +38,8 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(str(settings.get("out", "runs/flower")))
     checkpoint = None
     if bool(settings.get("resume", False)):  # continue the run in out from its last checkpoint
+        if (out / "results.json").is_file():
+            raise ConfigError(f"{out} holds a finished run (results.json): nothing to resume")
         checkpoint = read_checkpoint(out)
         config = load_config(config_file, overrides, base=config_from_dict(checkpoint.config))
     else:

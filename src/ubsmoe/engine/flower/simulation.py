@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ubsmoe.config import ExperimentConfig
 from ubsmoe.engine.checkpoint import Checkpoint
+from ubsmoe.engine.errors import RunInterrupted
 
 
 def run_flower_simulation(config: ExperimentConfig, show_progress: bool = True, timeout_s: float = 24 * 3600,
@@ -62,8 +63,11 @@ def run_flower_simulation(config: ExperimentConfig, show_progress: bool = True, 
                              "object_store_memory": 512 * 2**20}}
     try:
         if first <= config.federation.rounds:  # a checkpoint of the last round leaves only the model to save
-            run_simulation(server_app=app, client_app=client_app.app, num_supernodes=config.federation.num_clients,
-                           backend_config=backend)
+            try:
+                run_simulation(server_app=app, client_app=client_app.app,
+                               num_supernodes=config.federation.num_clients, backend_config=backend)
+            except KeyboardInterrupt:
+                raise RunInterrupted(len(server.history) + 1, server.checkpoint_round) from None
     finally:
         bar.close()
     if stopped:  # the run ends here with the ServerApp's own error (a client's bug, too few clients, ...)
