@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from test_upcycle import assert_equals_dense
 from tiny_experiment import tiny_overrides
 from ubsmoe.cli import main
 from ubsmoe.config import load_config
@@ -49,18 +50,9 @@ def test_k_equal_m_with_shared_experts_is_the_dense_backbone(backbone, shared, r
     enc, calibration = batches(path)
     model = build_model(ModelSpec(backbone=path, num_experts=4, lora_rank=4, shared_experts=shared),
                         classification_head(3), calibration_batches=calibration)
-    dense, _ = load_dense_backbone(path)
-    model.eval()
-    dense.eval()
-
     model.set_top_k(4 - shared)  # every routed expert, beside the shared ones
-    with torch.no_grad():
-        model.context.token_mask = enc["attention_mask"].bool()
-        ours = model.backbone(**enc).last_hidden_state
-        theirs = dense(**enc).last_hidden_state
-    mask = enc["attention_mask"].bool()
 
-    torch.testing.assert_close(ours[mask], theirs[mask], rtol=1e-4, atol=1e-4)
+    assert_equals_dense(model, path, enc)
     assert model.num_experts == 4 - shared and len(model.shared_layers) == 2
     assert all(isinstance(block.mlp if hasattr(block, "mlp") else block.output.dense, UpcycledSharedMoE)
                for block in model.family.layers(model.backbone))

@@ -46,19 +46,23 @@ def test_upcycled_backbone_at_k_equal_m_equals_the_dense_backbone(backbone, rout
     batches = [(enc["input_ids"], enc["attention_mask"])]
     model = build_model(ModelSpec(backbone=path, num_experts=4, lora_rank=4, router_init=router_init), classification_head(3),
                              calibration_batches=batches)
+    model.set_top_k(4)
+
+    assert_equals_dense(model, path, enc)
+    assert model(enc["input_ids"], enc["attention_mask"]).shape == (2, 3)
+
+
+def assert_equals_dense(model, path: str, enc) -> None:
+    """The model's last hidden states on the real tokens of ``enc`` are the dense backbone's (1e-4)."""
     dense, _ = load_dense_backbone(path)
     model.eval()
     dense.eval()
-    model.set_top_k(4)
-
     with torch.no_grad():
         model.context.token_mask = enc["attention_mask"].bool()
         ours = model.backbone(**enc).last_hidden_state
         theirs = dense(**enc).last_hidden_state
     mask = enc["attention_mask"].bool()
-
     torch.testing.assert_close(ours[mask], theirs[mask], rtol=1e-4, atol=1e-4)
-    assert model(enc["input_ids"], enc["attention_mask"]).shape == (2, 3)
 
 
 def test_trainable_parameters_are_adapters_routers_and_head_only(tiny_bert):

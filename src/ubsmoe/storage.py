@@ -84,7 +84,10 @@ def read_tensors(path: Path, fix: str) -> tuple[dict[str, torch.Tensor], dict[st
         with safe_open(str(path), "pt") as handle:
             metadata = dict(handle.metadata() or {})
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except (SafetensorError, OSError, ValueError, UnicodeDecodeError) as error:
+    except OSError as error:  # not a question of its bytes: the file cannot be opened
+        raise ConfigError(f"{path} cannot be read ({error.strerror or error}): check that it exists and that you "
+                          "may read it") from None
+    except (SafetensorError, ValueError, UnicodeDecodeError) as error:
         raise DamagedFileError(f"{path} is damaged (not a readable safetensors file: {error}): {fix}") from None
     if DIGESTS not in metadata:
         raise DamagedFileError(f"{path} holds no tensor digests (written by an earlier ubsmoe, or not by ubsmoe), "
