@@ -33,11 +33,11 @@ def run_numbers(backbones: dict[str, Path], task: Path) -> dict[str, list[dict]]
             overrides = tiny_overrides(backbone, task, **{"model.dropout": 0.1, "threads": 1})
             results = run_experiment(load_config(overrides=overrides, method=method), show_progress=False)
             numbers[f"{name}/{method}"] = [{
-                "tier_accuracy": h["tier_accuracy"], "tier_loss": h["tier_loss"],
-                "train_loss": [c["train_loss"] for c in h["clients"]],
-                "train_flops": [c["train_flops"] for c in h["cost"]["clients"]],
-                "inference_flops": {t: v["inference_flops_per_token"] for t, v in h["cost"]["tiers"].items()},
-            } for h in results["history"]]
+                "tier_accuracy": h.tier_accuracy, "tier_loss": h.tier_loss,
+                "train_loss": [c.train_loss for c in h.clients],
+                "train_flops": [c.train_flops for c in h.cost.clients],
+                "inference_flops": {t: v.inference_flops_per_token for t, v in h.cost.tiers.items()},
+            } for h in results.history]
     return numbers
 
 

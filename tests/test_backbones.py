@@ -8,7 +8,7 @@ import torch
 from ubsmoe.model import ModelSpec, build_model, load_tokenizer
 from ubsmoe.tasks.classification import classification_head
 from ubsmoe.model.backbones import BackboneSource, resolve_backbone
-from ubsmoe.model.moe_model import load_dense_backbone
+from ubsmoe.model.pretrained import load_dense_backbone
 
 
 def test_builtin_backbones_resolve_to_installed_files():

@@ -324,7 +324,7 @@ def test_transformers_is_never_allowed_to_run_a_folders_code(tiny_causal_llama, 
 
     import ubsmoe.model.backbones as backbones
     from ubsmoe.model import load_tokenizer
-    from ubsmoe.model.moe_model import backbone_config, load_dense_backbone
+    from ubsmoe.model.pretrained import backbone_config, load_dense_backbone
 
     ctx = Context(tmp_path, tmp_path, tmp_path, tiny_causal_llama, tiny_causal_llama, tmp_path, tmp_path)
     folder = planted_folder(ctx)

@@ -90,12 +90,12 @@ def test_hetlora_client_ranks_follow_their_budgets_and_only_shrink(tiny_bert, ti
     # client either keeps its rank or halves it
     reachable = {0: {2, 1}, 1: {4, 2, 1}}
     previous = {0: 2, 1: 4}
-    for entry in results["history"]:
-        ranks = {int(k): v for k, v in entry["server"]["client_ranks"].items()}
+    for entry in results.history:
+        ranks = {int(k): v for k, v in entry.server["client_ranks"].items()}
         for client, rank in ranks.items():
             assert rank in reachable[client] and rank in (previous[client], max(1, previous[client] // 2))
             previous[client] = rank
-    assert set(results["final"]["tier_accuracy"]) == {"0.5", "1.0"}
+    assert set(results.final.tier_accuracy) == {"0.5", "1.0"}
 
 
 # ---------------------------------------------------------------------------------------- FlexLoRA
@@ -331,12 +331,12 @@ def test_default_moe_clients_report_which_defaults_they_updated(tiny_bert, tiny_
 def test_every_method_runs_end_to_end(tiny_bert, tiny_task, method):
     config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task), method=method)
     results = run_experiment(config, show_progress=False)
-    final = results["final"]
-    assert set(final["tier_accuracy"]) == {"0.5", "1.0"}
-    assert all(a * results["num_test"] == pytest.approx(round(a * results["num_test"]))
-               for a in final["tier_accuracy"].values())  # shares of the test texts
-    assert math.isfinite(final["test_loss"])
-    assert all(np.isfinite(c["train_loss"]) for h in results["history"] for c in h["clients"])
+    final = results.final
+    assert set(final.tier_accuracy) == {"0.5", "1.0"}
+    assert all(a * results.num_test == pytest.approx(round(a * results.num_test))
+               for a in final.tier_accuracy.values())  # shares of the test texts
+    assert math.isfinite(final.test_loss)
+    assert all(np.isfinite(c.train_loss) for h in results.history for c in h.clients)
     assert_every_client_answered(results)
 
 

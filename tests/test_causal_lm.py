@@ -15,7 +15,8 @@ from ubsmoe.engine.experiment import build_experiment
 from ubsmoe.engine.rounds import run_experiment
 from ubsmoe.methods import REGISTRY
 from ubsmoe.model import load_tokenizer
-from ubsmoe.tasks.causal_lm import IGNORE, encode_questions, encode_training, next_token_positions, score_and_generate
+from ubsmoe.tasks.commonsense_encoding import IGNORE, encode_questions, encode_training, next_token_positions
+from ubsmoe.tasks.commonsense_scoring import score_and_generate
 
 
 @pytest.fixture(scope="module")
@@ -114,18 +115,18 @@ def test_every_method_fine_tunes_the_causal_lm_end_to_end(tiny_causal_llama, tin
 
     results = run_experiment(config, show_progress=False)
 
-    final = results["final"]
-    details = results["history"][-1]["tier_details"]["0.5"]
-    assert results["task"] == "causal-lm" and results["label_names"] == ["ARC-Easy", "boolq"]
-    assert results["num_test"] == 3 * 4  # 4 questions from each of the three tasks, the test-only one included
+    final = results.final
+    details = results.history[-1].tier_details["0.5"]
+    assert results.task == "causal-lm" and results.label_names == ["ARC-Easy", "boolq"]
+    assert results.num_test == 3 * 4  # 4 questions from each of the three tasks, the test-only one included
     assert {k.split("/")[0] for k in details if "/" in k} == {"ARC-Easy", "boolq", "winogrande"}
-    assert final["tier_accuracy"]["0.5"] == details["generation"]  # the headline protocol
+    assert final.tier_accuracy["0.5"] == details["generation"]  # the headline protocol
     assert details["winogrande/chance"] == 0.5 and details["chance"] == pytest.approx((1 / 3 + 0.5 + 0.5) / 3)
     assert all(0 <= v <= 1 for k, v in details.items() if not k.endswith(("questions", "generated")))
     assert details["questions"] == details["generated"] == 12  # every question scored and generated
-    assert math.isfinite(final["test_loss"]) and set(results["round0"]) == {"0.5", "1.0"}
-    assert all(math.isfinite(c["train_loss"]) for c in results["history"][-1]["clients"])
-    assert sum(sum(c["label_counts"]) for c in results["clients"]) == results["num_train"] == 48
+    assert math.isfinite(final.test_loss) and set(results.round0) == {"0.5", "1.0"}
+    assert all(math.isfinite(c.train_loss) for c in results.history[-1].clients)
+    assert sum(sum(c.label_counts) for c in results.clients) == results.num_train == 48
     assert_every_client_answered(results)
 
 
@@ -140,7 +141,7 @@ def test_tiers_benchmark_times_the_causal_lm_step(tiny_causal_llama, tiny_suite,
 
     tiers = result["methods"]["ubsmoe"]["tiers"]
     assert result["overrides"][0] == "task=causal-lm"
-    assert tiers["0.25"]["train_flops"] < tiers["1.0"]["train_flops"]
+    assert tiers["0.25"].train_flops < tiers["1.0"].train_flops
     made_by = next(line for line in (tmp_path / "tiers.md").read_text().splitlines() if line.startswith("Made by"))
     assert "`ubsmoe bench tiers --backbone " in made_by and " task=causal-lm data.dataset=commonsense:" in made_by
 
@@ -207,7 +208,7 @@ def test_beam_search_with_the_cache_equals_beam_search_on_whole_sequences(experi
 def test_generation_on_a_subset_keeps_every_scored_question_and_counts_the_format(experiment, monkeypatch):
     """With evaluation.generate_questions=2, every question is scored by log-likelihood as before and only a
     seeded 2 per task generate; the format rate counts generations that name any choice of the pattern."""
-    import ubsmoe.tasks.causal_lm as causal_lm
+    import ubsmoe.tasks.commonsense_scoring as commonsense_scoring
 
     task = experiment.task
     everything = task.evaluate(experiment.model, experiment.test, 8)
@@ -227,7 +228,7 @@ def test_generation_on_a_subset_keeps_every_scored_question_and_counts_the_forma
     # nothing in "no idea"; winogrande nothing in "xyz" ("answer9" names no option either)
     assert [details[f"{t}/format"] for t in ("ARC-Easy", "boolq", "winogrande")] == [0.5, 0.5, 0.0]
     assert details["questions"] == 12 and details["generated"] == 6
-    assert causal_lm.generation_subset(4, 2, "0/boolq") == causal_lm.generation_subset(4, 2, "0/boolq")
+    assert commonsense_scoring.generation_subset(4, 2, "0/boolq") == commonsense_scoring.generation_subset(4, 2, "0/boolq")
 
 
 def test_majority_and_chance_baselines_by_hand(experiment):

@@ -16,6 +16,7 @@ from ubsmoe.cli import main
 from ubsmoe.config import load_config
 from ubsmoe.engine.checkpoint import CHECKPOINT, read_checkpoint
 from ubsmoe.engine.rounds import run_experiment
+from ubsmoe.engine.run_folder import read_results
 
 from test_client_server import deterministic
 
@@ -52,10 +53,10 @@ def test_a_killed_run_resumes_to_the_uninterrupted_numbers(tiny_bert, tiny_task,
         assert read_checkpoint(out).round == resumes_after
         assert len(json.loads((out / "history.json").read_text())) == resumes_after
         assert main(["run", "--quiet", "--resume", str(out)]) == 0
-    resumed = json.loads((out / "results.json").read_text())
+    resumed = read_results(out)
     uninterrupted = run_experiment(load_config(overrides=overrides, method=method), show_progress=False)
     assert deterministic(resumed) == deterministic(uninterrupted)
-    assert resumed["round0"] == uninterrupted["round0"]
+    assert resumed.round0 == uninterrupted.round0
     assert not list(out.glob(".*.partial"))
 
 
@@ -106,6 +107,6 @@ def test_compare_resumes_an_interrupted_run(unfinished, tiny_bert, tiny_task, mo
     run_comparison(["ubsmoe"], [0], folder.parent, overrides=overrides, show_progress=False)
     monkeypatch.setattr(simulation, "run_client", real)
 
-    resumed = json.loads((folder / "results.json").read_text())
+    resumed = read_results(folder)
     uninterrupted = run_experiment(load_config(overrides=overrides), show_progress=False)
     assert deterministic(resumed) == deterministic(uninterrupted)

@@ -21,6 +21,7 @@ from ubsmoe.methods.records import (
     ClientInfo, ClientSettings, ClientUpdate, TrainMetrics, flat_scalars, flat_tensors, instruction_from_flat, update_from_flat,
 )
 from ubsmoe.metrics.flops import FlopCounter
+from ubsmoe.engine.run_records import RunResults
 
 SCALAR_TYPES = (int, float, bool, str)
 
@@ -54,12 +55,12 @@ def remote_client(config, fresh_each_message: bool = False):
     return client_fn
 
 
-def deterministic(results: dict) -> list[dict]:
+def deterministic(results: RunResults) -> list[dict]:
     """Per round: everything but times and memory."""
     rounds = []
-    for h in results["history"]:
-        entry = {k: v for k, v in h.items() if k != "cost"}
-        entry["clients_cost"] = [{k: v for k, v in c.items() if k != "train_seconds"} for c in h["cost"]["clients"]]
+    for h in results.history:
+        entry = {k: v for k, v in h.to_json().items() if k != "cost"}
+        entry["clients_cost"] = [{k: v for k, v in vars(c).items() if k != "train_seconds"} for c in h.cost.clients]
         rounds.append(entry)
     return rounds
 
@@ -72,7 +73,7 @@ def test_a_client_with_its_own_model_gives_the_in_process_numbers(tiny_bert, tin
     apart = run_experiment(config, show_progress=False, client_fn=remote_client(config))
 
     assert deterministic(apart) == deterministic(shared)
-    assert shared["history"][-1]["cost"]["clients"][0]["download_bytes"] > 0
+    assert shared.history[-1].cost.clients[0].download_bytes > 0
 
 
 @pytest.mark.parametrize("method", sorted(n for n, m in REGISTRY.items() if m.merges_into_base))
@@ -87,7 +88,7 @@ def test_merging_methods_rebuild_the_base_for_clients_that_missed_rounds(tiny_be
     apart = run_experiment(config, show_progress=False, client_fn=remote_client(config, fresh_each_message=True))
 
     assert deterministic(apart) == deterministic(shared)
-    downloads = [h["cost"]["clients"][0]["download_bytes"] for h in shared["history"]]
+    downloads = [h.cost.clients[0].download_bytes for h in shared.history]
     assert downloads[0] < downloads[1] < downloads[2]  # every round's merged update travels to a client
 
 

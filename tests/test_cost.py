@@ -79,25 +79,25 @@ def test_payload_bytes_and_costs_per_tier(tiny_bert, tiny_task):
     results = {m: run_experiment(load_config(overrides=tiny_overrides(tiny_bert, tiny_task), method=m),
                                  show_progress=False) for m in ("smoe", "hetlora")}
     smoe = results["smoe"]
-    trainable = smoe["parameters"]["total_trainable"]
+    trainable = smoe.parameters["total_trainable"]
     layers, experts = 2, 4
-    for client in smoe["history"][0]["cost"]["clients"]:
-        assert client["download_bytes"] == 4 * trainable  # float32 tensors the client starts from
-        assert client["upload_bytes"] == 4 * trainable + 8 * (layers * experts + layers)  # deltas + float64 counts
+    for client in smoe.history[0].cost.clients:
+        assert client.download_bytes == 4 * trainable  # float32 tensors the client starts from
+        assert client.upload_bytes == 4 * trainable + 8 * (layers * experts + layers)  # deltas + float64 counts
     # HetLoRA: a beta = 0.5 client sends and receives ranks 0..1 of 4 of every adapter, the head whole
     het = results["hetlora"]
-    params = het["parameters"]
+    params = het.parameters
     adapters = params["total_trainable"] - params["head"]
-    by_budget = {c["budget"]: c for c in het["history"][0]["cost"]["clients"]}
-    assert by_budget[1.0]["download_bytes"] == 4 * params["total_trainable"]
-    assert by_budget[0.5]["download_bytes"] == 4 * (adapters // 2 + params["head"])
+    by_budget = {c.budget: c for c in het.history[0].cost.clients}
+    assert by_budget[1.0].download_bytes == 4 * params["total_trainable"]
+    assert by_budget[0.5].download_bytes == 4 * (adapters // 2 + params["head"])
     # the low tier computes less per token, in training and at inference
     for run in results.values():
-        tiers = run["cost"]["tiers"]
-        assert tiers["0.5"]["train_flops_per_token"] < tiers["1.0"]["train_flops_per_token"]
-        assert tiers["0.5"]["inference_flops_per_token"] < tiers["1.0"]["inference_flops_per_token"]
-        assert run["cost"]["peak_rss_mb"] > 0
-        assert all(c["train_seconds"] > 0 for h in run["history"] for c in h["cost"]["clients"])
+        tiers = run.cost.tiers
+        assert tiers["0.5"].train_flops_per_token < tiers["1.0"].train_flops_per_token
+        assert tiers["0.5"].inference_flops_per_token < tiers["1.0"].inference_flops_per_token
+        assert run.cost.peak_rss_mb > 0
+        assert all(c.train_seconds > 0 for h in run.history for c in h.cost.clients)
 
 
 def test_pseudo_gradient_work_is_counted_in_training_only(one_layer_model):

@@ -29,6 +29,6 @@ def test_a_tiny_olmoe_trains_on_the_gpu_in_bf16(tmp_path, tiny_suite, method):
     on_gpu = run_experiment(gpu, show_progress=False)
     on_cpu = run_experiment(load_config(overrides=overrides, method=method), show_progress=False)
 
-    assert all(math.isfinite(c["train_loss"]) for c in on_gpu["history"][-1]["clients"])
+    assert all(math.isfinite(c.train_loss) for c in on_gpu.history[-1].clients)
     assert_every_client_answered(on_gpu)
-    assert on_gpu["final"]["test_loss"] == pytest.approx(on_cpu["final"]["test_loss"], rel=0.05)
+    assert on_gpu.final.test_loss == pytest.approx(on_cpu.final.test_loss, rel=0.05)

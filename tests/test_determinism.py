@@ -7,7 +7,7 @@ import torch
 from tiny_experiment import tiny_overrides
 from ubsmoe.config import load_config
 from ubsmoe.engine.clients import sample_clients
-from ubsmoe.engine.evaluation import evaluate, evaluate_tiers
+from ubsmoe.engine.evaluation import evaluate, evaluate_tiers, setup_tier
 from ubsmoe.engine.client import run_client
 from ubsmoe.engine.experiment import build_experiment
 from ubsmoe.engine.rounds import run_experiment
@@ -24,12 +24,12 @@ def config_for(tiny_bert, tiny_task, method, **extra):
 
 def recorded_numbers(results: dict) -> list[dict]:
     """Per round: each tier's accuracy and loss, the test loss and every client's train loss."""
-    return [{"tier_accuracy": h["tier_accuracy"], "tier_loss": h["tier_loss"], "test_loss": h["test_loss"],
-             "train_loss": {c["id"]: c["train_loss"] for c in h["clients"]}} for h in results["history"]]
+    return [{"tier_accuracy": h.tier_accuracy, "tier_loss": h.tier_loss, "test_loss": h.test_loss,
+             "train_loss": {c.id: c.train_loss for c in h.clients}} for h in results.history]
 
 
 def train_losses(results: dict) -> list[float]:
-    return [c["train_loss"] for h in results["history"] for c in h["clients"]]
+    return [c.train_loss for h in results.history for c in h.clients]
 
 
 def two_forwards_in_train_mode(exp) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,9 +59,7 @@ def evaluate_each_tier(exp, state) -> dict[float, dict]:
     method, model = exp.method, exp.model
     results = {}
     for budget in exp.tiers:
-        settings = method.eval_settings(state, budget)
-        model.load_trainable_state(method.start_params(model, method.eval_params(state, budget), settings))
-        method.setup_client(model, settings)
+        setup_tier(model, method, state, budget)
         try:
             results[budget] = evaluate(model, exp.task, exp.test, exp.config.train.eval_batch_size)
         finally:
@@ -81,7 +79,7 @@ def test_same_seed_gives_bit_identical_numbers_with_dropout(tiny_bert, tiny_task
     reseeded = run_experiment(other_seed, show_progress=False)
 
     assert not torch.equal(first_logits, second_logits), "dropout is not active: the test would be vacuous"
-    assert runs[0]["config"]["model"]["dropout"] == DROPOUT
+    assert runs[0].config["model"]["dropout"] == DROPOUT
     assert recorded_numbers(runs[0]) == recorded_numbers(runs[1])
     assert len(train_losses(runs[0])) == 2 * 2  # two clients, two rounds: nothing compared is missing
     assert train_losses(reseeded) != train_losses(runs[0])
@@ -92,12 +90,12 @@ ONE_ROUND_TWO_RANKS = {"federation.rounds": 1, "federation.budgets": "0.25,1.0"}
 
 
 def tier_numbers(results: dict[float, dict]) -> dict[str, tuple[float, float]]:
-    return {str(b): (r["accuracy"], r["loss"]) for b, r in results.items()}
+    return {str(b): (r.accuracy, r.loss) for b, r in results.items()}
 
 
 def recorded_tier_numbers(results: dict) -> dict[str, tuple[float, float]]:
-    final = results["final"]
-    return {b: (final["tier_accuracy"][b], final["tier_loss"][b]) for b in final["tier_accuracy"]}
+    final = results.final
+    return {b: (final.tier_accuracy[b], final.tier_loss[b]) for b in final.tier_accuracy}
 
 
 def evaluated_tiers(tiny_bert, tiny_task, method: str):
@@ -123,7 +121,7 @@ def test_tiers_holding_one_model_evaluate_alike_when_evaluated_one_by_one(tiny_b
     assert len(set(tier_numbers(separate).values())) == 1, tier_numbers(separate)
     assert tier_numbers(separate) == tier_numbers(reported) == recorded_tier_numbers(recorded)
     if method != "fedavg-lora":  # each tier runs its own rank-r_c adapter
-        assert recorded["cost"]["low_tier_reduction"]["inference_flops_per_token"] > 0
+        assert recorded.cost.low_tier_reduction["inference_flops_per_token"] > 0
 
 
 @pytest.mark.parametrize("method", ["flexlora", "hetlora"])
@@ -133,5 +131,5 @@ def test_tiers_holding_different_models_evaluate_differently(tiny_bert, tiny_tas
 
     low, high = exp.tiers
     assert exp.method.eval_key(low) != exp.method.eval_key(high)
-    assert separate[low]["loss"] != separate[high]["loss"]
+    assert separate[low].loss != separate[high].loss
     assert tier_numbers(separate) == tier_numbers(reported) == recorded_tier_numbers(recorded)

@@ -20,39 +20,39 @@ def test_two_clients_two_rounds_end_to_end(tiny_bert, tiny_task, method):
 
     results = run_experiment(config, show_progress=False)
 
-    assert results["method"] == method
-    assert [h["round"] for h in results["history"]] == [1, 2]
-    assert set(results["final"]["tier_accuracy"]) == {"0.5", "1.0"}
-    for acc in results["final"]["tier_accuracy"].values():  # a share of the 24 test texts
-        assert acc * results["num_test"] == pytest.approx(round(acc * results["num_test"]))
-    assert results["final"]["average_accuracy"] == pytest.approx(np.mean(list(results["final"]["tier_accuracy"].values())))
-    assert results["num_train"] + results["num_test"] == 120
-    assert sum(c["num_examples"] for c in results["clients"]) == results["num_train"]
-    assert results["config"]["method"]["name"] == method
-    losses = [c["train_loss"] for h in results["history"] for c in h["clients"]]
+    assert results.method == method
+    assert [h.round for h in results.history] == [1, 2]
+    assert set(results.final.tier_accuracy) == {"0.5", "1.0"}
+    for acc in results.final.tier_accuracy.values():  # a share of the 24 test texts
+        assert acc * results.num_test == pytest.approx(round(acc * results.num_test))
+    assert results.final.average_accuracy == pytest.approx(np.mean(list(results.final.tier_accuracy.values())))
+    assert results.num_train + results.num_test == 120
+    assert sum(c.num_examples for c in results.clients) == results.num_train
+    assert results.config["method"]["name"] == method
+    losses = [c.train_loss for h in results.history for c in h.clients]
     assert all(np.isfinite(losses)) and len(losses) == 4
     if method == "smoe":
-        assert results["k_max"] == 4
-        load = results["final"]["tier_expert_load"]["0.5"]  # K = 2 of 4: two experts per token
+        assert results.k_max == 4
+        load = results.final.tier_expert_load["0.5"]  # K = 2 of 4: two experts per token
         assert np.allclose(np.sum(load, axis=1), 2.0)
     else:
-        assert results["k_max"] == 1
+        assert results.k_max == 1
 
 
 def test_training_learns_the_tiny_task(tiny_bert, tiny_task):
     config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **{"federation.rounds": 4,
                                                                            "train.local_steps": 8}), method="smoe")
     results = run_experiment(config, show_progress=False)
-    first, last = results["history"][0], results["history"][-1]
-    assert last["test_loss"] < first["test_loss"]
-    assert last["average_accuracy"] > 0.6  # chance is 1/3
+    first, last = results.history[0], results.history[-1]
+    assert last.test_loss < first.test_loss
+    assert last.average_accuracy > 0.6  # chance is 1/3
 
 
 def test_same_seed_gives_the_same_numbers(tiny_bert, tiny_task):
     runs = [run_experiment(load_config(overrides=tiny_overrides(tiny_bert, tiny_task), method="smoe"),
                            show_progress=False) for _ in range(2)]
-    assert without_timings(runs[0]["history"]) == without_timings(runs[1]["history"])
-    assert runs[0]["history"][0]["cost"]["clients"][0]["train_flops"] > 0  # the counted parts are compared
+    assert without_timings(runs[0].to_json()["history"]) == without_timings(runs[1].to_json()["history"])
+    assert runs[0].history[0].cost.clients[0].train_flops > 0  # the counted parts are compared
 
 
 def without_timings(value):

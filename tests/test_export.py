@@ -45,7 +45,7 @@ def test_a_dense_classification_tier_is_a_peft_adapter_with_the_same_outputs(met
         peft_model = peft.PeftModel.from_pretrained(base, str(folder)).eval()
         loaded.setup_tier(tier)
         with torch.no_grad():
-            ours = loaded.exp.model.hidden_states(encoded["input_ids"], encoded["attention_mask"])
+            ours = loaded.experiment.model.hidden_states(encoded["input_ids"], encoded["attention_mask"])
             theirs = peft_model(**encoded).last_hidden_state
         torch.testing.assert_close(theirs[real], ours[real], atol=2e-5, rtol=1e-4)
         with peft_model.disable_adapter(), torch.no_grad():  # the adapter does change the backbone
@@ -54,7 +54,7 @@ def test_a_dense_classification_tier_is_a_peft_adapter_with_the_same_outputs(met
 
         head = load_file(str(folder / "task_head.safetensors"))
         with torch.no_grad():  # the head beside the adapter gives ubsmoe's logits from PEFT's hidden states
-            logits = loaded.exp.model.head(theirs, real)
+            logits = loaded.experiment.model.head(theirs, real)
             pooled = (theirs * real.unsqueeze(-1)).sum(1) / real.sum(1, keepdim=True)
         torch.testing.assert_close(pooled @ head["linear.weight"].T + head["linear.bias"], logits, atol=2e-5, rtol=1e-4)
     if method == "hetlora":  # the low tier's adapter has the low tier's rank: r_c = floor(4 * 0.5)
@@ -78,7 +78,7 @@ def test_a_dense_causal_lm_tier_is_a_peft_adapter_for_the_causal_lm(tiny_causal_
     peft_model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_causal_llama)),
                                                 str(tmp_path / "tier-0.5")).eval()
     with torch.no_grad():
-        ours = loaded.exp.model(ids, mask).view(2, 6, -1)
+        ours = loaded.experiment.model(ids, mask).view(2, 6, -1)
         theirs = peft_model(input_ids=ids, attention_mask=mask).logits
         with peft_model.disable_adapter():
             plain = peft_model(input_ids=ids, attention_mask=mask).logits

@@ -21,6 +21,8 @@ from ubsmoe.engine.experiment import build_experiment
 from ubsmoe.engine.rounds import run_experiment
 from ubsmoe.engine.server import Server
 from ubsmoe.metrics.flops import FlopCounter
+from ubsmoe.engine.run_folder import read_results
+from ubsmoe.engine.run_records import FailedClient
 
 THREE = {"federation.num_clients": 3, "federation.budgets": "0.5,1.0,1.0", "threads": 1}
 
@@ -56,15 +58,15 @@ def test_failing_clients_are_left_out_and_recorded(tiny_bert, tiny_task):
 
     results = run_experiment(config, show_progress=False, client_fn=faulty_client(config, faults))
 
-    first, second = results["history"]
-    assert [c["id"] for c in first["clients"]] == [1] and [c["id"] for c in second["clients"]] == [0]
-    assert [(f["client_id"], f["reason"]) for f in first["failed_clients"]] == [
+    first, second = results.history
+    assert [c.id for c in first.clients] == [1] and [c.id for c in second.clients] == [0]
+    assert [(f.client_id, f.reason) for f in first.failed_clients] == [
         (0, "the device fell off the network"), (2, "the update holds NaN or infinite values")]
-    reasons = [f["reason"] for f in second["failed_clients"]]
-    assert [f["client_id"] for f in second["failed_clients"]] == [1, 2]
+    reasons = [f.reason for f in second.failed_clients]
+    assert [f.client_id for f in second.failed_clients] == [1, 2]
     assert reasons[0].endswith("expected " + reasons[0].split("expected ")[1]) and "has shape" in reasons[0]
     assert reasons[1] == "the update holds 'not.a.tensor', which the client was not sent"
-    assert all(v == v for v in results["final"]["tier_loss"].values())  # no NaN reached the model
+    assert all(v == v for v in results.final.tier_loss.values())  # no NaN reached the model
 
 
 def test_a_client_slower_than_the_timeout_is_left_out_of_its_round(tiny_bert, tiny_task):
@@ -73,11 +75,11 @@ def test_a_client_slower_than_the_timeout_is_left_out_of_its_round(tiny_bert, ti
 
     results = run_experiment(config, show_progress=False, client_fn=faulty_client(config, {(2, 1): "slow"}))
 
-    first, second = results["history"]
-    assert [c["id"] for c in first["clients"]] == [0, 1, 2] and "failed_clients" not in first
-    assert [c["id"] for c in second["clients"]] == [0, 2]
-    [late] = second["failed_clients"]
-    assert late["client_id"] == 1 and late["reason"].startswith("no answer within federation.client_timeout=3 s (it took 3.")
+    first, second = results.history
+    assert [c.id for c in first.clients] == [0, 1, 2] and first.failed_clients is None
+    assert [c.id for c in second.clients] == [0, 2]
+    [late] = second.failed_clients
+    assert late.client_id == 1 and late.reason.startswith("no answer within federation.client_timeout=3 s (it took 3.")
 
 
 def test_too_few_updates_stop_the_run_naming_every_failure(tiny_bert, tiny_task):
@@ -89,8 +91,6 @@ def test_too_few_updates_stop_the_run_naming_every_failure(tiny_bert, tiny_task)
 
 def test_a_run_stopped_by_its_clients_says_how_to_resume_and_resumes_to_the_same_numbers(tiny_bert, tiny_task,
                                                                                        tmp_path, monkeypatch, capsys):
-    import json
-
     import ubsmoe.engine.rounds as simulation
 
     overrides = tiny_overrides(tiny_bert, tiny_task, **THREE, **{"federation.rounds": 3})
@@ -111,9 +111,9 @@ def test_a_run_stopped_by_its_clients_says_how_to_resume_and_resumes_to_the_same
     monkeypatch.setattr(simulation, "run_client", real)  # the clients are back
     assert main(["run", "--quiet", "--resume", str(tmp_path / "run")]) == 0
     assert main(["run", "--quiet", "--out", str(tmp_path / "straight")] + overrides) == 0
-    resumed, straight = (json.loads((tmp_path / f / "results.json").read_text()) for f in ("run", "straight"))
+    resumed, straight = (read_results(tmp_path / f) for f in ("run", "straight"))
     for key in ("tier_accuracy", "tier_loss", "test_loss"):
-        assert resumed["final"][key] == straight["final"][key]
+        assert getattr(resumed.final, key) == getattr(straight.final, key)
 
 
 @pytest.mark.parametrize("policy", ["clip", "reject"])
@@ -121,8 +121,8 @@ def test_updates_beyond_the_norm_bound_are_clipped_or_rejected(tiny_bert, tiny_t
     config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **THREE, **{
         "federation.max_update_norm": 0.5, "federation.update_norm_policy": policy}))
     server = Server(config)
-    runtime = server.exp.client_runtime(None)
-    instruction = server.instruction(server.exp.clients[0], 1)
+    runtime = server.experiment.client_runtime(None)
+    instruction = server.instruction(server.experiment.clients[0], 1)
     update = run_client(runtime, instruction)
     update.delta = {n: d * 1e3 for n, d in update.delta.items()}
     original = {n: d.clone() for n, d in update.delta.items()}
@@ -165,8 +165,8 @@ def test_a_bug_in_a_client_stops_the_run_unless_the_config_drops_it(tiny_bert, t
     with pytest.raises(ZeroDivisionError, match="a bug in the method"):
         run_experiment(load_config(overrides=overrides), show_progress=False)
     dropped = run_experiment(load_config(overrides=overrides + ["federation.on_client_error=drop"]), show_progress=False)
-    [failure] = dropped["history"][0]["failed_clients"]
-    assert failure == {"client_id": 0, "reason": "ZeroDivisionError: a bug in the method"}
+    [failure] = dropped.history[0].failed_clients
+    assert failure == FailedClient(0, "ZeroDivisionError: a bug in the method")
 
 
 def test_a_diverged_client_is_a_fault_not_a_bug(tiny_bert, tiny_task):

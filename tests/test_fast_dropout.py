@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ubsmoe.model import fast_dropout
-from ubsmoe.model.moe_model import load_dense_backbone
+from ubsmoe.model.pretrained import load_dense_backbone
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])

@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModel
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from ubsmoe.model.moe_model import load_dense_backbone
+from ubsmoe.model.pretrained import load_dense_backbone
 from ubsmoe.model.fast_norm import FastRMSNorm, rms_norm
 
 

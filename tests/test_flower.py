@@ -25,6 +25,7 @@ from ubsmoe.engine.flower.messages import (CLIENT_FAULT, instruction_content, re
 from ubsmoe.engine.flower.strategy import MethodStrategy  # noqa: E402
 from ubsmoe.engine.rounds import run_experiment
 from ubsmoe.engine.server import Server  # noqa: E402
+from ubsmoe.engine.run_folder import read_results
 
 from test_client_server import deterministic  # noqa: E402
 
@@ -50,16 +51,16 @@ def test_flower_simulation_gives_the_in_process_numbers(tiny_bert, tiny_task, tm
     if method == "ubsmoe":
         out = tmp_path / "flower"
         assert main(["run", "--engine", "flower-sim", "--quiet", "--method", method, "--out", str(out)] + overrides) == 0
-        flower = json.loads((out / "results.json").read_text())
+        flower = read_results(out)
     else:
         from ubsmoe.engine.flower.simulation import run_flower_simulation
 
         flower = run_flower_simulation(config, show_progress=False)
     in_process = run_experiment(config, show_progress=False)
 
-    assert flower["engine"] == "flower-sim"
+    assert flower.engine == "flower-sim"
     assert deterministic(flower) == deterministic(in_process)
-    assert flower["round0"] == in_process["round0"]
+    assert flower.round0 == in_process.round0
     assert ray_processes_end(within_s=30)
     if method == "ubsmoe":  # the run's checkpoint, history and saved model, as the in-process engine writes them
         from ubsmoe.engine.evaluation import evaluate
@@ -69,8 +70,8 @@ def test_flower_simulation_gives_the_in_process_numbers(tiny_bert, tiny_task, tm
         assert len(json.loads((out / "history.json").read_text())) == 2
         loaded = load_model(out)
         loaded.setup_tier(0.25)
-        scores = evaluate(loaded.exp.model, loaded.exp.task, loaded.exp.test, 64)
-        assert scores["accuracy"] == flower["final"]["tier_accuracy"]["0.25"]
+        scores = evaluate(loaded.experiment.model, loaded.experiment.task, loaded.experiment.test, 64)
+        assert scores.accuracy == flower.final.tier_accuracy["0.25"]
 
 
 def ray_processes_end(within_s: float) -> bool:
@@ -105,9 +106,9 @@ def test_strategy_drops_failed_replies_and_needs_min_clients(tiny_bert, tiny_tas
     server = Server(config)
     strategy = MethodStrategy(server)
     strategy.node_of = {0: 100, 1: 101, 2: 102}
-    instructions = [server.instruction(client, 1) for client in server.exp.clients]
+    instructions = server.open_round(1)
     strategy.outgoing = sent(instructions)
-    runtime = server.exp.client_runtime(server.flop_counter)
+    runtime = server.experiment.client_runtime(server.flop_counter)
     good = run_client(runtime, read_instruction(instruction_content(instructions[0], config))[0])
     poisoned = run_client(runtime, instructions[1])
     name = next(iter(poisoned.delta))
@@ -120,9 +121,9 @@ def test_strategy_drops_failed_replies_and_needs_min_clients(tiny_bert, tiny_tas
                                                    reply("m2", error="CUDA out of memory")])
     entry = server.evaluate(1)
 
-    assert [(f["client_id"], f["reason"]) for f in entry["failed_clients"]] == [
+    assert [(f.client_id, f.reason) for f in entry.failed_clients] == [
         (1, "the update holds NaN or infinite values"), (2, "CUDA out of memory")]
-    assert [c["id"] for c in entry["clients"]] == [0]
+    assert [c.id for c in entry.clients] == [0]
     assert metrics["updates"] == 1 and metrics["failures"] == 2
     assert all(torch.isfinite(v).all() for v in server.state.params.values())
     assert any(not torch.equal(server.state.params[n], before[n]) for n in before)  # the good update counted
@@ -131,7 +132,7 @@ def test_strategy_drops_failed_replies_and_needs_min_clients(tiny_bert, tiny_tas
     strict = Server(load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **{
         "federation.num_clients": 3, "federation.budgets": "0.5,1.0,1.0", "federation.min_clients": 2})))
     strategy = MethodStrategy(strict)
-    strategy.outgoing = sent([strict.instruction(client, 1) for client in strict.exp.clients])
+    strategy.outgoing = sent(strict.open_round(1))
     with pytest.raises(RuntimeError, match=r"1 of the sampled clients returned an update, fewer than federation.min_clients=2 .*client 1: node offline.*client 2: no reply"):
         strategy.aggregate_train(1, [reply("m0", update_content(good)), reply("m1", error="node offline")])
 
@@ -145,9 +146,9 @@ def test_a_client_whose_code_raised_stops_the_run_with_its_traceback_unless_drop
     config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **{"federation.on_client_error": policy}))
     server = Server(config)
     strategy = MethodStrategy(server)
-    instructions = [server.instruction(client, 1) for client in server.exp.clients]
+    instructions = server.open_round(1)
     strategy.outgoing = sent(instructions)
-    good = run_client(server.exp.client_runtime(server.flop_counter), instructions[0])
+    good = run_client(server.experiment.client_runtime(server.flop_counter), instructions[0])
     trace = 'Traceback (most recent call last):\n  File "smoe.py", line 3\nZeroDivisionError: division by zero'
     replies = [reply("m0", update_content(good)), reply("m1", error=trace, code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION)]
 
@@ -214,7 +215,7 @@ def test_a_killed_flower_simulation_resumes_to_the_uninterrupted_numbers(tiny_be
 
     assert main(["run", "--quiet", "--engine", "flower-sim", "--resume", str(out)]) == 0
 
-    resumed = json.loads((out / "results.json").read_text())
+    resumed = read_results(out)
     uninterrupted = run_experiment(load_config(overrides=overrides, method="smoe"), show_progress=False)
     assert deterministic(resumed) == deterministic(uninterrupted)
-    assert resumed["round0"] == uninterrupted["round0"] and ray_processes_end(within_s=30)
+    assert resumed.round0 == uninterrupted.round0 and ray_processes_end(within_s=30)

@@ -6,7 +6,6 @@ records who dropped in which rounds. Every process started here is ended by its 
 A user's mistake (no SuperLink at the address, a CA file that is no certificate, an address without
 its port) is one line and exit code 2, found before anything is submitted: no SuperLink needed."""
 
-import json
 import os
 import signal
 import socket
@@ -24,6 +23,7 @@ from ubsmoe.cli import main  # noqa: E402
 from ubsmoe.config import MissingPackageError, load_config  # noqa: E402
 from ubsmoe.engine.flower.deployment import flwr_executable  # noqa: E402
 from ubsmoe.engine.rounds import run_experiment  # noqa: E402
+from ubsmoe.engine.run_folder import read_results
 
 from test_client_server import deterministic  # noqa: E402
 
@@ -130,10 +130,10 @@ def test_tls_deployment_gives_the_in_process_numbers(deployment, tiny_bert, tiny
 
     finish(submit(deployment, tmp_path / "out", overrides, round_timeout=300), within_s=600)
 
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["engine"] == "flower" and len(results["history"]) == 2
+    results = read_results(tmp_path / "out")
+    assert results.engine == "flower" and len(results.history) == 2
     assert deterministic(results) == deterministic(run_experiment(load_config(overrides=overrides), show_progress=False))
-    assert "failed_clients" not in results["history"][0]
+    assert results.history[0].failed_clients is None
 
 
 def test_a_supernode_killed_mid_round_is_dropped_after_the_timeout(deployment, tiny_bert, tiny_task, tmp_path):
@@ -146,11 +146,11 @@ def test_a_supernode_killed_mid_round_is_dropped_after_the_timeout(deployment, t
     deployment.kill("node1")  # the SuperNode and the ClientApp it started, mid-round
     finish(run, within_s=600)
 
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
-    for entry in results["history"]:  # round 1 (killed while training) and round 2 (gone)
-        assert [c["id"] for c in entry["clients"]] == [0]
-        assert [f["client_id"] for f in entry["failed_clients"]] == [1]
-    assert len(results["history"]) == 2
+    results = read_results(tmp_path / "out")
+    for entry in results.history:  # round 1 (killed while training) and round 2 (gone)
+        assert [c.id for c in entry.clients] == [0]
+        assert [f.client_id for f in entry.failed_clients] == [1]
+    assert len(results.history) == 2
 
 
 @pytest.mark.parametrize("superlink, tls, message", [

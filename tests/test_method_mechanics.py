@@ -113,7 +113,7 @@ def test_evaluation_routes_with_dmr_at_the_tier_k_without_pseudo_gradient(tiny_b
         assert top_k == 2  # K_c = floor(4 * 0.5)
         assert len(hooks) == 1 and isinstance(hooks[0], ModulatedRouting) and hooks[0].candidates == 4
         assert not any(isinstance(hook, PseudoGradient) for hook in hooks)
-    for load in result["expert_load"]:  # phi_3 = 50 puts expert 3 in every token's top-2
+    for load in result.expert_load:  # phi_3 = 50 puts expert 3 in every token's top-2
         assert load[3] == 1.0 and sum(load) == pytest.approx(2.0)
     assert training_hooks == [ModulatedRouting, PseudoGradient]
     assert all(layer.hooks == [] for layer in model.moe_layers) and method.hooks == []
@@ -210,7 +210,7 @@ def test_a3smoe_evaluates_the_low_tier_with_its_stored_scales(tiny_bert, tiny_ta
     assert len(scaled_out) == len(plain_out) > 0
     for s_out, p_out in zip(scaled_out, plain_out):
         torch.testing.assert_close(s_out - first.b_down, stored[0] * (p_out - first.b_down), rtol=1e-5, atol=1e-6)
-    assert scaled["loss"] != plain["loss"]
+    assert scaled.loss != plain.loss
     assert top_hooks == [] and top_scale == 1.0
     assert not any(isinstance(h, OutputRescaling) for layer in model.moe_layers for h in layer.hooks)
 

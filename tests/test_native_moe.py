@@ -15,7 +15,7 @@ from ubsmoe.engine.experiment import build_experiment
 from ubsmoe.engine.rounds import run_experiment
 from ubsmoe.methods import REGISTRY
 from ubsmoe.model import ModelSpec, build_model
-from ubsmoe.model.moe_model import NativeShape, native_moe_shape
+from ubsmoe.model.pretrained import NativeShape, native_moe_shape
 from ubsmoe.model.shared_expert import SharedExpertMoE
 from ubsmoe.tasks.causal_lm import language_model_head
 
@@ -81,10 +81,10 @@ def test_every_method_fine_tunes_a_native_moe(tiny_moes, tiny_suite, method):
 
     results = run_experiment(config, show_progress=False)
 
-    assert results["k_max"] == 2  # the checkpoint's top-k; M = 4 from its config, not model.num_experts
-    assert all(math.isfinite(c["train_loss"]) for c in results["history"][-1]["clients"])
+    assert results.k_max == 2  # the checkpoint's top-k; M = 4 from its config, not model.num_experts
+    assert all(math.isfinite(c.train_loss) for c in results.history[-1].clients)
     assert_every_client_answered(results)
-    assert set(results["final"]["tier_accuracy"]) == {"0.5", "1.0"}
+    assert set(results.final.tier_accuracy) == {"0.5", "1.0"}
 
 
 @pytest.mark.parametrize("family", NATIVE_MOE_FAMILIES)
@@ -96,12 +96,12 @@ def test_clients_route_their_own_k_in_every_family(tiny_moes, tiny_suite, family
 
     results = run_experiment(config, show_progress=False)
 
-    last = results["history"][-1]
-    assert results["k_max"] == 3
-    assert all(math.isfinite(c["train_loss"]) for c in last["clients"])
+    last = results.history[-1]
+    assert results.k_max == 3
+    assert all(math.isfinite(c.train_loss) for c in last.clients)
     for tier, k in (("0.5", 1), ("1.0", 3)):  # K_c = floor(3 beta) experts per token, in every layer
-        assert [sum(layer) for layer in last["tier_expert_load"][tier]] == pytest.approx([k, k])
-    assert last["balance"]["experts_without_update"] < 1
+        assert [sum(layer) for layer in last.tier_expert_load[tier]] == pytest.approx([k, k])
+    assert last.balance.experts_without_update < 1
 
 
 def test_top_k_max_beyond_the_checkpoints_experts_is_refused(tiny_moes, tiny_suite, tmp_path, capsys):

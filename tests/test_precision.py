@@ -32,8 +32,8 @@ def test_every_method_runs_in_bf16(tiny_bert, tiny_task, method):
 
     results = run_experiment(load_config(overrides=overrides, method=method), show_progress=False)
 
-    assert math.isfinite(results["final"]["test_loss"])
-    assert all(math.isfinite(c["train_loss"]) for c in results["history"][-1]["clients"])
+    assert math.isfinite(results.final.test_loss)
+    assert all(math.isfinite(c.train_loss) for c in results.history[-1].clients)
     assert_every_client_answered(results)
 
 
@@ -42,8 +42,8 @@ def test_bf16_gives_the_float32_numbers_within_its_rounding(tiny_bert, tiny_task
                           show_progress=False)
     bf16 = run_experiment(load_config(overrides=tiny_overrides(tiny_bert, tiny_task, precision="bf16"),
                                       method="ubsmoe"), show_progress=False)
-    assert bf16["final"]["test_loss"] == pytest.approx(fp32["final"]["test_loss"], abs=5e-3)
-    assert bf16["final"]["test_loss"] != fp32["final"]["test_loss"]  # it did run in another precision
+    assert bf16.final.test_loss == pytest.approx(fp32.final.test_loss, abs=5e-3)
+    assert bf16.final.test_loss != fp32.final.test_loss  # it did run in another precision
 
 
 def rank_one(generator: torch.Generator, *shape: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ from tiny_experiment import TOPICS, tiny_overrides
 from ubsmoe.cli import main
 
 import ubsmoe.model.moe_model as moe_model
+from ubsmoe.engine.run_folder import read_results
 
 
 @pytest.fixture(scope="module", params=["smoe", "flora"])  # flora: the merged base rebuilt from the state
@@ -24,19 +25,19 @@ def test_the_saved_model_gives_every_tiers_last_scores_without_upcycling(finishe
     from ubsmoe.engine.evaluation import evaluate
     from ubsmoe.engine.saved_model import load_model
 
-    results = json.loads((finished / "results.json").read_text())
+    results = read_results(finished)
     monkeypatch.setattr(moe_model, "upcycled_parts", lambda *a, **k: pytest.fail("upcycled again"))
     loaded = load_model(finished)
 
-    for tier in loaded.exp.tiers:  # the run's own test split, each tier's model rebuilt from the saved state
+    for tier in loaded.experiment.tiers:  # the run's own test split, each tier's model rebuilt from the saved state
         loaded.setup_tier(tier)
-        scores = evaluate(loaded.exp.model, loaded.exp.task, loaded.exp.test, 64)
-        assert scores["accuracy"] == results["final"]["tier_accuracy"][str(tier)]
-        assert scores["loss"] == results["final"]["tier_loss"][str(tier)]
+        scores = evaluate(loaded.experiment.model, loaded.experiment.task, loaded.experiment.test, 64)
+        assert scores.accuracy == results.final.tier_accuracy[str(tier)]
+        assert scores.loss == results.final.tier_loss[str(tier)]
 
     assert main(["evaluate", "--run", str(finished), "--data", str(tiny_task), "--output", str(tmp_path / "s.json")]) == 0
     scores = json.loads((tmp_path / "s.json").read_text())["tiers"]
-    assert set(scores) == set(results["final"]["tier_accuracy"])
+    assert set(scores) == set(results.final.tier_accuracy)
     assert all(0 <= score["accuracy"] <= 1 for score in scores.values())
 
 
@@ -78,14 +79,14 @@ def test_a_causal_lm_run_predicts_and_evaluates_as_its_last_round(tiny_causal_ll
     run = tmp_path_factory.mktemp("causal-saved") / "run"
     assert main(["run", "--quiet", "--method", "smoe", "--out", str(run)]
                 + causal_overrides(tiny_causal_llama, tiny_suite, **{"data.max_test_samples": 0})) == 0
-    results = json.loads((run / "results.json").read_text())
+    results = read_results(run)
 
     assert main(["evaluate", "--run", str(run), "--data", str(tiny_suite), "--output", str(tmp_path / "s.json")]) == 0
     assert "| tier | accuracy | loss | generation | loglik | loglik_norm |" in capsys.readouterr().out
     scores = json.loads((tmp_path / "s.json").read_text())["tiers"]
-    for tier, accuracy in results["final"]["tier_accuracy"].items():
+    for tier, accuracy in results.final.tier_accuracy.items():
         assert scores[tier]["accuracy"] == accuracy
-        assert scores[tier]["details"] == results["history"][-1]["tier_details"][tier]
+        assert scores[tier]["details"] == results.history[-1].tier_details[tier]
     assert main(["evaluate", "--run", str(run), "--data", str(tiny_suite / "boolq" / "test.json"), "--tier", "1.0",
                  "--output", str(tmp_path / "boolq.json")]) == 0  # one task's file: that task's questions alone
     boolq = json.loads((tmp_path / "boolq.json").read_text())["tiers"]["1.0"]["details"]

@@ -12,7 +12,7 @@ from ubsmoe.config import load_config
 from ubsmoe.engine.experiment import build_experiment
 from ubsmoe.engine.rounds import run_experiment
 from ubsmoe.model import ModelSpec, build_model, load_tokenizer
-from ubsmoe.model.moe_model import load_dense_backbone
+from ubsmoe.model.pretrained import load_dense_backbone
 from ubsmoe.model.shared_expert import UpcycledSharedMoE
 from ubsmoe.model.upcycle import DenseFFN, neuron_importance, split_shared
 from ubsmoe.tasks.classification import classification_head
@@ -84,11 +84,11 @@ def test_a_tier_runs_k_c_experts_counting_the_shared_one(tiny_bert, tiny_task):
 def test_routing_mechanisms_see_only_the_routed_experts_and_the_shared_part_trains(tiny_bert, tiny_task):
     results = run_experiment(shared_config(tiny_bert, tiny_task), show_progress=False)
 
-    final = results["final"]
-    assert [len(layer) for load in final["tier_expert_load"].values() for layer in load] == [3] * 4
-    assert [len(phi) for phi in final["server"]["phi"]] == [3, 3]  # DMR's phi over the routed experts
-    assert results["parameters"]["shared_expert_lora"] > 0
-    assert [c["id"] for c in results["history"][-1]["clients"]] == [0, 1]  # both clients answered
+    final = results.final
+    assert [len(layer) for load in final.tier_expert_load.values() for layer in load] == [3] * 4
+    assert [len(phi) for phi in final.server["phi"]] == [3, 3]  # DMR's phi over the routed experts
+    assert results.parameters["shared_expert_lora"] > 0
+    assert [c.id for c in results.history[-1].clients] == [0, 1]  # both clients answered
 
 
 def test_a_budget_below_the_shared_experts_is_refused_before_loading(tiny_bert, tiny_task, tmp_path, capsys):

@@ -225,15 +225,15 @@ def test_ubsmoe_end_to_end_reaches_every_expert_only_with_the_pseudo_gradient(ti
 
     results = run_experiment(config, show_progress=False)
 
-    balance = results["final"]["balance"]
-    assert results["k_max"] == 8 and results["tiers"] == [0.125]  # K = 1: no client runs every expert
+    balance = results.final.balance
+    assert results.k_max == 8 and results.tiers == [0.125]  # K = 1: no client runs every expert
     if pg:
-        assert balance["experts_without_update"] == 0.0
+        assert balance.experts_without_update == 0.0
     else:
-        assert balance["experts_without_update"] > 0.1
-    phi = torch.tensor(results["final"]["server"]["phi"])
+        assert balance.experts_without_update > 0.1
+    phi = torch.tensor(results.final.server["phi"])
     assert phi.shape == (2, 8) and phi.abs().min() > 0 and phi.abs().max() <= 1
-    assert len(balance["train"]["cv"]) == 2 and 0 <= balance["tiers"]["0.125"]["mean_entropy"] <= 1
+    assert len(balance.train.cv) == 2 and 0 <= balance.tiers["0.125"].mean_entropy <= 1
 
 
 @pytest.mark.parametrize("gate_mode", GATE_MODES)
@@ -247,11 +247,11 @@ def test_ubsmoe_runs_under_every_gate_mode(tiny_bert, tiny_task, gate_mode):
     reference = run_experiment(load_config(overrides=overrides, method="ubsmoe"), show_progress=False)
 
     assert {layer.gate_mode for layer in experiment.model.moe_layers} == {gate_mode}
-    assert results["config"]["model"]["gate_mode"] == gate_mode
-    assert results["final"]["balance"]["experts_without_update"] == 0.0
-    assert torch.tensor(results["final"]["server"]["phi"]).abs().min() > 0
-    losses = [c["train_loss"] for c in results["history"][-1]["clients"]]
-    reference_losses = [c["train_loss"] for c in reference["history"][-1]["clients"]]
+    assert results.config["model"]["gate_mode"] == gate_mode
+    assert results.final.balance.experts_without_update == 0.0
+    assert torch.tensor(results.final.server["phi"]).abs().min() > 0
+    losses = [c.train_loss for c in results.history[-1].clients]
+    reference_losses = [c.train_loss for c in reference.history[-1].clients]
     assert all(math.isfinite(v) for v in losses)
     assert (losses == reference_losses) == (gate_mode == "straight_through")
 
@@ -275,7 +275,7 @@ def test_the_range_regulariser_pulls_phi_back_where_it_leaves_its_range(tiny_ber
         overrides = tiny_overrides(tiny_bert, tiny_task, **{"federation.rounds": 2, "train.lr": 0.05}
                                    | {f"method.{k}": v for k, v in options.items()})
         results = run_experiment(load_config(overrides=overrides, method="ubsmoe"), show_progress=False)
-        return torch.tensor(results["final"]["server"]["phi"])
+        return torch.tensor(results.final.server["phi"])
 
     narrow = {"phi_min": -0.05, "phi_max": 0.05, "lam": 50.0, "zeta": 1.0}
     regularised, free = final_phi(**narrow), final_phi(**narrow, reg=False)

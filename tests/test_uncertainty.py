@@ -5,6 +5,7 @@ import math
 
 import pytest
 
+from ubsmoe.engine.run_records import RoundCost, RoundRecord, RunCost, RunResults
 from ubsmoe.report.uncertainty import (accuracy_error, beyond_two_se, proportion_error, ratio_interval,
                                        summarise_uncertainty, task_mean_error)
 
@@ -20,14 +21,17 @@ def test_the_standard_error_of_a_share_and_of_a_mean_over_tasks():
     assert math.isnan(task_mean_error({"boolq/loglik": 0.5}, "loglik"))  # no counts: no claim
 
 
-def run(accuracies: list[float], num_test: int = 100, protocol: str = "generation") -> dict:
-    return {"num_test": num_test, "config": {"evaluation": {"protocol": protocol}},
-            "history": [{"tier_accuracy": {"0.5": a}, "tier_loss": {"0.5": 1.0}} for a in accuracies],
-            "final": {"tier_accuracy": {"0.5": accuracies[-1]}, "tier_loss": {"0.5": 1.0}}}
+def run(accuracies: list[float], num_test: int = 100, protocol: str = "generation") -> RunResults:
+    """A one-tier run whose rounds scored ``accuracies`` on ``num_test`` questions (nothing else recorded)."""
+    history = [RoundRecord(i + 1, {"0.5": a}, a, {"0.5": 1.0}, 1.0, RoundCost([], {})) for i, a in enumerate(accuracies)]
+    return RunResults(method="smoe", config={"evaluation": {"protocol": protocol}}, task="classification",
+                      label_names=[], num_train=0, num_test=num_test, duplicates_removed=0, tiers=[0.5], clients=[],
+                      parameters={}, k_max=1, shared_experts=0, round0={}, history=history, cost=RunCost({}, {}, 0.0),
+                      runtime_s=0.0)
 
 
-def entry(runs: list[dict]) -> dict:
-    final = [r["final"]["tier_accuracy"]["0.5"] for r in runs]
+def entry(runs: list[RunResults]) -> dict:
+    final = [r.final.tier_accuracy["0.5"] for r in runs]
     mean = sum(final) / len(final)
     return {"tiers": ["0.5"], "accuracy": {"0.5": {"mean": mean}}, "average": {"mean": mean}}
 

@@ -120,6 +120,6 @@ def test_a_run_with_unmerged_experts_trains_and_counts_its_own_products(tiny_ber
     monkeypatch.setattr(moe_layer, "MERGE_LIMIT", 0)
     apart = run_experiment(config, show_progress=False)
 
-    assert apart["final"]["test_loss"] == pytest.approx(merged["final"]["test_loss"], abs=2e-3)
-    cost = lambda r: r["history"][-1]["cost"]["clients"][0]["train_flops"]  # noqa: E731
+    assert apart.final.test_loss == pytest.approx(merged.final.test_loss, abs=2e-3)
+    cost = lambda r: r.history[-1].cost.clients[0].train_flops  # noqa: E731
     assert cost(apart) != cost(merged)  # the FLOP counter follows the path

@@ -5,7 +5,7 @@ import torch
 
 from ubsmoe.model import ModelSpec, build_model, load_tokenizer
 from ubsmoe.tasks.classification import classification_head
-from ubsmoe.model.moe_model import load_dense_backbone
+from ubsmoe.model.pretrained import load_dense_backbone
 from ubsmoe.model.upcycle import balanced_assign, balanced_kmeans, split_ffn
 
 from test_moe_layer import dense_ffn

@@ -74,11 +74,11 @@ def causal_overrides(backbone, suite, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in settings.items()]
 
 
-def assert_every_client_answered(results: dict) -> None:
+def assert_every_client_answered(results) -> None:
     """Every round aggregated an update from every client it sampled: a left-out client would let a method
     that fails for one tier pass an end-to-end test."""
-    federation = results["config"]["federation"]
+    federation = results.config["federation"]
     sampled = max(1, round(federation["fraction_fit"] * federation["num_clients"]))
-    for entry in results["history"]:
-        assert "failed_clients" not in entry, entry["failed_clients"]
-        assert len(entry["clients"]) == sampled, entry["clients"]
+    for entry in results.history:
+        assert entry.failed_clients is None, entry.failed_clients
+        assert len(entry.clients) == sampled, entry.clients

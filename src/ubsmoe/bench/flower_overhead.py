@@ -16,14 +16,14 @@ import time
 from pathlib import Path
 
 from ubsmoe.config import load_config
+from ubsmoe.engine.run_records import RunResults
 
 GOAL_TIME_RATIO = 1.3
 
 
-def numbers(results: dict) -> list[dict]:
+def numbers(results: RunResults) -> list[tuple]:
     """Per round: tier accuracies and losses and the clients' train losses (what must agree)."""
-    return [{"tier_accuracy": h["tier_accuracy"], "tier_loss": h["tier_loss"],
-             "train_loss": [c["train_loss"] for c in h["clients"]]} for h in results["history"]]
+    return [(r.tier_accuracy, r.tier_loss, [c.train_loss for c in r.clients]) for r in results.history]
 
 
 def run(out: Path, threads: int = 2, overrides: tuple[str, ...] = ()) -> dict:
@@ -44,8 +44,8 @@ def run(out: Path, threads: int = 2, overrides: tuple[str, ...] = ()) -> dict:
         "inprocess_s": in_process_s, "flower_sim_s": flower_s, "time_ratio": flower_s / in_process_s,
         "goal_time_ratio": GOAL_TIME_RATIO, "meets_goal": flower_s / in_process_s <= GOAL_TIME_RATIO,
         "same_numbers": numbers(flower) == numbers(in_process),
-        "final_average_accuracy": {"inprocess": in_process["final"]["average_accuracy"],
-                                   "flower_sim": flower["final"]["average_accuracy"]},
+        "final_average_accuracy": {"inprocess": in_process.final.average_accuracy,
+                                   "flower_sim": flower.final.average_accuracy},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

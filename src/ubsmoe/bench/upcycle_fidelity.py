@@ -25,7 +25,7 @@ from ubsmoe.data.commonsense import load_commonsense
 from ubsmoe.data.dataset import tokenize
 from ubsmoe.data.sources import load_train_test
 from ubsmoe.model import ModelSpec, build_model, load_tokenizer
-from ubsmoe.model.moe_model import load_dense_backbone
+from ubsmoe.model.pretrained import load_dense_backbone
 
 GOAL_NATS = 3.0  # SmolLM2 at K = 2 of 8: round-0 loss within this of the dense model's
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ubsmoe.config import ConfigError
+from ubsmoe.engine.run_records import RoundRecord, TierScore
 from ubsmoe.methods.records import ServerState, flat_scalars, flat_tensors, state_from_flat
 from ubsmoe.storage import DamagedFileError, read_tensors, write_tensors
 
@@ -32,8 +33,8 @@ class CheckpointError(ConfigError):
 class Checkpoint:
     round: int  # the last round whose aggregation and evaluation it includes
     state: ServerState
-    history: list[dict]
-    round0: dict
+    history: list[RoundRecord]
+    round0: dict[str, TierScore]
     config: dict  # ExperimentConfig.to_dict() of the run
     runtime_s: float  # seconds run before this checkpoint, over every resume
 
@@ -41,7 +42,8 @@ class Checkpoint:
 def write_checkpoint(folder: Path, checkpoint: Checkpoint) -> Path:
     """``folder/checkpoint.safetensors``: temporary file, fsync, rename, fsync of the folder."""
     meta = {"format": FORMAT, "round": checkpoint.round, "scalars": flat_scalars(checkpoint.state),
-            "history": checkpoint.history, "round0": checkpoint.round0, "config": checkpoint.config,
+            "history": [r.to_json() for r in checkpoint.history],
+            "round0": {t: s.to_json() for t, s in checkpoint.round0.items()}, "config": checkpoint.config,
             "runtime_s": checkpoint.runtime_s}
     return write_state(folder / CHECKPOINT, checkpoint.state, meta, fault_round=checkpoint.round)
 
@@ -74,7 +76,8 @@ def read_checkpoint(folder: Path) -> Checkpoint:
     fix = "start the run over with `ubsmoe run --force`, or delete the file"
     state, meta = read_state(path, fix)
     try:
-        return Checkpoint(int(meta["round"]), state, meta["history"], meta["round0"], meta["config"],
+        return Checkpoint(int(meta["round"]), state, [RoundRecord.from_json(r) for r in meta["history"]],
+                          {t: TierScore.from_json(s) for t, s in meta["round0"].items()}, meta["config"],
                           float(meta["runtime_s"]))
     except (ValueError, KeyError, TypeError) as error:
         raise DamagedFileError(f"{path} is damaged ({error}): {fix}") from None

@@ -19,7 +19,8 @@ from ubsmoe.metrics.flops import FlopCounter
 from ubsmoe.model import MoEModel, ModelSpec, build_model, load_tokenizer
 from ubsmoe.model.backbones import default_shared_experts
 from ubsmoe.model.moe_layer import GATE_MODES
-from ubsmoe.model.moe_model import PRECISIONS, NativeShape, backbone_config, native_moe_shape, upcycle_cache_key
+from ubsmoe.model.moe_model import PRECISIONS, upcycle_cache_key
+from ubsmoe.model.pretrained import NativeShape, backbone_config, native_moe_shape
 from ubsmoe.tasks import Task, TaskData, get_task
 
 

@@ -132,8 +132,8 @@ def export_tiers(loaded: LoadedModel, out: Path, tiers: list[float] | None = Non
         loaded.check_tier(budget)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: give a folder for the exported tiers")
-    dense = loaded.exp.model.num_experts == 1
-    original = frozen_weights(loaded.exp.model) if dense else {}
+    dense = loaded.experiment.model.num_experts == 1
+    original = frozen_weights(loaded.experiment.model) if dense else {}
     folders = []
     for budget in tiers:
         folder = tier_folder(out, budget)
@@ -164,11 +164,11 @@ def replace_folder(new: Path, target: Path) -> None:
 def write_peft_adapter(loaded: LoadedModel, folder: Path, original: dict[str, torch.Tensor]) -> None:
     """The configured tier's backbone update as a PEFT LoRA adapter in ``folder`` (and a classification
     head beside it)."""
-    model, config = loaded.exp.model, loaded.exp.config
+    model, config = loaded.experiment.model, loaded.experiment.config
     updates = layer_updates(model, original)
     factors = {u.module: u.factors() for u in updates}
     rank = max(a.shape[0] for a, _ in factors.values())
-    task = loaded.exp.task
+    task = loaded.experiment.task
     prefix = "base_model.model." + task.peft_module_prefix
     tensors = {}
     for module, (a, b) in factors.items():

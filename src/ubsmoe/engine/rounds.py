@@ -1,4 +1,6 @@
-"""The in-process engine: the server's round loop, every sampled client run in turn on one shared model.
+"""The round loop (``run_rounds``: the server opens a round, a transport exchanges, the server closes it)
+and the in-process engine, whose transport runs every sampled client in turn on one shared model.
+Flower's strategy (``engine.flower.strategy``) drives the same ``Server`` steps from Flower's own loop.
 
 The server side (``engine.server``) and the client side (``engine.client.run_client``) exchange only the
 records of ``methods.records``, as they do across processes on Flower. Only the global trainable tensors
@@ -12,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
@@ -21,8 +23,8 @@ from ubsmoe.engine.checkpoint import Checkpoint, fault_point
 from ubsmoe.engine.client import run_client
 from ubsmoe.engine.errors import ClientFault, RunInterrupted
 from ubsmoe.engine.local_training import local_steps
-from ubsmoe.engine.saved_model import save_model
-from ubsmoe.engine.server import ClientFailure, Server
+from ubsmoe.engine.run_records import FailedClient, RunResults
+from ubsmoe.engine.server import Answer, Server
 from ubsmoe.methods.records import ClientUpdate, TrainInstruction
 
 log = logging.getLogger(__name__)
@@ -31,71 +33,93 @@ log = logging.getLogger(__name__)
 ClientFn = Callable[[TrainInstruction, Any], ClientUpdate]
 
 
-def run_experiment(config: ExperimentConfig, show_progress: bool = True, client_fn: ClientFn | None = None,
-                   out: Path | None = None, resume: Checkpoint | None = None) -> dict:
-    """Run every round in this process and return the results dictionary (see ``ubsmoe.report.results``).
+class Transport(Protocol):
+    """Carries a round's instructions to the sampled clients and brings back each one's answer: its
+    update, or a ``FailedClient`` for a client that did not deliver (timeout, node gone, a fault its
+    code reported). A bug in a client's code is not an answer: it raises (or is a ``FailedClient`` under
+    ``federation.on_client_error = "drop"``)."""
 
-    ``client_fn(instruction, progress)`` runs a client's round; by default ``run_client`` on this
-    process's model. Another transport (a client in another process, records serialised) plugs in here.
-    With ``out``, a checkpoint and the history so far are written there after every
-    ``federation.checkpoint_every`` rounds and after the last, and the final model into ``out/model``
-    (``engine.saved_model``); ``resume`` continues from a checkpoint.
+    def exchange(self, instructions: list[TrainInstruction], progress: tqdm) -> dict[int, Answer]:
+        """{client id: answer} for the clients of ``instructions``; ``progress`` counts local steps."""
 
-    Clients run one after the other; one whose round takes longer than ``federation.client_timeout`` is
-    left out of it like a straggler a synchronous server stops waiting for (its answer is discarded when it
-    comes: a client that never answers cannot be interrupted here, Flower's engines can). Dropping by time
-    makes a run depend on the machine's speed: leave it at 0 where runs must repeat exactly.
-    """
-    server = Server(config, upcycle_cache=None if out is None else out / "model")  # the saved model's upcycled parts
-    first = 1
-    if resume is not None:
-        first = server.restore(resume)
-    elif config.evaluation.round0:
-        server.evaluate_round0()
-    if client_fn is None:
-        runtime = server.exp.client_runtime(server.flop_counter)
 
-        def client_fn(instruction: TrainInstruction, progress) -> ClientUpdate:
-            return run_client(runtime, instruction, progress)
-    total, timeout = config.federation.rounds, config.federation.client_timeout
+class InProcessTransport:
+    """Every sampled client in turn on this process's one model (``run_client``), or through
+    ``client_fn(instruction, progress)``.
+
+    One whose round takes longer than ``federation.client_timeout`` is left out of it like a straggler a
+    synchronous server stops waiting for (its answer is discarded when it comes: a client that never
+    answers cannot be interrupted here, Flower's engines can). Dropping by time makes a run depend on the
+    machine's speed: leave it at 0 where runs must repeat exactly."""
+
+    def __init__(self, config: ExperimentConfig, client_fn: ClientFn):
+        self.federation = config.federation
+        self.client_fn = client_fn
+
+    def exchange(self, instructions: list[TrainInstruction], progress: tqdm) -> dict[int, Answer]:
+        answers: dict[int, Answer] = {}
+        timeout = self.federation.client_timeout
+        for instruction in instructions:
+            client, round_index = instruction.client, instruction.round
+            progress.set_description(f"round {round_index} client {client.client_id} (beta={client.budget:g})")
+            started = time.monotonic()
+            try:
+                answer = self.client_fn(instruction, progress)
+            except ClientFault as fault:  # the client did not deliver: left out, as on Flower
+                answer = FailedClient(client.client_id, str(fault))
+            except Exception as error:  # a bug: it stops the run, unless the config asks to drop
+                if self.federation.on_client_error != "drop":
+                    raise
+                log.warning("round %d: client %d raised", round_index, client.client_id, exc_info=True)
+                answer = FailedClient(client.client_id, f"{type(error).__name__}: {error}")
+            took = time.monotonic() - started
+            if timeout and took > timeout and not isinstance(answer, FailedClient):  # a straggler's late answer
+                answer = FailedClient(client.client_id, f"no answer within federation.client_timeout={timeout:g} s "
+                                                        f"(it took {took:.1f} s)")
+            answers[client.client_id] = answer
+            fault_point("train", round_index)
+        return answers
+
+
+def run_rounds(server: Server, transport: Transport, first: int, show_progress: bool = True) -> None:
+    """Rounds ``first`` to ``federation.rounds``: the server opens each (sampling, instructions), the
+    transport exchanges, the server closes it (admission, aggregation, evaluation, checkpoint). Ctrl-C
+    is a ``RunInterrupted`` naming the round and the last checkpoint."""
+    config = server.config
+    total = config.federation.rounds
     rounds = tqdm(range(first, total + 1), desc=f"{server.method.name} rounds", unit="round",
                   disable=not show_progress, initial=first - 1, total=total)
     round_index = first
     try:
         for round_index in rounds:
-            sampled = server.sample(round_index)
-            total_steps = sum(local_steps(config.train, c.num_examples) for c in sampled)
-            updates = []
-            with tqdm(total=total_steps, desc=f"round {round_index} clients", unit="step", leave=False,
-                      disable=not show_progress) as bar:
-                failures: list[ClientFailure] = []
-                for client in sampled:
-                    bar.set_description(f"round {round_index} client {client.client_id} (beta={client.budget:g})")
-                    instruction = server.instruction(client, round_index)
-                    started = time.monotonic()
-                    try:
-                        answer = server.admit(instruction, client_fn(instruction, bar))
-                    except ClientFault as fault:  # the client did not deliver: left out, as on Flower
-                        answer = ClientFailure(client.client_id, str(fault))
-                    except Exception as error:  # a bug: it stops the run, unless the config asks to drop
-                        if config.federation.on_client_error != "drop":
-                            raise
-                        log.warning("round %d: client %d raised", round_index, client.client_id, exc_info=True)
-                        answer = ClientFailure(client.client_id, f"{type(error).__name__}: {error}")
-                    took = time.monotonic() - started
-                    if timeout and took > timeout and not isinstance(answer, ClientFailure):  # a straggler's late answer
-                        answer = ClientFailure(client.client_id, f"no answer within federation.client_timeout={timeout:g} s "
-                                                                 f"(it took {took:.1f} s)")
-                    (failures if isinstance(answer, ClientFailure) else updates).append(answer)
-                    fault_point("train", round_index)
-            server.aggregate(round_index, updates, failures)
-            fault_point("aggregate", round_index)
-            entry = server.evaluate(round_index)
-            if out is not None:
-                server.save_progress(out, round_index)
-            rounds.set_postfix(avg_acc=f"{entry['average_accuracy']:.3f}")
+            instructions = server.open_round(round_index)
+            steps = sum(local_steps(config.train, i.client.num_examples) for i in instructions)
+            with tqdm(total=steps, desc=f"round {round_index} clients", unit="step", leave=False,
+                      disable=not show_progress) as progress:
+                answers = transport.exchange(instructions, progress)
+            record = server.close_round(round_index, answers)
+            rounds.set_postfix(avg_acc=f"{record.average_accuracy:.3f}")
     except KeyboardInterrupt:
         raise RunInterrupted(round_index, server.checkpoint_round) from None
-    if out is not None:
-        save_model(out / "model", server)
-    return server.results() | {"engine": "inprocess"}
+
+
+def run_experiment(config: ExperimentConfig, show_progress: bool = True, client_fn: ClientFn | None = None,
+                   out: Path | None = None, resume: Checkpoint | None = None, variant: str | None = None
+                   ) -> RunResults:
+    """Run every round in this process and return the results.
+
+    ``client_fn(instruction, progress)`` runs a client's round; by default ``run_client`` on this
+    process's model. With ``out``, a checkpoint and the history so far are written there after every
+    ``federation.checkpoint_every`` rounds and after the last, and at the end the final model
+    (``out/model``, see ``engine.saved_model``), results.json and summary.md; ``resume`` continues from a
+    checkpoint; ``variant`` is the comparison's label of the run.
+    """
+    server = Server(config, out=out)
+    first = server.start(resume)
+    if client_fn is None:
+        runtime = server.experiment.client_runtime(server.flop_counter)
+
+        def client_fn(instruction: TrainInstruction, progress) -> ClientUpdate:
+            return run_client(runtime, instruction, progress)
+    run_rounds(server, InProcessTransport(config, client_fn), first, show_progress)
+    return server.finish("inprocess", variant)

@@ -23,6 +23,7 @@ import torch
 
 from ubsmoe.config import ConfigError, ExperimentConfig, MissingFileError, config_from_dict
 from ubsmoe.engine.checkpoint import CHECKPOINT, FORMAT, read_state, write_state
+from ubsmoe.engine.evaluation import setup_tier
 from ubsmoe.engine.experiment import Experiment, build_experiment
 from ubsmoe.methods.records import ServerState, flat_scalars
 from ubsmoe.model.backbones import backbone_identity
@@ -32,13 +33,14 @@ from ubsmoe.tasks import Task, get_task
 STATE, CARD = "state.safetensors", "model.json"
 
 
-def save_model(folder: Path, server) -> Path:
-    """Write the server's final model into ``folder`` (the upcycled parts are already there when the run
-    was built with ``upcycle_cache=folder``)."""
-    state, method, exp = server.state, server.method, server.exp
-    card = {"format": FORMAT, "method": method.name, "task": exp.task.name, "label_names": exp.data.key_names,
-            "tiers": {str(b): method.eval_settings(state, b).to_scalars() for b in exp.tiers},
-            "backbone": backbone_identity(server.config.model.backbone), "config": server.config.to_dict()}
+def save_model(folder: Path, experiment: Experiment, state: ServerState) -> Path:
+    """Write the run's final model (the experiment's, in ``state``) into ``folder`` (the upcycled parts are
+    already there when the run was built with ``upcycle_cache=folder``)."""
+    method, config = experiment.method, experiment.config
+    card = {"format": FORMAT, "method": method.name, "task": experiment.task.name,
+            "label_names": experiment.data.key_names,
+            "tiers": {str(b): method.eval_settings(state, b).to_scalars() for b in experiment.tiers},
+            "backbone": backbone_identity(config.model.backbone), "config": config.to_dict()}
     return write_saved(folder, state, card)
 
 
@@ -87,19 +89,16 @@ class SavedModel:
 
 @dataclass
 class LoadedModel(SavedModel):
-    """A saved model rebuilt: ``exp`` holds the model."""
+    """A saved model rebuilt: ``experiment`` holds the model."""
 
-    exp: Experiment | None = None
+    experiment: Experiment | None = None
 
     def setup_tier(self, budget: float) -> None:
         """Configure the model as a client of tier ``budget`` runs it at inference."""
-        method, model = self.exp.method, self.exp.model
+        method, model = self.experiment.method, self.experiment.model
         self.check_tier(budget)
         method.teardown_client(model)
-        method.sync_frozen(model, method.frozen_state(self.state))
-        settings = method.eval_settings(self.state, budget)
-        model.load_trainable_state(method.start_params(model, method.eval_params(self.state, budget), settings))
-        method.setup_client(model, settings)
+        setup_tier(model, method, self.state, budget)
         model.eval()
 
 
@@ -145,5 +144,5 @@ def open_model(run: Path) -> SavedModel:
 def load_model(run: Path | SavedModel) -> LoadedModel:
     """The saved model (``open_model``'s, or that of the folder ``run``) rebuilt from its config."""
     saved = run if isinstance(run, SavedModel) else open_model(run)
-    exp = build_experiment(saved.config(), upcycle_cache=saved.folder, cache_required=True)
-    return LoadedModel(saved.run, saved.folder, saved.card, saved.state, exp)
+    experiment = build_experiment(saved.config(), upcycle_cache=saved.folder, cache_required=True)
+    return LoadedModel(saved.run, saved.folder, saved.card, saved.state, experiment)

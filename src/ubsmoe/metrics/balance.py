@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 
-def load_balance(load: torch.Tensor) -> dict[str, list[float] | float]:
+@dataclass
+class LoadBalance:
+    """How evenly tokens spread over the experts of each layer: per-layer coefficient of variation and
+    normalised entropy (1 = perfectly even), and their means over layers."""
+
+    cv: list[float]
+    entropy: list[float]
+    mean_cv: float
+    mean_entropy: float
+
+    @classmethod
+    def from_json(cls, data: dict) -> LoadBalance:
+        return cls(list(data["cv"]), list(data["entropy"]), float(data["mean_cv"]), float(data["mean_entropy"]))
+
+
+def load_balance(load: torch.Tensor) -> LoadBalance:
     """load: (L, E) tokens (or shares) per expert -> per-layer coefficient of variation and normalised
     entropy (1 = perfectly even), with their means over layers."""
     load = load.double()
@@ -15,8 +31,7 @@ def load_balance(load: torch.Tensor) -> dict[str, list[float] | float]:
     mean = share.mean(1)
     cv = share.std(1, unbiased=False) / mean.clamp_min(1e-12)
     entropy = -(share * share.clamp_min(1e-12).log()).sum(1) / math.log(load.shape[1])
-    return {"cv": cv.tolist(), "entropy": entropy.tolist(), "mean_cv": cv.mean().item(),
-            "mean_entropy": entropy.mean().item()}
+    return LoadBalance(cv.tolist(), entropy.tolist(), cv.mean().item(), entropy.mean().item())
 
 
 def experts_without_update(deltas: list[dict[str, torch.Tensor]], expert_tensors: dict[str, int],

@@ -1,10 +1,4 @@
-"""The model every method trains: a pretrained backbone with sparse-MoE FFNs, attention LoRA and a task head.
-
-The backbone part is the same for every task; the head comes from the task (``ubsmoe.tasks``): it reads
-the last hidden states and gives what the task scores (pooled class logits, next-token logits, ...).
-Only the adapters, the routers and the head's trainable tensors train; the federated engine exchanges
-exactly those (``trainable_state``), so one model object serves every simulated client in turn.
-"""
+"""The model every method trains: a pretrained backbone with sparse-MoE FFNs, attention LoRA and a task head."""
 
 from __future__ import annotations
 
@@ -18,11 +12,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ubsmoe.model import fast_dropout, fast_norm
-from ubsmoe.model.backbones import (NATIVE_MOE_TYPES, BackboneFamily, backbone_identity, family_of,
-                                    resolve_backbone)
+from ubsmoe.model.backbones import BackboneFamily, backbone_identity
 from ubsmoe.model.lora import LoRALinear
 from ubsmoe.model.moe_layer import RoutingContext, SparseMoEFFN
+from ubsmoe.model.pretrained import load_dense_backbone, native_moe_shape
 from ubsmoe.model.shared_expert import SharedExpertMoE, UpcycledSharedMoE
 from ubsmoe.model.upcycle import ROUTER_INITS, SHARED, UPCYCLED, upcycled_parts
 from ubsmoe.storage import read_tensors, write_tensors
@@ -63,7 +56,11 @@ HeadFactory = Callable[[nn.Module, BackboneFamily, torch.Generator], TaskHead]
 class MoEModel(nn.Module):
     """A backbone whose FFNs are ``SparseMoEFFN`` blocks, with a task's head.
 
-    forward(input_ids (B, S), attention_mask (B, S), **head inputs) -> the head's output.
+    forward(input_ids (B, S), attention_mask (B, S), **head inputs) -> the head's output. The backbone part
+    is the same for every task; the head comes from the task (``ubsmoe.tasks``): it reads the last hidden
+    states and gives what the task scores (pooled class logits, next-token logits, ...). Only the adapters,
+    the routers and the head's trainable tensors train; the federated engine exchanges exactly those
+    (``trainable_state``), so one model object serves every simulated client in turn.
     """
 
     def __init__(self, backbone: nn.Module, family: BackboneFamily, moe_layers: list[SparseMoEFFN],
@@ -200,51 +197,6 @@ class MoEModel(nn.Module):
         report["total_trainable"] = sum(p.numel() for p in self.parameters() if p.requires_grad)
         report["total"] = sum(p.numel() for p in self.parameters())
         return report
-
-
-def load_tokenizer(backbone: str):
-    """The backbone's own tokenizer, with a padding token (decoders reuse end-of-sequence)."""
-    from transformers import AutoTokenizer
-
-    source = resolve_backbone(backbone)
-    tokenizer = AutoTokenizer.from_pretrained(source.folder, **source.pretrained_kwargs())
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def backbone_config(backbone: str):
-    """The backbone's Hugging Face config, read without its weights (and without running any code)."""
-    from transformers import AutoConfig
-
-    source = resolve_backbone(backbone)
-    return AutoConfig.from_pretrained(source.folder, **source.pretrained_kwargs())
-
-
-def load_dense_backbone(backbone: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, BackboneFamily]:
-    """The pretrained Hugging Face model (no task head, no pooler: the task's head reads the hidden
-    states itself), frozen, with CPU-cheap dropout (``fast_dropout``) and RMSNorm (``fast_norm``), and
-    its family."""
-    from transformers import AutoConfig, AutoModel
-    from transformers.utils import logging as hf_logging
-
-    source = resolve_backbone(backbone)
-    config = AutoConfig.from_pretrained(source.folder, **source.pretrained_kwargs())
-    family = family_of(config.model_type)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        model = AutoModel.from_pretrained(source.folder, dtype=dtype, **source.pretrained_kwargs())
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if getattr(model, "pooler", None) is not None:
-        model.pooler = None  # BERT's [CLS] dense + tanh: computed for nothing, the head reads our own pooling
-    for p in model.parameters():
-        p.requires_grad_(False)
-    fast_dropout.install(model)
-    fast_norm.install(model)
-    return model, family
 
 
 @torch.no_grad()
@@ -394,25 +346,6 @@ def _build_native(model: nn.Module, family: BackboneFamily, spec: ModelSpec, hea
     built = MoEModel(model, family, moe_layers, head(model, family, generator), context)
     log.info("trainable parameters: %s", built.parameter_report())
     return built
-
-
-@dataclass(frozen=True)
-class NativeShape:
-    """A native MoE checkpoint's experts per layer (M) and the experts a token takes (K)."""
-
-    num_experts: int
-    top_k: int
-
-
-def native_moe_shape(backbone: str) -> NativeShape | None:
-    """M and K of a native MoE backbone, read from its config without its weights; None for a dense one."""
-    config = backbone_config(backbone)
-    if config.model_type not in NATIVE_MOE_TYPES:
-        return None
-    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts")
-    return NativeShape(int(experts), int(config.num_experts_per_tok))
-
-
 
 
 def upcycle_cache_key(spec: ModelSpec, calibration_batches) -> str:

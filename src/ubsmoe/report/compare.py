@@ -15,7 +15,8 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from ubsmoe.config import ConfigError, ExperimentConfig, MissingFileError, differing_keys, load_config, resolve_method_options
-from ubsmoe.report.summary import human, shared_note, write_results
+from ubsmoe.engine.run_folder import human, read_results, shared_note
+from ubsmoe.engine.run_records import RunResults, TierCost
 from ubsmoe.report.uncertainty import (beyond_two_se, ratio_interval, summarise_uncertainty, task_baselines,
                                        uncertainty_tables)
 from ubsmoe.report.variants import Variant, parse_variant
@@ -107,20 +108,17 @@ def run_one(config: ExperimentConfig, folder: Path, label: str, show_progress: b
     from ubsmoe.engine.rounds import run_experiment
 
     resume = read_checkpoint(folder) if (folder / CHECKPOINT).is_file() else None  # an interrupted run goes on
-    results = run_experiment(config, show_progress=show_progress, out=folder, resume=resume)
-    write_results({"variant": label} | results, folder)
+    run_experiment(config, show_progress=show_progress, out=folder, resume=resume, variant=label)
 
 
-def load_runs(out: Path, methods: list[str] | None = None, seeds: list[int] | None = None) -> dict[str, list[dict]]:
+def load_runs(out: Path, methods: list[str] | None = None, seeds: list[int] | None = None
+              ) -> dict[str, list[RunResults]]:
     """{variant label: [results of each seed]} from the run folders in ``out`` (all of them by default);
     runs written before variants existed are labelled by their method."""
-    runs: dict[str, list[dict]] = {}
+    runs: dict[str, list[RunResults]] = {}
     for path in sorted(out.glob("*/results.json")):
-        try:
-            results = json.loads(path.read_text())
-            label, seed = results.get("variant", results["method"]), results["config"]["seed"]
-        except (ValueError, KeyError, TypeError) as error:
-            raise ConfigError(f"{path} is unreadable ({error}); delete it or run the comparison again") from None
+        results = read_results(path.parent)
+        label, seed = results.label, results.config["seed"]
         if (methods and label not in methods) or (seeds and seed not in seeds):
             continue
         runs.setdefault(label, []).append(results)
@@ -146,34 +144,37 @@ def _mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.mean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
 
 
-def summarise(runs: dict[str, list[dict]]) -> dict:
+def _mean_cost(costs: list[TierCost]) -> dict[str, float]:
+    """The means over seeds of a tier's cost figures (those every seed has)."""
+    keys = [k for k, v in vars(costs[0]).items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return {k: statistics.mean(getattr(c, k) for c in costs) for k in keys if all(getattr(c, k) is not None for c in costs)}
+
+
+def summarise(runs: dict[str, list[RunResults]]) -> dict:
     """Per variant: its method, seeds, per-tier and average accuracy (mean, std), accuracy per round, cost
     per tier (means over seeds), the low tier's reductions, the final expert load per tier and the
     training load's CV; then the headline figures and the differences beyond one standard deviation."""
     methods = {}
     for method, results in runs.items():
-        tiers = list(results[0]["final"]["tier_accuracy"])
-        rounds = len(results[0]["history"])
+        first = results[0]
+        tiers = list(first.final.tier_accuracy)
+        rounds = len(first.history)
         entry = {
-            "method": results[0]["method"],
-            "seeds": [r["config"]["seed"] for r in results],
+            "method": first.method,
+            "seeds": [r.config["seed"] for r in results],
             "tiers": tiers,
-            "accuracy": {t: _mean_std([r["final"]["tier_accuracy"][t] for r in results]) for t in tiers},
-            "average": _mean_std([r["final"]["average_accuracy"] for r in results]),
-            "accuracy_per_round": {t: [statistics.mean(r["history"][i]["tier_accuracy"][t] for r in results)
+            "accuracy": {t: _mean_std([r.final.tier_accuracy[t] for r in results]) for t in tiers},
+            "average": _mean_std([r.final.average_accuracy for r in results]),
+            "accuracy_per_round": {t: [statistics.mean(r.history[i].tier_accuracy[t] for r in results)
                                        for i in range(rounds)] for t in tiers},
+            "cost": {t: _mean_cost([r.cost.tiers[t] for r in results]) for t in tiers},
+            "low_tier_reduction": {k: statistics.mean(r.cost.low_tier_reduction[k] for r in results)
+                                   for k in first.cost.low_tier_reduction},
         }
-        if all("cost" in r for r in results):
-            entry["cost"] = {t: {k: statistics.mean(r["cost"]["tiers"][t][k] for r in results)
-                                 for k in results[0]["cost"]["tiers"][t]} for t in tiers}
-            keys = results[0]["cost"]["low_tier_reduction"]
-            entry["low_tier_reduction"] = {k: statistics.mean(r["cost"]["low_tier_reduction"][k] for r in results)
-                                           for k in keys}
-        if "tier_expert_load" in results[0]["final"]:
-            entry["expert_load"] = {t: _mean_matrix([r["final"]["tier_expert_load"][t] for r in results]) for t in tiers}
-            entry["load_cv"] = {t: statistics.mean(r["final"]["balance"]["tiers"][t]["mean_cv"] for r in results)
-                                for t in tiers}
-            entry["train_load_cv"] = _mean_std([r["final"]["balance"]["train"]["mean_cv"] for r in results])
+        if first.final.tier_expert_load is not None and first.final.balance is not None:
+            entry["expert_load"] = {t: _mean_matrix([r.final.tier_expert_load[t] for r in results]) for t in tiers}
+            entry["load_cv"] = {t: statistics.mean(r.final.balance.tiers[t].mean_cv for r in results) for t in tiers}
+            entry["train_load_cv"] = _mean_std([r.final.balance.train.mean_cv for r in results])
         methods[method] = entry
     summarise_uncertainty(runs, methods)
     return {"methods": methods, "headline": headline(methods), "beyond_one_std": beyond_one_std(methods),
@@ -323,19 +324,19 @@ def build_report(out: Path, methods: list[str] | None = None, seeds: list[int] |
     return summary
 
 
-def setting(runs: dict[str, list[dict]]) -> str:
+def setting(runs: dict[str, list[RunResults]]) -> str:
     """One sentence on what the runs share, read from the first run (variants may change some of it)."""
     first = next(iter(runs.values()))[0]
-    config = first["config"]
+    config = first.config
     model, federation = config["model"], config["federation"]
-    duplicates = f", {first['duplicates_removed']} duplicates removed" if "duplicates_removed" in first else ""
-    return (f"{config['data']['dataset']} ({first['num_train']} train / {first['num_test']} test texts{duplicates}), "
-            f"backbone {model['backbone']} with M = {model['num_experts']} experts (K_max = {first['k_max']}"
+    duplicates = f", {first.duplicates_removed} duplicates removed"
+    return (f"{config['data']['dataset']} ({first.num_train} train / {first.num_test} test texts{duplicates}), "
+            f"backbone {model['backbone']} with M = {model['num_experts']} experts (K_max = {first.k_max}"
             f"{shared_note(first)}), "
             f"LoRA rank {model['lora_rank']}; {federation['num_clients']} clients in tiers β = "
-            f"{', '.join(map(str, first['tiers']))}, {federation['rounds']} rounds of {config['train']['local_steps']} "
+            f"{', '.join(map(str, first.tiers))}, {federation['rounds']} rounds of {config['train']['local_steps']} "
             f"local steps (batch {config['train']['batch_size']}). Seeds: "
-            f"{', '.join(str(s) for s in sorted({r['config']['seed'] for rs in runs.values() for r in rs}))}.")
+            f"{', '.join(str(s) for s in sorted({r.config['seed'] for rs in runs.values() for r in rs}))}.")
 
 
 def report_html(setting_text: str, all_tables, plots) -> str:

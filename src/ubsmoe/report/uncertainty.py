@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 import statistics
 
+from ubsmoe.engine.run_records import RunResults
+
 GENERATED = ("generation", "format")  # measured on the questions whose answers were generated
 
 
@@ -33,21 +35,21 @@ def task_mean_error(details: dict[str, float], metric: str) -> float:
                          for t in tasks)) / len(tasks)
 
 
-def mean_details(runs: list[dict], tier: str, round_index: int = -1) -> dict[str, float] | None:
+def mean_details(runs: list[RunResults], tier: str, round_index: int = -1) -> dict[str, float] | None:
     """A tier's task figures (causal-lm ``tier_details``) of one round, averaged over seeds; None without."""
-    found = [r["history"][round_index].get("tier_details", {}).get(tier) for r in runs]
+    found = [(r.history[round_index].tier_details or {}).get(tier) for r in runs]
     if not found or any(d is None for d in found):
         return None
     return {key: statistics.mean(d[key] for d in found) for key in found[0]}
 
 
-def accuracy_error(runs: list[dict], tier: str, round_index: int = -1) -> float:
+def accuracy_error(runs: list[RunResults], tier: str, round_index: int = -1) -> float:
     """The standard error of the seeds' mean headline accuracy of ``tier`` in one round."""
     details = mean_details(runs, tier, round_index)
     if details is not None:
-        return task_mean_error(details, runs[0]["config"]["evaluation"]["protocol"])
-    accuracy = statistics.mean(r["history"][round_index]["tier_accuracy"][tier] for r in runs)
-    return proportion_error(accuracy, runs[0]["num_test"])
+        return task_mean_error(details, runs[0].config["evaluation"]["protocol"])
+    accuracy = statistics.mean(r.history[round_index].tier_accuracy[tier] for r in runs)
+    return proportion_error(accuracy, runs[0].num_test)
 
 
 def ratio_interval(a: float, se_a: float, b: float, se_b: float) -> tuple[float, float]:
@@ -58,7 +60,7 @@ def ratio_interval(a: float, se_a: float, b: float, se_b: float) -> tuple[float,
     return a / b * math.exp(-spread), a / b * math.exp(spread)
 
 
-def summarise_uncertainty(runs: dict[str, list[dict]], methods: dict) -> None:
+def summarise_uncertainty(runs: dict[str, list[RunResults]], methods: dict) -> None:
     """Add to each variant's entry of ``methods`` its tiers' standard errors (``accuracy_se``), the last two
     rounds' figures (``arrived``), and, for causal-lm, each protocol per tier with its error; then add
     ``beyond_two_se`` (differences from the first variant) and the baselines per task to ``methods``'s
@@ -69,11 +71,11 @@ def summarise_uncertainty(runs: dict[str, list[dict]], methods: dict) -> None:
         # the tiers are scored on the same questions, so their errors move together: the mean of the errors (the
         # error of the average when they are perfectly correlated), not the independent sqrt(sum se^2) / T
         entry["average_se"] = sum(entry["accuracy_se"].values()) / len(entry["tiers"])
-        rounds = len(results[0]["history"])
+        rounds = len(results[0].history)
         if rounds >= 2:
             entry["arrived"] = {}
             for t in entry["tiers"]:
-                last, before = (statistics.mean(r["history"][i]["tier_accuracy"][t] for r in results) for i in (-1, -2))
+                last, before = (statistics.mean(r.history[i].tier_accuracy[t] for r in results) for i in (-1, -2))
                 se = entry["accuracy_se"][t]
                 entry["arrived"][t] = {"last": last, "before": before, "se": se,
                                        "arrived": None if math.isnan(se) else abs(last - before) <= se}
@@ -83,7 +85,7 @@ def summarise_uncertainty(runs: dict[str, list[dict]], methods: dict) -> None:
             if details is not None:
                 protocols[t] = {metric: {"value": details[metric], "se": task_mean_error(details, metric)}
                                 for metric in ("loglik", "generation", "format") if metric in details}
-                protocols[t]["loss"] = statistics.mean(r["final"]["tier_loss"][t] for r in results)
+                protocols[t]["loss"] = statistics.mean(r.final.tier_loss[t] for r in results)
         if protocols:
             entry["protocols"] = protocols
 
@@ -110,10 +112,10 @@ def beyond_two_se(methods: dict) -> list[dict]:
     return found
 
 
-def task_baselines(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]] | None:
+def task_baselines(runs: dict[str, list[RunResults]]) -> dict[str, dict[str, float]] | None:
     """Per task: its chance level, majority baseline and question count (causal-lm), from the first run."""
     first = next(iter(runs.values()))[0]
-    details = next(iter(first["final"].get("tier_details", {}).values()), None)
+    details = next(iter((first.final.tier_details or {}).values()), None)
     if details is None:
         return None
     tasks = sorted({key.rsplit("/", 1)[0] for key in details if key.endswith("/chance")})

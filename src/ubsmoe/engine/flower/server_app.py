@@ -22,7 +22,7 @@ from ubsmoe.config import ConfigError, config_from_dict, load_config
 from ubsmoe.engine.checkpoint import read_checkpoint
 from ubsmoe.engine.flower.messages import global_arrays
 from ubsmoe.engine.flower.strategy import MethodStrategy
-from ubsmoe.engine.saved_model import save_model
+from ubsmoe.engine.run_folder import check_output_folder
 from ubsmoe.engine.server import Server
 
 app = ServerApp()
@@ -30,8 +30,6 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from ubsmoe.report.summary import check_output_folder, write_results
-
     settings = context.run_config
     config_file = str(settings.get("config", "")) or None
     overrides = shlex.split(str(settings.get("overrides", "")))
@@ -45,13 +43,12 @@ def main(grid: Grid, context: Context) -> None:
     else:
         config = load_config(config_file, overrides)
         check_output_folder(out, force=bool(settings.get("force", False)))
-    server = Server(config, upcycle_cache=out / "model")
-    first = 1 if checkpoint is None else server.restore(checkpoint)
+    server = Server(config, out=out)
+    first = server.start(checkpoint)
     timeout = config.federation.client_timeout or float(settings.get("round-timeout-s", 24 * 3600))
     strategy = MethodStrategy(server, node_wait_s=float(settings.get("node-wait-s", 300)), round_timeout_s=timeout,
-                              out=out, rounds_done=first - 1)
+                              rounds_done=first - 1)
     if first <= config.federation.rounds:
         strategy.start(grid, global_arrays(server.state.params), num_rounds=config.federation.rounds - first + 1,
                        timeout=timeout, evaluate_fn=strategy.evaluate)
-    save_model(out / "model", server)
-    write_results(server.results() | {"engine": "flower"}, out)
+    server.finish("flower")

@@ -17,11 +17,13 @@ from tqdm.auto import tqdm
 from ubsmoe.config import ExperimentConfig
 from ubsmoe.engine.checkpoint import Checkpoint
 from ubsmoe.engine.errors import RunInterrupted
+from ubsmoe.engine.run_records import RunResults
 
 
 def run_flower_simulation(config: ExperimentConfig, show_progress: bool = True, timeout_s: float = 24 * 3600,
-                          out: Path | None = None, resume: Checkpoint | None = None) -> dict:
-    """Run every round on Flower's simulation engine and return the results dictionary. A round waits
+                          out: Path | None = None, resume: Checkpoint | None = None, variant: str | None = None
+                          ) -> RunResults:
+    """Run every round on Flower's simulation engine and return the results. A round waits
     ``federation.client_timeout`` seconds for its clients if set, else ``timeout_s``. With ``out``, the
     checkpoint and history after every round and the final model go there, as ``run_experiment`` writes them;
     ``resume`` continues from a checkpoint (Flower counts the remaining rounds from 1, the strategy adds
@@ -32,15 +34,14 @@ def run_flower_simulation(config: ExperimentConfig, show_progress: bool = True, 
     from ubsmoe.engine.flower import client_app
     from ubsmoe.engine.flower.messages import global_arrays
     from ubsmoe.engine.flower.strategy import MethodStrategy
-    from ubsmoe.engine.saved_model import save_model
     from ubsmoe.engine.server import Server
 
-    server = Server(config, upcycle_cache=None if out is None else out / "model")
-    first = 1 if resume is None else server.restore(resume)
+    server = Server(config, out=out)
+    first = server.start(resume)
     timeout_s = config.federation.client_timeout or timeout_s
     bar = tqdm(total=config.federation.rounds, initial=first - 1, desc=f"{server.method.name} rounds (flower-sim)",
                unit="round", disable=not show_progress)
-    strategy = MethodStrategy(server, progress=bar, round_timeout_s=timeout_s, out=out, rounds_done=first - 1)
+    strategy = MethodStrategy(server, progress=bar, round_timeout_s=timeout_s, rounds_done=first - 1)
     app = ServerApp()
 
     stopped: list[BaseException] = []  # what ended the ServerApp early (Flower logs it and goes on)
@@ -75,6 +76,4 @@ def run_flower_simulation(config: ExperimentConfig, show_progress: bool = True, 
     if len(server.history) != config.federation.rounds:
         raise RuntimeError(f"the Flower simulation ended after {len(server.history)} of "
                            f"{config.federation.rounds} rounds (see its log above)")
-    if out is not None:
-        save_model(out / "model", server)
-    return server.results() | {"engine": "flower-sim"}
+    return server.finish("flower-sim", variant)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from pathlib import Path
 
 from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
@@ -26,7 +25,8 @@ from flwr.serverapp.strategy import Strategy
 from ubsmoe.engine.errors import ClientBug
 from ubsmoe.engine.flower.client_app import BUDGET, PARTITION
 from ubsmoe.engine.flower.messages import CLIENT_FAULT, global_arrays, instruction_content, read_update
-from ubsmoe.engine.server import ClientFailure, Server
+from ubsmoe.engine.run_records import FailedClient
+from ubsmoe.engine.server import Answer, Server
 from ubsmoe.methods.records import TrainInstruction
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,10 @@ class MethodStrategy(Strategy):
     """Configuration, aggregation and evaluation delegated to the registered ubsmoe method."""
 
     def __init__(self, server: Server, node_wait_s: float = 120.0, progress=None, round_timeout_s: float = DEFAULT_TTL,
-                 out: Path | None = None, rounds_done: int = 0):
+                 rounds_done: int = 0):
         self.server = server
         # Flower numbers the rounds it runs from 1; a resumed run's round r is Flower's r - rounds_done
         self.rounds_done = rounds_done
-        self.out = out  # where each round's checkpoint and history go (as the in-process engine writes them)
         self.node_wait_s = node_wait_s
         self.progress = progress  # a tqdm bar over the rounds, or None
         self.ttl = max(float(DEFAULT_TTL), round_timeout_s + 60.0)  # a message outlives the round's wait
@@ -64,7 +63,7 @@ class MethodStrategy(Strategy):
                                    f"{self.node_wait_s:.0f} s: start one SuperNode per client")
             time.sleep(0.2)
         queries = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
-        budgets = {c.client_id: c.budget for c in self.server.exp.clients}
+        budgets = {c.client_id: c.budget for c in self.server.experiment.clients}
         for reply in grid.send_and_receive(queries, timeout=self.node_wait_s):
             if reply.has_error():
                 raise RuntimeError(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
@@ -87,9 +86,9 @@ class MethodStrategy(Strategy):
         if not self.node_of:
             self._map_nodes(grid)
         self.outgoing = []
-        for client in self.server.sample(server_round):
-            instruction = self.server.instruction(client, server_round)
-            message = Message(instruction_content(instruction, self.server.config), dst_node_id=self.node_of[client.client_id],
+        for instruction in self.server.open_round(server_round):
+            message = Message(instruction_content(instruction, self.server.config),
+                              dst_node_id=self.node_of[instruction.client.client_id],
                               message_type=MessageType.TRAIN, group_id=str(server_round), ttl=self.ttl)
             self.outgoing.append((message, instruction))
         return [message for message, _ in self.outgoing]
@@ -97,33 +96,36 @@ class MethodStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.rounds_done
-        # A reply names the message it answers; the SuperLink itself answers for a node gone offline.
+        answers = self.answers(server_round, replies)
+        self.server.aggregate(server_round, answers)
+        return global_arrays(self.server.state.params), MetricRecord({"updates": len(self.server.updates),
+                                                                      "failures": len(self.server.failures)})
+
+    def answers(self, server_round: int, replies: Iterable[Message]) -> dict[int, Answer]:
+        """{client id: its update, or why it has none} from the round's replies. A reply names the message it
+        answers; the SuperLink itself answers for a node gone offline. An error reply other than a fault
+        (``FAULTS``) is a bug of the client's code: ``ClientBug`` with its traceback, unless
+        ``federation.on_client_error = "drop"``. A client without a reply is left to the server."""
         by_id = {message.metadata.message_id: instruction for message, instruction in self.outgoing}
-        updates, failures, answered = [], [], set()
+        answers: dict[int, Answer] = {}
         for reply in replies:
             instruction = by_id.get(reply.metadata.reply_to_message_id)
-            if instruction is None or instruction.client.client_id in answered:
+            if instruction is None or instruction.client.client_id in answers:
                 log.warning("round %d: a reply to no message of this round was ignored", server_round)
                 continue
             client_id = instruction.client.client_id
-            answered.add(client_id)
             if reply.has_error():
                 if reply.error.code not in FAULTS and self.server.config.federation.on_client_error != "drop":
                     raise ClientBug(f"round {server_round}: client {client_id}'s code raised "
                                     f"(federation.on_client_error=drop would leave it out):\n{reply.error.reason}")
                 reason = (str(reply.error.reason).strip().splitlines() or ["(no reason given)"])[-1]
-                failures.append(ClientFailure(client_id, reason))
+                answers[client_id] = FailedClient(client_id, reason)
                 continue
             try:
-                answer = self.server.admit(instruction, read_update(reply.content))
+                answers[client_id] = read_update(reply.content)
             except (KeyError, ValueError, TypeError) as error:  # a reply that is not a ClientUpdate
-                answer = ClientFailure(client_id, f"an unreadable update ({type(error).__name__}: {error})")
-            (failures if isinstance(answer, ClientFailure) else updates).append(answer)
-        sent = {instruction.client.client_id for _, instruction in self.outgoing}
-        failures += [ClientFailure(c, "no reply before the timeout") for c in sorted(sent - answered)]
-        self.server.aggregate(server_round, updates, sorted(failures))
-        return global_arrays(self.server.state.params), MetricRecord({"updates": len(updates),
-                                                                      "failures": len(failures)})
+                answers[client_id] = FailedClient(client_id, f"an unreadable update ({type(error).__name__}: {error})")
+        return answers
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
@@ -134,16 +136,12 @@ class MethodStrategy(Strategy):
         return None
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Flower's ``evaluate_fn``: round 0 is the evaluation before training (if configured)."""
+        """Flower's ``evaluate_fn``: every tier after the round (round 0, before training, is the server's
+        ``start``)."""
         if server_round == 0:
-            if self.server.config.evaluation.round0 and not self.rounds_done:  # a resumed run has its round 0
-                self.server.evaluate_round0()
             return None
-        server_round += self.rounds_done
-        entry = self.server.evaluate(server_round)
-        if self.out is not None:
-            self.server.save_progress(self.out, server_round)
+        record = self.server.evaluate(server_round + self.rounds_done)
         if self.progress is not None:
             self.progress.update(1)
-            self.progress.set_postfix(avg_acc=f"{entry['average_accuracy']:.3f}")
-        return MetricRecord({"average_accuracy": entry["average_accuracy"]})
+            self.progress.set_postfix(avg_acc=f"{record.average_accuracy:.3f}")
+        return MetricRecord({"average_accuracy": record.average_accuracy})

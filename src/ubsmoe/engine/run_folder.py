@@ -1,4 +1,6 @@
-"""A run's results on disk (results.json) and as a markdown summary and a console table."""
+"""A run's folder (``--out``): checked before the run, and at its end the results (results.json) and their
+markdown summary (summary.md); the checkpoint, history and saved model beside them are written by the
+server (``engine.server``)."""
 
 from __future__ import annotations
 
@@ -6,9 +8,12 @@ import json
 import shutil
 from pathlib import Path
 
-from ubsmoe.config import ConfigError
+from ubsmoe.config import ConfigError, MissingFileError
 from ubsmoe.engine.checkpoint import CHECKPOINT
-from ubsmoe.storage import write_atomically
+from ubsmoe.engine.run_records import RunCost, RunResults
+from ubsmoe.storage import DamagedFileError, write_atomically
+
+RESULTS = "results.json"
 
 
 def check_output_folder(out_dir: Path, force: bool = False) -> None:
@@ -35,41 +40,52 @@ def check_output_folder(out_dir: Path, force: bool = False) -> None:
         shutil.rmtree(out_dir / "model", ignore_errors=True)
 
 
-def write_results(results: dict, out_dir: Path) -> None:
+def write_results(results: RunResults, out_dir: Path) -> None:
     """results.json and summary.md, each written whole or not at all (temporary file, fsync, rename), so
     that a results file that exists is complete."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(out_dir / "summary.md", summary_markdown(results))
-    write_atomically(out_dir / "results.json", json.dumps(results, indent=2))
+    write_atomically(out_dir / RESULTS, json.dumps(results.to_json(), indent=2))
 
 
-def tier_table(results: dict) -> str:
+def read_results(out_dir: Path) -> RunResults:
+    """The results of the finished run in ``out_dir``."""
+    path = out_dir / RESULTS
+    if not path.is_file():
+        raise MissingFileError(f"{out_dir} holds no finished run ({RESULTS}): give the --out folder of a finished run")
+    try:
+        return RunResults.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as error:
+        raise DamagedFileError(f"{path} is unreadable ({type(error).__name__}: {error}): delete it, or run the "
+                               "experiment again") from None
+
+
+def tier_table(results: RunResults) -> str:
     """The final per-tier accuracy as a markdown table (one row)."""
-    final = results["final"]
-    tiers = list(final["tier_accuracy"])
+    final = results.final
+    tiers = list(final.tier_accuracy)
     header = "| method | " + " | ".join(f"beta={t}" for t in tiers) + " | average |"
     rule = "|---" * (len(tiers) + 2) + "|"
-    row = (f"| {results['method']} | " + " | ".join(f"{final['tier_accuracy'][t]:.4f}" for t in tiers)
-           + f" | {final['average_accuracy']:.4f} |")
+    row = (f"| {results.method} | " + " | ".join(f"{final.tier_accuracy[t]:.4f}" for t in tiers)
+           + f" | {final.average_accuracy:.4f} |")
     return "\n".join([header, rule, row])
 
 
-def shared_note(results: dict) -> str:
+def shared_note(results: RunResults) -> str:
     """", S = 1 shared" where the run's upcycled layers have shared experts (K counts them), else ""."""
-    shared = results.get("shared_experts", 0)
-    return f", S = {shared} shared" if shared else ""
+    return f", S = {results.shared_experts} shared" if results.shared_experts else ""
 
 
-def summary_markdown(results: dict) -> str:
-    config = results["config"]
+def summary_markdown(results: RunResults) -> str:
+    config, final = results.config, results.final
     lines = [
-        f"# {results['method']} on {config['data']['dataset']}",
+        f"# {results.method} on {config['data']['dataset']}",
         "",
         f"Backbone {config['model']['backbone']}, M={config['model']['num_experts']} experts "
-        f"(K_max={results['k_max']}{shared_note(results)}), LoRA r={config['model']['lora_rank']}; "
+        f"(K_max={results.k_max}{shared_note(results)}), LoRA r={config['model']['lora_rank']}; "
         f"{config['federation']['num_clients']} clients, {config['federation']['rounds']} rounds, "
-        f"{config['federation']['partition']} split; {results['num_train']} train / {results['num_test']} test "
-        f"samples; {results['runtime_s']:.0f} s.",
+        f"{config['federation']['partition']} split; {results.num_train} train / {results.num_test} test "
+        f"samples; {results.runtime_s:.0f} s.",
         "",
         "## Final accuracy per budget tier",
         "",
@@ -77,15 +93,14 @@ def summary_markdown(results: dict) -> str:
         "",
         "## Accuracy per round",
         "",
-        "| round | " + " | ".join(f"beta={t}" for t in results["final"]["tier_accuracy"]) + " | average | test loss |",
-        "|---" * (len(results["final"]["tier_accuracy"]) + 3) + "|",
+        "| round | " + " | ".join(f"beta={t}" for t in final.tier_accuracy) + " | average | test loss |",
+        "|---" * (len(final.tier_accuracy) + 3) + "|",
     ]
-    for entry in results["history"]:
-        lines.append(f"| {entry['round']} | " + " | ".join(f"{a:.4f}" for a in entry["tier_accuracy"].values())
-                     + f" | {entry['average_accuracy']:.4f} | {entry['test_loss']:.4f} |")
-    if "cost" in results:
-        lines += ["", *cost_table(results["cost"])]
-    lines += ["", "Trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in results["parameters"].items()), ""]
+    for record in results.history:
+        lines.append(f"| {record.round} | " + " | ".join(f"{a:.4f}" for a in record.tier_accuracy.values())
+                     + f" | {record.average_accuracy:.4f} | {record.test_loss:.4f} |")
+    lines += ["", *cost_table(results.cost)]
+    lines += ["", "Trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in results.parameters.items()), ""]
     return "\n".join(lines)
 
 
@@ -97,7 +112,7 @@ def human(value: float, unit: str = "") -> str:
     return f"{value:.3g} {unit}".rstrip()
 
 
-def cost_table(cost: dict) -> list[str]:
+def cost_table(cost: RunCost) -> list[str]:
     """Markdown lines: compute, time and communication per tier, the low tier's reductions, peak memory."""
     lines = [
         "## Cost per budget tier",
@@ -107,16 +122,15 @@ def cost_table(cost: dict) -> list[str]:
         "| tier | train FLOPs | train FLOPs / token | inference FLOPs / token | median step | download | upload |",
         "|---|---|---|---|---|---|---|",
     ]
-    for tier, c in cost["tiers"].items():
-        if "train_flops" not in c:
-            lines.append(f"| beta={tier} | - | - | {human(c['inference_flops_per_token'])} | - | - | - |")
+    for tier, c in cost.tiers.items():
+        if not c.trained:
+            lines.append(f"| beta={tier} | - | - | {human(c.inference_flops_per_token)} | - | - | - |")
             continue
-        lines.append(f"| beta={tier} | {human(c['train_flops'])} | {human(c['train_flops_per_token'])} "
-                     f"| {human(c['inference_flops_per_token'])} | {c['step_seconds_median'] * 1e3:.0f} ms "
-                     f"| {human(c['download_bytes'], 'B')} | {human(c['upload_bytes'], 'B')} |")
-    reduction = cost.get("low_tier_reduction", {})
-    if reduction:
+        lines.append(f"| beta={tier} | {human(c.train_flops)} | {human(c.train_flops_per_token)} "
+                     f"| {human(c.inference_flops_per_token)} | {c.step_seconds_median * 1e3:.0f} ms "
+                     f"| {human(c.download_bytes, 'B')} | {human(c.upload_bytes, 'B')} |")
+    if cost.low_tier_reduction:
         lines += ["", "Low tier against top tier: " + ", ".join(
-            f"{name.replace('_', ' ')} {value:.0%} less" for name, value in reduction.items()) + "."]
-    lines += ["", f"Peak resident memory: {cost['peak_rss_mb']:.0f} MiB."]
+            f"{name.replace('_', ' ')} {value:.0%} less" for name, value in cost.low_tier_reduction.items()) + "."]
+    lines += ["", f"Peak resident memory: {cost.peak_rss_mb:.0f} MiB."]
     return lines
