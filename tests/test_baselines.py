@@ -19,11 +19,14 @@ from ubsmoe.methods.default_moe import DefaultMoE, DefaultMoEOptions, DefaultOut
 from ubsmoe.methods.flexlora import FlexLoRA
 from ubsmoe.methods.florist import energy_rank, thresholded_pair
 from ubsmoe.methods.flora import stack_factors
-from ubsmoe.methods.hetlora import HetLoRA, HetLoRAOptions, next_rank, tail_norm
+from ubsmoe.methods.hetlora import HetLoRA, HetLoRAOptions, NextRank, next_rank, tail_norm
 from ubsmoe.methods.low_rank import Adapter, factors_from_svd, truncated
 from ubsmoe.methods.smoe_aux import switch_balance_loss
 from ubsmoe.methods.smoe_bias import bias_step
 from ubsmoe.model.moe_layer import RoutingRecord
+from ubsmoe.methods.default_moe import UpdatedDefaults
+from ubsmoe.methods.flexlora import TrainedFactors
+from ubsmoe.methods.records import NoRecord
 
 from test_moe_layer import dense_ffn, moe_from
 
@@ -35,20 +38,20 @@ def rand(*shape):
     return torch.randn(*shape, generator=G, dtype=torch.float64)
 
 
-def update(client_id, n, delta, budget=1.0):
-    return ClientUpdate(ClientInfo(client_id, budget, n), delta)
+def update(client_id, n, delta, budget=1.0, extras=None):
+    return ClientUpdate(ClientInfo(client_id, budget, n), delta, extras=extras or NoRecord())
 
 
 # ---------------------------------------------------------------------------------------- HetLoRA
 def test_hetlora_pads_truncates_and_averages_by_update_norm():
     global_a, global_b = rand(5, 4), rand(4, 3)
     head = rand(2)
-    state = ServerState({"m.lora_a": global_a, "m.lora_b": global_b, "head.bias": head})
+    state = ServerState({"m.lora_a": global_a, "m.lora_b": global_b, "head.bias": head}, HetLoRA.State())
     trained = [(rand(5, 4), rand(4, 3)), (rand(5, 4), rand(4, 3))]
     ranks, sizes = [2, 4], [30, 10]
     # the deltas travel at each client's rank (r_max = 4: budgets 0.5 and 1.0)
     updates = [update(i, n, {"m.lora_a": (a - global_a)[:, :r], "m.lora_b": (b - global_b)[:r],
-                             "head.bias": torch.full((2,), i + 1.0)}, budget=r / 4)
+                             "head.bias": torch.full((2,), i + 1.0)}, budget=r / 4, extras=NextRank())
                for i, ((a, b), r, n) in enumerate(zip(trained, ranks, sizes))]
     method = HetLoRA(HetLoRAOptions(prune_lambda=0.0), k_max=1)
     method.adapters, method.r_max = [ADAPTER], 4
@@ -107,7 +110,7 @@ def test_flexlora_averages_products_and_full_rank_svd_reproduces_them():
     method.adapters = [ADAPTER]
     method.r_max = 5
     state = ServerState({"m.lora_a": rand(6, 5), "m.lora_b": rand(5, 5)})
-    updates = [ClientUpdate(ClientInfo(i, 1.0, n), {}, tensors={"m.lora_a": a, "m.lora_b": b})  # trained factors
+    updates = [ClientUpdate(ClientInfo(i, 1.0, n), {}, extras=TrainedFactors({"m.lora_a": a, "m.lora_b": b}))  # trained factors
                for i, ((a, b), n) in enumerate(zip(trained, sizes))]
 
     new = method.aggregate(state, updates)
@@ -294,12 +297,12 @@ def test_default_moe_averages_each_default_over_the_clients_that_updated_it():
     moved = torch.tensor([[1.0, 1.0], [0.0, 0.0], [2.0, 2.0], [0.0, 0.0]])
     updates = [
         ClientUpdate(ClientInfo(0, 1.0, 10), {"d0": torch.zeros(4, 2), "s0": torch.zeros(4), "w": torch.ones(1)},
-                     tensors={"defaults_updated": torch.zeros(1, 4, dtype=torch.bool)}),  # K = M: updated none
+                     extras=UpdatedDefaults(torch.zeros(1, 4, dtype=torch.bool))),  # K = M: updated none
         ClientUpdate(ClientInfo(1, 0.25, 30), {"d0": moved, "s0": torch.tensor([1.0, 0, 1, 0]), "w": torch.zeros(1)},
-                     tensors={"defaults_updated": torch.tensor([[True, False, True, False]])}),
+                     extras=UpdatedDefaults(torch.tensor([[True, False, True, False]]))),
         ClientUpdate(ClientInfo(2, 0.5, 60), {"d0": torch.full((4, 2), 4.0) * torch.tensor([[1], [0], [0], [0]]),
                                               "s0": torch.tensor([1.0, 0, 0, 0]), "w": torch.zeros(1)},
-                     tensors={"defaults_updated": torch.tensor([[True, False, False, False]])}),
+                     extras=UpdatedDefaults(torch.tensor([[True, False, False, False]]))),
     ]
 
     new = method.aggregate(state, updates).params
@@ -319,11 +322,11 @@ def test_default_moe_clients_report_which_defaults_they_updated(tiny_bert, tiny_
                for client in exp.clients}  # budgets 0.5 (K = 2 of 4) and 1.0 (K = M)
 
     dense, sparse = reports[1.0], reports[0.5]
-    assert not dense.tensors["defaults_updated"].any()
-    assert torch.equal(sparse.tensors["defaults_updated"], sparse.routing.routed > 0)
+    assert not dense.extras.defaults_updated.any()
+    assert torch.equal(sparse.extras.defaults_updated, sparse.routing.routed > 0)
     for index, name in enumerate(exp.method.default_names):
         changed = sparse.delta[name].ne(0).any(1)
-        assert torch.equal(changed, sparse.tensors["defaults_updated"][index])
+        assert torch.equal(changed, sparse.extras.defaults_updated[index])
 
 
 # ---------------------------------------------------------------------------------------- end to end

@@ -141,7 +141,7 @@ def test_tiers_benchmark_times_the_causal_lm_step(tiny_causal_llama, tiny_suite,
 
     tiers = result["methods"]["ubsmoe"]["tiers"]
     assert result["overrides"][0] == "task=causal-lm"
-    assert tiers["0.25"].train_flops < tiers["1.0"].train_flops
+    assert tiers["0.25"]["train_flops"] < tiers["1.0"]["train_flops"]
     made_by = next(line for line in (tmp_path / "tiers.md").read_text().splitlines() if line.startswith("Made by"))
     assert "`ubsmoe bench tiers --backbone " in made_by and " task=causal-lm data.dataset=commonsense:" in made_by
 

@@ -4,6 +4,7 @@ gives exactly the numbers of the in-process engine, for every method; the mergin
 rebuild the merged base from the records even when they missed rounds or start from nothing."""
 
 import json
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ from ubsmoe.engine.experiment import build_experiment
 from ubsmoe.engine.rounds import run_experiment
 from ubsmoe.methods import REGISTRY
 from ubsmoe.methods.records import (
-    ClientInfo, ClientSettings, ClientUpdate, TrainMetrics, flat_scalars, flat_tensors, instruction_from_flat, update_from_flat,
+    ClientInfo, ClientSettings, ClientUpdate, MethodRecord, NoRecord, TrainMetrics, flat_scalars, flat_tensors, flatten,
+    unflatten,
 )
 from ubsmoe.metrics.flops import FlopCounter
 from ubsmoe.engine.run_records import RunResults
@@ -51,7 +53,7 @@ def remote_client(config, fresh_each_message: bool = False):
         received, _ = read_instruction(instruction_content(instruction, config))  # Flower's message codec
         update = run_client(runtime(), received, progress)
         wire(flat_tensors(update), flat_scalars(update))
-        return read_update(update_content(update))
+        return read_update(update_content(update), runtime().method.Extras)
     return client_fn
 
 
@@ -96,10 +98,40 @@ def test_bfloat16_tensors_cross_flowers_codec_bit_for_bit():
     tensors = {"w": torch.randn(3, 4).to(torch.bfloat16), "b": torch.arange(3.0)}
     update = ClientUpdate(ClientInfo(0, 1.0, 4), dict(tensors))
 
-    back = read_update(update_content(update))
+    back = read_update(update_content(update), NoRecord)
 
     assert back.delta["w"].dtype == torch.bfloat16 and torch.equal(back.delta["w"], tensors["w"])
     assert torch.equal(back.delta["b"], tensors["b"])
+
+
+@dataclass
+class Pair(MethodRecord):
+    a: torch.Tensor
+    b: list[torch.Tensor]
+
+
+@dataclass
+class NestedState(MethodRecord):
+    ranks: dict[int, int] = field(default_factory=dict)
+    rounds: list[dict[str, Pair]] = field(default_factory=list)
+    usage: torch.Tensor | None = None
+    note: str = ""
+
+
+def test_a_method_record_flattens_by_its_field_types_and_comes_back():
+    record = NestedState({10: 1, 2: 3}, [{}, {"x.lora_a": Pair(torch.ones(2), [torch.zeros(1), torch.ones(3)])}, {}],
+                         None, "kept")
+
+    tensors, scalars = flatten(record)
+    back = unflatten(NestedState, *wire(tensors, scalars))
+
+    assert sorted(tensors) == ["rounds/1/x.lora_a/a", "rounds/1/x.lora_a/b/0", "rounds/1/x.lora_a/b/1"]
+    assert scalars == {"ranks/10": 1, "ranks/2": 3, "note": "kept"}
+    assert back.ranks == {2: 3, 10: 1} and back.usage is None and back.note == "kept"
+    assert [torch.equal(t, u) for t, u in zip(back.rounds[1]["x.lora_a"].b, record.rounds[1]["x.lora_a"].b)] == [True] * 2
+    assert back.rounds[0] == {} and len(back.rounds) == 2  # a trailing empty item carries nothing: it is not kept
+    with pytest.raises(ValueError, match="no '/'"):
+        flatten(NestedState(rounds=[{"a/b": Pair(torch.ones(1), [])}]))
 
 
 def test_record_round_trips():
@@ -119,7 +151,7 @@ def test_hetlora_ranks_are_decided_on_the_server_and_sent(tiny_bert, tiny_task):
     method = exp.method
     state = method.initial_state(exp.model)
     client = exp.clients[1]  # beta = 1: rank 4
-    state.scalars[f"rank/{client.client_id}"] = 2  # as if it had pruned itself last round
+    state.method.ranks[client.client_id] = 2  # as if it had pruned itself last round
     from ubsmoe.engine.server import instruction_for
 
     instruction = instruction_for(method, state, client, 2)
@@ -128,4 +160,4 @@ def test_hetlora_ranks_are_decided_on_the_server_and_sent(tiny_bert, tiny_task):
     assert instruction.params[adapter.a].shape[-1] == 2 and instruction.params[adapter.b].shape[-2] == 2
     update = run_client(exp.client_runtime(None), instruction)
     assert update.delta[adapter.a].shape == instruction.params[adapter.a].shape
-    assert update.scalars["next_rank"] in (1, 2)
+    assert update.extras.next_rank in (1, 2)

@@ -189,4 +189,4 @@ def test_dmr_leaves_phi_alone_in_a_round_no_client_routed_through():
     new = method.aggregate(state, updates)
 
     torch.testing.assert_close(new.params["phi0"], torch.tensor([0.15, 0.25, 0.35]))
-    assert torch.isfinite(new.tensors["phi_target"]).all()
+    assert torch.isfinite(new.method.phi_target).all()

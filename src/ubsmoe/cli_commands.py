@@ -75,7 +75,7 @@ def resolved(config):
     import copy
 
     from ubsmoe.config import resolve_method_options
-    from ubsmoe.methods.base import get_method
+    from ubsmoe.methods import get_method
 
     from ubsmoe.engine.experiment import validate
 

@@ -14,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ubsmoe.methods.base import get_method
+from ubsmoe.methods import get_method
 from ubsmoe.metrics.flops import FlopCounter
 from ubsmoe.model import ModelSpec, build_model
 from ubsmoe.tasks.causal_lm import language_model_head

@@ -18,11 +18,12 @@ from pathlib import Path
 
 from ubsmoe.config import ConfigError
 from ubsmoe.engine.run_records import RoundRecord, TierScore
+from ubsmoe.methods import get_method
 from ubsmoe.methods.records import ServerState, flat_scalars, flat_tensors, state_from_flat
 from ubsmoe.storage import DamagedFileError, read_tensors, write_tensors
 
 CHECKPOINT = "checkpoint.safetensors"
-FORMAT = 2  # 2: every tensor's SHA-256 in the metadata
+FORMAT = 3  # 2: every tensor's SHA-256 in the metadata; 3: the method's state as its typed record
 
 
 class CheckpointError(ConfigError):
@@ -41,7 +42,8 @@ class Checkpoint:
 
 def write_checkpoint(folder: Path, checkpoint: Checkpoint) -> Path:
     """``folder/checkpoint.safetensors``: temporary file, fsync, rename, fsync of the folder."""
-    meta = {"format": FORMAT, "round": checkpoint.round, "scalars": flat_scalars(checkpoint.state),
+    meta = {"format": FORMAT, "method": checkpoint.config["method"]["name"], "round": checkpoint.round,
+            "scalars": flat_scalars(checkpoint.state),
             "history": [r.to_json() for r in checkpoint.history],
             "round0": {t: s.to_json() for t, s in checkpoint.round0.items()}, "config": checkpoint.config,
             "runtime_s": checkpoint.runtime_s}
@@ -56,15 +58,16 @@ def write_state(path: Path, state: ServerState, meta: dict, fault_round: int | N
 
 
 def read_state(path: Path, fix: str) -> tuple[ServerState, dict]:
-    """(the state, its metadata) from a file ``write_state`` wrote, every tensor verified against its digest;
-    a damaged or foreign file is a ``DamagedFileError`` naming ``fix``."""
+    """(the state, its metadata) from a file ``write_state`` wrote (its ``meta`` names the method, whose
+    ``State`` record the method's part is), every tensor verified against its digest; a damaged or foreign
+    file is a ``DamagedFileError`` naming ``fix``."""
     tensors, metadata = read_tensors(path, fix)
     try:
         meta = json.loads(metadata["ubsmoe"])
         if meta.get("format") != FORMAT:
             raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT}")
-        return state_from_flat(tensors, meta["scalars"]), meta
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        return state_from_flat(tensors, meta["scalars"], get_method(meta["method"]).State), meta
+    except (ValueError, KeyError, TypeError, AttributeError, ConfigError) as error:
         raise DamagedFileError(f"{path} is damaged ({error}): {fix}") from None
 
 

@@ -14,7 +14,8 @@ from ubsmoe.config import PROTOCOLS, ConfigError, ExperimentConfig, resolve_meth
 from ubsmoe.data.dataset import TokenizedDataset
 from ubsmoe.engine.client import ClientRuntime
 from ubsmoe.engine.clients import make_clients, tiers
-from ubsmoe.methods.base import ClientInfo, FederatedMethod, get_method, top_k_for_budget
+from ubsmoe.methods import get_method
+from ubsmoe.methods.base import ClientInfo, FederatedMethod, top_k_for_budget
 from ubsmoe.metrics.flops import FlopCounter
 from ubsmoe.model import MoEModel, ModelSpec, build_model, load_tokenizer
 from ubsmoe.model.backbones import default_shared_experts

@@ -48,7 +48,7 @@ def write_saved(folder: Path, state: ServerState, card: dict) -> Path:
     """``state.safetensors`` (with the card's SHA-256, so that a card that is not its own is refused) and
     ``model.json`` in ``folder``."""
     text = json.dumps(card, indent=1)
-    write_state(folder / STATE, state, {"format": FORMAT, "scalars": flat_scalars(state),
+    write_state(folder / STATE, state, {"format": FORMAT, "method": card["method"], "scalars": flat_scalars(state),
                                          "card_sha256": hashlib.sha256(text.encode()).hexdigest()})
     write_atomically(folder / CARD, text)
     return folder

@@ -110,11 +110,12 @@ class Server:
                 return FailedClient(client, f"the update holds {name!r}, which the client was not sent")
             if delta.shape != sent.shape:
                 return FailedClient(client, f"{name!r} has shape {tuple(delta.shape)}, expected {tuple(sent.shape)}")
-        for name, value in update.tensors.items():  # extras named after a sent tensor (trained factors) keep its shape
+        trained = update.extras.trained()
+        for name, value in trained.items():  # extras that stand for a sent tensor (trained factors) keep its shape
             if name in instruction.params and value.shape != instruction.params[name].shape:
                 return FailedClient(client, f"{name!r} has shape {tuple(value.shape)}, "
                                             f"expected {tuple(instruction.params[name].shape)}")
-        missing = sorted(set(instruction.params) - set(update.delta) - set(update.tensors))
+        missing = sorted(set(instruction.params) - set(update.delta) - set(trained))
         if missing:
             return FailedClient(client, f"the update lacks {', '.join(map(repr, missing[:3]))}"
                                         + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))

@@ -10,7 +10,7 @@ averaged over the clients of that K. Tier model: the global one at the tier's K_
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from ubsmoe.config import ConfigError, option
 from ubsmoe.methods.base import (
     ClientInfo, ClientSettings, ClientUpdate, Params, ServerState, register, weighted_delta_average,
 )
+from ubsmoe.methods.records import MethodRecord
 from ubsmoe.methods.smoe import SparseMoE
 from ubsmoe.model import MoEModel
 from ubsmoe.model.moe_layer import MoEHook
@@ -51,6 +52,14 @@ def activation_weights(routed: torch.Tensor, tokens: torch.Tensor, sizes: torch.
     return torch.where(total > 0, raw / total.clamp_min(1e-300), fedavg)
 
 
+@dataclass
+class KScales(MethodRecord):
+    """A3SMoE's server state: for the clients of each K_c < K_max, every layer's output scalar (by the
+    scale parameter's name), averaged over those clients; a K without an entry has not trained yet."""
+
+    scales: dict[int, Params] = field(default_factory=dict)
+
+
 @register
 class A3SMoE(SparseMoE):
     name = "a3smoe"
@@ -59,6 +68,7 @@ class A3SMoE(SparseMoE):
                ' output rescaling per layer and K for K_c < K_max')
     tier_model = "global model at K_c with that K's scalars"
     Options = A3SMoEOptions
+    State = KScales
 
     def prepare_model(self, model: MoEModel) -> None:
         super().prepare_model(model)
@@ -72,15 +82,10 @@ class A3SMoE(SparseMoE):
     def _rescaled(self, k: int) -> bool:
         return self.options.rescale and k < self.k_max
 
-    @staticmethod
-    def scale_key(k: int, name: str) -> str:
-        """Where the server keeps the scalar of layer ``name`` for the clients of K = k: ``scales/k/name``."""
-        return f"scales/{k}/{name}"
-
     def scales(self, state: ServerState, k: int) -> list[torch.Tensor] | None:
         """The per-layer scalars of the clients of K = k, or None before any client of that K was aggregated."""
-        keys = [self.scale_key(k, n) for n in self.scale_names]
-        return [state.tensors[key] for key in keys] if keys and keys[0] in state.tensors else None
+        of_k = state.method.scales.get(k)
+        return [of_k[n] for n in self.scale_names] if self.scale_names and of_k else None
 
     def _with_scales(self, state: ServerState, k: int) -> Params:
         scales = self.scales(state, k)
@@ -112,7 +117,7 @@ class A3SMoE(SparseMoE):
             value, w = state.params[name], weights[:, layer_index]  # w: (C, E)
             shape = (-1,) + (1,) * (value.dim() - 1)
             params[name] = value + sum(u.delta[name] * w[c].to(value.dtype).view(shape) for c, u in enumerate(updates))
-        tensors = dict(state.tensors)
+        scales = dict(state.method.scales)
         by_k: dict[int, list[ClientUpdate]] = {}
         for u in updates:
             by_k.setdefault(self.top_k(u.client.budget), []).append(u)
@@ -120,5 +125,5 @@ class A3SMoE(SparseMoE):
             if self._rescaled(k):
                 start = self._with_scales(state, k)
                 averaged = weighted_delta_average({n: start[n] for n in self.scale_names}, group)
-                tensors |= {self.scale_key(k, n): averaged[n] for n in self.scale_names}
-        return replace(state, params=params, tensors=tensors)
+                scales[k] = {n: averaged[n] for n in self.scale_names}
+        return replace(state, params=params, method=KScales(scales))

@@ -14,8 +14,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from ubsmoe.config import ConfigError, UnknownNameError
-from ubsmoe.methods.records import ClientInfo, ClientSettings, ClientUpdate, Params, RoutingStats, ServerState
+from ubsmoe.config import ConfigError
+from ubsmoe.methods.records import (ClientInfo, ClientSettings, ClientUpdate, MethodRecord, NoRecord, Params, RoutingStats,
+                                    ServerState)
 from ubsmoe.model import MoEModel, ModelSpec
 
 
@@ -28,6 +29,10 @@ class FederatedMethod:
     """Base class: plain FedAvg of the trainable tensors, every client at full budget.
 
     ``Options`` is the dataclass of the method's own hyper-parameters (``method.<field>`` in configs).
+    ``State``, ``Extras`` and ``Frozen`` are the ``MethodRecord`` types of what the method keeps on the
+    server between rounds (``ServerState.method``), what its clients upload beside their deltas
+    (``ClientUpdate.extras``) and what a client needs to rebuild frozen weights the method changed
+    (``TrainInstruction.frozen``); none by default. Transports and checkpoints carry them by these types.
 
     The hooks fall in two groups that share nothing but the records of ``methods.records``: server
     hooks (``initial_state``, ``client_settings``, ``client_params``, ``frozen_state``, ``aggregate``,
@@ -42,6 +47,9 @@ class FederatedMethod:
     details: ClassVar[str] = ""  # what it does, for the README's table (``ubsmoe methods --markdown``)
     tier_model: ClassVar[str] = ""  # the model a client of a tier holds after a round
     Options: ClassVar[type | None] = None
+    State: ClassVar[type[MethodRecord]] = NoRecord
+    Extras: ClassVar[type[MethodRecord]] = NoRecord
+    Frozen: ClassVar[type[MethodRecord]] = NoRecord
     # Traits the CLI, export and the tests read instead of lists of names:
     dense: ClassVar[bool] = False  # trains the dense backbone (one expert per FFN): exports as a PEFT adapter
     rank_heterogeneous: ClassVar[bool] = False  # clients train LoRA ranks r_c by budget
@@ -72,7 +80,7 @@ class FederatedMethod:
 
     # ------------------------------------------------------------------ server side
     def initial_state(self, model: MoEModel) -> ServerState:
-        return ServerState(params=model.trainable_state())
+        return ServerState(model.trainable_state(), self.State())
 
     def tier_settings(self, budget: float) -> ClientSettings:
         """What a client of this budget runs: its K_c or rank (the full model here)."""
@@ -86,10 +94,10 @@ class FederatedMethod:
         """The tensors the server sends client ``client`` to start local training from."""
         return state.params
 
-    def frozen_state(self, state: ServerState) -> Params:
+    def frozen_state(self, state: ServerState) -> MethodRecord:
         """What a client needs to rebuild frozen weights the method has changed (see ``sync_frozen``);
         nothing by default."""
-        return {}
+        return self.Frozen()
 
     def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
         """FedAvg: the global tensors move by the example-weighted mean of the clients' deltas."""
@@ -101,7 +109,7 @@ class FederatedMethod:
         return {}
 
     # ------------------------------------------------------------------ client side
-    def sync_frozen(self, model: MoEModel, frozen: Params) -> None:
+    def sync_frozen(self, model: MoEModel, frozen: MethodRecord) -> None:
         """Bring the model's frozen weights to what ``frozen`` describes (idempotent)."""
 
     def start_params(self, model: MoEModel, received: Params, settings: ClientSettings) -> Params:
@@ -180,10 +188,3 @@ def methods_markdown() -> str:
         lines.append(f"| {label} | {method.details or method.description} | {method.tier_model} | {kind} |")
     return "\n".join(lines) + "\n"
 
-
-def get_method(name: str) -> type[FederatedMethod]:
-    import ubsmoe.methods  # noqa: F401  (registers the built-in methods)
-
-    if name not in REGISTRY:
-        raise UnknownNameError(f"unknown method {name!r}; registered methods: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]

@@ -22,6 +22,7 @@ import torch
 
 from ubsmoe.config import ConfigError, option
 from ubsmoe.methods.base import ClientInfo, ClientSettings, ClientUpdate, Params, RoutingStats, ServerState, register
+from ubsmoe.methods.records import MethodRecord
 from ubsmoe.methods.smoe import SparseMoE
 from ubsmoe.model import MoEModel
 from ubsmoe.model.moe_layer import MoEHook, RoutingRecord, SlotLayout, SparseMoEFFN
@@ -86,6 +87,13 @@ class DefaultOutputs(MoEHook):
         return output + weights @ layer.expert_defaults.to(weights.dtype)
 
 
+@dataclass
+class UpdatedDefaults(MethodRecord):
+    """What a Default MoE client uploads beside its deltas: (L, E) bool, which experts' defaults it moved."""
+
+    defaults_updated: torch.Tensor
+
+
 @register
 class DefaultMoE(SparseMoE):
     name = "default-moe"
@@ -96,6 +104,7 @@ class DefaultMoE(SparseMoE):
                ' it')
     tier_model = 'global model and defaults at K_c'
     Options = DefaultMoEOptions
+    Extras = UpdatedDefaults
 
     def prepare_model(self, model: MoEModel) -> None:
         super().prepare_model(model)
@@ -113,8 +122,8 @@ class DefaultMoE(SparseMoE):
         """The deltas, and ``defaults_updated`` (L, E) bool: which experts' defaults this client moved."""
         update = super().client_update(model, start, client, settings, routing)
         (hook,) = [h for h in self.hooks if isinstance(h, DefaultOutputs)]
-        update.tensors["defaults_updated"] = torch.stack(
-            [hook.updated.get(layer, torch.zeros(layer.num_experts, dtype=torch.bool)).cpu() for layer in model.moe_layers])
+        update.extras = UpdatedDefaults(torch.stack(
+            [hook.updated.get(layer, torch.zeros(layer.num_experts, dtype=torch.bool)).cpu() for layer in model.moe_layers]))
         return update
 
     def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
@@ -124,7 +133,7 @@ class DefaultMoE(SparseMoE):
             return new
         params = dict(new.params)
         for index, name in enumerate(self.default_names):
-            weights = torch.stack([u.tensors["defaults_updated"][index].to(state.params[name].dtype) * u.client.num_examples
+            weights = torch.stack([u.extras.defaults_updated[index].to(state.params[name].dtype) * u.client.num_examples
                                    for u in updates])  # (C, E)
             total = weights.sum(0)
             step = sum(w.unsqueeze(1) * u.delta[name] for w, u in zip(weights, updates))

@@ -11,9 +11,12 @@ Tier model: the truncated SVD of dW at the tier's r_c.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from ubsmoe.methods.base import ClientInfo, ClientSettings, ClientUpdate, Params, ServerState, register
+from ubsmoe.methods.records import MethodRecord
 from ubsmoe.methods.low_rank import HeterogeneousRankMethod, factors_from_svd, prefix
 
 
@@ -23,20 +26,49 @@ def weighted_product_average(products: list[torch.Tensor], sizes: list[int]) -> 
     return sum(p * (n / total) for p, n in zip(products, sizes))
 
 
+@dataclass
+class SVDFactors(MethodRecord):
+    """The SVD of an adapter's aggregated update ΔW (..., in, out): u (..., in, R), s (..., R), vh (..., R, out)."""
+
+    u: torch.Tensor
+    s: torch.Tensor
+    vh: torch.Tensor
+
+
+@dataclass
+class GlobalSVD(MethodRecord):
+    """FlexLoRA's server state: each adapter's (by its a factor's name) SVD of the last aggregated update;
+    empty before the first aggregation."""
+
+    svd: dict[str, SVDFactors] = field(default_factory=dict)
+
+
+@dataclass
+class TrainedFactors(MethodRecord):
+    """What a FlexLoRA client uploads for its adapters: the trained factors at its rank, by name."""
+
+    factors: Params = field(default_factory=dict)
+
+    def trained(self) -> Params:
+        return self.factors
+
+
 @register
 class FlexLoRA(HeterogeneousRankMethod):
     name = "flexlora"
     description = "FlexLoRA: full-size weighted update average, SVD redistribution at each client's rank"
     details = 'dense model, rank r_c; weighted average of full-size updates, SVD, top-r_c redistribution'
     tier_model = 'truncated SVD of the global update at r_c'
+    State, Extras = GlobalSVD, TrainedFactors
 
     def _params_at_rank(self, state: ServerState, rank: int) -> Params:
-        if not state.tensors:  # before any aggregation: the initial adapters
+        if not state.method.svd:  # before any aggregation: the initial adapters
             return state.params
         params = dict(state.params)
         for adapter in self.adapters:
-            svd = tuple(state.tensors[f"svd/{adapter.a}/{part}"] for part in ("u", "s", "vh"))
-            params[adapter.a], params[adapter.b] = factors_from_svd(svd, rank, self.r_max, adapter.scale)
+            svd = state.method.svd[adapter.a]
+            params[adapter.a], params[adapter.b] = factors_from_svd((svd.u, svd.s, svd.vh), rank, self.r_max,
+                                                                    adapter.scale)
         return params
 
     def full_client_params(self, state: ServerState, client: ClientInfo) -> Params:
@@ -48,17 +80,19 @@ class FlexLoRA(HeterogeneousRankMethod):
 
     def client_update(self, model, start: Params, client: ClientInfo, settings: ClientSettings,
                       routing) -> ClientUpdate:
-        """FlexLoRA's clients upload their trained factors at their rank (``tensors``), from which the server
-        forms the products, and the deltas of every other tensor."""
+        """FlexLoRA's clients upload their trained factors at their rank (``TrainedFactors``), from which the
+        server forms the products, and the deltas of every other tensor."""
         update = super().client_update(model, start, client, settings, routing)
         trained = model.trainable_state()
+        factors = {}
         for name, factor in self.factor_of.items():
             del update.delta[name]
-            update.tensors[name] = prefix(trained[name], factor, settings.rank)
+            factors[name] = prefix(trained[name], factor, settings.rank)
+        update.extras = TrainedFactors(factors)
         return update
 
     def trained_factors(self, state: ServerState, update: ClientUpdate, adapter) -> tuple[torch.Tensor, torch.Tensor]:
-        return update.tensors[adapter.a], update.tensors[adapter.b]
+        return update.extras.factors[adapter.a], update.extras.factors[adapter.b]
 
     def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
         if not updates:
@@ -68,12 +102,11 @@ class FlexLoRA(HeterogeneousRankMethod):
             params[adapter.a], params[adapter.b] = state.params[adapter.a], state.params[adapter.b]
         sizes = [u.client.num_examples for u in updates]
         # one SVD per adapter and round; every client and tier takes its top ranks from it
-        tensors = {}
+        svd = {}
         for ad in self.adapters:
             products = []
             for u in updates:
                 a, b = self.trained_factors(state, u, ad)
                 products.append(ad.scale * (a @ b))
-            u_, s_, vh_ = torch.linalg.svd(weighted_product_average(products, sizes), full_matrices=False)
-            tensors |= {f"svd/{ad.a}/u": u_, f"svd/{ad.a}/s": s_, f"svd/{ad.a}/vh": vh_}
-        return ServerState(params, tensors, dict(state.scalars))
+            svd[ad.a] = SVDFactors(*torch.linalg.svd(weighted_product_average(products, sizes), full_matrices=False))
+        return ServerState(params, GlobalSVD(svd))

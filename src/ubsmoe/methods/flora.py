@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ubsmoe.methods.base import register
-from ubsmoe.methods.low_rank import Adapter, MergingMethod
+from ubsmoe.methods.low_rank import Adapter, FactoredUpdate, MergeRecord, MergingMethod
 
 
 def stack_factors(factors: list[tuple[torch.Tensor, torch.Tensor]], sizes: list[int]
@@ -33,9 +33,9 @@ class FLoRA(MergingMethod):
     details = 'dense model, rank r_c; exact stacking Σ p_c B_c A_c merged into the base, fresh adapters each round'
     tier_model = 'the merged model (same for every tier)'
 
-    def round_update(self, adapter: Adapter, factors, sizes) -> tuple[dict, dict]:
+    def round_update(self, adapter: Adapter, factors, sizes) -> tuple[FactoredUpdate, MergeRecord]:
         stacked_a, stacked_b = stack_factors(factors, sizes)
-        return {"a": stacked_a, "b": stacked_b}, {"broadcast_rank": stacked_a.shape[-1]}
+        return FactoredUpdate([stacked_a], [stacked_b]), MergeRecord(stacked_a.shape[-1])
 
-    def base_update(self, adapter: Adapter, factors, lead) -> torch.Tensor:
-        return adapter.scale * (factors["a"] @ factors["b"])
+    def base_update(self, adapter: Adapter, factors: FactoredUpdate, lead) -> torch.Tensor:
+        return adapter.scale * (factors.a[0] @ factors.b[0])

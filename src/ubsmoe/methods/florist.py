@@ -19,7 +19,7 @@ import torch
 from ubsmoe.config import ConfigError, option
 from ubsmoe.methods.base import register
 from ubsmoe.methods.flora import stack_factors
-from ubsmoe.methods.low_rank import Adapter, MergingMethod
+from ubsmoe.methods.low_rank import Adapter, FactoredUpdate, MergeRecord, MergingMethod
 
 
 @dataclass
@@ -60,17 +60,19 @@ class FLoRIST(MergingMethod):
     tier_model = 'the merged model (same for every tier)'
     Options = FLoRISTOptions
 
-    def round_update(self, adapter: Adapter, factors, sizes) -> tuple[dict, dict]:
-        """One global pair per matrix (per expert for stacked FFN weights): ``a/<i>``, ``b/<i>``."""
+    def round_update(self, adapter: Adapter, factors, sizes) -> tuple[FactoredUpdate, MergeRecord]:
+        """One global pair per matrix (per expert for stacked FFN weights), each at its energy rank."""
         stacked_a, stacked_b = stack_factors(factors, sizes)
         flat_a = stacked_a.reshape(-1, *stacked_a.shape[-2:])
         flat_b = stacked_b.reshape(-1, *stacked_b.shape[-2:])
-        pairs, ranks = {}, []
-        for i, (a, b) in enumerate(zip(flat_a, flat_b)):
-            pairs[f"a/{i}"], pairs[f"b/{i}"], _ = thresholded_pair(a, b, self.options.tau)
-            ranks.append(pairs[f"a/{i}"].shape[-1])
-        return pairs, {"rank": ranks[0] if len(ranks) == 1 else ranks, "broadcast_rank": max(ranks)}
+        pairs = FactoredUpdate([], [])
+        for a, b in zip(flat_a, flat_b):
+            global_a, global_b, _ = thresholded_pair(a, b, self.options.tau)
+            pairs.a.append(global_a)
+            pairs.b.append(global_b)
+        ranks = [a.shape[-1] for a in pairs.a]
+        return pairs, MergeRecord(max(ranks), ranks)
 
-    def base_update(self, adapter: Adapter, factors, lead) -> torch.Tensor:
-        updates = [factors[f"a/{i}"] @ factors[f"b/{i}"] for i in range(len(factors) // 2)]
+    def base_update(self, adapter: Adapter, factors: FactoredUpdate, lead) -> torch.Tensor:
+        updates = [a @ b for a, b in zip(factors.a, factors.b)]
         return adapter.scale * torch.stack(updates).reshape(*lead, *updates[0].shape)

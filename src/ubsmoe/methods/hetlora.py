@@ -12,12 +12,13 @@ Tier model: the global adapters truncated to the tier's r_c.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ubsmoe.config import ConfigError, option
 from ubsmoe.methods.base import ClientInfo, ClientSettings, ClientUpdate, Params, ServerState, register
+from ubsmoe.methods.records import MethodRecord
 from ubsmoe.methods.low_rank import HeterogeneousRankMethod, zero_padded
 from ubsmoe.model import MoEModel
 
@@ -51,6 +52,20 @@ def next_rank(rank: int, gamma: float, tail_before: float, tail_after: float) ->
     return max(1, int(gamma * rank)) if tail_after < tail_before else rank
 
 
+@dataclass
+class PrunedRanks(MethodRecord):
+    """HetLoRA's server state: the rank each client pruned itself to (client id -> rank; absent: its tier's)."""
+
+    ranks: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class NextRank(MethodRecord):
+    """What a HetLoRA client uploads beside its deltas: the rank it prunes itself to (None: pruning is off)."""
+
+    next_rank: int | None = None
+
+
 @register
 class HetLoRA(HeterogeneousRankMethod):
     name = "hetlora"
@@ -60,11 +75,12 @@ class HetLoRA(HeterogeneousRankMethod):
                '0.99 leaves a one-rank tail that the next local round grows back)')
     tier_model = 'global adapters truncated to r_c'
     Options = HetLoRAOptions
+    State, Extras = PrunedRanks, NextRank
 
     def client_settings(self, state: ServerState, client: ClientInfo) -> ClientSettings:
-        """The client's current rank: its tier's, or the one it pruned itself to (``rank/<id>`` in the state)."""
+        """The client's current rank: its tier's, or the one it pruned itself to."""
         tier = self.tier_settings(client.budget)
-        return replace(tier, rank=int(state.scalars.get(f"rank/{client.client_id}", tier.rank)))
+        return replace(tier, rank=state.method.ranks.get(client.client_id, tier.rank))
 
     def _tail(self, rank: int) -> int:
         return int(self.options.prune_gamma * rank)
@@ -90,10 +106,11 @@ class HetLoRA(HeterogeneousRankMethod):
                       routing) -> ClientUpdate:
         """The deltas at the client's rank, and ``next_rank``: the rank it prunes itself to."""
         update = super().client_update(model, start, client, settings, routing)
+        update.extras = NextRank()
         if self._tail_start is not None:
             with torch.no_grad():
                 after = float(self._tail_norms(model, settings.rank))
-            update.scalars["next_rank"] = next_rank(settings.rank, self.options.prune_gamma, self._tail_start, after)
+            update.extras.next_rank = next_rank(settings.rank, self.options.prune_gamma, self._tail_start, after)
         return update
 
     def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
@@ -113,13 +130,12 @@ class HetLoRA(HeterogeneousRankMethod):
                 continue
             params[adapter.a] = sum(w / total * a for w, (a, _) in zip(weights, padded))
             params[adapter.b] = sum(w / total * b for w, (_, b) in zip(weights, padded))
-        scalars = dict(state.scalars)
+        ranks = dict(state.method.ranks)
         for u in updates:
-            if "next_rank" in u.scalars:  # a rank only shrinks, and stays >= 1
+            if u.extras.next_rank is not None:  # a rank only shrinks, and stays >= 1
                 current = self.client_settings(state, u.client).rank
-                scalars[f"rank/{u.client.client_id}"] = max(1, min(int(u.scalars["next_rank"]), current))
-        return ServerState(params, dict(state.tensors), scalars)
+                ranks[u.client.client_id] = max(1, min(u.extras.next_rank, current))
+        return ServerState(params, PrunedRanks(ranks))
 
     def round_report(self, state: ServerState) -> dict:
-        ranks = {int(k.split("/")[1]): v for k, v in state.scalars.items() if k.startswith("rank/")}
-        return {"client_ranks": {str(c): r for c, r in sorted(ranks.items())}}
+        return {"client_ranks": {str(c): r for c, r in sorted(state.method.ranks.items())}}

@@ -8,7 +8,7 @@ truncated adapter is a prefix of the full one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -16,7 +16,7 @@ from ubsmoe.methods.base import (
     ClientInfo, ClientSettings, ClientUpdate, FederatedMethod, Params, ServerState, top_k_for_budget,
     weighted_delta_average,
 )
-from ubsmoe.methods.records import Scalars
+from ubsmoe.methods.records import MethodRecord
 from ubsmoe.model import MoEModel, ModelSpec
 from ubsmoe.model.lora import LoRALinear
 
@@ -199,6 +199,39 @@ class HeterogeneousRankMethod(FederatedMethod):
         return weighted_delta_average(others, updates)
 
 
+@dataclass
+class FactoredUpdate(MethodRecord):
+    """One adapter's update of one round in factored form: pairs (a_i (..., in, r_i), b_i (..., r_i, out))
+    whose products make it (one stacked pair for FLoRA, one pair per matrix for FLoRIST)."""
+
+    a: list[torch.Tensor]
+    b: list[torch.Tensor]
+
+
+@dataclass
+class MergeRecord(MethodRecord):
+    """What a merge of one adapter recorded: the rank of the pair the clients receive (the largest), and
+    FLoRIST's energy rank of each matrix's pair."""
+
+    broadcast_rank: int
+    ranks: list[int] = field(default_factory=list)
+
+
+@dataclass
+class MergedRounds(MethodRecord):
+    """Every round's merged updates, in order: per round, each adapter's (by its a factor's name)
+    ``FactoredUpdate``. What a client needs to rebuild the merged base from the original weights."""
+
+    rounds: list[dict[str, FactoredUpdate]] = field(default_factory=list)
+
+
+@dataclass
+class MergingState(MergedRounds):
+    """The server state of a merging method: the merged rounds, and what the last merge recorded per adapter."""
+
+    last: dict[str, MergeRecord] = field(default_factory=dict)
+
+
 class MergingMethod(HeterogeneousRankMethod):
     """Base of the methods that merge each round's aggregated update into the frozen base weights
     (FLoRA, FLoRIST): every client starts each round from the same fresh adapters (the initial ones,
@@ -209,13 +242,14 @@ class MergingMethod(HeterogeneousRankMethod):
     Under ``precision=bf16`` the matrices the updates are folded into stay float32 (the rest of the backbone
     is bf16): a round's small update would vanish in a bf16 weight.
 
-    The server keeps every round's merged update in factored form (``merged/<round>/<adapter>/...`` in
-    its state's tensors) and sends them all (``frozen_state``): a client that missed rounds, or a fresh
-    process, rebuilds the merged base from the original weights (``sync_frozen``), applying each round
-    once and in order. The fresh adapters come from the seeded model each side builds.
+    The server keeps every round's merged update in factored form (``MergingState``) and sends them all
+    (``frozen_state``): a client that missed rounds, or a fresh process, rebuilds the merged base from the
+    original weights (``sync_frozen``), applying each round once and in order. The fresh adapters come from
+    the seeded model each side builds.
     """
 
     merges_into_base = True
+    State, Frozen = MergingState, MergedRounds
 
     def prepare_model(self, model: MoEModel) -> None:
         super().prepare_model(model)
@@ -227,16 +261,15 @@ class MergingMethod(HeterogeneousRankMethod):
                     weight.data = weight.data.to(params[adapter.a].dtype)
         trainable = model.trainable_state()
         self.fresh = {n: trainable[n] for n in self.adapter_names()}
-        model.merged_rounds = set()  # the merged updates already folded into this model's frozen weights
+        model.merged_rounds = set()  # (round index, adapter) of the updates already folded into its frozen weights
 
     def round_update(self, adapter: Adapter, factors: list[tuple[torch.Tensor, torch.Tensor]],
-                     sizes: list[int]) -> tuple[Params, Scalars]:
-        """The update to merge in factored form (tensors by key, as ``base_update`` reads them), from the
-        clients' trained factors truncated to their ranks (a_c (..., in, r_c), b_c (..., r_c, out)) and data
-        sizes; plus what to record."""
+                     sizes: list[int]) -> tuple[FactoredUpdate, MergeRecord]:
+        """The update to merge in factored form, from the clients' trained factors truncated to their ranks
+        (a_c (..., in, r_c), b_c (..., r_c, out)) and data sizes; plus what to record."""
         raise NotImplementedError
 
-    def base_update(self, adapter: Adapter, factors: Params, lead: torch.Size) -> torch.Tensor:
+    def base_update(self, adapter: Adapter, factors: FactoredUpdate, lead: torch.Size) -> torch.Tensor:
         """The update (..., in, out) to add to the frozen matrix, from ``round_update``'s factors; ``lead``:
         the adapter's leading dimensions (the expert axis of stacked FFN weights, or none)."""
         raise NotImplementedError
@@ -246,40 +279,26 @@ class MergingMethod(HeterogeneousRankMethod):
             return state
         params = self.average_others(state, updates)
         sizes = [u.client.num_examples for u in updates]
-        merge = int(state.scalars.get("merges", 0))
-        tensors, scalars = dict(state.tensors), {k: v for k, v in state.scalars.items() if not k.startswith("last/")}
+        merged, last = {}, {}
         for adapter in self.adapters:
             factors = [self.trained_factors(state, u, adapter) for u in updates]
-            update, record = self.round_update(adapter, factors, sizes)
-            tensors |= {f"merged/{merge:05d}/{adapter.a}/{key}": value for key, value in update.items()}
-            scalars |= {f"last/{adapter.a}/{key}": value for key, value in record.items()}
+            merged[adapter.a], last[adapter.a] = self.round_update(adapter, factors, sizes)
             params[adapter.a], params[adapter.b] = self.fresh[adapter.a], self.fresh[adapter.b]
-        scalars["merges"] = merge + 1
-        return ServerState(params, tensors, scalars)
+        return ServerState(params, MergingState(state.method.rounds + [merged], last))
 
-    def frozen_state(self, state: ServerState) -> Params:
-        return {n: v for n, v in state.tensors.items() if n.startswith("merged/")}
+    def frozen_state(self, state: ServerState) -> MergedRounds:
+        return MergedRounds(state.method.rounds)
 
-    def sync_frozen(self, model: MoEModel, frozen: Params) -> None:
-        by_round: dict[tuple[str, str], Params] = {}
-        for name, value in frozen.items():
-            _, merge, rest = name.split("/", 2)
-            for adapter in self.adapters:
-                if rest.startswith(adapter.a + "/"):
-                    by_round.setdefault((merge, adapter.a), {})[rest[len(adapter.a) + 1:]] = value
+    def sync_frozen(self, model: MoEModel, frozen: MergedRounds) -> None:
         params = dict(model.named_parameters())
         for adapter in self.adapters:  # one adapter's rounds in order; adapters touch different matrices
-            for merge in sorted(m for m, a in by_round if a == adapter.a):
-                if (merge, adapter.a) in model.merged_rounds:
+            for index, merged in enumerate(frozen.rounds):
+                if adapter.a not in merged or (index, adapter.a) in model.merged_rounds:
                     continue
                 lead = params[adapter.a].shape[:-2]
-                merge_into_base(model, adapter, self.base_update(adapter, by_round[merge, adapter.a], lead))
-                model.merged_rounds.add((merge, adapter.a))
+                merge_into_base(model, adapter, self.base_update(adapter, merged[adapter.a], lead))
+                model.merged_rounds.add((index, adapter.a))
 
     def round_report(self, state: ServerState) -> dict:
-        merged: dict[str, dict] = {}
-        for name, value in state.scalars.items():
-            if name.startswith("last/"):
-                adapter, key = name[len("last/"):].rsplit("/", 1)
-                merged.setdefault(adapter, {})[key] = value
-        return {"merged": merged}
+        return {"merged": {adapter: {"broadcast_rank": r.broadcast_rank} | ({"ranks": r.ranks} if r.ranks else {})
+                           for adapter, r in state.method.last.items()}}

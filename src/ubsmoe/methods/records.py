@@ -10,12 +10,17 @@ are the bytes of these records' tensors.
 - ``ClientUpdate``: client -> server after local training (deltas, routing counts, method extras,
   metrics).
 - ``ServerState``: the global tensors and the method's state between rounds.
+
+A method's own parts of these records (its server state, its clients' extras, its frozen-weight record)
+are ``MethodRecord`` dataclasses it declares; ``flatten`` and ``unflatten`` carry any of them.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
+from types import UnionType
+from typing import TypeVar, Union, get_args, get_origin, get_type_hints
 
 import torch
 
@@ -58,24 +63,133 @@ class ClientSettings:
         return cls(int(scalars["top_k"]), int(scalars["rank"]), bool(scalars["training"]), options)
 
 
+class MethodRecord:
+    """Base of a method's own records: its server state between rounds (``FederatedMethod.State``), what its
+    clients upload beside their deltas (``Extras``) and what they need to rebuild frozen weights it changed
+    (``Frozen``). Each is a dataclass whose fields are tensors, scalars (int, float, bool, str), optional
+    ones, nested records, and lists and dicts (keyed by int or str) of these; ``flatten`` and ``unflatten``
+    turn any of them into flat tensors and scalars and back, guided by the field types alone."""
+
+    def trained(self) -> Params:
+        """Tensors that stand, in an update, for tensors the client was sent (by their names): the trained
+        factors a client uploads instead of their deltas. None by default."""
+        return {}
+
+
+@dataclass
+class NoRecord(MethodRecord):
+    """A method without state, extras or frozen-weight records of its own."""
+
+
+Record = TypeVar("Record", bound=MethodRecord)
+SEPARATOR = "/"
+
+
+def flatten(record: MethodRecord) -> tuple[Params, Scalars]:
+    """(tensors, scalars) under names that are the record's field paths (``svd/<adapter>/u``)."""
+    tensors: Params = {}
+    scalars: Scalars = {}
+    _flatten(record, "", tensors, scalars)
+    return tensors, scalars
+
+
+def _flatten(value, path: str, tensors: Params, scalars: Scalars) -> None:
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value
+    elif is_dataclass(value):
+        for f in fields(value):
+            _flatten(getattr(value, f.name), _join(path, f.name), tensors, scalars)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(item, _join(path, _key(key)), tensors, scalars)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _flatten(item, _join(path, str(index)), tensors, scalars)
+    elif isinstance(value, (bool, int, float, str)):
+        scalars[path] = value
+    else:
+        raise TypeError(f"{path}: a method record holds tensors, scalars, records, lists and dicts, not "
+                        f"{type(value).__name__}")
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}{SEPARATOR}{name}" if path else name
+
+
+def _key(key: int | str) -> str:
+    text = str(key)
+    if SEPARATOR in text or not text:
+        raise ValueError(f"a method record's key must be non-empty and hold no {SEPARATOR!r}: {text!r}")
+    return text
+
+
+def unflatten(cls: type[Record], tensors: Params, scalars: Scalars) -> Record:
+    """The record of type ``cls`` that ``flatten`` gave (tensors and scalars) back."""
+    return _unflatten(cls, "", tensors, scalars)
+
+
+def _unflatten(kind, path: str, tensors: Params, scalars: Scalars):
+    origin, args = get_origin(kind), get_args(kind)
+    if origin in (Union, UnionType):  # X | None: absent is None
+        present = [a for a in args if a is not type(None)]
+        if not _under(path, tensors, scalars):
+            return None
+        return _unflatten(present[0], path, tensors, scalars)
+    if kind is torch.Tensor:
+        return tensors[path]
+    if kind in (bool, int, float, str):
+        return kind(scalars[path])
+    if is_dataclass(kind):
+        hints = get_type_hints(kind)
+        values = {}
+        for f in fields(kind):
+            child = _join(path, f.name)
+            if _under(child, tensors, scalars) or get_origin(hints[f.name]) in (Union, UnionType):
+                values[f.name] = _unflatten(hints[f.name], child, tensors, scalars)
+        return kind(**values)
+    if origin is dict:
+        key_type, value_type = args
+        keys = _children(path, tensors, scalars)
+        return {key_type(k): _unflatten(value_type, _join(path, k), tensors, scalars)
+                for k in sorted(keys, key=lambda k: int(k) if key_type is int else k)}
+    if origin is list:
+        (item_type,) = args
+        count = max((int(i) + 1 for i in _children(path, tensors, scalars)), default=0)  # empty items carry nothing
+        return [_unflatten(item_type, _join(path, str(i)), tensors, scalars) for i in range(count)]
+    raise TypeError(f"{path}: cannot read a method record field of type {kind}")
+
+
+def _under(path: str, tensors: Params, scalars: Scalars) -> bool:
+    start = _join(path, "")
+    return any(n == path or n.startswith(start) for names in (tensors, scalars) for n in names)
+
+
+def _children(path: str, tensors: Params, scalars: Scalars) -> set[str]:
+    start = _join(path, "")
+    return {n[len(start):].split(SEPARATOR, 1)[0] for names in (tensors, scalars) for n in names
+            if n.startswith(start)}
+
+
 @dataclass
 class TrainInstruction:
     """The message that starts a client's round.
 
     params: the trainable tensors it starts from (by name, possibly a prefix of the model's ranks: see
     ``FederatedMethod.start_params``); frozen: what it needs to rebuild frozen weights the method
-    changed (empty for most methods).
+    changed (the method's ``Frozen`` record; empty for most methods).
     """
 
     round: int
     client: ClientInfo
     settings: ClientSettings
     params: Params
-    frozen: Params = field(default_factory=dict)
+    frozen: MethodRecord = field(default_factory=NoRecord)
 
     @property
     def nbytes(self) -> int:
-        return tensor_bytes(self.params) + tensor_bytes(self.frozen)
+        return tensor_bytes(self.params) + tensor_bytes(flatten(self.frozen)[0])
 
 
 @dataclass
@@ -119,30 +233,29 @@ class ClientUpdate:
 
     delta: trained minus received, per trainable tensor it sends (the same names and shapes as the
     instruction's params unless the method says otherwise); routing: its routing counts (sparse models);
-    tensors and scalars: method extras (which defaults it moved, its next rank, ...).
+    extras: what the method uploads beside (its ``Extras`` record: which defaults it moved, its next
+    rank, its trained factors, ...).
     """
 
     client: ClientInfo
     delta: Params
     routing: RoutingStats | None = None
-    tensors: Params = field(default_factory=dict)
-    scalars: Scalars = field(default_factory=dict)
+    extras: MethodRecord = field(default_factory=NoRecord)
     metrics: TrainMetrics = field(default_factory=TrainMetrics)
 
     @property
     def nbytes(self) -> int:
         routing = [] if self.routing is None else [self.routing.routed, self.routing.tokens]
-        return tensor_bytes(self.delta) + tensor_bytes(routing) + tensor_bytes(self.tensors)
+        return tensor_bytes(self.delta) + tensor_bytes(routing) + tensor_bytes(flatten(self.extras)[0])
 
 
 @dataclass
 class ServerState:
-    """The global trainable tensors, and the method's own state between rounds as tensors and scalars
-    (so that a checkpoint stores it and a fresh process resumes from it)."""
+    """The global trainable tensors, and the method's own state between rounds (its ``State`` record), so
+    that a checkpoint stores it and a fresh process resumes from it."""
 
     params: Params
-    tensors: Params = field(default_factory=dict)
-    scalars: Scalars = field(default_factory=dict)
+    method: MethodRecord = field(default_factory=NoRecord)
 
 
 def tensor_bytes(tensors: Params | list[torch.Tensor]) -> int:
@@ -154,12 +267,12 @@ def tensor_bytes(tensors: Params | list[torch.Tensor]) -> int:
 def flat_tensors(record: TrainInstruction | ClientUpdate | ServerState) -> Params:
     """Every tensor of a record under one flat namespace ("params/...", "delta/...", "routing/...")."""
     if isinstance(record, TrainInstruction):
-        return prefixed("params", record.params) | prefixed("frozen", record.frozen)
+        return prefixed("params", record.params) | prefixed("frozen", flatten(record.frozen)[0])
     if isinstance(record, ClientUpdate):
         routing = {} if record.routing is None else {"routing/routed": record.routing.routed,
                                                        "routing/tokens": record.routing.tokens}
-        return prefixed("delta", record.delta) | routing | prefixed("tensors", record.tensors)
-    return prefixed("params", record.params) | prefixed("tensors", record.tensors)
+        return prefixed("delta", record.delta) | routing | prefixed("extras", flatten(record.extras)[0])
+    return prefixed("params", record.params) | prefixed("method", flatten(record.method)[0])
 
 
 def prefixed(prefix: str, tensors: Params) -> Params:
@@ -175,11 +288,12 @@ def flat_scalars(record: TrainInstruction | ClientUpdate | ServerState) -> Scala
     """Every scalar of a record under one flat namespace."""
     if isinstance(record, TrainInstruction):
         return ({"round": record.round} | client_scalars(record.client)
-                | {f"settings.{k}": v for k, v in record.settings.to_scalars().items()})
+                | {f"settings.{k}": v for k, v in record.settings.to_scalars().items()}
+                | {f"frozen.{k}": v for k, v in flatten(record.frozen)[1].items()})
     if isinstance(record, ClientUpdate):
-        return (client_scalars(record.client) | {f"scalars.{k}": v for k, v in record.scalars.items()}
+        return (client_scalars(record.client) | {f"extras.{k}": v for k, v in flatten(record.extras)[1].items()}
                 | {f"metrics.{k}": v for k, v in record.metrics.to_scalars().items()})
-    return {f"scalars.{k}": v for k, v in record.scalars.items()}
+    return {f"method.{k}": v for k, v in flatten(record.method)[1].items()}
 
 
 def client_scalars(client: ClientInfo) -> Scalars:
@@ -194,19 +308,24 @@ def _client(scalars: Scalars) -> ClientInfo:
     return ClientInfo(int(scalars["client.id"]), float(scalars["client.budget"]), int(scalars["client.num_examples"]))
 
 
-def instruction_from_flat(tensors: Params, scalars: Scalars) -> TrainInstruction:
+def instruction_from_flat(tensors: Params, scalars: Scalars, frozen: type[MethodRecord]) -> TrainInstruction:
+    """The instruction ``flat_tensors`` and ``flat_scalars`` gave; ``frozen``: the method's ``Frozen`` type."""
     return TrainInstruction(int(scalars["round"]), _client(scalars),
-                            ClientSettings.from_scalars(_sub(scalars, "settings.")),
-                            unprefixed("params", tensors), unprefixed("frozen", tensors))
+                            ClientSettings.from_scalars(_sub(scalars, "settings.")), unprefixed("params", tensors),
+                            unflatten(frozen, unprefixed("frozen", tensors), _sub(scalars, "frozen.")))
 
 
-def update_from_flat(tensors: Params, scalars: Scalars) -> ClientUpdate:
+def update_from_flat(tensors: Params, scalars: Scalars, extras: type[MethodRecord]) -> ClientUpdate:
+    """The update ``flat_tensors`` and ``flat_scalars`` gave; ``extras``: the method's ``Extras`` type."""
     routing = None
     if "routing/routed" in tensors:
         routing = RoutingStats(tensors["routing/routed"], tensors["routing/tokens"])
-    return ClientUpdate(_client(scalars), unprefixed("delta", tensors), routing, unprefixed("tensors", tensors),
-                        _sub(scalars, "scalars."), TrainMetrics.from_scalars(_sub(scalars, "metrics.")))
+    return ClientUpdate(_client(scalars), unprefixed("delta", tensors), routing,
+                        unflatten(extras, unprefixed("extras", tensors), _sub(scalars, "extras.")),
+                        TrainMetrics.from_scalars(_sub(scalars, "metrics.")))
 
 
-def state_from_flat(tensors: Params, scalars: Scalars) -> ServerState:
-    return ServerState(unprefixed("params", tensors), unprefixed("tensors", tensors), _sub(scalars, "scalars."))
+def state_from_flat(tensors: Params, scalars: Scalars, state: type[MethodRecord]) -> ServerState:
+    """The server state ``flat_tensors`` and ``flat_scalars`` gave; ``state``: the method's ``State`` type."""
+    return ServerState(unprefixed("params", tensors), unflatten(state, unprefixed("method", tensors),
+                                                                _sub(scalars, "method.")))

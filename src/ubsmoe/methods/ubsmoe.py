@@ -17,6 +17,7 @@ import torch
 
 from ubsmoe.config import ConfigError, option
 from ubsmoe.methods.base import ClientSettings, ClientUpdate, ServerState, register
+from ubsmoe.methods.records import MethodRecord
 from ubsmoe.methods.smoe import SparseMoE
 from ubsmoe.model import MoEModel
 from ubsmoe.model.moe_layer import MoEHook
@@ -60,6 +61,15 @@ def utilisation_target(routed: torch.Tensor, tokens: torch.Tensor, top_k: torch.
     return usage, torch.tanh(target_usage / (usage + eps) - 1)
 
 
+@dataclass
+class Utilisation(MethodRecord):
+    """UB-SMoE's server state beside φ (which is a global tensor): the last round's global utilisation u
+    (L, E) and modulation target φ~ (L, E); None before the first aggregation or without DMR."""
+
+    usage: torch.Tensor | None = None
+    phi_target: torch.Tensor | None = None
+
+
 @register
 class UBSMoE(SparseMoE):
     name = "ubsmoe"
@@ -67,6 +77,7 @@ class UBSMoE(SparseMoE):
     details = 'UB-SMoE: top-K_c experts per client, Dynamic Modulated Routing, Universal Pseudo-Gradient'
     tier_model = "global model at the tier's K_c, routing by s + φ"
     Options = UBSMoEOptions
+    State = Utilisation
 
     def candidates(self, num_experts: int) -> int:
         n = self.options.candidates or min(num_experts, 2 * self.k_max)
@@ -104,14 +115,16 @@ class UBSMoE(SparseMoE):
             share = (seen / seen.sum()).to(state.params[name].dtype)
             params[name] = state.params[name] + sum(w * u.delta[name] for w, u in zip(share, updates))
             params[name] = zeta * params[name] + (1 - zeta) * target[layer_index].to(params[name].dtype)
-        return replace(new, params=params, tensors={"usage": usage, "phi_target": target})
+        return replace(new, params=params, method=Utilisation(usage, target))
 
     def round_report(self, state: ServerState) -> dict:
         """phi (L, E) after the round, and the utilisation and target it was pulled towards."""
         if not self.options.dmr:
             return {}
-        return {"phi": [state.params[name].tolist() for name in self.phi_names]} | {
-            name: value.tolist() for name, value in state.tensors.items()}
+        report = {"phi": [state.params[name].tolist() for name in self.phi_names]}
+        if state.method.usage is not None:
+            report |= {"usage": state.method.usage.tolist(), "phi_target": state.method.phi_target.tolist()}
+        return report
 
     # ------------------------------------------------------------------ client
     def client_hooks(self, model: MoEModel, settings: ClientSettings) -> list[MoEHook]:

@@ -113,10 +113,3 @@ def register(cls: type[Task]) -> type[Task]:
     REGISTRY[cls.name] = cls
     return cls
 
-
-def get_task(name: str) -> type[Task]:
-    import ubsmoe.tasks  # noqa: F401  (registers the built-in tasks)
-
-    if name not in REGISTRY:
-        raise UnknownNameError(f"unknown task {name!r}; registered tasks: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]

@@ -11,8 +11,8 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from ubsmoe.config import ExperimentConfig
 from ubsmoe.methods.records import (
-    ClientUpdate, Params, Scalars, TrainInstruction, flat_scalars, flat_tensors, instruction_from_flat,
-    update_from_flat,
+    ClientUpdate, MethodRecord, Params, Scalars, TrainInstruction, flat_scalars, flat_tensors,
+    instruction_from_flat, update_from_flat,
 )
 
 TENSORS, SCALARS, RUN = "tensors", "scalars", "run"
@@ -48,17 +48,21 @@ def instruction_content(instruction: TrainInstruction, config: ExperimentConfig)
 
 
 def read_instruction(content: RecordDict) -> tuple[TrainInstruction, str]:
-    """(the instruction, the run's config as JSON text)."""
-    return (instruction_from_flat(_tensors(content[TENSORS]), _scalars(content[SCALARS])),
-            str(content[RUN]["config"]))
+    """(the instruction, the run's config as JSON text); its frozen-weight record is of the config's method."""
+    from ubsmoe.methods import get_method
+
+    config_text = str(content[RUN]["config"])
+    frozen = get_method(json.loads(config_text)["method"]["name"]).Frozen
+    return instruction_from_flat(_tensors(content[TENSORS]), _scalars(content[SCALARS]), frozen), config_text
 
 
 def update_content(update: ClientUpdate) -> RecordDict:
     return RecordDict({TENSORS: _arrays(flat_tensors(update)), SCALARS: ConfigRecord(flat_scalars(update))})
 
 
-def read_update(content: RecordDict) -> ClientUpdate:
-    return update_from_flat(_tensors(content[TENSORS]), _scalars(content[SCALARS]))
+def read_update(content: RecordDict, extras: type[MethodRecord]) -> ClientUpdate:
+    """The update; ``extras``: the method's ``Extras`` record type."""
+    return update_from_flat(_tensors(content[TENSORS]), _scalars(content[SCALARS]), extras)
 
 
 def global_arrays(params: Params) -> ArrayRecord:

@@ -122,7 +122,7 @@ class MethodStrategy(Strategy):
                 answers[client_id] = FailedClient(client_id, reason)
                 continue
             try:
-                answers[client_id] = read_update(reply.content)
+                answers[client_id] = read_update(reply.content, self.server.method.Extras)
             except (KeyError, ValueError, TypeError) as error:  # a reply that is not a ClientUpdate
                 answers[client_id] = FailedClient(client_id, f"an unreadable update ({type(error).__name__}: {error})")
         return answers
