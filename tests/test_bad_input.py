@@ -403,3 +403,24 @@ def test_evaluate_reads_other_column_names_when_told(finished, tmp_path):
 
     scores = json.loads((tmp_path / "s.json").read_text())["tiers"]
     assert set(scores) == {"0.5", "1.0"}
+
+
+def test_a_renamed_option_names_its_new_name_and_stored_configs_read_under_it(tiny_bert, tiny_task, capsys):
+    """UB-SMoE's ``lam`` and ``reg`` are ``phi_range_weight`` and ``phi_range`` now: a user who sets the old name
+    is told the new one; a run stored with the old names (a finished comparison's) is the same config."""
+    from ubsmoe.config import config_from_dict, differing_keys, load_config
+    from ubsmoe.engine.experiment import validate
+    from ubsmoe.methods import get_method
+    from ubsmoe.config import resolve_method_options
+
+    assert main(["run", "--quiet", "method.lam=0.1"] + tiny_overrides(tiny_bert, tiny_task)) == 2
+    assert "method.lam is now called method.phi_range_weight" in capsys.readouterr().err
+
+    config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task), method="ubsmoe")
+    resolve_method_options(config, get_method("ubsmoe").Options)
+    validate(config)
+    stored = config.to_dict()
+    stored["method"]["lam"] = stored["method"].pop("phi_range_weight")
+    stored["method"]["reg"] = stored["method"].pop("phi_range")
+    assert differing_keys(stored, config) == []
+    assert config_from_dict(stored).method["phi_range_weight"] == config.method["phi_range_weight"]

@@ -8,7 +8,7 @@ import torch
 
 from tiny_experiment import assert_every_client_answered, tiny_overrides
 from ubsmoe.config import load_config
-from ubsmoe.engine.client import run_client
+from ubsmoe.engine.client_round import run_client
 from ubsmoe.engine.experiment import build_experiment
 from ubsmoe.engine.rounds import run_experiment
 from ubsmoe.engine.server import instruction_for

@@ -13,7 +13,7 @@ from safetensors.torch import save as save_tensors
 
 from tiny_experiment import tiny_overrides
 from ubsmoe.config import load_config
-from ubsmoe.engine.client import run_client
+from ubsmoe.engine.client_round import run_client
 from ubsmoe.engine.flower.messages import instruction_content, read_instruction, read_update, update_content
 from ubsmoe.engine.experiment import build_experiment
 from ubsmoe.engine.rounds import run_experiment

@@ -6,9 +6,9 @@ import torch
 
 from tiny_experiment import tiny_overrides
 from ubsmoe.config import load_config
-from ubsmoe.engine.clients import sample_clients
+from ubsmoe.engine.population import sample_clients
 from ubsmoe.engine.evaluation import evaluate, evaluate_tiers, setup_tier
-from ubsmoe.engine.client import run_client
+from ubsmoe.engine.client_round import run_client
 from ubsmoe.engine.experiment import build_experiment
 from ubsmoe.engine.rounds import run_experiment
 from ubsmoe.engine.server import instruction_for

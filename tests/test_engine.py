@@ -7,7 +7,7 @@ import torch
 from ubsmoe.cli import main
 from ubsmoe.config import load_config
 from ubsmoe.data.partition import dirichlet_partition, iid_partition
-from ubsmoe.engine.clients import client_budgets, sample_clients
+from ubsmoe.engine.population import client_budgets, sample_clients
 from ubsmoe.engine.rounds import run_experiment
 from ubsmoe.methods.base import ClientInfo, ClientUpdate, FederatedMethod, ServerState, top_k_for_budget
 

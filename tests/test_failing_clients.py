@@ -15,7 +15,7 @@ import torch
 from tiny_experiment import tiny_overrides
 from ubsmoe.cli import main
 from ubsmoe.config import load_config
-from ubsmoe.engine.client import run_client
+from ubsmoe.engine.client_round import run_client
 from ubsmoe.engine.errors import ClientFault
 from ubsmoe.engine.experiment import build_experiment
 from ubsmoe.engine.rounds import run_experiment

@@ -19,7 +19,7 @@ pytest.importorskip("ray", reason="Flower's simulation needs flwr[simulation] (R
 from tiny_experiment import tiny_overrides  # noqa: E402
 from ubsmoe.cli import main  # noqa: E402
 from ubsmoe.config import load_config  # noqa: E402
-from ubsmoe.engine.client import run_client  # noqa: E402
+from ubsmoe.engine.client_round import run_client  # noqa: E402
 from ubsmoe.engine.flower.messages import (CLIENT_FAULT, instruction_content, read_instruction, read_update,  # noqa: E402
                                           update_content)
 from ubsmoe.engine.flower.strategy import MethodStrategy  # noqa: E402

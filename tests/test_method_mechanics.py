@@ -12,7 +12,7 @@ from tiny_experiment import tiny_overrides
 from test_moe_layer import D, E, dense_ffn, moe_from
 from ubsmoe.config import load_config
 from ubsmoe.engine.evaluation import evaluate_tiers
-from ubsmoe.engine.client import run_client
+from ubsmoe.engine.client_round import run_client
 from ubsmoe.engine.experiment import build_experiment
 from ubsmoe.engine.server import instruction_for
 from ubsmoe.methods.a3smoe import OutputRescaling
@@ -20,7 +20,7 @@ from ubsmoe.methods.base import ClientInfo, ClientUpdate, RoutingStats
 from ubsmoe.methods.smoe_aux import SMoEAux, SMoEAuxOptions
 from ubsmoe.methods.smoe_bias import SelectionBias
 from ubsmoe.methods.ubsmoe import UBSMoE, UBSMoEOptions
-from ubsmoe.model.modulated_routing import ModulatedRouting
+from ubsmoe.model.modulated_routing import ModulatedRouting, attach_phi
 from ubsmoe.model.pseudo_gradient import PseudoGradient
 from ubsmoe.methods.a3smoe import KScales
 
@@ -42,6 +42,7 @@ def test_phi_gradient_matches_finite_differences_and_the_regulariser_adds_to_it(
     layer.gate_mode = gate_mode
     layer.set_top_k(1)
     layer.hooks = [ModulatedRouting(candidates=2)]
+    attach_phi(layer)
     layer.modulation.data = torch.tensor([0.8, -0.7, 0.15, -0.1], dtype=torch.float64)  # two outside [-0.5, 0.5]
     layer.modulation.requires_grad_(True)
     g = torch.Generator().manual_seed(3)  # seed 3: expert 0 is in no token's top-2 raw scores
@@ -62,7 +63,7 @@ def test_phi_gradient_matches_finite_differences_and_the_regulariser_adds_to_it(
         finally:
             layer.gate_mode = mode
 
-    method = UBSMoE(UBSMoEOptions(lam=0.05, phi_min=-0.5, phi_max=0.5), k_max=2)
+    method = UBSMoE(UBSMoEOptions(phi_range_weight=0.05, phi_min=-0.5, phi_max=0.5), k_max=2)
     model = SimpleNamespace(moe_layers=[layer])
     phi0 = layer.modulation.detach().clone()
 

@@ -11,7 +11,7 @@ from ubsmoe.engine.rounds import run_experiment
 from ubsmoe.methods.base import ClientInfo, ClientUpdate, RoutingStats, ServerState
 from ubsmoe.methods.ubsmoe import UBSMoE, UBSMoEOptions, utilisation_target
 from ubsmoe.model.moe_layer import GATE_MODES
-from ubsmoe.model.modulated_routing import ModulatedRouting, range_penalty
+from ubsmoe.model.modulated_routing import ModulatedRouting, attach_phi, range_penalty
 from ubsmoe.model.pseudo_gradient import PseudoGradient, sparsity_factor
 
 from tiny_experiment import tiny_overrides
@@ -49,6 +49,7 @@ def test_server_statistics_and_phi_update_match_a_hand_computation():
 def test_modulation_acts_only_inside_the_candidate_set():
     layer = moe_from(dense_ffn(False))
     scores = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    attach_phi(layer)
     layer.modulation.data = torch.tensor([0.0, 0.0, 0.0, 5.0])
     select, logits = ModulatedRouting(candidates=2).modulate(layer, scores, scores)
     assert torch.equal(select, scores)  # expert 3 is outside the top-2 candidates: no boost
@@ -161,6 +162,7 @@ def test_pseudo_gradient_under_modulated_routing_and_padding():
     """DMR changes the probabilities and the selection; padding tokens are neither routed nor counted."""
     layer = moe_from(dense_ffn(True)).double()
     layer.set_top_k(2)
+    attach_phi(layer)
     layer.modulation.data = torch.tensor([0.8, -0.6, 0.3, -0.2], dtype=torch.float64)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 5, D, generator=g, dtype=torch.float64)
@@ -269,7 +271,7 @@ def test_candidate_set_outside_its_range_is_refused(tiny_bert, tiny_task):
 
 
 def test_the_range_regulariser_pulls_phi_back_where_it_leaves_its_range(tiny_bert, tiny_task):
-    """At the defaults phi stays inside [-1, 1] and the regulariser never acts (reg=false gives the same
+    """At the defaults phi stays inside [-1, 1] and the regulariser never acts (phi_range=false gives the same
     numbers); with a narrow range and a strong weight it does, and phi ends closer to the range."""
     def final_phi(**options):
         overrides = tiny_overrides(tiny_bert, tiny_task, **{"federation.rounds": 2, "train.lr": 0.05}
@@ -277,10 +279,10 @@ def test_the_range_regulariser_pulls_phi_back_where_it_leaves_its_range(tiny_ber
         results = run_experiment(load_config(overrides=overrides, method="ubsmoe"), show_progress=False)
         return torch.tensor(results.final.server["phi"])
 
-    narrow = {"phi_min": -0.05, "phi_max": 0.05, "lam": 50.0, "zeta": 1.0}
-    regularised, free = final_phi(**narrow), final_phi(**narrow, reg=False)
+    narrow = {"phi_min": -0.05, "phi_max": 0.05, "phi_range_weight": 50.0, "zeta": 1.0}
+    regularised, free = final_phi(**narrow), final_phi(**narrow, phi_range=False)
     outside = lambda phi: (phi.abs() - 0.05).clamp_min(0).sum()  # noqa: E731
 
     assert not torch.equal(regularised, free)
     assert outside(regularised) < outside(free)
-    assert torch.equal(final_phi(), final_phi(reg=False))  # the defaults: the regulariser never acts
+    assert torch.equal(final_phi(), final_phi(phi_range=False))  # the defaults: the regulariser never acts

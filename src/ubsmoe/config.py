@@ -277,8 +277,10 @@ def apply_table(config: ExperimentConfig, data: dict[str, Any]) -> None:
 
 def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
     """The config ``to_dict`` wrote (another process's, a checkpoint's): every value checked again. A key it
-    lacks (written before the key existed) takes the value such runs had (``BEFORE_KEY``), else the default."""
+    lacks (written before the key existed) takes the value such runs had (``BEFORE_KEY``), else the default;
+    a key renamed since (``RENAMED_KEYS``) is read under its new name."""
     config = ExperimentConfig()
+    data = renamed(data)
     stored = flatten_keys(data)
     for key, value in BEFORE_KEY.items():
         if key not in stored:
@@ -296,6 +298,8 @@ def resolve_method_options(config: ExperimentConfig, options_cls) -> Any:
         if key == "name":
             continue
         if key not in method_fields:
+            if f"method.{key}" in RENAMED_KEYS:
+                raise ConfigError(f"method.{key} is now called {RENAMED_KEYS[f'method.{key}']}: set that instead")
             raise _unknown(f"method.{key}", method_fields)
         kind = method_fields[key]
         values[key] = parse_value(value, kind, f"method.{key}") if isinstance(value, str) and kind is not str \
@@ -331,6 +335,19 @@ def describe(config_cls=ExperimentConfig, prefix: str = "") -> list[tuple[str, s
 # Keys whose default differs from what runs written before the key existed did.
 BEFORE_KEY = {"model.shared_experts": 0}
 
+# Keys renamed since: a stored config (a finished run's, a checkpoint's) is read under the new names.
+RENAMED_KEYS = {"method.lam": "method.phi_range_weight", "method.reg": "method.phi_range"}
+
+
+def renamed(data: dict[str, Any]) -> dict[str, Any]:
+    """A stored config (nested, as ``to_dict`` writes it) with the keys of ``RENAMED_KEYS`` under their new names."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for old, new in RENAMED_KEYS.items():
+        section, _, name = old.partition(".")
+        if name in out.get(section, {}):
+            out[section][new.partition(".")[2]] = out[section].pop(name)
+    return out
+
 # Keys that cannot change a run's numbers: a resumed run may set them to other values than its checkpoint's.
 RESUME_FREE_KEYS = ("threads",)
 
@@ -347,7 +364,7 @@ def differing_keys(stored: dict[str, Any], wanted: ExperimentConfig) -> list[str
     and ``wanted`` (method options resolved)."""
     import json
 
-    stored_flat = flatten_keys(json.loads(json.dumps(stored)))
+    stored_flat = flatten_keys(renamed(json.loads(json.dumps(stored))))
     wanted_flat = flatten_keys(json.loads(json.dumps(wanted.to_dict())))
     defaults = flatten_keys(json.loads(json.dumps(ExperimentConfig().to_dict())))
     stored_flat |= {k: BEFORE_KEY.get(k, defaults[k]) for k in NEUTRAL_NEW_KEYS if k not in stored_flat}

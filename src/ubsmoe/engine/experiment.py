@@ -12,8 +12,8 @@ import torch
 
 from ubsmoe.config import PROTOCOLS, ConfigError, ExperimentConfig, resolve_method_options
 from ubsmoe.data.dataset import TokenizedDataset
-from ubsmoe.engine.client import ClientRuntime
-from ubsmoe.engine.clients import make_clients, tiers
+from ubsmoe.engine.client_round import ClientRuntime
+from ubsmoe.engine.population import make_clients, tiers
 from ubsmoe.methods import get_method
 from ubsmoe.methods.base import ClientInfo, FederatedMethod, top_k_for_budget
 from ubsmoe.metrics.flops import FlopCounter

@@ -2,7 +2,7 @@
 and the in-process engine, whose transport runs every sampled client in turn on one shared model.
 Flower's strategy (``engine.flower.strategy``) drives the same ``Server`` steps from Flower's own loop.
 
-The server side (``engine.server``) and the client side (``engine.client.run_client``) exchange only the
+The server side (``engine.server``) and the client side (``engine.client_round.run_client``) exchange only the
 records of ``methods.records``, as they do across processes on Flower. Only the global trainable tensors
 and each sampled client's update are held between clients, never a model per client. Same config and
 seed give the same numbers on the CPU.
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ubsmoe.config import ExperimentConfig
 from ubsmoe.engine.checkpoint import Checkpoint, fault_point
-from ubsmoe.engine.client import run_client
+from ubsmoe.engine.client_round import run_client
 from ubsmoe.engine.errors import ClientFault, RunInterrupted
 from ubsmoe.engine.local_training import local_steps
 from ubsmoe.engine.run_records import FailedClient, RunResults

@@ -14,7 +14,7 @@ import torch
 
 from ubsmoe.config import ExperimentConfig
 from ubsmoe.engine.checkpoint import Checkpoint, check_resumable, fault_point, write_checkpoint
-from ubsmoe.engine.clients import sample_clients
+from ubsmoe.engine.population import sample_clients
 from ubsmoe.engine.errors import FederationStopped
 from ubsmoe.engine.evaluation import evaluate_tiers
 from ubsmoe.engine.experiment import build_experiment

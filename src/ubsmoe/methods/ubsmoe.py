@@ -6,7 +6,7 @@ not activate. The server averages everything by data size, then pulls each layer
 utilisation target:
     u_i = sum_c p_c a_ci / n_c,  u* = K_bar / M,  phi_target_i = tanh(u* / (u_i + eps) - 1),
     phi <- zeta * phi_bar + (1 - zeta) * phi_target.
-Switches ``dmr``, ``pg`` and ``reg`` give the ablations.
+Switches ``dmr``, ``pg`` and ``phi_range`` give the ablations.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ubsmoe.methods.records import MethodRecord
 from ubsmoe.methods.smoe import SparseMoE
 from ubsmoe.model import MoEModel
 from ubsmoe.model.moe_layer import MoEHook
-from ubsmoe.model.modulated_routing import ModulatedRouting, range_penalty
+from ubsmoe.model.modulated_routing import ModulatedRouting, attach_phi, range_penalty
 from ubsmoe.model.pseudo_gradient import RHO_RULES, PseudoGradient, sparsity_factor
 
 
@@ -29,10 +29,10 @@ from ubsmoe.model.pseudo_gradient import RHO_RULES, PseudoGradient, sparsity_fac
 class UBSMoEOptions:
     dmr: bool = option(True, "Dynamic Modulated Routing on/off")
     pg: bool = option(True, "Universal Pseudo-Gradient on/off")
-    reg: bool = option(True, "range regulariser on phi on/off")
+    phi_range: bool = option(True, "keep phi in [phi_min, phi_max] by a penalty on its excess (the range regulariser)")
     candidates: int = option(0, "N_p, the candidate-set size (K_max <= N_p <= M); 0 means min(M, 2 K_max)")
     zeta: float = option(0.5, "blend: phi = zeta * (clients' mean phi) + (1 - zeta) * utilisation target")
-    lam: float = option(1e-2, "lambda, weight of the range regulariser")
+    phi_range_weight: float = option(1e-2, "lambda, the weight of the range regulariser")
     eps: float = option(1e-6, "epsilon in the utilisation target")
     phi_min: float = option(-1.0, "lower end of phi's allowed range")
     phi_max: float = option(1.0, "upper end of phi's allowed range")
@@ -89,11 +89,10 @@ class UBSMoE(SparseMoE):
     # ------------------------------------------------------------------ server
     def prepare_model(self, model: MoEModel) -> None:
         super().prepare_model(model)
+        self.phi_names = []
         if self.options.dmr:
             self.candidates(model.num_experts)  # fail before training if N_p is out of range
-            for layer in model.moe_layers:
-                layer.modulation.requires_grad_(True)
-        self.phi_names = [model.state_name(layer.modulation) for layer in model.moe_layers]
+            self.phi_names = [model.state_name(attach_phi(layer)) for layer in model.moe_layers]
 
     def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
         """FedAvg by data size of every delta but phi's; phi_bar = sum_c p_c phi_c with p_c the client's share
@@ -137,9 +136,9 @@ class UBSMoE(SparseMoE):
         return hooks
 
     def local_loss(self, model: MoEModel) -> torch.Tensor | None:
-        if not (self.options.dmr and self.options.reg):
+        if not (self.options.dmr and self.options.phi_range):
             return None
-        return self.options.lam * sum(range_penalty(layer.modulation, self.options.phi_min, self.options.phi_max)
+        return self.options.phi_range_weight * sum(range_penalty(layer.modulation, self.options.phi_min, self.options.phi_max)
                                       for layer in model.moe_layers)
 
     def after_backward(self, model: MoEModel) -> None:

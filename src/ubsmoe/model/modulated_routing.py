@@ -2,15 +2,26 @@
 
 For each token, the candidate set T holds the top-N_p experts by raw score s; the modulated logits are
 m_i = s_i + phi_i for i in T and m_i = s_i otherwise, and both the top-K selection and the softmax
-use m. phi is the layer's ``modulation`` parameter; the server side of DMR (utilisation targets and
-the blend) lives in the ``ubsmoe`` method.
+use m. phi is the layer's ``modulation`` parameter, which ``attach_phi`` gives it (UB-SMoE's
+``prepare_model``, as every method attaches its per-layer state); the server side of DMR (utilisation
+targets and the blend) lives in the ``ubsmoe`` method.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from ubsmoe.model.moe_layer import MoEHook
+from ubsmoe.model.moe_layer import MoEHook, SparseMoEFFN
+
+
+def attach_phi(layer: SparseMoEFFN) -> nn.Parameter:
+    """Give ``layer`` DMR's per-expert logit modulation φ (E,) as its trainable parameter ``modulation``,
+    zero (no modulation) until trained, so that it trains and travels with the other trainable tensors."""
+    weight = layer.router.weight
+    phi = nn.Parameter(torch.zeros(layer.num_experts, dtype=weight.dtype, device=weight.device))
+    layer.register_parameter("modulation", phi)
+    return phi
 
 
 class ModulatedRouting(MoEHook):

@@ -71,8 +71,9 @@ class SparseMoEFFN(GroupedExperts):
     forward(hidden (batch, seq, d)) -> (batch, seq, d). The experts (stacked weights ``w_up: (E, d, h)``, ...,
     LoRA factors ``lora_<name>_a: (E, in, r)``, ``lora_<name>_b: (E, r, out)``) and their compute paths are
     ``GroupedExperts``', inherited so that the parameters keep their names; ``router`` is a ``TopKRouter``
-    (``router.weight``: (E, d)), None with one expert (the block is then a dense FFN); ``modulation``: (E,)
-    the per-expert logit modulation φ that a method's hook may apply.
+    (``router.weight``: (E, d)), None with one expert (the block is then a dense FFN). A method's own
+    per-layer state (DMR's φ, A3SMoE's output scale, Default MoE's defaults) is attached by the method's
+    ``prepare_model``, and read by its hooks.
 
     One layer object serves every client: ``top_k`` is set before each use (a weak client's K_c, a strong
     client's K_max); compute scales with K, and no token is dropped. Padding tokens
@@ -109,11 +110,9 @@ class SparseMoEFFN(GroupedExperts):
         self.router = None
         if num_experts > 1:
             self.router = TopKRouter(self.d_model, num_experts, router_weight)
-            # Per-expert routing-logit modulation (DMR's phi): frozen and unused unless a method's hook
-            # applies it and unfreezes it, so that it trains and travels with the other tensors.
-            self.modulation = nn.Parameter(torch.zeros(num_experts), requires_grad=False)
         # The LoRA factors last: parameters keep the order checkpoints and the trainable state list them in
-        # (frozen experts, phi, LoRA), and the router's initialisation draws first from the global generator.
+        # (frozen experts, LoRA; what a method attaches follows), and the router's initialisation draws first
+        # from the global generator.
         self.add_lora(lora_rank, lora_alpha, generator)
         self.hooks: list[MoEHook] = []
         self.counter = RoutingCounter(num_experts)

@@ -1,7 +1,7 @@
 """ubsmoe on Flower (``pip install ubsmoe[flower]``): the same server and client code, carried by Flower.
 
 - ``messages``: the records of ``methods.records`` as Flower RecordDicts, and back;
-- ``client_app``: the ClientApp, which runs ``engine.client.run_client`` on the instruction it receives;
+- ``client_app``: the ClientApp, which runs ``engine.client_round.run_client`` on the instruction it receives;
 - ``strategy``: a Flower Strategy whose configuration, aggregation and evaluation are those of the
   ubsmoe method, through the engine's ``Server``;
 - ``simulation``: ``ubsmoe run --engine flower-sim``, Flower's simulation with the same config and the

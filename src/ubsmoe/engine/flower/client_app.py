@@ -1,5 +1,5 @@
 """The Flower ClientApp: each training message is a ``TrainInstruction``; the app runs
-``engine.client.run_client`` on it and replies with the ``ClientUpdate``.
+``engine.client_round.run_client`` on it and replies with the ``ClientUpdate``.
 
 The model is built from the run's config, which travels with every message, once per process and
 config: a simulation's worker process keeps it between rounds; a deployment's process per message
@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from ubsmoe.config import config_from_dict
-from ubsmoe.engine.client import ClientRuntime, run_client
+from ubsmoe.engine.client_round import ClientRuntime, run_client
 from ubsmoe.engine.errors import ClientFault
 from ubsmoe.engine.flower.messages import CLIENT_FAULT, read_instruction, update_content
 from ubsmoe.metrics.flops import FlopCounter

@@ -1,4 +1,4 @@
-"""Who the clients are: their budget tiers and their shares of the training data."""
+"""Who the clients are: their budget tiers, their shares of the training data, and who of them a round samples."""
 
 from __future__ import annotations
 
