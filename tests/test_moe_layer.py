@@ -8,6 +8,7 @@ from ubsmoe.model.grouped_lora import (DenseDownProjection, DenseUpProjection, G
                                        GroupedUpProjection)
 from ubsmoe.model.moe_layer import RoutingContext, SlotLayout, SparseMoEFFN
 from ubsmoe.model.upcycle import DenseFFN, centroid_router, split_ffn
+from ubsmoe.model.expert_observation import ExtraRows
 
 D, H, E = 16, 32, 4
 
@@ -93,14 +94,14 @@ def test_fused_projections_pass_gradcheck():
     a_up = torch.randn(S_E, d, r, **dd, requires_grad=True)
     b = torch.randn(S_E, r, h, **dd, requires_grad=True)
     up = lambda x_, a_, b_: GroupedUpProjection.apply(x_, a_, w_up, b_, b_up, 0.5, layout.token, layout.pair,  # noqa: E731
-                                                      layout.ends, layout.counts, "up", {})[0]
+                                                      layout.ends, layout.counts, "up", ExtraRows())[0]
     assert torch.autograd.gradcheck(up, (x, a_up, b))
     hidden = torch.randn(layout.token.shape[0], h, **dd, requires_grad=True)
     w_down = torch.randn(S_E, h, d, **dd)
     a = torch.randn(S_E, h, r, **dd, requires_grad=True)
     b_down = torch.randn(S_E, r, d, **dd, requires_grad=True)
     down = lambda h_, a_, b_: GroupedDownProjection.apply(h_, w_down, a_, b_, 0.5, layout.token, layout.pair, T,  # noqa: E731
-                                                          layout.ends, layout.counts, {})
+                                                          layout.ends, layout.counts, ExtraRows())
     assert torch.autograd.gradcheck(down, (hidden, a, b_down))
 
 
@@ -133,7 +134,7 @@ def test_hooks_rows_join_the_model_width_factor_gradients():
     factors = [torch.randn(shape, **dd, requires_grad=True) for shape in ((S_E, d, r), (S_E, r, h), (S_E, h, r), (S_E, r, d))]
     rows_up, rows_down = torch.randn(T, S_E * r, **dd), torch.randn(T, S_E * r, **dd)
 
-    def grads(extra: dict) -> list[torch.Tensor]:
+    def grads(extra: ExtraRows) -> list[torch.Tensor]:
         a_up, b_up, a_down, b_down = factors
         up = GroupedUpProjection.apply(x, a_up, w_up, b_up, None, 0.5, layout.token, layout.pair, layout.ends,
                                        layout.counts, "up", extra)[0]
@@ -141,15 +142,15 @@ def test_hooks_rows_join_the_model_width_factor_gradients():
                                         layout.ends, layout.counts, extra)
         return list(torch.autograd.grad(y, factors, grad_y))
 
-    plain, extra = grads({}), {"up": rows_up, "down": rows_down}
+    plain, extra = grads(ExtraRows()), ExtraRows(up=rows_up, down=rows_down)
     with_rows = grads(extra)
 
     torch.testing.assert_close(with_rows[0] - plain[0], (x.T @ rows_up).view(d, S_E, r).permute(1, 0, 2))
     torch.testing.assert_close(with_rows[3] - plain[3], (rows_down.T @ grad_y).view(S_E, r, d))
     torch.testing.assert_close(with_rows[1], plain[1])
     torch.testing.assert_close(with_rows[2], plain[2])
-    assert not {"up", "down"} & set(extra)  # taken once
-    torch.testing.assert_close(extra["down_through_b"], 0.5 * grad_y @ factors[3].detach().permute(2, 0, 1).reshape(d, -1))
+    assert extra.up is None and extra.down is None  # taken once
+    torch.testing.assert_close(extra.down_through_b, 0.5 * grad_y @ factors[3].detach().permute(2, 0, 1).reshape(d, -1))
 
 
 def test_active_experts_get_lora_gradients_and_inactive_experts_none():

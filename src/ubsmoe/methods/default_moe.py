@@ -25,6 +25,7 @@ from ubsmoe.methods.base import ClientInfo, ClientSettings, ClientUpdate, Params
 from ubsmoe.methods.records import MethodRecord
 from ubsmoe.methods.smoe import SparseMoE
 from ubsmoe.model import MoEModel
+from ubsmoe.model.expert_observation import ExpertComputation
 from ubsmoe.model.moe_layer import MoEHook, RoutingRecord, SlotLayout, SparseMoEFFN
 
 
@@ -61,11 +62,11 @@ class DefaultOutputs(MoEHook):
         self.update = update
         self.updated: dict[SparseMoEFFN, torch.Tensor] = {}  # layer -> (E,) bool: defaults this client moved
 
-    def observe_experts(self, layer, layout: SlotLayout, tensors: dict) -> None:
+    def observe_experts(self, layer, layout: SlotLayout, seen: ExpertComputation) -> None:
         if not (self.update and layer.training):
             return
         with torch.no_grad():
-            means, seen = expert_mean_outputs(layer, layout, tensors["activation"].detach())
+            means, seen = expert_mean_outputs(layer, layout, seen.activation.detach())
             started = layer.expert_defaults_seen.bool().unsqueeze(1)
             blended = torch.where(started, self.decay * layer.expert_defaults + (1 - self.decay) * means, means)
             layer.expert_defaults.copy_(torch.where(seen.unsqueeze(1), blended, layer.expert_defaults))

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ubsmoe.model.expert_observation import ExpertComputation, ExtraRows
 from ubsmoe.model.grouped_lora import (DenseDownProjection, DenseUpProjection, GroupedDownProjection,
                                        GroupedUpProjection, UnmergedDownProjection, UnmergedUpProjection,
                                        frozen_product, grouped_mm)
@@ -48,7 +49,7 @@ class SlotLayout:
                    counts.cumsum(0).to(torch.int32))
 
 
-ExpertObserver = Callable[[SlotLayout, dict], None]
+ExpertObserver = Callable[[SlotLayout, ExpertComputation], None]
 """Sees the experts' computation on the slots of a layout (what ``MoEHook.observe_experts`` documents)."""
 
 
@@ -178,7 +179,7 @@ class GroupedExperts(nn.Module):
         same value over fewer numbers.
         """
         T = x.shape[0]
-        extra_rows: dict[str, torch.Tensor] = {}  # what hooks add to the LoRA weight gradients, and read back
+        extra_rows = ExtraRows()  # what hooks add to the LoRA weight gradients, and read back
         projections = {}
         up_projection = GroupedUpProjection if merged else UnmergedUpProjection
         down_projection = GroupedDownProjection if merged else UnmergedDownProjection
@@ -197,8 +198,7 @@ class GroupedExperts(nn.Module):
         hidden = self._hidden(up, gate, None)
         gated = self._apply_gates(hidden, slot_gates)
         if observe is not None:
-            observe(layout, {"tokens": x, "up": up, "gate": gate, "activation": hidden, "hidden": gated,
-                             "gates": slot_gates, "projected": projections, "extra_rows": extra_rows})
+            observe(layout, ExpertComputation(x, up, gate, hidden, gated, slot_gates, projections, extra_rows))
         a, b = self._lora_factors("down")
         return down_projection.apply(gated, weight("w_down"), a, b, self.lora_scale, layout.token, layout.pair, T,
                                      layout.ends, layout.counts, extra_rows)
@@ -223,8 +223,7 @@ class GroupedExperts(nn.Module):
         # straight-through gates are exactly 1
         gated = activation if self.gate_mode == "straight_through" else activation * slot_gates.unsqueeze(1)
         if observe is not None:
-            observe(layout, {"tokens": x, "up": up, "gate": gate, "activation": activation, "hidden": gated,
-                             "gates": slot_gates, "projected": {}, "extra_rows": {}})
+            observe(layout, ExpertComputation(x, up, gate, activation, gated, slot_gates, {}, ExtraRows()))
         return x.new_zeros(x.shape).index_add_(0, layout.token, project("down", gated))
 
     def _all_experts(self, x: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:

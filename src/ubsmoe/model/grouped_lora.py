@@ -26,7 +26,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ubsmoe.model.expert_observation import ExtraRows
 from ubsmoe.model.matmul import narrow_product
+
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -90,14 +92,14 @@ class GroupedUpProjection(torch.autograd.Function):
     """Slots' up-projection through the merged weight W_e + s A_e B_e, as one grouped matmul.
 
     forward(x (T, d), a (E, d, r), w (E, d, h), b (E, r, h), bias (E, h) or None, scale, token (S,),
-    pair (S,), ends, counts, name, extra_rows (dict)) -> (out (S, h) = x_t (W_e + s A_e B_e) + bias_e per
+    pair (S,), ends, counts, name, extra_rows (``ExtraRows``)) -> (out (S, h) = x_t (W_e + s A_e B_e) + bias_e per
     slot, projected (T, E r) = x A_i for every token and expert, not differentiable; (T, 0) when no LoRA
     factor needs a gradient).
 
     The backward matmul carries s B_e as r extra columns, so it yields the input gradient through the
     merged weight and, per slot, s grad B_eᵀ: the rows whose dense product with x gives the gradient of
     every A_i at once, grad A = xᵀ rows (rows: (T, E r), zero at inactive pairs). A hook may add rows of
-    its own before this backward runs (``extra_rows[name]``; the pseudo-gradient does), for free.
+    its own before this backward runs (``extra_rows.up`` / ``.gate``; the pseudo-gradient does), for free.
     The gradient of B_e is the grouped (x_t A_e)ᵀ grad. The frozen bias rides as a column of ones.
     """
 
@@ -137,7 +139,7 @@ class GroupedUpProjection(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             rows = grad.new_zeros(projected.numel() // rank, rank)
             rows = rows.index_copy_(0, pair, grad_inputs[:, padded:]).view(projected.shape)  # (T, E r)
-            extra = ctx.extra_rows.pop(ctx.name, None)
+            extra = ctx.extra_rows.take(ctx.name)
             if extra is not None:
                 rows += extra
             grad_a = _input_factor_grad(x, rows, rank)
@@ -152,13 +154,13 @@ class GroupedDownProjection(torch.autograd.Function):
     to tokens.
 
     forward(hidden (S, h), w (E, h, d), a (E, h, r), b (E, r, d), scale, token (S,), pair (S,), num_tokens,
-    ends, counts, extra_rows (dict)) -> y (T, d) = sum over a token's slots of hidden (W_e + s A_e B_e).
+    ends, counts, extra_rows (``ExtraRows``)) -> y (T, d) = sum over a token's slots of hidden (W_e + s A_e B_e).
 
     The forward matmul carries A_e as r extra columns: hidden A_e per slot, kept for the backward. The
     backward forms s g B_iᵀ for every token and expert in one dense product (T, E r), from which the
-    gradient of A_e is the grouped hiddenᵀ (s g B_eᵀ), and leaves it in ``extra_rows["down_through_b"]``
+    gradient of A_e is the grouped hiddenᵀ (s g B_eᵀ), and leaves it in ``extra_rows.down_through_b``
     for hooks; the gradient of every B_i is one dense product rowsᵀ g with rows = s hidden A_e at the
-    active pairs plus a hook's ``extra_rows["down"]`` (set during the forward).
+    active pairs plus a hook's ``extra_rows.down`` (set during the forward).
     """
 
     @staticmethod
@@ -186,7 +188,7 @@ class GroupedDownProjection(torch.autograd.Function):
         num_experts, rank, d = b.shape
         grad_y = grad_y.contiguous()
         through_b = _through_b(grad_y, b, ctx.scale)  # s g B_iᵀ: (T, E r)
-        ctx.extra_rows["down_through_b"] = through_b
+        ctx.extra_rows.down_through_b = through_b
         grad_hidden = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_hidden = grouped_mm(grad_y.index_select(0, token), weight[:, :, :d].transpose(1, 2), ends, ctx.counts)
@@ -198,13 +200,13 @@ class GroupedDownProjection(torch.autograd.Function):
 
 
 def _down_b_grad(grad_y: torch.Tensor, low_rank: torch.Tensor, pair: torch.Tensor, num_experts: int, scale: float,
-                 extra_rows: dict) -> torch.Tensor:
+                 extra_rows: ExtraRows) -> torch.Tensor:
     """Gradient of every B_e of a down-projection as one dense product rowsᵀ g: rows (T, E r) hold s hidden A_e
-    at the active pairs (``low_rank``: (S, r)) plus a hook's ``extra_rows["down"]``. grad_y: (T, d) -> (E, r, d)."""
+    at the active pairs (``low_rank``: (S, r)) plus a hook's ``extra_rows.down``. grad_y: (T, d) -> (E, r, d)."""
     num_tokens, rank = grad_y.shape[0], low_rank.shape[1]
     rows = grad_y.new_zeros(num_tokens * num_experts, rank).index_copy_(0, pair, low_rank)
     rows = rows.view(num_tokens, -1).mul_(scale)
-    extra = extra_rows.pop("down", None)
+    extra = extra_rows.take("down")
     if extra is not None:
         rows += extra
     return (rows.T @ grad_y).view(num_experts, rank, grad_y.shape[1])
@@ -349,7 +351,7 @@ class UnmergedUpProjection(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             rows = grad.new_zeros(projected.numel() // rank, rank)
             rows = rows.index_copy_(0, pair, through_b).view(projected.shape)  # (T, E r)
-            extra = ctx.extra_rows.pop(ctx.name, None)
+            extra = ctx.extra_rows.take(ctx.name)
             if extra is not None:
                 rows += extra
             grad_a = _input_factor_grad(x, rows, rank)
@@ -382,7 +384,7 @@ class UnmergedDownProjection(torch.autograd.Function):
         num_experts, rank = b.shape[:2]
         grad_y = grad_y.contiguous()
         through_b = _through_b(grad_y, b, ctx.scale)  # s g B_iᵀ for every token and expert: (T, E r)
-        ctx.extra_rows["down_through_b"] = through_b
+        ctx.extra_rows.down_through_b = through_b
         slot_through_b = through_b.view(-1, rank).index_select(0, pair)  # (S, r)
         grad_hidden = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:

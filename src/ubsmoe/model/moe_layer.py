@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ubsmoe.model.expert_observation import ExpertComputation
 from ubsmoe.model.grouped_experts import MERGE_LIMIT, GroupedExperts, SlotLayout
 from ubsmoe.model.router import GATE_MODES, RoutingCounter, RoutingRecord, TopKRouter
 
@@ -37,22 +38,10 @@ class MoEHook:
         changes both, a selection bias only the first)."""
         return select, logits
 
-    def observe_experts(
-        self, layer: "SparseMoEFFN", layout: "SlotLayout", tensors: dict[str, torch.Tensor]
-    ) -> None:
-        """See the experts' computation on the S slots of ``layout`` (the token of slot s is
-        ``layout.token[s]``): tensors holds ``tokens`` (T, d) the layer's input, ``up`` and ``gate``
-        (S, h) the projections (``gate`` None for ungated FFNs), ``activation`` (S, h) after the
-        activation, ``hidden`` (S, h) the activation times the gate (what the down-projection reads),
-        ``gates`` (S,), ``projected`` {"up", "gate": (T, E, r)} every token's LoRA input projection
-        x A_e for every expert, and ``extra_rows``, a dict shared with the layer's backward: a hook may
-        set ``extra_rows["up"]`` / ``["gate"]`` (T, E*r), added to the rows whose product x^T rows is the
-        gradient of every A_e of that matrix (before the backward reaches it: in a gradient hook of the
-        projection's output), and ``extra_rows["down"]`` (T, E*r), added to the rows whose product
-        rows^T g with the layer's output gradient g is the gradient of every B_e of the down-projection
-        (here, in the forward). The backward leaves ``extra_rows["down_through_b"]`` (T, E*r):
-        s g(x) B_e^T for every token and expert.
-        Register tensor hooks here to capture per-token gradients (pseudo-gradients)."""
+    def observe_experts(self, layer: "SparseMoEFFN", layout: "SlotLayout", seen: ExpertComputation) -> None:
+        """See the experts' computation on the S slots of ``layout`` (``ExpertComputation``), and add rows to
+        every expert's LoRA weight gradients through ``seen.extra_rows`` (``ExtraRows``). Register tensor
+        hooks here to capture per-token gradients (pseudo-gradients)."""
 
     def training_flops(self, layer: "SparseMoEFFN", tokens: int) -> float:
         """Matmul FLOPs the hook adds to one training step of the layer on ``tokens`` real tokens (the FLOP

@@ -24,9 +24,27 @@ two, for B_up and A_down, are computed after the backward by ``apply``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from ubsmoe.model.expert_observation import ExpertComputation, ExtraRows
 from ubsmoe.model.moe_layer import MoEHook, SlotLayout, SparseMoEFFN
+
+
+@dataclass
+class _Saved:
+    """What a layer's forward leaves for its pseudo-gradient: the slots' layout, q (T, E, r), the active
+    slots' weights c_j (S, 1), the rows shared with the backward, every token's x A_e (T, E, r) by
+    projection, h_bar (T, h), and delta_bar (T, h) by projection once its gradient arrived."""
+
+    layout: SlotLayout
+    weight: torch.Tensor
+    per_gate: torch.Tensor
+    extra_rows: ExtraRows
+    projected: dict[str, torch.Tensor]
+    hidden_bar: torch.Tensor
+    delta_bar: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class PseudoGradient(MoEHook):
@@ -40,11 +58,11 @@ class PseudoGradient(MoEHook):
 
     def __init__(self, rho: float):
         self.rho = rho
-        self.saved: dict[SparseMoEFFN, dict] = {}
+        self.saved: dict[SparseMoEFFN, _Saved] = {}
 
-    def observe_experts(self, layer: SparseMoEFFN, layout: SlotLayout, tensors: dict) -> None:
+    def observe_experts(self, layer: SparseMoEFFN, layout: SlotLayout, seen: ExpertComputation) -> None:
         self.saved.pop(layer, None)
-        if not tensors["hidden"].requires_grad:
+        if not seen.hidden.requires_grad:
             return
         if layer.active_rank != layer.lora_rank:
             raise ValueError("pseudo-gradients assume every client trains the full LoRA rank")
@@ -60,29 +78,28 @@ class PseudoGradient(MoEHook):
         s = layer.lora_scale
         # p_j / P per slot, and c_j = (p_j / P) / w_j, the weight of an active expert's gradient in G_hat
         share = probs.reshape(-1).index_select(0, layout.pair).div_(active_mass.index_select(0, layout.token))
-        per_gate = share / tensors["gates"].detach().clamp_min(torch.finfo(share.dtype).tiny)  # (S,)
-        saved = {"layout": layout, "weight": weight, "per_gate": per_gate.unsqueeze(1), "extra_rows": tensors["extra_rows"],
-                 "projected": {n: p.detach() for n, p in tensors["projected"].items()}}
+        per_gate = share / seen.gates.detach().clamp_min(torch.finfo(share.dtype).tiny)  # (S,)
         # B_down: s sum_x q_i(x) (h_bar(x) A_i)^T g(x), as rows s q_i(x) h_bar(x) A_i next to the layer's own
-        hidden_bar = _per_token_sum(tensors["activation"].detach() * share.unsqueeze(1), layout, T)  # (T, h)
+        hidden_bar = _per_token_sum(seen.activation.detach() * share.unsqueeze(1), layout, T)  # (T, h)
         a = layer.lora_down_a.detach()  # (E, h, r)
         through_a = (hidden_bar @ a.permute(1, 0, 2).reshape(a.shape[1], -1)).view(T, E, -1)
-        tensors["extra_rows"]["down"] = through_a.mul_(weight).mul_(s).view(T, -1)
-        saved["hidden_bar"] = hidden_bar
+        seen.extra_rows.down = through_a.mul_(weight).mul_(s).view(T, -1)
+        saved = _Saved(layout, weight, per_gate.unsqueeze(1), seen.extra_rows,
+                       {n: p.detach() for n, p in seen.projected.items()}, hidden_bar)
         self.saved[layer] = saved
-        for name in ("up", "gate"):
-            if tensors[name] is not None and tensors[name].requires_grad:
-                tensors[name].register_hook(lambda grad, name=name: self._input_side_rows(layer, saved, name, grad))
+        for name, projection in (("up", seen.up), ("gate", seen.gate)):
+            if projection is not None and projection.requires_grad:
+                projection.register_hook(lambda grad, name=name: self._input_side_rows(layer, saved, name, grad))
 
-    def _input_side_rows(self, layer: SparseMoEFFN, saved: dict, name: str, grad: torch.Tensor) -> None:
+    def _input_side_rows(self, layer: SparseMoEFFN, saved: _Saved, name: str, grad: torch.Tensor) -> None:
         """On the gradient (S, h) of the ``name`` projection: delta_bar, and the rows for A_name,
         s q_i(x) delta_bar(x) B_i^T (grad A_i = x^T rows)."""
-        T, E = saved["weight"].shape[:2]
-        delta_bar = _per_token_sum(grad * saved["per_gate"], saved["layout"], T)  # (T, h)
+        T, E = saved.weight.shape[:2]
+        delta_bar = _per_token_sum(grad * saved.per_gate, saved.layout, T)  # (T, h)
         b = getattr(layer, f"lora_{name}_b").detach()  # (E, r, h)
         through_b = (delta_bar @ b.permute(2, 0, 1).reshape(-1, E * b.shape[1])).view(T, E, -1)
-        saved["extra_rows"][name] = through_b.mul_(saved["weight"]).mul_(layer.lora_scale).view(T, -1)
-        saved[f"delta_bar_{name}"] = delta_bar
+        setattr(saved.extra_rows, name, through_b.mul_(saved.weight).mul_(layer.lora_scale).view(T, -1))
+        saved.delta_bar[name] = delta_bar
 
     def training_flops(self, layer: SparseMoEFFN, tokens: int) -> float:
         """Per adapted matrix, two (T x E r) products with the hidden width h: 4 T E r h."""
@@ -95,18 +112,17 @@ class PseudoGradient(MoEHook):
         part the layer's backward did not add. Empty when the last forward activated every expert or no
         backward has run since."""
         saved = self.saved.pop(layer, None)
-        if saved is None or "down_through_b" not in saved["extra_rows"]:
+        if saved is None or saved.extra_rows.down_through_b is None:
             return {}
-        weight, s = saved["weight"], layer.lora_scale
+        weight, s = saved.weight, layer.lora_scale
         T, E, r = weight.shape
         grads = {}
-        for name in ("up", "gate"):
-            if f"delta_bar_{name}" in saved:  # grad B_i = s sum_x q_i(x) (x A_i)^T delta_bar(x)
-                rows = (saved["projected"][name] * weight).mul_(s).view(T, E * r)
-                grads[f"lora_{name}_b"] = (rows.T @ saved[f"delta_bar_{name}"]).view(E, r, -1)
+        for name, delta_bar in saved.delta_bar.items():  # grad B_i = s sum_x q_i(x) (x A_i)^T delta_bar(x)
+            rows = (saved.projected[name] * weight).mul_(s).view(T, E * r)
+            grads[f"lora_{name}_b"] = (rows.T @ delta_bar).view(E, r, -1)
         # grad A_i of the down-projection = sum_x q_i(x) h_bar(x) (s g(x) B_i^T)
-        through_b = saved["extra_rows"]["down_through_b"].view(T, E, r)
-        grads["lora_down_a"] = (saved["hidden_bar"].T @ (through_b * weight).view(T, E * r)).view(-1, E, r).permute(1, 0, 2)
+        through_b = saved.extra_rows.down_through_b.view(T, E, r)
+        grads["lora_down_a"] = (saved.hidden_bar.T @ (through_b * weight).view(T, E * r)).view(-1, E, r).permute(1, 0, 2)
         return grads
 
     def apply(self, layer: SparseMoEFFN) -> None:
