@@ -96,3 +96,17 @@ def test_memory_benchmark_measures_both_ks(tmp_path):
     assert high["train_flops"]["attention"] == low["train_flops"]["attention"] > 0
     assert 0.25 < result["train_flop_ratio"] < 1
     assert "extra_memory_ratio (K = 2 over K = 8)" in (tmp_path / "memory.md").read_text()
+
+
+def test_memory_benchmark_with_recomputed_attention_saves_less_for_the_backward(tmp_path):
+    """`ubsmoe bench memory --activation-checkpointing`: the same steps keep fewer bytes for the backward."""
+    from ubsmoe.bench.memory import run
+
+    shape = dict(layers=1, experts=8, hidden=32, expert_width=16, vocab=64, batch=2, length=16, steps=1, threads=1)
+    kept = run(tmp_path / "kept.json", **shape)
+    recomputed = run(tmp_path / "recomputed.json", **shape, checkpointing=True)
+
+    assert recomputed["activation_checkpointing"] and "--activation-checkpointing" in recomputed["command"]
+    for k in ("2", "8"):
+        assert recomputed["runs"][k]["saved_bytes"] < kept["runs"][k]["saved_bytes"]
+        assert recomputed["runs"][k]["train_flops"] == kept["runs"][k]["train_flops"]

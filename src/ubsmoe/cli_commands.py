@@ -289,7 +289,8 @@ def bench_command(args) -> int:
     if args.name == "memory":
         from ubsmoe.bench.memory import run
 
-        run(Path(args.out), threads=args.threads, batch=size(args.batch_size, 8), length=size(args.max_length, 256))
+        run(Path(args.out), threads=args.threads, batch=size(args.batch_size, 8), length=size(args.max_length, 256),
+            checkpointing=args.activation_checkpointing)
         print(Path(args.out).with_suffix(".md").read_text())
         return 0
     if args.name == "native-load":

@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-length", type=count, default=None,
                        help="tiers and memory: tokens per text of the timed batch "
                             "(default 128 for tiers, 256 for memory)")
+    bench.add_argument("--activation-checkpointing", action="store_true",
+                       help="memory only: recompute every attention block in the backward (train.activation_checkpointing)")
     bench.add_argument("--repeats", type=count, default=11, help="tiers only: timed turns per tier")
     bench.add_argument("--part-repeats", type=count, default=5,
                        help="tiers only: turns per tier with timing hooks (where a step's time goes)")

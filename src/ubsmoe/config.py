@@ -115,6 +115,8 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW weight decay")
     eval_batch_size: int = option(64, "batch size for evaluation")
     train_on_inputs: bool = option(False, "causal-lm: the loss covers the prompt's tokens too (default: the response's only)")
+    activation_checkpointing: bool = option(False, "recompute each attention block in the backward instead of keeping "
+                                                   "its activations: less memory for a slower step, the same numbers")
 
 
 PROTOCOLS = ("generation", "loglik")  # what evaluation.protocol may name as causal-lm's headline accuracy
@@ -349,11 +351,11 @@ def renamed(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 # Keys that cannot change a run's numbers: a resumed run may set them to other values than its checkpoint's.
-RESUME_FREE_KEYS = ("threads",)
+RESUME_FREE_KEYS = ("threads", "train.activation_checkpointing")
 
 # Keys added since without changing any number the runs before them made: their defaults are what those
 # runs did. Any other missing key makes a stored run another config.
-NEUTRAL_NEW_KEYS = ("task", "model.shared_experts", "evaluation.generate_questions", "train.train_on_inputs", "evaluation.protocol", "evaluation.max_new_tokens",
+NEUTRAL_NEW_KEYS = ("task", "train.activation_checkpointing", "model.shared_experts", "evaluation.generate_questions", "train.train_on_inputs", "evaluation.protocol", "evaluation.max_new_tokens",
                     "evaluation.num_beams", "evaluation.round0", "data.header", "federation.min_clients",
                     "federation.checkpoint_every", "federation.max_update_norm", "federation.update_norm_policy",
                     "federation.client_timeout", "federation.on_client_error", "device", "precision")

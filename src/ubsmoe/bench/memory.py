@@ -39,10 +39,11 @@ resident set once freed; the peak RSS then counts memory the step no longer hold
 128 KiB or more is its own mapping, returned when freed, and the RSS follows the live tensors."""
 
 
-def measure(folder: Path, k: int, batch: int, length: int, steps: int, threads: int) -> dict:
+def measure(folder: Path, k: int, batch: int, length: int, steps: int, threads: int, checkpointing: bool) -> dict:
     env = os.environ | {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
     done = subprocess.run([sys.executable, "-m", "ubsmoe.bench.memory_step", str(folder), str(k), str(batch),
-                           str(length), str(steps), str(threads)], capture_output=True, text=True, timeout=3600, env=env)
+                           str(length), str(steps), str(threads), str(int(checkpointing))], capture_output=True,
+                          text=True, timeout=3600, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"the K = {k} step failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -50,16 +51,18 @@ def measure(folder: Path, k: int, batch: int, length: int, steps: int, threads: 
 
 def run(out: Path, layers: int = 8, experts: int = 64, hidden: int = 1024, expert_width: int = 512,
         vocab: int = 1024, batch: int = 8, length: int = 256, steps: int = 4, threads: int = 2,
-        ks: tuple[int, int] = (2, 8)) -> dict:
+        ks: tuple[int, int] = (2, 8), checkpointing: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="ubsmoe-memory-") as tmp:
         folder = Path(tmp)
         disk = write_checkpoint(folder, layers, experts, hidden, expert_width, vocab)
-        runs = {str(k): measure(folder, k, batch, length, steps, threads) for k in ks}
+        runs = {str(k): measure(folder, k, batch, length, steps, threads, checkpointing) for k in ks}
     low, high = (runs[str(k)] for k in ks)
     median = lambda r: statistics.median(r["step_seconds"][1:] or r["step_seconds"])  # noqa: E731
     per_k = (high["saved_bytes"] - low["saved_bytes"]) / (ks[1] - ks[0])  # saved bytes = a + b K
     result = {
-        "command": f"ubsmoe bench memory --batch-size {batch} --max-length {length} --threads {threads} --out {out}",
+        "command": f"ubsmoe bench memory --batch-size {batch} --max-length {length} --threads {threads}"
+                   + (" --activation-checkpointing" if checkpointing else "") + f" --out {out}",
+        "activation_checkpointing": checkpointing,
         "shape": {"layers": layers, "experts": experts, "hidden": hidden, "expert_width": expert_width,
                   "vocab": vocab, "dtype": "float32", "batch": batch, "length": length, "threads": threads},
         "malloc_mmap_threshold": MMAP_THRESHOLD,
@@ -82,7 +85,9 @@ def run(out: Path, layers: int = 8, experts: int = 64, hidden: int = 1024, exper
         f"# Memory of a local step at K = {ks[0]} and K = {ks[1]}\n\nMade by `{result['command']}`: a random "
         f"OLMoE-shaped model ({layers} layers, {experts} experts of width {expert_width}, hidden {hidden}, "
         f"float32; {disk / mib:.0f} MiB of weights), one UB-SMoE client step (DMR, pseudo-gradient, AdamW) on "
-        f"{batch} x {length} tokens, {threads} threads. Memory above what the built model holds, peak of the "
+        f"{batch} x {length} tokens, {threads} threads"
+        + (", every attention block recomputed in the backward (`train.activation_checkpointing`)" if checkpointing else "")
+        + ". Memory above what the built model holds, peak of the "
         "first step (RssAnon, sampled every 2 ms, glibc's mmap threshold fixed at 128 KiB so that freed "
         "activations leave the resident set); time, median of the later steps.\n\n"
         "| K | memory above the model (MiB) | saved for the backward (MiB) | step (s) | training GFLOPs |\n"

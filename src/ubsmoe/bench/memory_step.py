@@ -1,5 +1,5 @@
 """One UB-SMoE client step measured in its own process, for ``ubsmoe bench memory``:
-``python -m ubsmoe.bench.memory_step FOLDER K BATCH LENGTH STEPS THREADS`` prints one JSON line: the private
+``python -m ubsmoe.bench.memory_step FOLDER K BATCH LENGTH STEPS THREADS CHECKPOINTING`` prints one JSON line: the private
 resident memory after building and at the first step's peak, the bytes autograd saved for the backward,
 the gradients' and AdamW moments' bytes, the step's counted FLOPs and every step's seconds."""
 
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ubsmoe.methods import get_method
 from ubsmoe.metrics.flops import FlopCounter
 from ubsmoe.model import ModelSpec, build_model
+from ubsmoe.model.activation_checkpointing import set_attention_checkpointing
 from ubsmoe.tasks.causal_lm import language_model_head
 
 
@@ -28,8 +29,9 @@ def anon() -> int:
     raise RuntimeError("no RssAnon in /proc/self/status")
 
 
-def main(folder: str, k: int, batch: int, length: int, steps: int, threads: int) -> dict:
-    """K of the model's 8 experts a token; ``steps`` AdamW steps on random tokens (causal-LM loss)."""
+def main(folder: str, k: int, batch: int, length: int, steps: int, threads: int, checkpointing: bool = False) -> dict:
+    """K of the model's 8 experts a token; ``steps`` AdamW steps on random tokens (causal-LM loss); with
+    ``checkpointing``, the attention blocks recomputed in the backward."""
     torch.set_num_threads(threads)
     model = build_model(ModelSpec(backbone=folder, lora_rank=8), language_model_head(folder))
     method_cls = get_method("ubsmoe")
@@ -38,6 +40,7 @@ def main(folder: str, k: int, batch: int, length: int, steps: int, threads: int)
     settings = method.tier_settings(k / 8)
     assert settings.top_k == k, settings
     method.setup_client(model, settings)
+    set_attention_checkpointing(model, checkpointing)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     generator = torch.Generator().manual_seed(0)
@@ -94,5 +97,5 @@ def main(folder: str, k: int, batch: int, length: int, steps: int, threads: int)
 
 
 if __name__ == "__main__":
-    folder, k, batch, length, steps, threads = sys.argv[1], *map(int, sys.argv[2:7])
-    print(json.dumps(main(folder, k, batch, length, steps, threads)))
+    folder, k, batch, length, steps, threads, checkpointing = sys.argv[1], *map(int, sys.argv[2:8])
+    print(json.dumps(main(folder, k, batch, length, steps, threads, bool(checkpointing))))

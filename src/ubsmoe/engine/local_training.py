@@ -14,6 +14,7 @@ from ubsmoe.methods.base import FederatedMethod
 from ubsmoe.methods.records import TrainMetrics
 from ubsmoe.metrics.flops import FlopCounter, PassFlops
 from ubsmoe.model import MoEModel
+from ubsmoe.model.activation_checkpointing import set_attention_checkpointing
 from ubsmoe.tasks import Task
 
 
@@ -49,6 +50,7 @@ def train_local(model: MoEModel, task: Task, method: FederatedMethod, data: Toke
     part only with a counter; no bytes: the engine counts its records)."""
     model.train()
     model.reset_routing_counters()
+    set_attention_checkpointing(model, config.activation_checkpointing)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps = local_steps(config, len(indices))

@@ -1,0 +1,59 @@
+"""Activation checkpointing of the attention blocks keeps fewer tensors for the backward and changes no
+number: the same gradients in one step, the same run with dropout on."""
+
+import pytest
+import torch
+
+from test_engine import without_timings
+from tiny_experiment import tiny_overrides
+from ubsmoe.config import load_config
+from ubsmoe.engine.experiment import build_experiment
+from ubsmoe.engine.rounds import run_experiment
+from ubsmoe.model.activation_checkpointing import attention_blocks, set_attention_checkpointing
+
+
+def saved_bytes_and_grads(model, task, batch, on: bool) -> tuple[int, dict[str, torch.Tensor]]:
+    """Bytes autograd keeps for the backward of one training loss, and the gradients it gives."""
+    set_attention_checkpointing(model, on)
+    model.train()
+    model.zero_grad()
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in parameters:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    torch.manual_seed(0)  # dropout draws the same masks in both passes
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = task.loss(model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    set_attention_checkpointing(model, False)
+    return sum(saved.values()), grads
+
+
+@pytest.mark.parametrize("backbone", ["tiny_bert", "tiny_llama"])
+def test_recomputed_attention_keeps_less_for_the_backward_and_gives_the_same_gradients(backbone, tiny_task, request):
+    config = load_config(overrides=tiny_overrides(request.getfixturevalue(backbone), tiny_task,
+                                                  **{"model.dropout": 0.1}), method="ubsmoe")
+    exp = build_experiment(config)
+    exp.method.setup_client(exp.model, exp.method.tier_settings(0.5))
+    batch = exp.train.batch(torch.arange(8))
+
+    kept, plain = saved_bytes_and_grads(exp.model, exp.task, batch, on=False)
+    recomputed, checkpointed = saved_bytes_and_grads(exp.model, exp.task, batch, on=True)
+
+    assert len(attention_blocks(exp.model)) == 2  # one per layer of the tiny backbones
+    assert recomputed < kept
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    for name in plain:
+        assert torch.equal(plain[name], checkpointed[name]), name
+
+
+def test_a_run_with_checkpointing_gives_the_numbers_of_one_without(tiny_bert, tiny_task):
+    overrides = tiny_overrides(tiny_bert, tiny_task, **{"model.dropout": 0.1})
+    runs = [run_experiment(load_config(overrides=overrides + [f"train.activation_checkpointing={on}"]),
+                           show_progress=False) for on in ("false", "true")]
+    assert without_timings(runs[0].to_json()["history"]) == without_timings(runs[1].to_json()["history"])
