@@ -52,8 +52,19 @@ def test_recomputed_attention_keeps_less_for_the_backward_and_gives_the_same_gra
         assert torch.equal(plain[name], checkpointed[name]), name
 
 
-def test_a_run_with_checkpointing_gives_the_numbers_of_one_without(tiny_bert, tiny_task):
+def test_a_run_with_checkpointing_gives_the_numbers_of_one_without(tiny_bert, tiny_task, monkeypatch):
+    import ubsmoe.model.activation_checkpointing as checkpointing
+
+    calls = []
+    real = checkpointing.checkpoint
+    monkeypatch.setattr(checkpointing, "checkpoint", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     overrides = tiny_overrides(tiny_bert, tiny_task, **{"model.dropout": 0.1})
-    runs = [run_experiment(load_config(overrides=overrides + [f"train.activation_checkpointing={on}"]),
-                           show_progress=False) for on in ("false", "true")]
+    runs = []
+    for on in ("false", "true"):
+        runs.append(run_experiment(load_config(overrides=overrides + [f"train.activation_checkpointing={on}"]),
+                                   show_progress=False))
+        if on == "false":
+            assert calls == []
+    # 2 rounds x 2 clients x 3 steps x 2 layers, each recomputed in the backward: the setting reached training
+    assert len(calls) == 24
     assert without_timings(runs[0].to_json()["history"]) == without_timings(runs[1].to_json()["history"])

@@ -10,11 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tiny_experiment import tiny_overrides
 from ubsmoe.cli import main
 from ubsmoe.config import load_config
-from ubsmoe.engine.checkpoint import CHECKPOINT, read_checkpoint
+from ubsmoe.engine.checkpoint import CHECKPOINT, read_checkpoint, write_checkpoint
+from ubsmoe.engine.client_round import run_client
+from ubsmoe.engine.server import Server, instruction_for
+from ubsmoe.methods import REGISTRY
+from ubsmoe.methods.records import flat_scalars, flat_tensors
 from ubsmoe.engine.rounds import run_experiment
 from ubsmoe.engine.run_folder import read_results
 
@@ -110,3 +115,37 @@ def test_compare_resumes_an_interrupted_run(unfinished, tiny_bert, tiny_task, mo
     resumed = read_results(folder)
     uninterrupted = run_experiment(load_config(overrides=overrides), show_progress=False)
     assert deterministic(resumed) == deterministic(uninterrupted)
+
+
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_every_methods_state_comes_back_from_a_checkpoint_as_it_was_written(tiny_bert, tiny_task, tmp_path, method):
+    """After a round, each method's typed state (ranks, SVDs, scales, merged rounds, ...) is written and read
+    back: the same tensors and scalars, the same report on it, the same instruction for every client."""
+    config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **{"threads": 1}), method=method)
+    server = Server(config)
+    runtime = server.experiment.client_runtime(server.flop_counter)
+    server.close_round(1, {i.client.client_id: run_client(runtime, i)
+                           for i in server.open_round(1)})
+
+    write_checkpoint(tmp_path, server.checkpoint(1))
+    back = read_checkpoint(tmp_path)
+
+    for flat in (flat_tensors, flat_scalars):
+        written, read = flat(server.state), flat(back.state)
+        assert written.keys() == read.keys()
+        assert all(torch.equal(v, read[k]) if isinstance(v, torch.Tensor) else v == read[k] for k, v in written.items())
+    assert type(back.state.method) is type(server.state.method)
+    assert server.method.round_report(back.state) == server.method.round_report(server.state)
+    for client in server.experiment.clients:
+        sent, resent = (flat_tensors(instruction_for(server.method, s, client, 2)) for s in (server.state, back.state))
+        assert sent.keys() == resent.keys() and all(torch.equal(v, resent[k]) for k, v in sent.items())
+
+
+def test_a_checkpoint_of_an_earlier_version_says_so(tmp_path, capsys):
+    from ubsmoe.storage import write_tensors
+
+    write_tensors(tmp_path / CHECKPOINT, {"params/w": torch.zeros(2)}, {"ubsmoe": json.dumps(
+        {"format": 2, "round": 1, "scalars": {}, "history": [], "round0": {}, "config": {}, "runtime_s": 1.0})})
+
+    assert main(["run", "--quiet", "--resume", str(tmp_path)]) == 2
+    assert "was written by an earlier version of ubsmoe (format 2; this one reads format 3)" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from ubsmoe.engine.evaluation import evaluate, evaluate_tiers, setup_tier
 from ubsmoe.engine.client_round import run_client
 from ubsmoe.engine.experiment import build_experiment
 from ubsmoe.engine.rounds import run_experiment
+from ubsmoe.engine.run_records import RunResults, TierScore
 from ubsmoe.engine.server import instruction_for
 from ubsmoe.methods import REGISTRY
 
@@ -22,13 +23,13 @@ def config_for(tiny_bert, tiny_task, method, **extra):
     return load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **(CHEAP | extra)), method=method)
 
 
-def recorded_numbers(results: dict) -> list[dict]:
+def recorded_numbers(results: RunResults) -> list[dict]:
     """Per round: each tier's accuracy and loss, the test loss and every client's train loss."""
     return [{"tier_accuracy": h.tier_accuracy, "tier_loss": h.tier_loss, "test_loss": h.test_loss,
              "train_loss": {c.id: c.train_loss for c in h.clients}} for h in results.history]
 
 
-def train_losses(results: dict) -> list[float]:
+def train_losses(results: RunResults) -> list[float]:
     return [c.train_loss for h in results.history for c in h.clients]
 
 
@@ -89,11 +90,11 @@ def test_same_seed_gives_bit_identical_numbers_with_dropout(tiny_bert, tiny_task
 ONE_ROUND_TWO_RANKS = {"federation.rounds": 1, "federation.budgets": "0.25,1.0"}  # LoRA ranks 1 and 4 of 4
 
 
-def tier_numbers(results: dict[float, dict]) -> dict[str, tuple[float, float]]:
+def tier_numbers(results: dict[float, TierScore]) -> dict[str, tuple[float, float]]:
     return {str(b): (r.accuracy, r.loss) for b, r in results.items()}
 
 
-def recorded_tier_numbers(results: dict) -> dict[str, tuple[float, float]]:
+def recorded_tier_numbers(results: RunResults) -> dict[str, tuple[float, float]]:
     final = results.final
     return {b: (final.tier_accuracy[b], final.tier_loss[b]) for b in final.tier_accuracy}
 

@@ -83,7 +83,7 @@ def test_phi_gradient_matches_finite_differences_and_the_regulariser_adds_to_it(
     torch.testing.assert_close(task_grad, numeric, rtol=1e-6, atol=1e-9)
     assert task_grad[0] == 0.0  # expert 0: outside every candidate set, phi_0 never enters a logit
     assert (task_grad[1:].abs() > 1e-4).all()
-    # lam * d/dphi (ReLU(-0.5 - phi)^2 + ReLU(phi - 0.5)^2) = 0.05 * (2 * 0.3, -2 * 0.2, 0, 0)
+    # phi_range_weight * d/dphi (ReLU(-0.5 - phi)^2 + ReLU(phi - 0.5)^2) = 0.05 * (2 * 0.3, -2 * 0.2, 0, 0)
     torch.testing.assert_close(total_grad - task_grad, torch.tensor([0.03, -0.02, 0.0, 0.0], dtype=torch.float64),
                                rtol=0, atol=1e-12)
 

@@ -300,7 +300,7 @@ def resolve_method_options(config: ExperimentConfig, options_cls) -> Any:
         if key == "name":
             continue
         if key not in method_fields:
-            if f"method.{key}" in RENAMED_KEYS:
+            if RENAMED_KEYS.get(f"method.{key}", "").removeprefix("method.") in method_fields:
                 raise ConfigError(f"method.{key} is now called {RENAMED_KEYS[f'method.{key}']}: set that instead")
             raise _unknown(f"method.{key}", method_fields)
         kind = method_fields[key]

@@ -64,6 +64,12 @@ def read_state(path: Path, fix: str) -> tuple[ServerState, dict]:
     tensors, metadata = read_tensors(path, fix)
     try:
         meta = json.loads(metadata["ubsmoe"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise DamagedFileError(f"{path} is damaged ({error}): {fix}") from None
+    if isinstance(meta, dict) and isinstance(meta.get("format"), int) and meta["format"] < FORMAT:
+        raise CheckpointError(f"{path} was written by an earlier version of ubsmoe (format {meta['format']}; this one "
+                              f"reads format {FORMAT}): {fix}")
+    try:
         if meta.get("format") != FORMAT:
             raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT}")
         return state_from_flat(tensors, meta["scalars"], get_method(meta["method"]).State), meta

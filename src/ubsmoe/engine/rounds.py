@@ -3,9 +3,9 @@ and the in-process engine, whose transport runs every sampled client in turn on 
 Flower's strategy (``engine.flower.strategy``) drives the same ``Server`` steps from Flower's own loop.
 
 The server side (``engine.server``) and the client side (``engine.client_round.run_client``) exchange only the
-records of ``methods.records``, as they do across processes on Flower. Only the global trainable tensors
-and each sampled client's update are held between clients, never a model per client. Same config and
-seed give the same numbers on the CPU.
+records of ``methods.records``, as they do across processes on Flower. The global trainable tensors, the
+round's instructions and each sampled client's update are held between clients, never a model per
+client. Same config and seed give the same numbers on the CPU.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ def to_json(value: Any) -> JSON:
 
 
 def _floats(values: dict | None) -> dict[str, float] | None:
-    return None if values is None else {str(k): float(v) for k, v in values.items()}
+    """Numbers by text key, as stored (a count stays an int)."""
+    return None if values is None else {str(k): v if isinstance(v, int) else float(v) for k, v in values.items()}
 
 
 @dataclass
@@ -299,8 +300,9 @@ class RunResults:
 
     @classmethod
     def from_json(cls, data: dict) -> RunResults:
-        """Read results.json, written by this or an earlier version (a key added since is its default:
-        no shared experts, no round-0 scores, the task named by the config, the engine unknown)."""
+        """Read results.json, written by this version or one since the run's cost was recorded (keys added
+        later take their defaults: no shared experts, no round-0 scores, the task the config names, the
+        engine unknown)."""
         return cls(
             method=str(data["method"]), config=data["config"],
             task=str(data.get("task") or data["config"].get("task", "classification")),

@@ -126,8 +126,12 @@ def open_model(run: Path) -> SavedModel:
     try:
         text = (folder / CARD).read_text(encoding="utf-8")
         card = json.loads(text)
-        if card.get("format") != FORMAT:
-            raise ValueError(f"format {card.get('format')!r}, expected {FORMAT}")
+        written = card.get("format")
+        if isinstance(written, int) and written < FORMAT:
+            raise ConfigError(f"{folder} was written by an earlier version of ubsmoe (format {written}; this one reads "
+                              f"format {FORMAT}): {fix}")
+        if written != FORMAT:
+            raise ValueError(f"format {written!r}, expected {FORMAT}")
     except (ValueError, AttributeError, UnicodeDecodeError) as error:
         raise DamagedFileError(f"{folder / CARD} is damaged ({error}): {fix}") from None
     state, meta = read_state(folder / STATE, fix)

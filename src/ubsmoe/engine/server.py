@@ -143,7 +143,10 @@ class Server:
         for client_id, instruction in sorted(self.outgoing.items()):
             answer = answers.get(client_id, FailedClient(client_id, "no reply before the timeout"))
             if isinstance(answer, ClientUpdate):
-                answer = self.admit(instruction, answer)
+                try:
+                    answer = self.admit(instruction, answer)
+                except (KeyError, ValueError, TypeError, AttributeError) as error:  # not the method's update
+                    answer = FailedClient(client_id, f"an unreadable update ({type(error).__name__}: {error})")
             (failures if isinstance(answer, FailedClient) else updates).append(answer)
         needed = self.config.federation.min_clients
         if len(updates) < needed:

@@ -109,7 +109,7 @@ class A3SMoE(SparseMoE):
         routed = torch.stack([u.routing.routed for u in updates])
         tokens = torch.stack([u.routing.tokens for u in updates])
         weights = activation_weights(routed, tokens, sizes, self.options.temperature)  # (C, L, E)
-        # FedAvg for the shared tensors; the per-K scalars live in the state's tensors and their global entries stay 1
+        # FedAvg for the shared tensors; the per-K scalars live in the state's record and their global entries stay 1
         params = weighted_delta_average({n: v for n, v in state.params.items() if n not in self.expert_names
                                          and n not in self.scale_names}, updates)
         params |= {n: state.params[n] for n in self.scale_names}

@@ -66,12 +66,12 @@ class DefaultOutputs(MoEHook):
         if not (self.update and layer.training):
             return
         with torch.no_grad():
-            means, seen = expert_mean_outputs(layer, layout, seen.activation.detach())
+            means, routed = expert_mean_outputs(layer, layout, seen.activation.detach())
             started = layer.expert_defaults_seen.bool().unsqueeze(1)
             blended = torch.where(started, self.decay * layer.expert_defaults + (1 - self.decay) * means, means)
-            layer.expert_defaults.copy_(torch.where(seen.unsqueeze(1), blended, layer.expert_defaults))
-            layer.expert_defaults_seen.copy_(layer.expert_defaults_seen.maximum(seen.to(layer.expert_defaults_seen.dtype)))
-            self.updated[layer] = self.updated.get(layer, torch.zeros_like(seen)) | seen
+            layer.expert_defaults.copy_(torch.where(routed.unsqueeze(1), blended, layer.expert_defaults))
+            layer.expert_defaults_seen.copy_(layer.expert_defaults_seen.maximum(routed.to(layer.expert_defaults_seen.dtype)))
+            self.updated[layer] = self.updated.get(layer, torch.zeros_like(routed)) | routed
 
     def adjust_output(self, layer, output: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
         if layer.top_k == layer.num_experts:

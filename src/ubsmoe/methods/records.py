@@ -68,7 +68,10 @@ class MethodRecord:
     clients upload beside their deltas (``Extras``) and what they need to rebuild frozen weights it changed
     (``Frozen``). Each is a dataclass whose fields are tensors, scalars (int, float, bool, str), optional
     ones, nested records, and lists and dicts (keyed by int or str) of these; ``flatten`` and ``unflatten``
-    turn any of them into flat tensors and scalars and back, guided by the field types alone."""
+    turn any of them into flat tensors and scalars and back, guided by the field types alone. What holds
+    no tensor and no scalar leaves nothing behind: an empty list or dict comes back as the field's default
+    (give container fields one), a trailing empty list item is dropped, and an optional nested record
+    whose fields are all None comes back as None."""
 
     def trained(self) -> Params:
         """Tensors that stand, in an update, for tensors the client was sent (by their names): the trained

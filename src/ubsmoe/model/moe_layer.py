@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import nn
 
 from ubsmoe.model.expert_observation import ExpertComputation
 from ubsmoe.model.grouped_experts import MERGE_LIMIT, GroupedExperts, SlotLayout
@@ -159,7 +158,7 @@ class SparseMoEFFN(GroupedExperts):
             select, logits = hook.modulate(self, select, logits)
         return select, logits
 
-    def _observe_experts(self, layout: SlotLayout, tensors: dict[str, torch.Tensor]) -> None:
+    def _observe_experts(self, layout: SlotLayout, seen: ExpertComputation) -> None:
         """Show the hooks the experts' computation on the S slots of ``layout`` (``MoEHook.observe_experts``)."""
         for hook in self.hooks:
-            hook.observe_experts(self, layout, tensors)
+            hook.observe_experts(self, layout, seen)

@@ -305,17 +305,15 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def cast_frozen(model: MoEModel, precision: str) -> MoEModel:
     """Every frozen floating-point parameter of the pretrained model, and the head's frozen buffers (an untied
-    language-model head's weight), in the precision's dtype; what trains stays float32, and so do an MoE
-    layer's own tensors other than its experts (φ, which a method may unfreeze). The backbone's buffers,
-    such as rotary frequencies, keep their dtype."""
+    language-model head's weight), in the precision's dtype; what trains stays float32 (the LoRA factors, the
+    routers, and what a method attaches after the build). The backbone's buffers, such as rotary
+    frequencies, keep their dtype."""
     dtype = PRECISIONS[precision]
     if dtype == torch.float32:
         return model
     with torch.no_grad():
         for module in model.modules():
-            for name, p in module.named_parameters(recurse=False):
-                if isinstance(module, SparseMoEFFN) and not name.startswith(("w_", "b_")):
-                    continue
+            for p in module.parameters(recurse=False):
                 if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
                     p.data = p.data.to(dtype)
         for name, buffer in list(model.head.named_buffers(recurse=False)):  # a frozen head matrix (an LM head)

@@ -15,7 +15,7 @@ from typing import Callable, ClassVar
 
 import torch
 
-from ubsmoe.config import ConfigError, ExperimentConfig, UnknownNameError
+from ubsmoe.config import ConfigError, ExperimentConfig
 from ubsmoe.data.dataset import Batch, TokenizedDataset
 from ubsmoe.model import HeadFactory, MoEModel
 

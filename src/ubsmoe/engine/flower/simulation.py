@@ -25,7 +25,8 @@ def run_flower_simulation(config: ExperimentConfig, show_progress: bool = True, 
                           ) -> RunResults:
     """Run every round on Flower's simulation engine and return the results. A round waits
     ``federation.client_timeout`` seconds for its clients if set, else ``timeout_s``. With ``out``, the
-    checkpoint and history after every round and the final model go there, as ``run_experiment`` writes them;
+    checkpoint and history after every round and, at the end, the final model, results.json and summary.md go
+    there, as ``run_experiment`` writes them;
     ``resume`` continues from a checkpoint (Flower counts the remaining rounds from 1, the strategy adds
     the rounds done)."""
     from flwr.serverapp import ServerApp
