@@ -227,3 +227,17 @@ def test_every_committed_results_file_reads_into_records_and_writes_back_unchang
             if added not in stored:
                 back.pop(added)
         assert back == stored, path
+
+
+def test_the_committed_evidence_comparison_resumes_without_running_anything_again():
+    """Its command, run with today's code, finds every run it holds finished with the config it would give
+    (renamed options read under their new names), so that it resumes what is missing only."""
+    from ubsmoe.report.compare import finished_run, plan_runs
+    from ubsmoe.report.variants import variants_from_toml
+
+    root = Path(__file__).parents[1] / "benchmarks"
+    variants = variants_from_toml(root / "ubsmoe_evidence.toml")
+    configs = plan_runs(variants, [0, 1, 2], overrides=["threads=1"])
+    folders = [(root / "ubsmoe_evidence" / v.folder(s), configs[(v.label, s)]) for v in variants for s in (0, 1, 2)]
+
+    assert sum(finished_run(folder, config) for folder, config in folders) == 27
