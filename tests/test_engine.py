@@ -35,8 +35,11 @@ def test_two_clients_two_rounds_end_to_end(tiny_bert, tiny_task, method):
         assert results.k_max == 4
         load = results.final.tier_expert_load["0.5"]  # K = 2 of 4: two experts per token
         assert np.allclose(np.sum(load, axis=1), 2.0)
+        # 8 x 16 tokens a step reach every expert of both layers: the K = 2 client trained all of them
+        assert [c.experts_routed for h in results.history for c in h.clients] == [1.0] * 4
     else:
         assert results.k_max == 1
+        assert [c.experts_routed for h in results.history for c in h.clients] == [None] * 4  # no routing
 
 
 def test_training_learns_the_tiny_task(tiny_bert, tiny_task):

@@ -62,16 +62,20 @@ class TierScore:
 
 @dataclass
 class ClientRound:
-    """What one client's round left in the history: its id, budget, mean training loss and step count."""
+    """What one client's round left in the history: its id, budget, mean training loss, step count, and
+    (sparse models) the share of (layer, expert) pairs it routed at least one token to: the experts whose
+    factors its training touched, and all an optimiser needs moments for when nothing else moves them."""
 
     id: int
     budget: float
     train_loss: float
     steps: int
+    experts_routed: float | None = None
 
     @classmethod
     def from_json(cls, data: dict) -> ClientRound:
-        return cls(int(data["id"]), float(data["budget"]), float(data["train_loss"]), int(data["steps"]))
+        return cls(int(data["id"]), float(data["budget"]), float(data["train_loss"]), int(data["steps"]),
+                   data.get("experts_routed"))
 
 
 @dataclass

@@ -163,7 +163,8 @@ class Server:
         rounds and after the last)."""
         model, updates = self.model, self.updates
         scores = self._evaluate_tiers(self.flop_counter)
-        clients = [ClientRound(u.client.client_id, u.client.budget, u.metrics.train_loss, u.metrics.steps)
+        clients = [ClientRound(u.client.client_id, u.client.budget, u.metrics.train_loss, u.metrics.steps,
+                               None if u.routing is None else float((u.routing.routed > 0).double().mean()))
                    for u in updates]
         record = RoundRecord.from_scores(round_index, scores, clients, round_cost(scores, updates))
         if model.num_experts > 1:
