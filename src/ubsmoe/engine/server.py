@@ -143,10 +143,7 @@ class Server:
         for client_id, instruction in sorted(self.outgoing.items()):
             answer = answers.get(client_id, FailedClient(client_id, "no reply before the timeout"))
             if isinstance(answer, ClientUpdate):
-                try:
-                    answer = self.admit(instruction, answer)
-                except (KeyError, ValueError, TypeError, AttributeError) as error:  # not the method's update
-                    answer = FailedClient(client_id, f"an unreadable update ({type(error).__name__}: {error})")
+                answer = self.admit(instruction, answer)
             (failures if isinstance(answer, FailedClient) else updates).append(answer)
         needed = self.config.federation.min_clients
         if len(updates) < needed:
@@ -174,7 +171,7 @@ class Server:
         record.failed_clients = list(self.failures) or None
         self.history.append(record)
         if self.out is not None:
-            self.save_progress(self.out, round_index)
+            self._save_progress(round_index)
         return record
 
     def _evaluate_tiers(self, flop_counter: FlopCounter | None) -> dict[str, TierScore]:
@@ -183,14 +180,14 @@ class Server:
                                 self.config.train.eval_batch_size, flop_counter)
         return {str(b): score for b, score in scores.items()}
 
-    def save_progress(self, out: Path, round_index: int) -> None:
-        """The checkpoint and the history so far in ``out``, every ``federation.checkpoint_every`` rounds
+    def _save_progress(self, round_index: int) -> None:
+        """The checkpoint and the history so far in the run folder, every ``federation.checkpoint_every`` rounds
         and after the last."""
         every, total = self.config.federation.checkpoint_every, self.config.federation.rounds
         if every > 0 and (round_index % every == 0 or round_index == total):
-            write_checkpoint(out, self.checkpoint(round_index))
+            write_checkpoint(self.out, self.checkpoint(round_index))
             self.checkpoint_round = round_index
-            write_atomically(out / "history.json", json.dumps([r.to_json() for r in self.history], indent=1))
+            write_atomically(self.out / "history.json", json.dumps([r.to_json() for r in self.history], indent=1))
 
     def finish(self, engine: str, variant: str | None = None) -> RunResults:
         """The end of every run, whatever ran it: the results, and in the run folder the final model,

@@ -60,12 +60,12 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    instruction, config_text = read_instruction(msg.content)
-    partition = context.node_config.get(PARTITION)
-    if partition is not None and int(partition) != instruction.client.client_id:
-        return Message(Error(code=0, reason=f"this node holds partition {partition}, not the instruction's "
-                                            f"client {instruction.client.client_id}"), reply_to=msg)
     try:
+        instruction, config_text = read_instruction(msg.content)
+        partition = context.node_config.get(PARTITION)
+        if partition is not None and int(partition) != instruction.client.client_id:
+            return Message(Error(code=0, reason=f"this node holds partition {partition}, not the instruction's "
+                                                f"client {instruction.client.client_id}"), reply_to=msg)
         update = run_client(runtime_for(config_text, upcycle_cache(context)), instruction)
     except ClientFault as fault:  # did not deliver: the server leaves this client out of the round
         return Message(Error(code=CLIENT_FAULT, reason=str(fault)), reply_to=msg)
