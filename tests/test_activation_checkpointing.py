@@ -52,6 +52,33 @@ def test_recomputed_attention_keeps_less_for_the_backward_and_gives_the_same_gra
         assert torch.equal(plain[name], checkpointed[name]), name
 
 
+def test_a_pre_norm_layer_recomputes_its_norm_with_the_attention(tiny_llama, tiny_task, monkeypatch):
+    """Llama's input_layernorm runs inside the recomputed region: the block keeps the residual stream only,
+    fewer bytes than attention alone, and the same gradients; switched off, the norm is itself again."""
+    import ubsmoe.model.activation_checkpointing as checkpointing
+
+    config = load_config(overrides=tiny_overrides(tiny_llama, tiny_task), method="ubsmoe")
+    exp = build_experiment(config)
+    exp.method.setup_client(exp.model, exp.method.tier_settings(0.5))
+    batch = exp.train.batch(torch.arange(8))
+    layers = exp.model.family.layers(exp.model.backbone)
+    assert all(checkpointing.pre_attention_norm(layer, layer.self_attn) is layer.input_layernorm for layer in layers)
+
+    kept, plain = saved_bytes_and_grads(exp.model, exp.task, batch, on=False)
+    fused, with_norm = saved_bytes_and_grads(exp.model, exp.task, batch, on=True)
+    assert all("forward" not in vars(layer.input_layernorm) for layer in layers)  # switched off: the norm again
+    monkeypatch.setattr(checkpointing, "pre_attention_norm", lambda layer, block: None)
+    attention_only, without_norm = saved_bytes_and_grads(exp.model, exp.task, batch, on=True)
+
+    # The norm no longer keeps its input apart from the block (autograd's pack hooks do not see what a
+    # recomputed region keeps of its inputs, so this counts at least one (batch, length, d) float32 tensor)
+    tokens, d = batch[1].numel(), exp.model.backbone.config.hidden_size
+    assert attention_only - fused >= tokens * d * 4
+    assert fused < attention_only < kept
+    for name in plain:
+        assert torch.equal(plain[name], with_norm[name]) and torch.equal(plain[name], without_norm[name]), name
+
+
 def test_a_run_with_checkpointing_gives_the_numbers_of_one_without(tiny_bert, tiny_task, monkeypatch):
     import ubsmoe.model.activation_checkpointing as checkpointing
 

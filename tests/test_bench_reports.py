@@ -110,3 +110,28 @@ def test_memory_benchmark_with_recomputed_attention_saves_less_for_the_backward(
     for k in ("2", "8"):
         assert recomputed["runs"][k]["saved_bytes"] < kept["runs"][k]["saved_bytes"]
         assert recomputed["runs"][k]["train_flops"] == kept["runs"][k]["train_flops"]
+
+
+def test_memory_benchmark_of_an_experiment_measures_every_tier_kept_and_recomputed(tmp_path, tiny_causal_llama, tiny_suite):
+    """`ubsmoe bench memory --backbone B`: an upcycled causal-LM client per tier, attention kept and recomputed."""
+    from ubsmoe.bench.memory import run_experiment
+    from tiny_experiment import causal_overrides
+
+    overrides = [o for o in causal_overrides(tiny_causal_llama, tiny_suite, **{"model.shared_experts": 1})
+                 if not o.startswith(("model.backbone=", "model.max_length="))]
+    result = run_experiment(tmp_path / "memory.json", str(tiny_causal_llama), budgets=(0.5, 1.0), batch=4, length=32,
+                            steps=2, threads=1, overrides=tuple(overrides))
+
+    runs = {(r["budget"], r["activation_checkpointing"]): r for r in result["runs"]}
+    assert set(runs) == {(0.5, False), (0.5, True), (1.0, False), (1.0, True)}
+    assert runs[0.5, False]["k"] == 2 and runs[1.0, False]["k"] == 4 and runs[0.5, False]["shared_experts"] == 1
+    for budget in (0.5, 1.0):
+        kept, recomputed = runs[budget, False], runs[budget, True]
+        assert 0 < recomputed["saved_bytes"] < kept["saved_bytes"]
+        assert recomputed["train_flops"] == kept["train_flops"]
+        assert len(kept["step_seconds"]) == 2 and kept["batch_shape"][0] == 4
+    # the low tier keeps fewer per-slot tensors for the backward and counts fewer expert FLOPs
+    assert runs[0.5, False]["saved_bytes"] < runs[1.0, False]["saved_bytes"]
+    assert runs[0.5, False]["train_flops"]["experts"] < runs[1.0, False]["train_flops"]["experts"]
+    assert result["recomputed_over_kept"]["0.5"]["step_time"] > 0
+    assert "| 0.5 | 2 | recomputed |" in (tmp_path / "memory.md").read_text()

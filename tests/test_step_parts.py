@@ -51,6 +51,25 @@ def test_step_parts_change_nothing_and_come_off(tiny_bert, tiny_task):
     assert "after_backward" not in vars(exp.method)
 
 
+def test_step_parts_time_the_shared_part_as_ffn(tiny_llama, tiny_task):
+    """With shared experts, the always-on part is FFN work: hooked while open, unhooked after."""
+    config = load_config(overrides=tiny_overrides(tiny_llama, tiny_task, **{"model.shared_experts": 1}), method="ubsmoe")
+    exp = build_experiment(config)
+    model, method = exp.model, exp.method
+    assert len(model.shared_layers) == len(model.moe_layers) > 0
+    model.load_trainable_state(method.initial_state(model).params)
+    method.setup_client(model, method.tier_settings(0.5))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    with StepParts(model, method, optimizer) as hooks:
+        assert all(layer._forward_hooks and layer._backward_hooks for layer in model.shared_layers)
+        local_step(model, exp.task, method, exp.train.batch(torch.arange(8)), optimizer)
+        parts = hooks.split(1.0)
+    assert parts["ffn_forward"] > 0 and parts["ffn_backward"] > 0
+    assert not any(layer._forward_pre_hooks or layer._forward_hooks or layer._backward_pre_hooks
+                   or layer._backward_hooks for layer in model.shared_layers)
+
+
 def test_step_parts_reset_after_each_split(tiny_bert, tiny_task):
     config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task), method="smoe")
     exp = build_experiment(config)

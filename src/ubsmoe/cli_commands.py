@@ -268,7 +268,7 @@ def bench_command(args) -> int:
     if args.name == "tiers":
         from ubsmoe.bench.tiers import run
 
-        run(Path(args.out), backbone=args.backbone, batch_size=size(args.batch_size, 16), dropout=args.dropout,
+        run(Path(args.out), backbone=args.backbone or "minilm", batch_size=size(args.batch_size, 16), dropout=args.dropout,
             max_length=size(args.max_length, 128), threads=args.threads, repeats=args.repeats,
             part_repeats=args.part_repeats, overrides=tuple(args.overrides))
         print(Path(args.out).with_suffix(".md").read_text())
@@ -287,10 +287,14 @@ def bench_command(args) -> int:
         print(Path(args.out).with_suffix(".md").read_text())
         return 0
     if args.name == "memory":
-        from ubsmoe.bench.memory import run
+        from ubsmoe.bench.memory import run, run_experiment
 
-        run(Path(args.out), threads=args.threads, batch=size(args.batch_size, 8), length=size(args.max_length, 256),
-            checkpointing=args.activation_checkpointing)
+        if args.backbone is not None:  # an experiment's model, every tier with the attention kept and recomputed
+            run_experiment(Path(args.out), args.backbone, batch=size(args.batch_size, 8),
+                           length=size(args.max_length, 256), threads=args.threads, overrides=tuple(args.overrides))
+        else:
+            run(Path(args.out), threads=args.threads, batch=size(args.batch_size, 8),
+                length=size(args.max_length, 256), checkpointing=args.activation_checkpointing)
         print(Path(args.out).with_suffix(".md").read_text())
         return 0
     if args.name == "native-load":

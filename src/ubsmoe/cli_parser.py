@@ -154,8 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", required=True, help="result JSON path (a .md summary is written beside it)")
     bench.add_argument("--dropout", type=float, default=-1.0,
                        help="tiers only: backbone dropout probability (-1 keeps the checkpoint's)")
-    bench.add_argument("--backbone", default="minilm",
-                       help="tiers only: the backbone (built-in name, checkpoint folder or .gguf file)")
+    bench.add_argument("--backbone", default=None,
+                       help="tiers: the backbone (built-in name, checkpoint folder or .gguf file; default minilm); "
+                            "memory: measure this backbone's experiment, every tier with the attention kept and "
+                            "recomputed, instead of the OLMoE-shaped model")
     bench.add_argument("--batch-size", type=count, default=None,
                        help="tiers and memory: texts in the timed batch (default 16 for tiers, 8 for memory)")
     bench.add_argument("--max-length", type=count, default=None,
@@ -169,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=count, default=2,
                        help="CPU threads torch may use in the timed benchmarks (moe-layer, pg-step, tiers, flower-overhead)")
     bench.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="tiers and flower-overhead: config settings, e.g. task=causal-lm data.dataset=commonsense:PATH")
+                       help="tiers, memory --backbone and flower-overhead: config settings, e.g. task=causal-lm "
+                            "data.dataset=commonsense:PATH")
     bench.set_defaults(func=commands.bench_command)
     return parser

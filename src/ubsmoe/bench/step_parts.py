@@ -1,11 +1,12 @@
 """Where one local training step spends its time, measured with timing hooks.
 
-Hooks on the FFN layers (``model.moe_layers``: the MoE layers, or the dense FFNs of a one-expert model),
+Hooks on the FFN layers (``model.moe_layers``: the MoE layers, or the dense FFNs of a one-expert model; and
+``model.shared_layers``: the upcycled shared parts),
 on the method's ``after_backward`` and on the optimiser's step split a step into:
 
 - ``ffn_forward`` and ``ffn_backward``: the FFN layers' own forward and backward (routing, experts,
-  LoRA, the method's hooks inside them, among which half of UB-SMoE's pseudo-gradient); this is the part
-  that shrinks with K;
+  LoRA, the method's hooks inside them, among which half of UB-SMoE's pseudo-gradient; the shared part
+  when there is one); this is the part that shrinks with K;
 - ``method_gradients``: the method's gradient work after the backward (the other half of UB-SMoE's
   pseudo-gradient);
 - ``optimizer``: the optimiser's step;
@@ -35,7 +36,9 @@ class StepParts:
         self.seconds = dict.fromkeys(PARTS[:-1], 0.0)
         self._started: dict[str, float] = {}
         self._handles = []
-        for layer in model.moe_layers:
+        # A shared part and its layer's routed experts run one after the other, forward and backward (the later
+        # branch's backward first, whole: the autograd engine takes the newest nodes first)
+        for layer in [*model.moe_layers, *getattr(model, "shared_layers", ())]:
             self._handles += [
                 layer.register_forward_pre_hook(lambda *_: self._start("ffn_forward")),
                 layer.register_forward_hook(lambda *_: self._stop("ffn_forward")),
