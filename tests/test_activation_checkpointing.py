@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from test_engine import without_timings
-from tiny_experiment import tiny_overrides
+from tiny_experiment import causal_overrides, tiny_overrides
 from ubsmoe.config import load_config
 from ubsmoe.engine.experiment import build_experiment
 from ubsmoe.engine.rounds import run_experiment
@@ -48,6 +48,23 @@ def test_recomputed_attention_keeps_less_for_the_backward_and_gives_the_same_gra
     assert len(attention_blocks(exp.model)) == 2  # one per layer of the tiny backbones
     assert recomputed < kept
     assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    for name in plain:
+        assert torch.equal(plain[name], checkpointed[name]), name
+
+
+def test_a_causal_lm_step_recomputes_its_attention_without_a_key_value_cache(tiny_causal_llama, tiny_suite):
+    """A decoder builds a key-value cache by default; training builds none, else each recomputed block would
+    append its keys and values to it again (a shape error on padded commonsense batches)."""
+    config = load_config(overrides=causal_overrides(tiny_causal_llama, tiny_suite), method="ubsmoe")
+    exp = build_experiment(config)
+    exp.method.setup_client(exp.model, exp.method.tier_settings(0.5))
+    batch = exp.train.batch(torch.arange(4))
+    assert not bool(batch[1].all())  # padded: the attention mask is a tensor, not causal-only
+
+    kept, plain = saved_bytes_and_grads(exp.model, exp.task, batch, on=False)
+    recomputed, checkpointed = saved_bytes_and_grads(exp.model, exp.task, batch, on=True)
+
+    assert recomputed < kept and plain.keys() == checkpointed.keys() and len(plain) > 0
     for name in plain:
         assert torch.equal(plain[name], checkpointed[name]), name
 

@@ -98,8 +98,10 @@ class MoEModel(nn.Module):
         return self.head(self.hidden_states(input_ids, attention_mask), attention_mask.to(device).bool(), **head_inputs)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The backbone's last hidden states (B, S, d); padding positions are not routed."""
-        return self.run_backbone(input_ids, attention_mask).last_hidden_state
+        """The backbone's last hidden states (B, S, d); padding positions are not routed. No key-value cache is
+        built (a decoder builds one by default): nothing reads it, and a recomputed attention block
+        (``activation_checkpointing``) would append its keys and values to it a second time."""
+        return self.run_backbone(input_ids, attention_mask, use_cache=False).last_hidden_state
 
     def run_backbone(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **backbone_inputs):
         """The backbone's output on input_ids (B, q). With a key-value cache (decoders), ``attention_mask``
