@@ -160,6 +160,22 @@ def test_a_client_whose_code_raised_stops_the_run_with_its_traceback_unless_drop
         assert [(f.client_id, f.reason) for f in server.failures] == [(1, "ZeroDivisionError: division by zero")]
 
 
+@pytest.mark.parametrize("policy", ["raise", "drop"])
+def test_a_node_started_for_another_partition_stops_the_run_under_either_policy(tiny_bert, tiny_task, policy):
+    """A misconfigured SuperNode is neither a client that failed to deliver nor a bug of its code."""
+    from ubsmoe.engine.flower.messages import NODE_MISCONFIGURED
+
+    config = load_config(overrides=tiny_overrides(tiny_bert, tiny_task, **{"federation.on_client_error": policy}))
+    server = Server(config)
+    strategy = MethodStrategy(server)
+    strategy.outgoing = sent(server.open_round(1))
+    replies = [reply("m0", error="this node holds partition 1, not the instruction's client 0", code=NODE_MISCONFIGURED)]
+
+    with pytest.raises(RuntimeError, match=r"round 1: the SuperNode of client 0 is misconfigured: this node holds "
+                                           r"partition 1"):
+        strategy.aggregate_train(1, replies)
+
+
 def test_flower_engine_without_flower_installed_is_a_user_error(tiny_bert, tiny_task, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if flwr[simulation] were not installed
     code = main(["run", "--engine", "flower-sim", "--quiet", "--out", str(tmp_path / "x")]

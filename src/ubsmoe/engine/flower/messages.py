@@ -17,6 +17,7 @@ from ubsmoe.methods.records import (
 
 TENSORS, SCALARS, RUN = "tensors", "scalars", "run"
 CLIENT_FAULT = 1000  # the error code of a client that did not deliver (``ClientFault``), beside Flower's own codes
+NODE_MISCONFIGURED = 1001  # a SuperNode started with a node config that does not fit the run (its partition id)
 
 
 BF16 = "@bf16"  # a bfloat16 tensor travels as its bits (int16), under its name with this suffix

@@ -24,7 +24,8 @@ from flwr.serverapp.strategy import Strategy
 
 from ubsmoe.engine.errors import ClientBug
 from ubsmoe.engine.flower.client_app import BUDGET, PARTITION
-from ubsmoe.engine.flower.messages import CLIENT_FAULT, global_arrays, instruction_content, read_update
+from ubsmoe.engine.flower.messages import (CLIENT_FAULT, NODE_MISCONFIGURED, global_arrays, instruction_content,
+                                          read_update)
 from ubsmoe.engine.run_records import FailedClient
 from ubsmoe.engine.server import Answer, Server
 from ubsmoe.methods.records import TrainInstruction
@@ -105,7 +106,8 @@ class MethodStrategy(Strategy):
         """{client id: its update, or why it has none} from the round's replies. A reply names the message it
         answers; the SuperLink itself answers for a node gone offline. An error reply other than a fault
         (``FAULTS``) is a bug of the client's code: ``ClientBug`` with its traceback, unless
-        ``federation.on_client_error = "drop"``. A client without a reply is left to the server."""
+        ``federation.on_client_error = "drop"``; a node started for another partition stops the run whatever
+        the policy. A client without a reply is left to the server."""
         by_id = {message.metadata.message_id: instruction for message, instruction in self.outgoing}
         answers: dict[int, Answer] = {}
         for reply in replies:
@@ -115,6 +117,9 @@ class MethodStrategy(Strategy):
                 continue
             client_id = instruction.client.client_id
             if reply.has_error():
+                if reply.error.code == NODE_MISCONFIGURED:  # neither a fault nor a bug: no round can use the node
+                    raise RuntimeError(f"round {server_round}: the SuperNode of client {client_id} is misconfigured: "
+                                       f"{reply.error.reason}")
                 if reply.error.code not in FAULTS and self.server.config.federation.on_client_error != "drop":
                     raise ClientBug(f"round {server_round}: client {client_id}'s code raised "
                                     f"(federation.on_client_error=drop would leave it out):\n{reply.error.reason}")
