@@ -83,7 +83,8 @@ def test_vectorised_layer_matches_token_by_token_reference(gated, k):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-def test_fused_projections_pass_gradcheck():
+@pytest.mark.parametrize("keep_merged", [True, False], ids=["merged kept", "merged formed again"])
+def test_fused_projections_pass_gradcheck(keep_merged):
     g = torch.Generator().manual_seed(0)
     T, S_E, d, h, r = 5, 3, 4, 6, 2
     experts = torch.rand(T, S_E, generator=g).topk(2, -1).indices
@@ -94,31 +95,32 @@ def test_fused_projections_pass_gradcheck():
     a_up = torch.randn(S_E, d, r, **dd, requires_grad=True)
     b = torch.randn(S_E, r, h, **dd, requires_grad=True)
     up = lambda x_, a_, b_: GroupedUpProjection.apply(x_, a_, w_up, b_, b_up, 0.5, layout.token, layout.pair,  # noqa: E731
-                                                      layout.ends, layout.counts, "up", ExtraRows())[0]
+                                                      layout.ends, layout.counts, "up", ExtraRows(), keep_merged)[0]
     assert torch.autograd.gradcheck(up, (x, a_up, b))
     hidden = torch.randn(layout.token.shape[0], h, **dd, requires_grad=True)
     w_down = torch.randn(S_E, h, d, **dd)
     a = torch.randn(S_E, h, r, **dd, requires_grad=True)
     b_down = torch.randn(S_E, r, d, **dd, requires_grad=True)
     down = lambda h_, a_, b_: GroupedDownProjection.apply(h_, w_down, a_, b_, 0.5, layout.token, layout.pair, T,  # noqa: E731
-                                                          layout.ends, layout.counts, ExtraRows())
+                                                          layout.ends, layout.counts, ExtraRows(), keep_merged)
     assert torch.autograd.gradcheck(down, (hidden, a, b_down))
 
 
+@pytest.mark.parametrize("keep_merged", [True, False], ids=["merged kept", "merged formed again"])
 @pytest.mark.parametrize("num_experts", [1, 3], ids=["dense FFN", "every expert on every token"])
-def test_dense_projections_pass_gradcheck(num_experts):
+def test_dense_projections_pass_gradcheck(num_experts, keep_merged):
     g = torch.Generator().manual_seed(1)
     T, d, h, r = 5, 4, 6, 2
     dd = dict(dtype=torch.float64, generator=g)
     x = torch.randn(T, d, **dd).requires_grad_()
     w_up, b_up = torch.randn(num_experts, d, h, **dd), torch.randn(num_experts, h, **dd)
     a_up, b = (torch.randn(num_experts, *shape, **dd).requires_grad_() for shape in ((d, r), (r, h)))
-    up = lambda x_, a_, b_: DenseUpProjection.apply(x_, a_, w_up, b_, b_up, 0.5)[0]  # noqa: E731
+    up = lambda x_, a_, b_: DenseUpProjection.apply(x_, a_, w_up, b_, b_up, 0.5, keep_merged)[0]  # noqa: E731
     assert torch.autograd.gradcheck(up, (x, a_up, b))
     hidden = torch.randn(T, num_experts, h, **dd).requires_grad_()
     w_down = torch.randn(num_experts, h, d, **dd)
     a, b_down = (torch.randn(num_experts, *shape, **dd).requires_grad_() for shape in ((h, r), (r, d)))
-    down = lambda h_, a_, b_: DenseDownProjection.apply(h_, w_down, a_, b_, 0.5)  # noqa: E731
+    down = lambda h_, a_, b_: DenseDownProjection.apply(h_, w_down, a_, b_, 0.5, keep_merged)  # noqa: E731
     assert torch.autograd.gradcheck(down, (hidden, a, b_down))
 
 
@@ -137,9 +139,9 @@ def test_hooks_rows_join_the_model_width_factor_gradients():
     def grads(extra: ExtraRows) -> list[torch.Tensor]:
         a_up, b_up, a_down, b_down = factors
         up = GroupedUpProjection.apply(x, a_up, w_up, b_up, None, 0.5, layout.token, layout.pair, layout.ends,
-                                       layout.counts, "up", extra)[0]
+                                       layout.counts, "up", extra, True)[0]
         y = GroupedDownProjection.apply(torch.tanh(up), w_down, a_down, b_down, 0.5, layout.token, layout.pair, T,
-                                        layout.ends, layout.counts, extra)
+                                        layout.ends, layout.counts, extra, True)
         return list(torch.autograd.grad(y, factors, grad_y))
 
     plain, extra = grads(ExtraRows()), ExtraRows(up=rows_up, down=rows_down)
@@ -203,6 +205,51 @@ def test_routing_statistics_add_up_and_padding_is_ignored():
     torch.testing.assert_close(layer.counter.prob_sum.sum(), torch.tensor(11.0, dtype=torch.float64))
     torch.testing.assert_close(y[mask], y_other[mask])
     assert torch.equal(y[1, 4:], layer.b_down.expand(3, D))  # padding rows are not computed
+
+
+@pytest.mark.parametrize("k", [2, E], ids=["routed", "every expert"])
+def test_merged_weights_formed_again_in_the_backward_give_the_same_numbers_and_keep_less(k):
+    """``keep_merged = False`` (a low-memory client): outputs and gradients bit for bit those of the kept
+    merged weights, and fewer bytes kept for the backward."""
+    def step(keep: bool):
+        layer = moe_from(dense_ffn(True))
+        layer.set_top_k(k)
+        layer.keep_merged = keep
+        x = torch.randn(1, 9, D, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        saved = {}
+
+        def pack(t):
+            if not isinstance(t, torch.nn.Parameter):
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = layer(x)
+        y.pow(2).sum().backward()
+        grads = [x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+        return y.detach(), grads, sum(saved.values())
+
+    y_kept, grads_kept, kept = step(True)
+    y_again, grads_again, again = step(False)
+    assert torch.equal(y_kept, y_again)
+    assert len(grads_kept) == len(grads_again) and all(torch.equal(a, b) for a, b in zip(grads_kept, grads_again))
+    assert again < kept
+
+
+def test_padding_scatter_keeps_no_output_for_the_backward():
+    """Scattering the real tokens' outputs back among the padding keeps only their index for the backward,
+    not the (T, d) outputs, and the padding rows get no gradient."""
+    layer = moe_from(dense_ffn(True))
+    layer.context = RoutingContext(token_mask=torch.tensor([[1] * 7, [1] * 4 + [0] * 3], dtype=torch.bool))
+    layer.set_top_k(2)
+    x = torch.randn(2, 7, D, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    kinds = {type(t.grad_fn).__name__ for t in saved if t.grad_fn is not None}
+    assert not any("DownProjection" in kind for kind in kinds), kinds
+    y.sum().backward()
+    assert torch.equal(x.grad[1, 4:], torch.zeros(3, D)) and x.grad[:, :4].abs().sum() > 0
 
 
 @pytest.mark.parametrize("bad", [0, -1, E + 1, 2.0])

@@ -1,11 +1,15 @@
-"""Activation checkpointing of the attention blocks: in training, each block keeps only its inputs and runs
-its forward again in the backward, instead of keeping its queries, keys, values and attention weights.
-In a pre-norm layer (Llama, OLMoE, Mixtral, Qwen-MoE: ``input_layernorm`` feeds ``self_attn`` and nothing
-else) the norm is recomputed with its block: the block keeps the residual stream it reads, which the
-norm would keep anyway, rather than the norm's output as well.
+"""Activation checkpointing for a low-memory client: what does not shrink with K is formed again in the
+backward instead of kept.
 
-Attention's activations do not depend on K, so they are what a low-budget client cannot shrink by
-activating fewer experts. Recomputation gives exactly the same numbers (dropout replays its random state).
+- Attention blocks: in training, each block keeps only its inputs and runs its forward again in the
+  backward, instead of keeping its queries, keys, values and attention weights. In a pre-norm layer (Llama,
+  OLMoE, Mixtral, Qwen-MoE: ``input_layernorm`` feeds ``self_attn`` and nothing else) the norm is recomputed
+  with its block: the block keeps the residual stream it reads, which the norm would keep anyway, rather
+  than the norm's output as well.
+- Experts' merged weights W + s A B (``GroupedExperts.keep_merged``): formed again from the parameters in
+  the backward, so that no (E, d, h) tensor per matrix and layer is kept.
+
+Recomputation gives exactly the same numbers (dropout replays its random state).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ubsmoe.model.grouped_experts import GroupedExperts
 from ubsmoe.model.moe_model import MoEModel
 
 
@@ -42,8 +47,11 @@ def pre_attention_norm(layer: nn.Module, block: nn.Module) -> nn.Module | None:
 
 
 def set_attention_checkpointing(model: MoEModel, on: bool) -> None:
-    """Recompute every attention block (and the norm in front of it) in the backward (``on``), or keep their
-    activations (the default)."""
+    """Recompute every attention block (and the norm in front of it) and the experts' merged weights in the
+    backward (``on``), or keep them (the default)."""
+    for module in model.modules():
+        if isinstance(module, GroupedExperts):
+            module.keep_merged = not on
     for layer, block in _layer_blocks(model):
         norm = pre_attention_norm(layer, block)
         if on and "forward" not in vars(block):

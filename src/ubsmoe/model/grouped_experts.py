@@ -10,8 +10,8 @@ from torch import nn
 
 from ubsmoe.model.expert_observation import ExpertComputation, ExtraRows
 from ubsmoe.model.grouped_lora import (DenseDownProjection, DenseUpProjection, GroupedDownProjection,
-                                       GroupedUpProjection, UnmergedDownProjection, UnmergedUpProjection,
-                                       frozen_product, grouped_mm)
+                                       GroupedUpProjection, grouped_mm)
+from ubsmoe.model.unmerged_lora import UnmergedDownProjection, UnmergedUpProjection, frozen_product
 from ubsmoe.model.lora import kaiming_uniform
 
 # Largest E d h (numbers per stacked expert matrix) that training merges into W + s A B: 16 M numbers, 64 MB in
@@ -87,6 +87,9 @@ class GroupedExperts(nn.Module):
         self.activation = activation
         self.gate_mode = gate_mode  # how gates multiply: straight-through gates are exactly 1 (``router.GATE_MODES``)
         self.merge_limit = merge_limit
+        # Training keeps the merged weights W + s A B for the backward, or forms them again there (a low-memory
+        # client, ``activation_checkpointing``): the same numbers either way
+        self.keep_merged = True
         # The frozen tensors are taken as they are, views included (a native MoE's transposed experts): no copy
         frozen = lambda t: None if t is None else nn.Parameter(t.detach(), requires_grad=False)  # noqa: E731
         self.w_up, self.w_gate, self.w_down = frozen(w_up), frozen(w_gate), frozen(w_down)
@@ -187,9 +190,10 @@ class GroupedExperts(nn.Module):
 
         def project(name: str, bias: torch.Tensor | None = None) -> torch.Tensor:  # (S, h)
             a, b = self._lora_factors(name)
+            merged_args = (self.keep_merged,) if merged else ()
             out, projected = up_projection.apply(x, a, weight(f"w_{name}"), b, bias, self.lora_scale,
                                                  layout.token, layout.pair, layout.ends, layout.counts, name,
-                                                 extra_rows)
+                                                 extra_rows, *merged_args)
             projections[name] = projected.view(T, self.num_experts, projected.shape[1] // self.num_experts)
             return out
 
@@ -201,7 +205,7 @@ class GroupedExperts(nn.Module):
             observe(layout, ExpertComputation(x, up, gate, hidden, gated, slot_gates, projections, extra_rows))
         a, b = self._lora_factors("down")
         return down_projection.apply(gated, weight("w_down"), a, b, self.lora_scale, layout.token, layout.pair, T,
-                                     layout.ends, layout.counts, extra_rows)
+                                     layout.ends, layout.counts, extra_rows, *((self.keep_merged,) if merged else ()))
 
     def _routed_experts_unmerged(self, x: torch.Tensor, layout: SlotLayout, slot_gates: torch.Tensor,
                                  observe: ExpertObserver | None = None) -> torch.Tensor:
@@ -234,14 +238,14 @@ class GroupedExperts(nn.Module):
 
         def project(name: str, bias: torch.Tensor | None = None) -> torch.Tensor:  # (T, E, h)
             a, b = self._lora_factors(name)
-            out, _ = DenseUpProjection.apply(x, a, self.frozen(f"w_{name}"), b, bias, self.lora_scale)
+            out, _ = DenseUpProjection.apply(x, a, self.frozen(f"w_{name}"), b, bias, self.lora_scale, self.keep_merged)
             return out
 
         hidden = self._hidden(project("up", self.frozen("b_up")), project("gate") if self.w_gate is not None else None, None)
         if gates is not None:
             hidden = self._apply_gates(hidden, gates)
         a, b = self._lora_factors("down")
-        return DenseDownProjection.apply(hidden, self.frozen("w_down"), a, b, self.lora_scale)
+        return DenseDownProjection.apply(hidden, self.frozen("w_down"), a, b, self.lora_scale, self.keep_merged)
 
     def _all_experts_unmerged(self, x: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
         """Without gradients, for few tokens: every expert's frozen weight plus s (x A_e) B_e, batched over

@@ -15,6 +15,10 @@ without a product of its own.
 Slots are the S = T*K (token, expert) pairs sorted by expert (``SlotLayout``); ``pair`` indexes the
 flattened (T, E) table of a token's projections for every expert.
 
+Each keeps its merged weights for the backward (``keep_merged``), or forms them again there from the
+parameters, bit for bit the same, so that a low-memory client (``train.activation_checkpointing``) keeps no
+(E, d, h) tensor per matrix: E d h r multiply-adds per matrix, a small share of the slots' products.
+
 When every expert takes every token (K = M, or a dense FFN with one expert), ``DenseUpProjection`` and
 ``DenseDownProjection`` do the same with no slots: one wide matmul through the merged weights of all
 experts, and the rank-r products batched over experts. Products with fewer than 16 output columns run
@@ -92,7 +96,7 @@ class GroupedUpProjection(torch.autograd.Function):
     """Slots' up-projection through the merged weight W_e + s A_e B_e, as one grouped matmul.
 
     forward(x (T, d), a (E, d, r), w (E, d, h), b (E, r, h), bias (E, h) or None, scale, token (S,),
-    pair (S,), ends, counts, name, extra_rows (``ExtraRows``)) -> (out (S, h) = x_t (W_e + s A_e B_e) + bias_e per
+    pair (S,), ends, counts, name, extra_rows (``ExtraRows``), keep_merged) -> (out (S, h) = x_t (W_e + s A_e B_e) + bias_e per
     slot, projected (T, E r) = x A_i for every token and expert, not differentiable; (T, 0) when no LoRA
     factor needs a gradient).
 
@@ -104,31 +108,29 @@ class GroupedUpProjection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, a, w, b, bias, scale, token, pair, ends, counts, name, extra_rows):
+    def forward(ctx, x, a, w, b, bias, scale, token, pair, ends, counts, name, extra_rows, keep_merged):
         _require_frozen(w)
         d = x.shape[1]
-        num_experts, _, rank = a.shape
-        width = d + (bias is not None)
-        padded = _up_input_width(width, rank)
+        padded = _up_input_width(d + (bias is not None), a.shape[2])
         inputs = x.new_empty(token.shape[0], padded)  # (S, d [+ 1] + padding)
         torch.index_select(x, 0, token, out=inputs[:, :d])
         inputs[:, d:] = 0.0
-        parts = [torch.baddbmm(w, a, b, alpha=scale)]
         if bias is not None:
             inputs[:, d] = 1.0
-            parts.append(bias.unsqueeze(1))
-        parts += [w.new_zeros(num_experts, padded - width, w.shape[2]), b * scale]
-        weight = torch.cat(parts, 1)  # (E, padded + r, h): merged weight, bias, padding, then s B
+        weight = _merged_up(w, a, b, bias, scale, padded)
         projected = _every_expert_input(ctx, x, a)  # x A_e: (T, E r)
-        ctx.save_for_backward(x, inputs, weight, projected, token, pair, ends)
+        # Without keep_merged the backward forms the merged weight again from the parameters (the same numbers)
+        ctx.save_for_backward(x, inputs, weight if keep_merged else None, projected, token, pair, ends, w, a, b, bias)
         ctx.scale, ctx.counts, ctx.name, ctx.extra_rows = scale, counts, name, extra_rows
         return grouped_mm(inputs, weight[:, :padded], ends, counts), projected
 
     @staticmethod
     def backward(ctx, grad, _):
-        x, inputs, weight, projected, token, pair, ends = ctx.saved_tensors
+        x, inputs, weight, projected, token, pair, ends, w, a, b, bias = ctx.saved_tensors
         num_tokens, d = x.shape
         padded = inputs.shape[1]
+        if weight is None:
+            weight = _merged_up(w, a, b, bias, ctx.scale, padded)
         rank = weight.shape[1] - padded
         grad = grad.contiguous()
         grad_inputs = grouped_mm(grad, weight.transpose(1, 2), ends, ctx.counts)  # (S, padded + r)
@@ -146,7 +148,20 @@ class GroupedUpProjection(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             slot_projected = projected.view(-1, rank).index_select(0, pair)  # x_t A_e per slot: (S, r)
             grad_b = grouped_outer(slot_projected, grad, ends, ctx.counts).mul_(ctx.scale)
-        return grad_x, grad_a, None, grad_b, None, None, None, None, None, None, None, None
+        return grad_x, grad_a, None, grad_b, None, None, None, None, None, None, None, None, None
+
+
+def _merged_up(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, scale: float,
+               padded: int) -> torch.Tensor:
+    """The up-projection's weight, (E, padded + r, h): merged W + s A B, the bias row, zero rows up to
+    ``padded``, then s B (for the backward). w: (E, d, h), a: (E, d, r), b: (E, r, h), bias: (E, h) or None."""
+    with torch.no_grad():
+        num_experts, width = a.shape[0], w.shape[1] + (bias is not None)
+        parts = [torch.baddbmm(w, a, b, alpha=scale)]
+        if bias is not None:
+            parts.append(bias.unsqueeze(1))
+        parts += [w.new_zeros(num_experts, padded - width, w.shape[2]), b * scale]
+        return torch.cat(parts, 1)
 
 
 class GroupedDownProjection(torch.autograd.Function):
@@ -154,7 +169,7 @@ class GroupedDownProjection(torch.autograd.Function):
     to tokens.
 
     forward(hidden (S, h), w (E, h, d), a (E, h, r), b (E, r, d), scale, token (S,), pair (S,), num_tokens,
-    ends, counts, extra_rows (``ExtraRows``)) -> y (T, d) = sum over a token's slots of hidden (W_e + s A_e B_e).
+    ends, counts, extra_rows (``ExtraRows``), keep_merged) -> y (T, d) = sum over a token's slots of hidden (W_e + s A_e B_e).
 
     The forward matmul carries A_e as r extra columns: hidden A_e per slot, kept for the backward. The
     backward forms s g B_iᵀ for every token and expert in one dense product (T, E r), from which the
@@ -164,7 +179,7 @@ class GroupedDownProjection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, w, a, b, scale, token, pair, num_tokens, ends, counts, extra_rows):
+    def forward(ctx, hidden, w, a, b, scale, token, pair, num_tokens, ends, counts, extra_rows, keep_merged):
         _require_frozen(w)
         num_experts, _, d = w.shape
         rank = a.shape[2]
@@ -178,14 +193,18 @@ class GroupedDownProjection(torch.autograd.Function):
         # Scatter the full contiguous rows: index_add_ is several times slower on a column slice.
         y = hidden.new_zeros(num_tokens, out.shape[1]).index_add_(0, token, out)[:, :d]
         low_rank = out[:, d : d + rank].clone() if ctx.needs_input_grad[3] else None  # hidden A_e: (S, r)
-        ctx.save_for_backward(hidden, weight, low_rank, b, token, pair, ends)
+        # Without keep_merged the backward forms the merged weight again from the parameters (the same numbers)
+        ctx.save_for_backward(hidden, weight if keep_merged else None, low_rank, b, token, pair, ends, w, a)
         ctx.scale, ctx.counts, ctx.extra_rows = scale, counts, extra_rows
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        hidden, weight, low_rank, b, token, pair, ends = ctx.saved_tensors
+        hidden, weight, low_rank, b, token, pair, ends, w, a = ctx.saved_tensors
         num_experts, rank, d = b.shape
+        if weight is None:
+            with torch.no_grad():
+                weight = torch.baddbmm(w, a, b, alpha=ctx.scale)
         grad_y = grad_y.contiguous()
         through_b = _through_b(grad_y, b, ctx.scale)  # s g B_iᵀ: (T, E r)
         ctx.extra_rows.down_through_b = through_b
@@ -196,7 +215,7 @@ class GroupedDownProjection(torch.autograd.Function):
             grad_a = grouped_outer(hidden, through_b.view(-1, rank).index_select(0, pair), ends, ctx.counts)
         if ctx.needs_input_grad[3]:
             grad_b = _down_b_grad(grad_y, low_rank, pair, num_experts, ctx.scale, ctx.extra_rows)
-        return grad_hidden, None, grad_a, grad_b, None, None, None, None, None, None, None
+        return grad_hidden, None, grad_a, grad_b, None, None, None, None, None, None, None, None
 
 
 def _down_b_grad(grad_y: torch.Tensor, low_rank: torch.Tensor, pair: torch.Tensor, num_experts: int, scale: float,
@@ -221,7 +240,7 @@ class DenseUpProjection(torch.autograd.Function):
     """Every expert's up-projection of every token (K = M, or a dense FFN) through the merged weights, as
     one wide matmul.
 
-    forward(x (T, d), a (E, d, r), w (E, d, h), b (E, r, h), bias (E, h) or None, scale) -> (out (T, E, h)
+    forward(x (T, d), a (E, d, r), w (E, d, h), b (E, r, h), bias (E, h) or None, scale, keep_merged) -> (out (T, E, h)
     = x (W_e + s A_e B_e) + bias_e, projected (T, E r) = x A_e, not differentiable; (T, 0) when no LoRA
     factor needs a gradient).
 
@@ -231,21 +250,24 @@ class DenseUpProjection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, a, w, b, bias, scale):
+    def forward(ctx, x, a, w, b, bias, scale, keep_merged):
         _require_frozen(w)
         num_tokens, d = x.shape
         num_experts = a.shape[0]
         width = num_experts * w.shape[2]
-        wide = torch.baddbmm(w, a, b, alpha=scale).permute(1, 0, 2).reshape(d, width)  # (d, E h)
+        wide = _wide(w, a, b, scale)  # (d, E h)
         out = x @ wide if bias is None else torch.addmm(bias.reshape(width), x, wide)  # (T, E h)
         projected = _every_expert_input(ctx, x, a)  # x A_e: (T, E r)
-        ctx.save_for_backward(x, wide, projected, b)
+        # Without keep_merged the backward forms the merged weight again from the parameters (the same numbers)
+        ctx.save_for_backward(x, wide if keep_merged else None, projected, b, w, a)
         ctx.scale = scale
         return out.view(num_tokens, num_experts, -1), projected
 
     @staticmethod
     def backward(ctx, grad, _):
-        x, wide, projected, b = ctx.saved_tensors
+        x, wide, projected, b, w, a = ctx.saved_tensors
+        if wide is None:
+            wide = _wide(w, a, b, ctx.scale)
         num_tokens, num_experts, h = grad.shape
         rank = b.shape[1]
         by_expert = grad.transpose(0, 1)  # (E, T, h), a view
@@ -259,14 +281,20 @@ class DenseUpProjection(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             by_expert_projected = projected.view(num_tokens, num_experts, rank).permute(1, 2, 0)  # (E, r, T)
             grad_b = torch.bmm(by_expert_projected, by_expert).mul_(ctx.scale)
-        return grad_x, grad_a, None, grad_b, None, None
+        return grad_x, grad_a, None, grad_b, None, None, None
+
+
+def _wide(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """Every expert's merged up-projection side by side: (d, E h) from w (E, d, h), a (E, d, r), b (E, r, h)."""
+    with torch.no_grad():
+        return torch.baddbmm(w, a, b, alpha=scale).permute(1, 0, 2).reshape(w.shape[1], -1)
 
 
 class DenseDownProjection(torch.autograd.Function):
     """Every expert's down-projection of every token (K = M, or a dense FFN), summed over experts, through
     the merged weights as one wide matmul.
 
-    forward(hidden (T, E, h), w (E, h, d), a (E, h, r), b (E, r, d), scale) -> y (T, d) = sum over e of
+    forward(hidden (T, E, h), w (E, h, d), a (E, h, r), b (E, r, d), scale, keep_merged) -> y (T, d) = sum over e of
     hidden_e (W_e + s A_e B_e).
 
     Kept for the backward: hidden_e A_e (E, T, r), for B's gradient. The backward computes the hidden
@@ -275,20 +303,24 @@ class DenseDownProjection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, w, a, b, scale):
+    def forward(ctx, hidden, w, a, b, scale, keep_merged):
         _require_frozen(w)
         num_tokens, num_experts, h = hidden.shape
         merged = torch.baddbmm(w, a, b, alpha=scale).view(num_experts * h, -1)  # (E h, d)
         y = hidden.reshape(num_tokens, -1) @ merged
         low_rank = narrow_product(hidden.transpose(0, 1), a) if ctx.needs_input_grad[3] else None  # (E, T, r)
-        ctx.save_for_backward(hidden, merged, low_rank, b)
+        # Without keep_merged the backward forms the merged weight again from the parameters (the same numbers)
+        ctx.save_for_backward(hidden, merged if keep_merged else None, low_rank, b, w, a)
         ctx.scale = scale
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        hidden, merged, low_rank, b = ctx.saved_tensors
+        hidden, merged, low_rank, b, w, a = ctx.saved_tensors
         num_tokens, num_experts, h = hidden.shape
+        if merged is None:
+            with torch.no_grad():
+                merged = torch.baddbmm(w, a, b, alpha=ctx.scale).view(num_experts * h, -1)
         rank, d = b.shape[1:]
         grad_hidden = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -300,99 +332,4 @@ class DenseDownProjection(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             rows = low_rank.transpose(1, 2).reshape(num_experts * rank, num_tokens)  # (E r, T)
             grad_b = (rows @ grad_y).mul_(ctx.scale).view(num_experts, rank, d)
-        return grad_hidden, None, grad_a, grad_b, None
-
-
-def frozen_product(values: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Rows of group e times the frozen w[e] in w's own dtype (a bf16 model's experts run in bf16, as
-    grouped kernels want), returned in ``values``' dtype. values: (S, in), w: (E, in, out) -> (S, out)."""
-    return grouped_mm(values.to(w.dtype), w, ends, counts).to(values.dtype)
-
-
-class UnmergedUpProjection(torch.autograd.Function):
-    """``GroupedUpProjection`` without merged weights, for large experts: the frozen product per slot and the
-    LoRA apart, x_t W_e + s (x_t A_e) B_e, so that what a training step holds beyond the frozen weights
-    grows with the slots (with K), not with every expert's d x h. Same inputs, outputs, ``extra_rows``
-    protocol and gradients. The frozen product runs in w's dtype (bf16 stays bf16), the LoRA in float32.
-
-    Kept for the backward: x (T, d), which the layer keeps anyway, x A_e for every token and expert (T, E r),
-    which the pseudo-gradient's factor products read, and x_t A_e per slot (S, r); neither the slots'
-    gathered inputs (S, d) nor any (E, d, h) tensor.
-    """
-
-    @staticmethod
-    def forward(ctx, x, a, w, b, bias, scale, token, pair, ends, counts, name, extra_rows):
-        _require_frozen(w)
-        num_experts, _, rank = a.shape
-        inputs = x.index_select(0, token)  # (S, d)
-        projected = _every_expert_input(ctx, x, a)  # x A_e: (T, E r), or (T, 0) without LoRA gradients
-        slot_projected = (projected.view(-1, rank).index_select(0, pair) if projected.shape[1]
-                          else grouped_mm(inputs, a, ends, counts))  # x_t A_e: (S, r)
-        out = frozen_product(inputs, w, ends, counts)
-        out.add_(grouped_mm(slot_projected, b, ends, counts), alpha=scale)
-        if bias is not None:
-            out += bias.index_select(0, pair % num_experts).to(out.dtype)
-        ctx.save_for_backward(x, w, a, b, projected, slot_projected, token, pair, ends)
-        ctx.scale, ctx.counts, ctx.name, ctx.extra_rows = scale, counts, name, extra_rows
-        return out, projected
-
-    @staticmethod
-    def backward(ctx, grad, _):
-        x, w, a, b, projected, slot_projected, token, pair, ends = ctx.saved_tensors
-        num_tokens, d = x.shape
-        rank = a.shape[2]
-        grad = grad.contiguous()
-        through_b = grouped_mm(grad, b.transpose(1, 2), ends, ctx.counts).mul_(ctx.scale)  # s g B_eᵀ: (S, r)
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_inputs = frozen_product(grad, w.transpose(1, 2), ends, ctx.counts)
-            grad_inputs += grouped_mm(through_b, a.transpose(1, 2), ends, ctx.counts)  # (S, d)
-            grad_x = grad.new_zeros(num_tokens, d).index_add_(0, token, grad_inputs)
-        if ctx.needs_input_grad[1]:
-            rows = grad.new_zeros(projected.numel() // rank, rank)
-            rows = rows.index_copy_(0, pair, through_b).view(projected.shape)  # (T, E r)
-            extra = ctx.extra_rows.take(ctx.name)
-            if extra is not None:
-                rows += extra
-            grad_a = _input_factor_grad(x, rows, rank)
-        if ctx.needs_input_grad[3]:
-            grad_b = grouped_outer(slot_projected, grad, ends, ctx.counts).mul_(ctx.scale)
-        return grad_x, grad_a, None, grad_b, None, None, None, None, None, None, None, None
-
-
-class UnmergedDownProjection(torch.autograd.Function):
-    """``GroupedDownProjection`` without merged weights, for large experts: per slot hidden W_e + s (hidden
-    A_e) B_e, scattered to tokens. Same inputs, output, ``extra_rows`` protocol and gradients; the frozen
-    product runs in w's dtype, the LoRA in float32. Kept for the backward: hidden (S, h) and hidden A_e
-    (S, r); no (E, h, d) tensor.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, w, a, b, scale, token, pair, num_tokens, ends, counts, extra_rows):
-        _require_frozen(w)
-        low_rank = grouped_mm(hidden, a, ends, counts)  # hidden A_e: (S, r)
-        out = frozen_product(hidden, w, ends, counts)
-        out.add_(grouped_mm(low_rank, b, ends, counts), alpha=scale)  # (S, d)
-        y = hidden.new_zeros(num_tokens, out.shape[1]).index_add_(0, token, out)
-        ctx.save_for_backward(hidden, w, a, b, low_rank, token, pair, ends)
-        ctx.scale, ctx.counts, ctx.extra_rows = scale, counts, extra_rows
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        hidden, w, a, b, low_rank, token, pair, ends = ctx.saved_tensors
-        num_experts, rank = b.shape[:2]
-        grad_y = grad_y.contiguous()
-        through_b = _through_b(grad_y, b, ctx.scale)  # s g B_iᵀ for every token and expert: (T, E r)
-        ctx.extra_rows.down_through_b = through_b
-        slot_through_b = through_b.view(-1, rank).index_select(0, pair)  # (S, r)
-        grad_hidden = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            slot_grad = grad_y.index_select(0, token)  # (S, d)
-            grad_hidden = frozen_product(slot_grad, w.transpose(1, 2), ends, ctx.counts)
-            grad_hidden += grouped_mm(slot_through_b, a.transpose(1, 2), ends, ctx.counts)
-        if ctx.needs_input_grad[2]:
-            grad_a = grouped_outer(hidden, slot_through_b, ends, ctx.counts)
-        if ctx.needs_input_grad[3]:
-            grad_b = _down_b_grad(grad_y, low_rank, pair, num_experts, ctx.scale, ctx.extra_rows)
-        return grad_hidden, None, grad_a, grad_b, None, None, None, None, None, None, None
+        return grad_hidden, None, grad_a, grad_b, None, None

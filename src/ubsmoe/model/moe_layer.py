@@ -132,7 +132,9 @@ class SparseMoEFFN(GroupedExperts):
             x = flat
         y = self._route_and_compute(x)
         if token_index is not None:
-            y = torch.zeros_like(flat).index_copy(0, token_index, y)
+            # index_put rather than index_copy: the same values and gradients, but autograd keeps only the
+            # index for the backward, where index_copy keeps y as well (T, d) in every layer
+            y = torch.zeros_like(flat).index_put((token_index,), y)
         if self.b_down is not None:
             y = y + self.frozen("b_down")
         return y.reshape(shape)

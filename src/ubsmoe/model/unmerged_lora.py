@@ -1,0 +1,106 @@
+"""Expert projections for experts too large to merge (``GroupedExperts.merges``): the frozen product per slot
+and the LoRA apart, with hand-written backward passes that follow ``grouped_lora``'s protocol (the same
+inputs, outputs, ``ExtraRows`` and gradients), so that what a step holds grows with the slots (with K),
+not with every expert's d x h."""
+
+from __future__ import annotations
+
+import torch
+
+from ubsmoe.model.grouped_lora import (_down_b_grad, _every_expert_input, _input_factor_grad, _require_frozen,
+                                       _through_b, grouped_mm, grouped_outer)
+
+
+def frozen_product(values: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Rows of group e times the frozen w[e] in w's own dtype (a bf16 model's experts run in bf16, as
+    grouped kernels want), returned in ``values``' dtype. values: (S, in), w: (E, in, out) -> (S, out)."""
+    return grouped_mm(values.to(w.dtype), w, ends, counts).to(values.dtype)
+
+
+class UnmergedUpProjection(torch.autograd.Function):
+    """``GroupedUpProjection`` without merged weights, for large experts: the frozen product per slot and the
+    LoRA apart, x_t W_e + s (x_t A_e) B_e, so that what a training step holds beyond the frozen weights
+    grows with the slots (with K), not with every expert's d x h. Same inputs, outputs, ``extra_rows``
+    protocol and gradients. The frozen product runs in w's dtype (bf16 stays bf16), the LoRA in float32.
+
+    Kept for the backward: x (T, d), which the layer keeps anyway, x A_e for every token and expert (T, E r),
+    which the pseudo-gradient's factor products read, and x_t A_e per slot (S, r); neither the slots'
+    gathered inputs (S, d) nor any (E, d, h) tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a, w, b, bias, scale, token, pair, ends, counts, name, extra_rows):
+        _require_frozen(w)
+        num_experts, _, rank = a.shape
+        inputs = x.index_select(0, token)  # (S, d)
+        projected = _every_expert_input(ctx, x, a)  # x A_e: (T, E r), or (T, 0) without LoRA gradients
+        slot_projected = (projected.view(-1, rank).index_select(0, pair) if projected.shape[1]
+                          else grouped_mm(inputs, a, ends, counts))  # x_t A_e: (S, r)
+        out = frozen_product(inputs, w, ends, counts)
+        out.add_(grouped_mm(slot_projected, b, ends, counts), alpha=scale)
+        if bias is not None:
+            out += bias.index_select(0, pair % num_experts).to(out.dtype)
+        ctx.save_for_backward(x, w, a, b, projected, slot_projected, token, pair, ends)
+        ctx.scale, ctx.counts, ctx.name, ctx.extra_rows = scale, counts, name, extra_rows
+        return out, projected
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        x, w, a, b, projected, slot_projected, token, pair, ends = ctx.saved_tensors
+        num_tokens, d = x.shape
+        rank = a.shape[2]
+        grad = grad.contiguous()
+        through_b = grouped_mm(grad, b.transpose(1, 2), ends, ctx.counts).mul_(ctx.scale)  # s g B_eᵀ: (S, r)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_inputs = frozen_product(grad, w.transpose(1, 2), ends, ctx.counts)
+            grad_inputs += grouped_mm(through_b, a.transpose(1, 2), ends, ctx.counts)  # (S, d)
+            grad_x = grad.new_zeros(num_tokens, d).index_add_(0, token, grad_inputs)
+        if ctx.needs_input_grad[1]:
+            rows = grad.new_zeros(projected.numel() // rank, rank)
+            rows = rows.index_copy_(0, pair, through_b).view(projected.shape)  # (T, E r)
+            extra = ctx.extra_rows.take(ctx.name)
+            if extra is not None:
+                rows += extra
+            grad_a = _input_factor_grad(x, rows, rank)
+        if ctx.needs_input_grad[3]:
+            grad_b = grouped_outer(slot_projected, grad, ends, ctx.counts).mul_(ctx.scale)
+        return grad_x, grad_a, None, grad_b, None, None, None, None, None, None, None, None
+
+
+class UnmergedDownProjection(torch.autograd.Function):
+    """``GroupedDownProjection`` without merged weights, for large experts: per slot hidden W_e + s (hidden
+    A_e) B_e, scattered to tokens. Same inputs, output, ``extra_rows`` protocol and gradients; the frozen
+    product runs in w's dtype, the LoRA in float32. Kept for the backward: hidden (S, h) and hidden A_e
+    (S, r); no (E, h, d) tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, w, a, b, scale, token, pair, num_tokens, ends, counts, extra_rows):
+        _require_frozen(w)
+        low_rank = grouped_mm(hidden, a, ends, counts)  # hidden A_e: (S, r)
+        out = frozen_product(hidden, w, ends, counts)
+        out.add_(grouped_mm(low_rank, b, ends, counts), alpha=scale)  # (S, d)
+        y = hidden.new_zeros(num_tokens, out.shape[1]).index_add_(0, token, out)
+        ctx.save_for_backward(hidden, w, a, b, low_rank, token, pair, ends)
+        ctx.scale, ctx.counts, ctx.extra_rows = scale, counts, extra_rows
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        hidden, w, a, b, low_rank, token, pair, ends = ctx.saved_tensors
+        num_experts, rank = b.shape[:2]
+        grad_y = grad_y.contiguous()
+        through_b = _through_b(grad_y, b, ctx.scale)  # s g B_iᵀ for every token and expert: (T, E r)
+        ctx.extra_rows.down_through_b = through_b
+        slot_through_b = through_b.view(-1, rank).index_select(0, pair)  # (S, r)
+        grad_hidden = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            slot_grad = grad_y.index_select(0, token)  # (S, d)
+            grad_hidden = frozen_product(slot_grad, w.transpose(1, 2), ends, ctx.counts)
+            grad_hidden += grouped_mm(slot_through_b, a.transpose(1, 2), ends, ctx.counts)
+        if ctx.needs_input_grad[2]:
+            grad_a = grouped_outer(hidden, slot_through_b, ends, ctx.counts)
+        if ctx.needs_input_grad[3]:
+            grad_b = _down_b_grad(grad_y, low_rank, pair, num_experts, ctx.scale, ctx.extra_rows)
+        return grad_hidden, None, grad_a, grad_b, None, None, None, None, None, None, None
