@@ -115,8 +115,9 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW weight decay")
     eval_batch_size: int = option(64, "batch size for evaluation")
     train_on_inputs: bool = option(False, "causal-lm: the loss covers the prompt's tokens too (default: the response's only)")
-    activation_checkpointing: bool = option(False, "recompute each attention block in the backward instead of keeping "
-                                                   "its activations: less memory for a slower step, the same numbers")
+    activation_checkpointing: bool = option(False, "recompute each attention block (with its input norm) and the "
+                                                   "experts' merged weights in the backward instead of keeping them: "
+                                                   "less memory for a slower step, the same numbers")
 
 
 PROTOCOLS = ("generation", "loglik")  # what evaluation.protocol may name as causal-lm's headline accuracy

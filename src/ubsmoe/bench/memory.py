@@ -112,7 +112,8 @@ def to_markdown(result: dict, ks: tuple[int, int]) -> str:
         f"experts of width {shape['expert_width']}, hidden {shape['hidden']}, float32; "
         f"{result['checkpoint_bytes'] / mib:.0f} MiB of weights), one UB-SMoE client step (DMR, pseudo-gradient, "
         f"AdamW) on {shape['batch']} x {shape['length']} tokens, {shape['threads']} threads"
-        + (", every attention block recomputed in the backward (`train.activation_checkpointing`)" if checkpointing else "")
+        + (", with `train.activation_checkpointing`: every attention block and the norm in front of it recomputed in "
+           "the backward (the experts, too large to merge, keep no merged weights anyway)" if checkpointing else "")
         + ". Memory above what the built model holds, peak of the first step (RssAnon, sampled every 2 ms, glibc's "
         "mmap threshold fixed at 128 KiB so that freed activations leave the resident set); time, median of the "
         "later steps.", "",
@@ -127,7 +128,8 @@ def to_markdown(result: dict, ks: tuple[int, int]) -> str:
     ]
     if checkpointing:
         kept = result["kept"]
-        lines += ["", "The same steps with the attention kept (each run just before its recomputed twin):", "",
+        lines += ["", "The same steps with the attention kept (each run just before its recomputed twin; the step times "
+                  "of separate processes are only as steady as the machine):", "",
                   "| K | memory above the model, kept (MiB) | recomputed / kept: memory | recomputed / kept: step time |",
                   "|---|---|---|---|",
                   *(f"| {k} | {kept[str(k)]['extra'] / mib:.0f} | {result['recomputation'][str(k)]['extra_memory']:.2f} | "
@@ -187,24 +189,27 @@ def experiment_markdown(result: dict) -> str:
     mib = 2**20
     first = result["runs"][0]
     lines = [
-        f"# Memory of a UB-SMoE client's step per tier, {result['backbone']}, attention kept and recomputed", "",
+        f"# Memory of a UB-SMoE client's step per tier, {result['backbone']}, with and without activation "
+        "checkpointing", "",
         f"Made by `{result['command']}`: the first {result['batch']} training examples (padded to "
         f"{first['batch_shape'][1]} tokens, {first['tokens']} real), {first['shared_experts']} shared expert(s), "
-        f"{result['threads']} threads, each run in its own process. Memory above what the built model holds (its "
+        f"{result['threads']} threads, each run in its own process. `train.activation_checkpointing` recomputes every "
+        "attention block with the norm in front of it and the experts' merged weights W + s A B in the backward. "
+        "Memory above what the built model holds (its "
         "frozen weights and adapters), peak of the first step (RssAnon, sampled every 2 ms); peak: the whole "
         "process's private memory at that moment; time, median of the later steps.", "",
-        "| budget | K | attention | memory above the model (MiB) | saved for the backward (MiB) | peak (MiB) | step (s) |",
+        "| budget | K | checkpointing | memory above the model (MiB) | saved for the backward (MiB) | peak (MiB) | step (s) |",
         "|---|---|---|---|---|---|---|",
-        *(f"| {r['budget']:g} | {r['k']} | {'recomputed' if r['activation_checkpointing'] else 'kept'} | "
+        *(f"| {r['budget']:g} | {r['k']} | {'on' if r['activation_checkpointing'] else 'off'} | "
           f"{r['extra'] / mib:.0f} | {r['saved_bytes'] / mib:.0f} | {r['peak_first_step'] / mib:.0f} | "
           f"{median_step(r):.2f} |" for r in result["runs"]),
         "",
-        "| budget | recomputed / kept: memory above the model | peak | step time |",
+        "| budget | on / off: memory above the model | peak | step time (separate processes: only as steady as the machine) |",
         "|---|---|---|---|",
         *(f"| {b} | {v['extra_memory']:.2f} | {v['peak']:.2f} | {v['step_time']:.2f} |"
           for b, v in result["recomputed_over_kept"].items()),
         "",
-        f"Lowest tier over the top tier, memory above the model: {result['low_over_top']['false']:.2f} with the "
-        f"attention kept, {result['low_over_top']['true']:.2f} recomputed.",
+        f"Lowest tier over the top tier, memory above the model: {result['low_over_top']['false']:.2f} without "
+        f"checkpointing, {result['low_over_top']['true']:.2f} with it.",
     ]
     return "\n".join(lines) + "\n"
