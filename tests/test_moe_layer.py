@@ -236,6 +236,22 @@ def test_merged_weights_formed_again_in_the_backward_give_the_same_numbers_and_k
     assert again < kept
 
 
+@pytest.mark.parametrize("k", [2, E], ids=["routed", "every expert"])
+def test_kept_merged_weights_are_all_a_bf16_layer_keeps_of_its_expert_matrices(k):
+    """With the merged weights kept (the default), the backward keeps no float32 copy of a bf16 layer's
+    frozen expert matrices beside them."""
+    layer = moe_from(dense_ffn(True))
+    with torch.no_grad():
+        for name in ("w_up", "w_gate", "w_down"):
+            getattr(layer, name).data = getattr(layer, name).data.to(torch.bfloat16)
+    layer.set_top_k(k)
+    frozen_shapes = {tuple(getattr(layer, name).shape) for name in ("w_up", "w_gate", "w_down")}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(torch.randn(1, 9, D, generator=torch.Generator().manual_seed(3)))
+    assert frozen_shapes and not [tuple(t.shape) for t in saved if tuple(t.shape) in frozen_shapes]
+
+
 def test_padding_scatter_keeps_no_output_for_the_backward():
     """Scattering the real tokens' outputs back among the padding keeps only their index for the backward,
     not the (T, d) outputs, and the padding rows get no gradient."""

@@ -120,13 +120,13 @@ class GroupedUpProjection(torch.autograd.Function):
         weight = _merged_up(w, a, b, bias, scale, padded)
         projected = _every_expert_input(ctx, x, a)  # x A_e: (T, E r)
         # Without keep_merged the backward forms the merged weight again from the parameters (the same numbers)
-        ctx.save_for_backward(x, inputs, weight if keep_merged else None, projected, token, pair, ends, w, a, b, bias)
+        ctx.save_for_backward(x, inputs, projected, token, pair, ends, *_merged_or_parts(keep_merged, weight, w, a, b, bias))
         ctx.scale, ctx.counts, ctx.name, ctx.extra_rows = scale, counts, name, extra_rows
         return grouped_mm(inputs, weight[:, :padded], ends, counts), projected
 
     @staticmethod
     def backward(ctx, grad, _):
-        x, inputs, weight, projected, token, pair, ends, w, a, b, bias = ctx.saved_tensors
+        x, inputs, projected, token, pair, ends, weight, w, a, b, bias = ctx.saved_tensors
         num_tokens, d = x.shape
         padded = inputs.shape[1]
         if weight is None:
@@ -149,6 +149,14 @@ class GroupedUpProjection(torch.autograd.Function):
             slot_projected = projected.view(-1, rank).index_select(0, pair)  # x_t A_e per slot: (S, r)
             grad_b = grouped_outer(slot_projected, grad, ends, ctx.counts).mul_(ctx.scale)
         return grad_x, grad_a, None, grad_b, None, None, None, None, None, None, None, None, None
+
+
+def _merged_or_parts(keep_merged: bool, merged: torch.Tensor, *parts: torch.Tensor | None) -> tuple:
+    """What a projection keeps to have its merged weight in the backward: the merged weight itself and Nones
+    for ``parts``, or None and the parts: the frozen weight and the factors, the model's own tensors in a
+    float32 model. In a bf16 model the frozen weight arrives as a float32 copy as large as the merged weight,
+    so forming it again saves nothing there."""
+    return (merged, *(None,) * len(parts)) if keep_merged else (None, *parts)
 
 
 def _merged_up(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, scale: float,
@@ -194,13 +202,13 @@ class GroupedDownProjection(torch.autograd.Function):
         y = hidden.new_zeros(num_tokens, out.shape[1]).index_add_(0, token, out)[:, :d]
         low_rank = out[:, d : d + rank].clone() if ctx.needs_input_grad[3] else None  # hidden A_e: (S, r)
         # Without keep_merged the backward forms the merged weight again from the parameters (the same numbers)
-        ctx.save_for_backward(hidden, weight if keep_merged else None, low_rank, b, token, pair, ends, w, a)
+        ctx.save_for_backward(hidden, low_rank, b, token, pair, ends, *_merged_or_parts(keep_merged, weight, w, a))
         ctx.scale, ctx.counts, ctx.extra_rows = scale, counts, extra_rows
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        hidden, weight, low_rank, b, token, pair, ends, w, a = ctx.saved_tensors
+        hidden, low_rank, b, token, pair, ends, weight, w, a = ctx.saved_tensors
         num_experts, rank, d = b.shape
         if weight is None:
             with torch.no_grad():
@@ -259,13 +267,13 @@ class DenseUpProjection(torch.autograd.Function):
         out = x @ wide if bias is None else torch.addmm(bias.reshape(width), x, wide)  # (T, E h)
         projected = _every_expert_input(ctx, x, a)  # x A_e: (T, E r)
         # Without keep_merged the backward forms the merged weight again from the parameters (the same numbers)
-        ctx.save_for_backward(x, wide if keep_merged else None, projected, b, w, a)
+        ctx.save_for_backward(x, projected, b, *_merged_or_parts(keep_merged, wide, w, a))
         ctx.scale = scale
         return out.view(num_tokens, num_experts, -1), projected
 
     @staticmethod
     def backward(ctx, grad, _):
-        x, wide, projected, b, w, a = ctx.saved_tensors
+        x, projected, b, wide, w, a = ctx.saved_tensors
         if wide is None:
             wide = _wide(w, a, b, ctx.scale)
         num_tokens, num_experts, h = grad.shape
@@ -310,13 +318,13 @@ class DenseDownProjection(torch.autograd.Function):
         y = hidden.reshape(num_tokens, -1) @ merged
         low_rank = narrow_product(hidden.transpose(0, 1), a) if ctx.needs_input_grad[3] else None  # (E, T, r)
         # Without keep_merged the backward forms the merged weight again from the parameters (the same numbers)
-        ctx.save_for_backward(hidden, merged if keep_merged else None, low_rank, b, w, a)
+        ctx.save_for_backward(hidden, low_rank, b, *_merged_or_parts(keep_merged, merged, w, a))
         ctx.scale = scale
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        hidden, merged, low_rank, b, w, a = ctx.saved_tensors
+        hidden, low_rank, b, merged, w, a = ctx.saved_tensors
         num_tokens, num_experts, h = hidden.shape
         if merged is None:
             with torch.no_grad():
