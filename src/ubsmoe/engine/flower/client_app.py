@@ -64,8 +64,8 @@ def train(msg: Message, context: Context) -> Message:
         instruction, config_text = read_instruction(msg.content)
         partition = context.node_config.get(PARTITION)
         if partition is not None and int(partition) != instruction.client.client_id:
-            return Message(Error(code=NODE_MISCONFIGURED, reason=f"this node holds partition {partition}, not the instruction's "
-                                                f"client {instruction.client.client_id}"), reply_to=msg)
+            reason = f"this node holds partition {partition}, not the instruction's client {instruction.client.client_id}"
+            return Message(Error(code=NODE_MISCONFIGURED, reason=reason), reply_to=msg)
         update = run_client(runtime_for(config_text, upcycle_cache(context)), instruction)
     except ClientFault as fault:  # did not deliver: the server leaves this client out of the round
         return Message(Error(code=CLIENT_FAULT, reason=str(fault)), reply_to=msg)
@@ -79,8 +79,8 @@ def identify(msg: Message, context: Context) -> Message:
     """The node's partition id and, if given, its budget, from its node config (the server maps clients to
     nodes by the first and checks the second against the config's)."""
     if PARTITION not in context.node_config:
-        return Message(Error(code=NODE_MISCONFIGURED, reason=f"start the SuperNode with --node-config '{PARTITION}=<client id>'"),
-                       reply_to=msg)
+        reason = f"start the SuperNode with --node-config '{PARTITION}=<client id>'"
+        return Message(Error(code=NODE_MISCONFIGURED, reason=reason), reply_to=msg)
     node = {PARTITION: int(context.node_config[PARTITION])}
     if BUDGET in context.node_config:
         node[BUDGET] = float(context.node_config[BUDGET])
