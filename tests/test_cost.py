@@ -9,6 +9,7 @@ from ubsmoe.config import load_config
 from ubsmoe.engine.rounds import run_experiment
 from ubsmoe.metrics.flops import FlopCounter
 from ubsmoe.model import ModelSpec, build_model
+from ubsmoe.model.moe_layer import MoEHook
 from ubsmoe.tasks.classification import classification_head
 
 
@@ -32,21 +33,33 @@ def one_layer_model(tmp_path_factory):
 # s (x A_e) B_e per slot, 2 * 2 * (32 + 16) * 4 = 768 per slot: 100,736 + 7 K * (2,048 + 768). Training: frozen matrices x 2 (forward + input gradient),
 # trainable ones and attention scores x 3 (forward + input and weight gradients), except that the
 # block reads the frozen embeddings: query, key and value need no input gradient (-61,440), nor do
-# the LoRA factors A of query and value (-5,120). The expert LoRA adds, per matrix, two products for
-# its model-width factor over all E experts and 7 tokens, 2 * 2 * 7 * 4 * 4 * 32 * 2 = 28,672, and two
-# per slot for the other, 2 * 2 * 4 * 16 * 2 = 512 per slot:
-#   163,840 + 19,200 + 30,720 + 32,768 + 28,672 + 5,376 + 1,152 - 66,560 = 215,168, plus 7 K (4,096 + 512).
-@pytest.mark.parametrize("k,inference,training", [(1, 120_448, 247_424), (2, 140_160, 279_680)])
-def test_flop_counter_matches_a_hand_count(one_layer_model, k, inference, training):
+# the LoRA factors A of query and value (-5,120). The expert LoRA adds, per matrix, two products per slot
+# for its model-width factor, 2 * 2 * 4 * 32 * 2 = 1,024 per slot, and two per slot for the other,
+# 2 * 2 * 4 * 16 * 2 = 512 per slot:
+#   163,840 + 19,200 + 30,720 + 32,768 + 5,376 + 1,152 - 66,560 = 186,496, plus 7 K (4,096 + 512 + 1,024).
+# When a hook reads every expert (the pseudo-gradient), the model-width factor's two products run over all
+# E experts and 7 tokens instead, 2 * 2 * 7 * 4 * 4 * 32 * 2 = 28,672: 215,168 plus 7 K (4,096 + 512).
+class _ReadsEveryExpert(MoEHook):
+    reads_every_expert = True
+
+
+@pytest.mark.parametrize("k,every_expert,inference,training", [
+    (1, False, 120_448, 225_920), (2, False, 140_160, 265_344), (1, True, 120_448, 247_424), (2, True, 140_160, 279_680)])
+def test_flop_counter_matches_a_hand_count(one_layer_model, k, every_expert, inference, training):
     model = one_layer_model
     model.set_top_k(k)
-    counter = FlopCounter(model)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
-    ids = torch.randint(5, 20, mask.shape)
-    model(ids, mask)
+    layer = model.moe_layers[0]
+    layer.hooks = [_ReadsEveryExpert()] if every_expert else []
+    try:
+        counter = FlopCounter(model)
+        mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+        ids = torch.randint(5, 20, mask.shape)
+        model(ids, mask)
 
-    assert counter.count(mask, training=False).total == inference
-    assert counter.count(mask, training=True).total == training
+        assert counter.count(mask, training=False).total == inference
+        assert counter.count(mask, training=True).total == training
+    finally:
+        layer.hooks = []
 
 
 def test_flop_counter_takes_its_hooks_off(one_layer_model):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from ubsmoe.model.grouped_lora import (DenseDownProjection, DenseUpProjection, GroupedDownProjection,
                                        GroupedUpProjection)
-from ubsmoe.model.moe_layer import RoutingContext, SlotLayout, SparseMoEFFN
+from ubsmoe.model.moe_layer import MoEHook, RoutingContext, SlotLayout, SparseMoEFFN
 from ubsmoe.model.upcycle import DenseFFN, centroid_router, split_ffn
 from ubsmoe.model.expert_observation import ExtraRows
 
@@ -83,8 +83,9 @@ def test_vectorised_layer_matches_token_by_token_reference(gated, k):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("every_expert", [True, False], ids=["every expert", "per slot"])
 @pytest.mark.parametrize("keep_merged", [True, False], ids=["merged kept", "merged formed again"])
-def test_fused_projections_pass_gradcheck(keep_merged):
+def test_fused_projections_pass_gradcheck(keep_merged, every_expert):
     g = torch.Generator().manual_seed(0)
     T, S_E, d, h, r = 5, 3, 4, 6, 2
     experts = torch.rand(T, S_E, generator=g).topk(2, -1).indices
@@ -95,14 +96,16 @@ def test_fused_projections_pass_gradcheck(keep_merged):
     a_up = torch.randn(S_E, d, r, **dd, requires_grad=True)
     b = torch.randn(S_E, r, h, **dd, requires_grad=True)
     up = lambda x_, a_, b_: GroupedUpProjection.apply(x_, a_, w_up, b_, b_up, 0.5, layout.token, layout.pair,  # noqa: E731
-                                                      layout.ends, layout.counts, "up", ExtraRows(), keep_merged)[0]
+                                                      layout.ends, layout.counts, "up", ExtraRows(), keep_merged,
+                                                      every_expert)[0]
     assert torch.autograd.gradcheck(up, (x, a_up, b))
     hidden = torch.randn(layout.token.shape[0], h, **dd, requires_grad=True)
     w_down = torch.randn(S_E, h, d, **dd)
     a = torch.randn(S_E, h, r, **dd, requires_grad=True)
     b_down = torch.randn(S_E, r, d, **dd, requires_grad=True)
     down = lambda h_, a_, b_: GroupedDownProjection.apply(h_, w_down, a_, b_, 0.5, layout.token, layout.pair, T,  # noqa: E731
-                                                          layout.ends, layout.counts, ExtraRows(), keep_merged)
+                                                          layout.ends, layout.counts, ExtraRows(), keep_merged,
+                                                          every_expert)
     assert torch.autograd.gradcheck(down, (hidden, a, b_down))
 
 
@@ -122,6 +125,58 @@ def test_dense_projections_pass_gradcheck(num_experts, keep_merged):
     a, b_down = (torch.randn(num_experts, *shape, **dd).requires_grad_() for shape in ((h, r), (r, d)))
     down = lambda h_, a_, b_: DenseDownProjection.apply(h_, w_down, a_, b_, 0.5, keep_merged)  # noqa: E731
     assert torch.autograd.gradcheck(down, (hidden, a, b_down))
+
+
+class _SeesProjections(MoEHook):
+    """Records which every-expert projections (x A_e for every token and expert) the layer showed it."""
+
+    def __init__(self, reads_every_expert: bool):
+        self.reads_every_expert = reads_every_expert
+        self.projected: list[str] | None = None
+
+    def observe_experts(self, layer, layout, seen):
+        self.projected = sorted(seen.projected)
+
+
+@pytest.mark.parametrize("merged", [True, False], ids=["merged", "LoRA apart"])
+@pytest.mark.parametrize("gated", [False, True], ids=["GELU", "SwiGLU"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_per_slot_lora_products_give_the_every_expert_outputs_and_gradients(gated, k, merged):
+    """Without a hook that reads every expert, the model-width LoRA products run over the slots alone; in
+    float32 the outputs and gradients are those of the every-expert products within 1e-5."""
+    layer = moe_from(dense_ffn(gated))
+    layer.merge_limit = layer.merge_limit if merged else 0
+    layer.set_top_k(k)
+    x = torch.randn(2, 12, D, generator=torch.Generator().manual_seed(5))
+    trainable = [p for p in layer.parameters() if p.requires_grad]
+    runs = []
+    for every_expert in (True, False):
+        hook = _SeesProjections(every_expert)
+        layer.hooks = [hook]
+        x_ = x.clone().requires_grad_(True)
+        y = layer(x_)
+        runs.append((y, torch.autograd.grad(y.square().sum(), [x_] + trainable), hook.projected))
+    (y_every, grads_every, seen_every), (y_slot, grads_slot, seen_slot) = runs
+
+    assert seen_every == (["gate", "up"] if gated else ["up"]) and seen_slot == []
+    torch.testing.assert_close(y_slot, y_every, rtol=1e-5, atol=1e-5)
+    # within 1e-5 of each tensor's largest entry: the two paths sum float32 products in another order
+    for got, want in zip(grads_slot, grads_every):
+        assert want.abs().max() > 0
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_rows_from_a_hook_that_does_not_read_every_expert_are_refused():
+    class AddsRows(MoEHook):
+        def observe_experts(self, layer, layout, seen):
+            seen.extra_rows.down = torch.zeros(seen.tokens.shape[0], layer.num_experts * layer.lora_rank)
+
+    layer = moe_from(dense_ffn(False))
+    layer.set_top_k(2)
+    layer.hooks = [AddsRows()]
+    y = layer(torch.randn(1, 6, D, generator=torch.Generator().manual_seed(6)))
+    with pytest.raises(RuntimeError, match="reads_every_expert"):
+        y.sum().backward()
 
 
 def test_hooks_rows_join_the_model_width_factor_gradients():

@@ -7,12 +7,13 @@ Counted, with a multiply-add as 2 FLOPs:
 - each MoE layer on its routed (token, expert) slots only (padding is never routed): the frozen expert
   matrices, the router on the real tokens, and LoRA at the active rank as the layer computes it: every
   projection runs through its merged weight W + s A B (E d h r per matrix and batch), and in training
-  the factor on the model-width side (A of up/gate, B of down) costs two dense (T, d) x (d, E r)
-  products over every expert and real token, and the factor on the expert-width side two products per
-  slot (at K = M, every expert's slots are every token); at inference on so few slots that the layer
-  skips the merge (``SparseMoEFFN.merges``), s (x A_e) B_e per slot instead; in training of experts too
-  large to merge, the LoRA apart: x A_e for every token and expert and its dense gradient, and the
-  expert-width products per slot;
+  the factor on the model-width side (A of up/gate, B of down) costs two products per slot, or, when a
+  hook reads every expert (``MoEHook.reads_every_expert``: the pseudo-gradient), two dense (T, d) x
+  (d, E r) products over every expert and real token, and the factor on the expert-width side two
+  products per slot (at K = M, every expert's slots are every token); at inference on so few slots that
+  the layer skips the merge (``SparseMoEFFN.merges``), s (x A_e) B_e per slot instead; in training of
+  experts too large to merge, the LoRA apart: the model-width products per slot (or x A_e for every
+  token and expert and its dense gradient, as above), and the expert-width products per slot;
 - an upcycled shared part (``model.shared_experts``) as a one-expert MoE layer on every real token;
   Qwen2-MoE's always-on shared expert and its gate, under experts, on all B x S positions as it runs;
 - the task's head, as the head counts itself (``TaskHead.flops``: classification, one product per
@@ -143,14 +144,17 @@ class FlopCounter:
             slots = tokens * (layer.top_k if layer.router is not None else 1)
             matrices = len(layer.adapted)
             flops.experts += 2 * slots * layer.d_model * layer.d_hidden * matrices * (1 + grad)
+            # the model-width factor's products run over every (token, expert) pair or over the slots
+            every_expert = layer.router is not None and layer.top_k < layer.num_experts and layer.reads_every_expert()
+            model_width = (tokens * layer.num_experts if every_expert else slots) * layer.d_model  # per rank and matrix
             if layer.merges(slots, training):
-                lora_macs = tokens * layer.num_experts * layer.d_model + slots * layer.d_hidden  # per rank and matrix
+                lora_macs = model_width + slots * layer.d_hidden  # per rank and matrix
                 merge = layer.num_experts * layer.d_model * layer.d_hidden  # W + s A B, once per batch
                 flops.lora += 2 * (merge + 2 * grad * lora_macs) * layer.active_rank * matrices
             elif training:  # large experts: the LoRA apart (``UnmergedUpProjection``, ``UnmergedDownProjection``)
-                # x A_e for every token and expert and the dense gradient of the model-width factor, plus per
-                # slot the expert-width products: forward, their input gradient and their weight gradient
-                lora_macs = 2 * tokens * layer.num_experts * layer.d_model + slots * (3 * layer.d_hidden + layer.d_model)
+                # x A_e and the gradient of the model-width factor, plus per slot the expert-width products:
+                # forward, their input gradient and their weight gradient, and the input gradient through A_e
+                lora_macs = 2 * model_width + slots * (3 * layer.d_hidden + layer.d_model)
                 flops.lora += 2 * lora_macs * layer.active_rank * matrices
             else:  # inference on few slots: s (x A_e) B_e per slot, no merged weight
                 flops.lora += 2 * slots * (layer.d_model + layer.d_hidden) * layer.active_rank * matrices

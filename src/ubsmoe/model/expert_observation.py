@@ -38,5 +38,6 @@ class ExpertComputation:
     activation: torch.Tensor  # (S, h) after the activation
     hidden: torch.Tensor  # (S, h) the activation times the gate value: what the down-projection reads
     gates: torch.Tensor  # (S,) the gate values
-    projected: dict[str, torch.Tensor]  # "up", "gate": (T, E, r) every token's x A_e for every expert (merged path)
+    projected: dict[str, torch.Tensor]  # "up", "gate": (T, E, r) every token's x A_e for every expert, in
+    # training when a hook reads every expert (``MoEHook.reads_every_expert``); empty otherwise
     extra_rows: ExtraRows  # shared with the layer's backward

@@ -135,10 +135,12 @@ class GroupedExperts(nn.Module):
         return self.merges(slots, torch.is_grad_enabled())
 
     def expert_outputs(self, x: torch.Tensor, experts: torch.Tensor | None = None, gates: torch.Tensor | None = None,
-                       observe: ExpertObserver | None = None) -> torch.Tensor:
+                       observe: ExpertObserver | None = None, every_expert: bool = False) -> torch.Tensor:
         """x: (T, d) tokens; experts, gates: (T, K) each token's experts and their gates, or None for every
         expert ungated (a one-expert FFN) -> (T, d) the gated sum of the experts' outputs, without ``b_down``.
-        ``observe`` sees the computation on the slots when K < E."""
+        ``observe`` sees the computation on the slots when K < E; ``every_expert``: training forms x A_e for
+        every token and expert and takes the model-width LoRA gradients over every (token, expert) pair,
+        for a hook that reads them (``MoEHook.reads_every_expert``), rather than over the slots alone."""
         if experts is None:
             return self._all_experts(x, None)
         if experts.shape[1] == self.num_experts:
@@ -148,9 +150,9 @@ class GroupedExperts(nn.Module):
         layout = SlotLayout.from_experts(experts, self.num_experts)
         slot_gates = gates.reshape(-1).index_select(0, layout.order)
         if self._merge_pays(layout.token.shape[0]):
-            return self._routed_experts(x, layout, slot_gates, merged=True, observe=observe)
+            return self._routed_experts(x, layout, slot_gates, merged=True, observe=observe, every_expert=every_expert)
         if torch.is_grad_enabled():
-            return self._routed_experts(x, layout, slot_gates, merged=False, observe=observe)
+            return self._routed_experts(x, layout, slot_gates, merged=False, observe=observe, every_expert=every_expert)
         return self._routed_experts_unmerged(x, layout, slot_gates, observe)
 
     def _lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +175,7 @@ class GroupedExperts(nn.Module):
         return hidden * gates.unsqueeze(-1)
 
     def _routed_experts(self, x: torch.Tensor, layout: SlotLayout, slot_gates: torch.Tensor, merged: bool = True,
-                        observe: ExpertObserver | None = None) -> torch.Tensor:
+                        observe: ExpertObserver | None = None, every_expert: bool = False) -> torch.Tensor:
         """Experts on their slots, grouped by expert. x: (T, d); slot_gates: (S,) -> (T, d).
 
         Each projection runs through its merged weight W + s A B (``grouped_lora``), or, for experts too large
@@ -187,14 +189,15 @@ class GroupedExperts(nn.Module):
         up_projection = GroupedUpProjection if merged else UnmergedUpProjection
         down_projection = GroupedDownProjection if merged else UnmergedDownProjection
         weight = self.frozen if merged else (lambda name: getattr(self, name))  # unmerged: w in its own dtype
+        merged_args = (self.keep_merged,) if merged else ()
 
         def project(name: str, bias: torch.Tensor | None = None) -> torch.Tensor:  # (S, h)
             a, b = self._lora_factors(name)
-            merged_args = (self.keep_merged,) if merged else ()
             out, projected = up_projection.apply(x, a, weight(f"w_{name}"), b, bias, self.lora_scale,
                                                  layout.token, layout.pair, layout.ends, layout.counts, name,
-                                                 extra_rows, *merged_args)
-            projections[name] = projected.view(T, self.num_experts, projected.shape[1] // self.num_experts)
+                                                 extra_rows, *merged_args, every_expert)
+            if every_expert:
+                projections[name] = projected.view(T, self.num_experts, projected.shape[1] // self.num_experts)
             return out
 
         up = project("up", self.frozen("b_up"))
@@ -205,7 +208,7 @@ class GroupedExperts(nn.Module):
             observe(layout, ExpertComputation(x, up, gate, hidden, gated, slot_gates, projections, extra_rows))
         a, b = self._lora_factors("down")
         return down_projection.apply(gated, weight("w_down"), a, b, self.lora_scale, layout.token, layout.pair, T,
-                                     layout.ends, layout.counts, extra_rows, *((self.keep_merged,) if merged else ()))
+                                     layout.ends, layout.counts, extra_rows, *merged_args, every_expert)
 
     def _routed_experts_unmerged(self, x: torch.Tensor, layout: SlotLayout, slot_gates: torch.Tensor,
                                  observe: ExpertObserver | None = None) -> torch.Tensor:

@@ -7,10 +7,13 @@ and what the LoRA gradients need rides along as r extra columns of a matmul that
 down-projection's forward, s B_e in the up-projection's backward. The backward passes compute input
 gradients and LoRA gradients only: the frozen expert weights never get a weight gradient.
 
-The gradient of the factor on the model-width side (A of up and gate, B of down) is one dense product
-over all (token, expert) pairs, with zero rows at the inactive pairs; a method hook may add its own rows
-to it (``extra_rows``), which is how the pseudo-gradient reaches inactive experts' A_up and B_down
-without a product of its own.
+The gradient of the factor on the model-width side (A of up and gate, B of down) is taken per slot, over
+the S = T K pairs that ran (``every_expert=False``, the default), or, when a method hook reads every
+expert (``MoEHook.reads_every_expert``: the pseudo-gradient), as one dense product over all T E (token,
+expert) pairs with zero rows at the inactive pairs, to which the hook adds its own rows
+(``extra_rows``): that is how the pseudo-gradient reaches inactive experts' A_up and B_down without a
+product of its own. At K = 2 of 8 the per-slot products are a quarter of the dense ones; both give the
+same gradients up to the order of summation.
 
 Slots are the S = T*K (token, expert) pairs sorted by expert (``SlotLayout``); ``pair`` indexes the
 flattened (T, E) table of a token's projections for every expert.
@@ -76,6 +79,19 @@ def _every_expert_input(ctx, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return projected
 
 
+def _no_hook_rows(ctx, name: str) -> None:
+    """Per-slot mode has no (T, E r) rows for a hook to join: a hook that adds some must read every expert."""
+    if ctx.extra_rows.take(name) is not None:
+        raise RuntimeError(f"a hook added {name} rows to a layer computing per slot: hooks that add rows must "
+                           "set reads_every_expert")
+
+
+def grouped_narrow(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Rows of group e times w[e] for a narrow w (few output columns: a LoRA rank), each product in MKL's fast
+    orientation (``narrow_product``). x: (S, in), may be a column slice; w: (E, in, r) -> (S, r)."""
+    return torch.cat([narrow_product(part, w[e]) for e, part in enumerate(x.split(counts))])
+
+
 def _input_factor_grad(x: torch.Tensor, rows: torch.Tensor, rank: int) -> torch.Tensor:
     """Gradient of every expert's A from its rows: xᵀ rows. x: (T, d), rows: (T, E r) -> (E, d, r)."""
     return narrow_product(x.T, rows).reshape(x.shape[1], -1, rank).permute(1, 0, 2)
@@ -96,19 +112,21 @@ class GroupedUpProjection(torch.autograd.Function):
     """Slots' up-projection through the merged weight W_e + s A_e B_e, as one grouped matmul.
 
     forward(x (T, d), a (E, d, r), w (E, d, h), b (E, r, h), bias (E, h) or None, scale, token (S,),
-    pair (S,), ends, counts, name, extra_rows (``ExtraRows``), keep_merged) -> (out (S, h) = x_t (W_e + s A_e B_e) + bias_e per
-    slot, projected (T, E r) = x A_i for every token and expert, not differentiable; (T, 0) when no LoRA
-    factor needs a gradient).
+    pair (S,), ends, counts, name, extra_rows (``ExtraRows``), keep_merged, every_expert) -> (out (S, h) =
+    x_t (W_e + s A_e B_e) + bias_e per slot, projected (T, E r) = x A_i for every token and expert, not
+    differentiable; (T, 0) when no LoRA factor needs a gradient or ``every_expert`` is False).
 
     The backward matmul carries s B_e as r extra columns, so it yields the input gradient through the
-    merged weight and, per slot, s grad B_eᵀ: the rows whose dense product with x gives the gradient of
-    every A_i at once, grad A = xᵀ rows (rows: (T, E r), zero at inactive pairs). A hook may add rows of
-    its own before this backward runs (``extra_rows.up`` / ``.gate``; the pseudo-gradient does), for free.
-    The gradient of B_e is the grouped (x_t A_e)ᵀ grad. The frozen bias rides as a column of ones.
+    merged weight and, per slot, s grad B_eᵀ: the rows whose product with the slots' inputs gives the
+    gradient of A_e, grouped per expert, or with every_expert one dense product over every pair, grad A =
+    xᵀ rows (rows: (T, E r), zero at inactive pairs), to which a hook may add rows of its own before this
+    backward runs (``extra_rows.up`` / ``.gate``; the pseudo-gradient does), for free. The gradient of
+    B_e is the grouped (x_t A_e)ᵀ grad. The frozen bias rides as a column of ones.
     """
 
     @staticmethod
-    def forward(ctx, x, a, w, b, bias, scale, token, pair, ends, counts, name, extra_rows, keep_merged):
+    def forward(ctx, x, a, w, b, bias, scale, token, pair, ends, counts, name, extra_rows, keep_merged,
+                every_expert=True):
         _require_frozen(w)
         d = x.shape[1]
         padded = _up_input_width(d + (bias is not None), a.shape[2])
@@ -118,15 +136,20 @@ class GroupedUpProjection(torch.autograd.Function):
         if bias is not None:
             inputs[:, d] = 1.0
         weight = _merged_up(w, a, b, bias, scale, padded)
-        projected = _every_expert_input(ctx, x, a)  # x A_e: (T, E r)
+        if every_expert:
+            projected = _every_expert_input(ctx, x, a)  # x A_e: (T, E r)
+        else:  # per slot: x_t A_e is formed in the backward from the gathered inputs
+            projected = x.new_empty(x.shape[0], 0)
+            ctx.mark_non_differentiable(projected)
         # Without keep_merged the backward forms the merged weight again from the parameters (the same numbers)
-        ctx.save_for_backward(x, inputs, projected, token, pair, ends, *_merged_or_parts(keep_merged, weight, w, a, b, bias))
-        ctx.scale, ctx.counts, ctx.name, ctx.extra_rows = scale, counts, name, extra_rows
+        parts = _merged_or_parts(keep_merged, weight, w, b, bias)
+        ctx.save_for_backward(x, inputs, projected, token, pair, ends, a, *parts)
+        ctx.scale, ctx.counts, ctx.name, ctx.extra_rows, ctx.every_expert = scale, counts, name, extra_rows, every_expert
         return grouped_mm(inputs, weight[:, :padded], ends, counts), projected
 
     @staticmethod
     def backward(ctx, grad, _):
-        x, inputs, projected, token, pair, ends, weight, w, a, b, bias = ctx.saved_tensors
+        x, inputs, projected, token, pair, ends, a, weight, w, b, bias = ctx.saved_tensors
         num_tokens, d = x.shape
         padded = inputs.shape[1]
         if weight is None:
@@ -138,17 +161,22 @@ class GroupedUpProjection(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # Scatter the full contiguous rows: index_add_ is several times slower on a column slice.
             grad_x = grad.new_zeros(num_tokens, grad_inputs.shape[1]).index_add_(0, token, grad_inputs)[:, :d]
-        if ctx.needs_input_grad[1]:
+        slot_rows = grad_inputs[:, padded:]  # s grad B_eᵀ per slot: (S, r)
+        if ctx.needs_input_grad[1] and ctx.every_expert:
             rows = grad.new_zeros(projected.numel() // rank, rank)
-            rows = rows.index_copy_(0, pair, grad_inputs[:, padded:]).view(projected.shape)  # (T, E r)
+            rows = rows.index_copy_(0, pair, slot_rows).view(projected.shape)  # (T, E r)
             extra = ctx.extra_rows.take(ctx.name)
             if extra is not None:
                 rows += extra
             grad_a = _input_factor_grad(x, rows, rank)
+        elif ctx.needs_input_grad[1]:
+            _no_hook_rows(ctx, ctx.name)
+            grad_a = grouped_outer(inputs[:, :d], slot_rows, ends, ctx.counts)
         if ctx.needs_input_grad[3]:
-            slot_projected = projected.view(-1, rank).index_select(0, pair)  # x_t A_e per slot: (S, r)
+            slot_projected = (projected.view(-1, rank).index_select(0, pair) if ctx.every_expert
+                              else grouped_narrow(inputs[:, :d], a, ctx.counts))  # x_t A_e per slot: (S, r)
             grad_b = grouped_outer(slot_projected, grad, ends, ctx.counts).mul_(ctx.scale)
-        return grad_x, grad_a, None, grad_b, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_a, None, grad_b, None, None, None, None, None, None, None, None, None, None
 
 
 def _merged_or_parts(keep_merged: bool, merged: torch.Tensor, *parts: torch.Tensor | None) -> tuple:
@@ -177,17 +205,20 @@ class GroupedDownProjection(torch.autograd.Function):
     to tokens.
 
     forward(hidden (S, h), w (E, h, d), a (E, h, r), b (E, r, d), scale, token (S,), pair (S,), num_tokens,
-    ends, counts, extra_rows (``ExtraRows``), keep_merged) -> y (T, d) = sum over a token's slots of hidden (W_e + s A_e B_e).
+    ends, counts, extra_rows (``ExtraRows``), keep_merged, every_expert) -> y (T, d) = sum over a token's
+    slots of hidden (W_e + s A_e B_e).
 
     The forward matmul carries A_e as r extra columns: hidden A_e per slot, kept for the backward. The
-    backward forms s g B_iᵀ for every token and expert in one dense product (T, E r), from which the
-    gradient of A_e is the grouped hiddenᵀ (s g B_eᵀ), and leaves it in ``extra_rows.down_through_b``
-    for hooks; the gradient of every B_i is one dense product rowsᵀ g with rows = s hidden A_e at the
-    active pairs plus a hook's ``extra_rows.down`` (set during the forward).
+    backward forms s g B_eᵀ per slot, from which the gradient of A_e is the grouped hiddenᵀ (s g B_eᵀ),
+    and the gradient of B_e as the grouped (s hidden A_e)ᵀ g. With ``every_expert`` it forms s g B_iᵀ
+    for every token and expert in one dense product (T, E r) and leaves it in
+    ``extra_rows.down_through_b`` for hooks, and the gradient of every B_i is one dense product rowsᵀ g
+    with rows = s hidden A_e at the active pairs plus a hook's ``extra_rows.down`` (set during the forward).
     """
 
     @staticmethod
-    def forward(ctx, hidden, w, a, b, scale, token, pair, num_tokens, ends, counts, extra_rows, keep_merged):
+    def forward(ctx, hidden, w, a, b, scale, token, pair, num_tokens, ends, counts, extra_rows, keep_merged,
+                every_expert=True):
         _require_frozen(w)
         num_experts, _, d = w.shape
         rank = a.shape[2]
@@ -203,7 +234,7 @@ class GroupedDownProjection(torch.autograd.Function):
         low_rank = out[:, d : d + rank].clone() if ctx.needs_input_grad[3] else None  # hidden A_e: (S, r)
         # Without keep_merged the backward forms the merged weight again from the parameters (the same numbers)
         ctx.save_for_backward(hidden, low_rank, b, token, pair, ends, *_merged_or_parts(keep_merged, weight, w, a))
-        ctx.scale, ctx.counts, ctx.extra_rows = scale, counts, extra_rows
+        ctx.scale, ctx.counts, ctx.extra_rows, ctx.every_expert = scale, counts, extra_rows, every_expert
         return y
 
     @staticmethod
@@ -214,16 +245,24 @@ class GroupedDownProjection(torch.autograd.Function):
             with torch.no_grad():
                 weight = torch.baddbmm(w, a, b, alpha=ctx.scale)
         grad_y = grad_y.contiguous()
-        through_b = _through_b(grad_y, b, ctx.scale)  # s g B_iᵀ: (T, E r)
-        ctx.extra_rows.down_through_b = through_b
+        slot_grad = grad_y.index_select(0, token)  # (S, d)
+        if ctx.every_expert:
+            through_b = _through_b(grad_y, b, ctx.scale)  # s g B_iᵀ: (T, E r)
+            ctx.extra_rows.down_through_b = through_b
+            slot_through_b = through_b.view(-1, rank).index_select(0, pair)  # (S, r)
+        else:
+            slot_through_b = grouped_narrow(slot_grad, b.transpose(1, 2), ctx.counts).mul_(ctx.scale)
         grad_hidden = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_hidden = grouped_mm(grad_y.index_select(0, token), weight[:, :, :d].transpose(1, 2), ends, ctx.counts)
+            grad_hidden = grouped_mm(slot_grad, weight[:, :, :d].transpose(1, 2), ends, ctx.counts)
         if ctx.needs_input_grad[2]:
-            grad_a = grouped_outer(hidden, through_b.view(-1, rank).index_select(0, pair), ends, ctx.counts)
-        if ctx.needs_input_grad[3]:
+            grad_a = grouped_outer(hidden, slot_through_b, ends, ctx.counts)
+        if ctx.needs_input_grad[3] and ctx.every_expert:
             grad_b = _down_b_grad(grad_y, low_rank, pair, num_experts, ctx.scale, ctx.extra_rows)
-        return grad_hidden, None, grad_a, grad_b, None, None, None, None, None, None, None, None
+        elif ctx.needs_input_grad[3]:
+            _no_hook_rows(ctx, "down")
+            grad_b = grouped_outer(low_rank, slot_grad, ends, ctx.counts).mul_(ctx.scale)
+        return grad_hidden, None, grad_a, grad_b, None, None, None, None, None, None, None, None, None
 
 
 def _down_b_grad(grad_y: torch.Tensor, low_rank: torch.Tensor, pair: torch.Tensor, num_experts: int, scale: float,

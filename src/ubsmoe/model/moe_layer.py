@@ -27,7 +27,13 @@ class MoEHook:
 
     A method subclasses this and overrides only what it needs, then attaches it with
     ``SparseMoEFFN.hooks.append``. The layer calls the hooks in order.
+
+    ``reads_every_expert``: the hook reads x A_e for every token and expert (``ExpertComputation.projected``),
+    ``ExtraRows.down_through_b`` or adds ``ExtraRows`` rows, so the layer takes its model-width LoRA
+    products over every (token, expert) pair; otherwise over the slots that ran, a K / E share of them.
     """
+
+    reads_every_expert: bool = False
 
     def modulate(
         self, layer: "SparseMoEFFN", select: torch.Tensor, logits: torch.Tensor
@@ -149,10 +155,15 @@ class SparseMoEFFN(GroupedExperts):
         record = self.router.route(x, self.top_k, self.gate_mode, self._modulate)
         self.last_routing = record
         self.counter.add(record.experts, record.probs)
-        y = self.expert_outputs(x, record.experts, record.gates, self._observe_experts if self.hooks else None)
+        y = self.expert_outputs(x, record.experts, record.gates, self._observe_experts if self.hooks else None,
+                                self.reads_every_expert())
         for hook in self.hooks:
             y = hook.adjust_output(self, y, record)
         return y
+
+    def reads_every_expert(self) -> bool:
+        """Whether a hook reads every expert's LoRA products (``MoEHook.reads_every_expert``)."""
+        return any(hook.reads_every_expert for hook in self.hooks)
 
     def _modulate(self, select: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The hooks' modulation of (selection scores, probability logits), both (T, E), in order."""

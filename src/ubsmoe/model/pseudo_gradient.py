@@ -56,6 +56,8 @@ class PseudoGradient(MoEHook):
     is the forward's LoRA input projection, and s g(x) B_i^T of the down-projection is formed by its backward.
     """
 
+    reads_every_expert = True  # x A_i for every expert, s g B_i^T for every expert, and its own rows
+
     def __init__(self, rho: float):
         self.rho = rho
         self.saved: dict[SparseMoEFFN, _Saved] = {}
