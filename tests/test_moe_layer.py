@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ubsmoe.model.fused_gate_up import GroupedGateUpProjection
 from ubsmoe.model.grouped_lora import (DenseDownProjection, DenseUpProjection, GroupedDownProjection,
                                        GroupedUpProjection)
 from ubsmoe.model.moe_layer import MoEHook, RoutingContext, SlotLayout, SparseMoEFFN
@@ -125,6 +126,49 @@ def test_dense_projections_pass_gradcheck(num_experts, keep_merged):
     a, b_down = (torch.randn(num_experts, *shape, **dd).requires_grad_() for shape in ((h, r), (r, d)))
     down = lambda h_, a_, b_: DenseDownProjection.apply(h_, w_down, a_, b_, 0.5, keep_merged)  # noqa: E731
     assert torch.autograd.gradcheck(down, (hidden, a, b_down))
+
+
+@pytest.mark.parametrize("every_expert", [True, False], ids=["every expert", "per slot"])
+@pytest.mark.parametrize("keep_merged", [True, False], ids=["merged kept", "merged formed again"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no bias", "up bias"])
+def test_fused_gate_and_up_are_the_two_projections_apart(keep_merged, every_expert, bias):
+    """One grouped matmul for both gated projections: gradcheck, and the outputs, every-expert products and
+    gradients (with a hook's rows on both A factors) of two ``GroupedUpProjection``s."""
+    g = torch.Generator().manual_seed(2)
+    T, S_E, d, h, r = 5, 3, 4, 6, 2
+    layout = SlotLayout.from_experts(torch.rand(T, S_E, generator=g).topk(2, -1).indices, S_E)
+    dd = dict(dtype=torch.float64, generator=g)
+    x = torch.randn(T, d, **dd).requires_grad_()
+    w_gate, w_up = torch.randn(S_E, d, h, **dd), torch.randn(S_E, d, h, **dd)
+    b_bias = torch.randn(S_E, h, **dd) if bias else None
+    factors = [torch.randn(S_E, *shape, **dd).requires_grad_() for shape in ((d, r), (d, r), (r, h), (r, h))]
+    where = (layout.token, layout.pair, layout.ends, layout.counts)
+
+    def fused(x_, a_g, a_u, b_g, b_u, extra=None):
+        return GroupedGateUpProjection.apply(x_, a_g, a_u, w_gate, w_up, b_g, b_u, b_bias, 0.5, *where,
+                                             extra or ExtraRows(), keep_merged, every_expert)
+
+    assert torch.autograd.gradcheck(lambda *args: fused(*args)[0], (x, *factors))
+
+    def apart(x_, a_g, a_u, b_g, b_u, extra):
+        gate, projected_gate = GroupedUpProjection.apply(x_, a_g, w_gate, b_g, None, 0.5, *where, "gate", extra,
+                                                         keep_merged, every_expert)
+        up, projected_up = GroupedUpProjection.apply(x_, a_u, w_up, b_u, b_bias, 0.5, *where, "up", extra,
+                                                     keep_merged, every_expert)
+        return torch.cat([gate, up], 1), projected_gate, projected_up
+
+    weights = torch.randn(layout.token.shape[0], 2 * h, **dd)
+    results = []
+    for run in (fused, apart):
+        rows = dict(gate=torch.randn(T, S_E * r, dtype=torch.float64, generator=torch.Generator().manual_seed(3)),
+                    up=torch.randn(T, S_E * r, dtype=torch.float64, generator=torch.Generator().manual_seed(4)))
+        out, *projected = run(x, *factors, ExtraRows(**rows) if every_expert else ExtraRows())
+        results.append((out, projected, torch.autograd.grad((out * weights).sum(), [x, *factors])))
+    (out, projected, grads), (out_apart, projected_apart, grads_apart) = results
+    torch.testing.assert_close(out, out_apart)
+    assert [p.shape[1] for p in projected] == [S_E * r if every_expert else 0] * 2
+    for got, want in zip([*projected, *grads], [*projected_apart, *grads_apart]):
+        torch.testing.assert_close(got, want)
 
 
 class _SeesProjections(MoEHook):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ubsmoe.model.expert_observation import ExpertComputation, ExtraRows
+from ubsmoe.model.fused_gate_up import GroupedGateUpProjection
 from ubsmoe.model.grouped_lora import (DenseDownProjection, DenseUpProjection, GroupedDownProjection,
                                        GroupedUpProjection, grouped_mm)
 from ubsmoe.model.unmerged_lora import UnmergedDownProjection, UnmergedUpProjection, frozen_product
@@ -178,9 +179,10 @@ class GroupedExperts(nn.Module):
                         observe: ExpertObserver | None = None, every_expert: bool = False) -> torch.Tensor:
         """Experts on their slots, grouped by expert. x: (T, d); slot_gates: (S,) -> (T, d).
 
-        Each projection runs through its merged weight W + s A B (``grouped_lora``), or, for experts too large
-        to merge them all (``merged=False``), through the frozen weight with the LoRA apart, so that memory
-        grows with K; the gate multiplies the hidden activation (S, h/E) rather than the output (S, d): the
+        Each projection runs through its merged weight W + s A B (``grouped_lora``; a gated FFN's gate and up
+        as one grouped matmul, ``fused_gate_up``), or, for experts too large to merge them all
+        (``merged=False``), through the frozen weight with the LoRA apart, so that memory grows with K; the
+        gate multiplies the hidden activation (S, h/E) rather than the output (S, d): the
         same value over fewer numbers.
         """
         T = x.shape[0]
@@ -200,8 +202,19 @@ class GroupedExperts(nn.Module):
                 projections[name] = projected.view(T, self.num_experts, projected.shape[1] // self.num_experts)
             return out
 
-        up = project("up", self.frozen("b_up"))
-        gate = project("gate") if self.w_gate is not None else None
+        if merged and self.w_gate is not None:  # gate and up as one grouped matmul (``fused_gate_up``)
+            (a_gate, b_gate), (a_up, b_up) = self._lora_factors("gate"), self._lora_factors("up")
+            both, *projected = GroupedGateUpProjection.apply(
+                x, a_gate, a_up, self.frozen("w_gate"), self.frozen("w_up"), b_gate, b_up, self.frozen("b_up"),
+                self.lora_scale, layout.token, layout.pair, layout.ends, layout.counts, extra_rows, self.keep_merged,
+                every_expert)
+            gate, up = both.split(self.d_hidden, 1)  # (S, h) each, views of (S, 2h)
+            if every_expert:
+                for name, table in zip(("gate", "up"), projected):
+                    projections[name] = table.view(T, self.num_experts, -1)
+        else:
+            up = project("up", self.frozen("b_up"))
+            gate = project("gate") if self.w_gate is not None else None
         hidden = self._hidden(up, gate, None)
         gated = self._apply_gates(hidden, slot_gates)
         if observe is not None:
