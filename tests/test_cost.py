@@ -132,11 +132,13 @@ def test_pseudo_gradient_work_is_counted_in_training_only(one_layer_model):
         layer.hooks.clear()
 
 
+@pytest.mark.parametrize("pg", [True, False], ids=["pseudo-gradient: every expert", "no hook: per slot"])
 @pytest.mark.parametrize("shared, k", [(0, 1), (0, 2), (0, 4), (1, 1), (1, 2), (1, 3)])
-def test_flop_counter_agrees_with_torch_on_every_matmul_run(tmp_path, monkeypatch, shared, k):
-    """Two blocks (the first reads the frozen embeddings: no input gradients), with the pseudo-gradient,
-    the fused expert matmuls as plain per-expert matmuls so that torch's FlopCounterMode sees them all;
-    with a shared expert (S = 1 of M = 4: k of the 3 routed experts beside it) too."""
+def test_flop_counter_agrees_with_torch_on_every_matmul_run(tmp_path, monkeypatch, shared, k, pg):
+    """Two blocks (the first reads the frozen embeddings: no input gradients), with the pseudo-gradient
+    (the model-width LoRA products over every expert) or without a hook (over the slots), the fused expert
+    matmuls as plain per-expert matmuls so that torch's FlopCounterMode sees them all; with a shared expert
+    (S = 1 of M = 4: k of the 3 routed experts beside it) too."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from ubsmoe.model import grouped_lora
@@ -150,12 +152,13 @@ def test_flop_counter_agrees_with_torch_on_every_matmul_run(tmp_path, monkeypatc
                                   shared_experts=shared), classification_head(3), calibration_batches=[(ids, mask)])
     model.set_top_k(k)
     for layer in model.moe_layers:
-        layer.hooks.append(PseudoGradient(rho=0.5))
+        layer.hooks.extend([PseudoGradient(rho=0.5)] if pg else [])
     counter = FlopCounter(model)
     with FlopCounterMode(display=False) as torch_count:
         model(ids, mask).sum().backward()
         for layer in model.moe_layers:
-            layer.hooks[0].apply(layer)
+            for hook in layer.hooks:
+                hook.apply(layer)
     counted = counter.count(mask, training=True)
     # What torch does not see: CPU attention through SDPA (scores and values, forward and backward),
     # 3 * 2 * 2 * B * S^2 * 32 per block = 38,400 for two blocks.
@@ -171,5 +174,5 @@ def test_flop_counter_agrees_with_torch_on_every_matmul_run(tmp_path, monkeypatc
     routed = 4 - shared
     fused_extra = (5_376 + 2_688) * k * 2 if k < routed else 0
     assert torch_count.get_total_flops() == counted.total - 38_400 + fused_extra - 4 * 2_560
-    assert counted.hooks > 0 if k < routed else counted.hooks == 0
+    assert counted.hooks > 0 if pg and k < routed else counted.hooks == 0
     assert counted.experts == 2 * 2 * 7 * (k + shared) * 32 * 16 * 2 * 2  # K_c = k + S experts' slots, 2 blocks

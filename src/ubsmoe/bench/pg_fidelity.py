@@ -27,8 +27,14 @@ from pathlib import Path
 import torch
 
 from ubsmoe.model import ModelSpec, build_model, load_tokenizer
-from ubsmoe.model.moe_layer import SparseMoEFFN
+from ubsmoe.model.moe_layer import MoEHook, SparseMoEFFN
 from ubsmoe.model.pseudo_gradient import PseudoGradient, sparsity_factor
+
+
+class _ReadsEveryExpert(MoEHook):
+    """Changes nothing; makes a layer take its LoRA products over every (token, expert) pair, as with PG."""
+
+    reads_every_expert = True
 
 
 def lora_names(layer: SparseMoEFFN) -> list[str]:
@@ -64,14 +70,17 @@ def measure(model, loss_fn, k: int, draw_b: bool = True) -> list[dict]:
     handles = [layer.register_forward_hook(remember) for layer in layers]
     grads = []
     for with_pg in (True, False):
-        hooks = [PseudoGradient(rho)] if with_pg else []
+        # Without PG, a hook that only reads every expert: the true gradient then takes the same products
+        # (over every (token, expert) pair) as with PG, so float32 rounding does not enter the difference
+        hooks = [PseudoGradient(rho)] if with_pg else [_ReadsEveryExpert()]
         model.attach_hooks(hooks)
         model.zero_grad(set_to_none=True)
         with torch.enable_grad():
             loss_fn(model).backward()
         for layer in layers:
             for hook in hooks:
-                hook.apply(layer)
+                if with_pg:
+                    hook.apply(layer)
         model.detach_hooks(hooks)
         grads.append([{n: getattr(layer, n).grad.detach().clone() for n in lora_names(layer)} for layer in layers])
     for handle in handles:

@@ -22,10 +22,13 @@ Counted, with a multiply-add as 2 FLOPs:
   and none where its input needs no gradient (the first block's projections read the frozen
   embeddings; seen in the forward, not assumed); a trainable one needs the input and the weight
   gradients (2 x); attention scores 2 x; plus what the layers' method hooks declare
-  (``MoEHook.training_flops``: the Universal Pseudo-Gradient's factor products, 4 T E r h per matrix).
+  (``MoEHook.training_flops``: the Universal Pseudo-Gradient's factor products, 4 T E r h per matrix;
+  the dense model-width products it makes the layer run are under the LoRA, above).
 Not counted: embeddings, normalisation, activations, softmax, the optimiser (all linear in the
-number of parameters or positions and small next to the matmuls), and the bias column and alignment
-padding that ride in the fused expert matmuls (implementation overhead, a few columns of d).
+number of parameters or positions and small next to the matmuls), and the bias column, alignment
+padding and, for gated experts' fused gate and up (``fused_gate_up``), the zero blocks beside each
+projection's s B columns that ride in the fused expert matmuls (implementation overhead, a few columns
+of d: 4 S h r per layer for the zero blocks).
 """
 
 from __future__ import annotations

@@ -11,10 +11,11 @@ import torch
 @dataclass
 class ExtraRows:
     """Rows (T, E r) that a hook adds to every expert's LoRA weight gradients, shared by a layer's forward, the
-    hook and the backward: ``up`` and ``gate`` (set in a gradient hook of that projection's output, before
-    the backward reaches it) join the rows whose product x^T rows is grad A_e; ``down`` (set in the forward)
+    hook and the backward, when a hook reads every expert (``MoEHook.reads_every_expert``; otherwise the layer
+    refuses rows): ``up`` and ``gate`` (set in a gradient hook of that projection's output, before the
+    backward reaches it) join the rows whose product x^T rows is grad A_e; ``down`` (set in the forward)
     joins the rows whose product rows^T g is grad B_e of the down-projection. The down-projection's backward
-    leaves ``down_through_b``: s g(x) B_e^T for every token and expert."""
+    then leaves ``down_through_b``: s g(x) B_e^T for every token and expert."""
 
     up: torch.Tensor | None = None
     gate: torch.Tensor | None = None

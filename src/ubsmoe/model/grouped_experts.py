@@ -211,7 +211,7 @@ class GroupedExperts(nn.Module):
             gate, up = both.split(self.d_hidden, 1)  # (S, h) each, views of (S, 2h)
             if every_expert:
                 for name, table in zip(("gate", "up"), projected):
-                    projections[name] = table.view(T, self.num_experts, -1)
+                    projections[name] = table.view(T, self.num_experts, table.shape[1] // self.num_experts)
         else:
             up = project("up", self.frozen("b_up"))
             gate = project("gate") if self.w_gate is not None else None

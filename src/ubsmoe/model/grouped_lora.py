@@ -8,7 +8,8 @@ down-projection's forward, s B_e in the up-projection's backward. The backward p
 gradients and LoRA gradients only: the frozen expert weights never get a weight gradient.
 
 The gradient of the factor on the model-width side (A of up and gate, B of down) is taken per slot, over
-the S = T K pairs that ran (``every_expert=False``, the default), or, when a method hook reads every
+the S = T K pairs that ran (``every_expert=False``, what a layer passes unless a hook asks for more:
+``GroupedExperts.expert_outputs``), or, when a method hook reads every
 expert (``MoEHook.reads_every_expert``: the pseudo-gradient), as one dense product over all T E (token,
 expert) pairs with zero rows at the inactive pairs, to which the hook adds its own rows
 (``extra_rows``): that is how the pseudo-gradient reaches inactive experts' A_up and B_down without a

@@ -45,8 +45,8 @@ class MoEHook:
 
     def observe_experts(self, layer: "SparseMoEFFN", layout: "SlotLayout", seen: ExpertComputation) -> None:
         """See the experts' computation on the S slots of ``layout`` (``ExpertComputation``), and add rows to
-        every expert's LoRA weight gradients through ``seen.extra_rows`` (``ExtraRows``). Register tensor
-        hooks here to capture per-token gradients (pseudo-gradients)."""
+        every expert's LoRA weight gradients through ``seen.extra_rows`` (``ExtraRows``; only a hook that sets
+        ``reads_every_expert``). Register tensor hooks here to capture per-token gradients (pseudo-gradients)."""
 
     def training_flops(self, layer: "SparseMoEFFN", tokens: int) -> float:
         """Matmul FLOPs the hook adds to one training step of the layer on ``tokens`` real tokens (the FLOP
@@ -175,3 +175,7 @@ class SparseMoEFFN(GroupedExperts):
         """Show the hooks the experts' computation on the S slots of ``layout`` (``MoEHook.observe_experts``)."""
         for hook in self.hooks:
             hook.observe_experts(self, layout, seen)
+        rows = seen.extra_rows
+        if not self.reads_every_expert() and any(r is not None for r in (rows.up, rows.gate, rows.down)):
+            raise RuntimeError("a hook added ExtraRows to a layer computing its LoRA products per slot: hooks that "
+                               "add rows must set reads_every_expert")

@@ -16,10 +16,13 @@ Up- and gate-projections share their input x across experts, so G_hat(x) = x del
 delta_bar(x) = sum_j c_j delta_j(x). The down-projection shares its output gradient g(x) and reads
 w_j a_j(x) (a_j the activation), so G_hat(x) = h_bar(x) g(x)^T with h_bar(x) = sum_j (p_j / P) a_j(x).
 
-Of the four factor gradients per expert, two are products the layer's own backward runs anyway
-(``grouped_lora``): grad A_up = x^T rows and grad B_down = rows^T g over all (token, expert) pairs. The
-pseudo-gradient adds its rows to those (``extra_rows``) and costs no product of its own there; the other
-two, for B_up and A_down, are computed after the backward by ``apply``.
+Of the four factor gradients per expert, two are products the layer's backward runs over all (token,
+expert) pairs because this hook reads every expert (``reads_every_expert``; without it the layer takes
+them over its slots alone, ``grouped_lora``): grad A_up = x^T rows and grad B_down = rows^T g. The
+pseudo-gradient adds its rows to those (``extra_rows``), so what it costs there is the difference between
+the dense products and the per-slot ones (2 (T E - S) d r multiply-adds per such factor, which the FLOP
+counter books under the LoRA); the other two, for B_up and A_down, are computed after the backward by
+``apply``.
 """
 
 from __future__ import annotations
@@ -52,8 +55,8 @@ class PseudoGradient(MoEHook):
 
     During the forward it prepares the rows for B_down, in a gradient hook of the up (and gate)
     projection those for A_up (A_gate), both taken by the layer's backward; ``apply`` adds the rest
-    after the backward. Two of the products come free from the layer's own pass: x A_i for every expert
-    is the forward's LoRA input projection, and s g(x) B_i^T of the down-projection is formed by its backward.
+    after the backward. Two of the products it reads are formed by the layer for it (``reads_every_expert``):
+    x A_i for every expert in the forward, and s g(x) B_i^T of the down-projection in its backward.
     """
 
     reads_every_expert = True  # x A_i for every expert, s g B_i^T for every expert, and its own rows
