@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ubsmoe.model.grouped_lora import (_input_factor_grad, _merged_or_parts, _no_hook_rows, _require_frozen,
-                                       _up_input_width, grouped_mm, grouped_narrow, grouped_outer)
+                                       _slot_inputs, grouped_mm, grouped_narrow, grouped_outer)
 from ubsmoe.model.matmul import narrow_product
 
 _A_GRAD, _B_GRAD = {"gate": 1, "up": 2}, {"gate": 5, "up": 6}  # input positions of each factor in ``forward``
@@ -38,12 +38,8 @@ class GroupedGateUpProjection(torch.autograd.Function):
         _require_frozen(w_up)
         num_tokens, d = x.shape
         rank = a_up.shape[2]
-        padded = _up_input_width(d + (bias is not None), 2 * rank)
-        inputs = x.new_empty(token.shape[0], padded)  # (S, d [+ 1] + padding)
-        torch.index_select(x, 0, token, out=inputs[:, :d])
-        inputs[:, d:] = 0.0
-        if bias is not None:
-            inputs[:, d] = 1.0
+        inputs = _slot_inputs(x, token, bias is not None, 2 * rank)  # (S, d [+ 1] + padding)
+        padded = inputs.shape[1]
         weight = _merged_gate_up(w_gate, w_up, a_gate, a_up, b_gate, b_up, bias, scale, padded)
         lora_grad = any(ctx.needs_input_grad[i] for i in (*_A_GRAD.values(), *_B_GRAD.values()))
         if every_expert and lora_grad:  # x A_e: (T, E r) for each projection

@@ -69,6 +69,18 @@ def _up_input_width(width: int, rank: int) -> int:
     return _round_up(padded + rank, 16) - rank if rank % 4 == 0 else padded
 
 
+def _slot_inputs(x: torch.Tensor, token: torch.Tensor, bias: bool, extra_columns: int) -> torch.Tensor:
+    """The slots' inputs for an up-projection: x (T, d) gathered by ``token`` (S,) into (S, padded) rows, then a
+    column of ones for the frozen bias when there is one, then zeros up to ``_up_input_width``."""
+    d = x.shape[1]
+    inputs = x.new_empty(token.shape[0], _up_input_width(d + bias, extra_columns))
+    torch.index_select(x, 0, token, out=inputs[:, :d])
+    inputs[:, d:] = 0.0
+    if bias:
+        inputs[:, d] = 1.0
+    return inputs
+
+
 def _every_expert_input(ctx, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """x A_e for every token and expert, (T, E r), when a LoRA factor needs a gradient; (T, 0) otherwise
     (evaluation). x: (T, d), a: (E, d, r). Not differentiable."""
@@ -129,13 +141,8 @@ class GroupedUpProjection(torch.autograd.Function):
     def forward(ctx, x, a, w, b, bias, scale, token, pair, ends, counts, name, extra_rows, keep_merged,
                 every_expert=True):
         _require_frozen(w)
-        d = x.shape[1]
-        padded = _up_input_width(d + (bias is not None), a.shape[2])
-        inputs = x.new_empty(token.shape[0], padded)  # (S, d [+ 1] + padding)
-        torch.index_select(x, 0, token, out=inputs[:, :d])
-        inputs[:, d:] = 0.0
-        if bias is not None:
-            inputs[:, d] = 1.0
+        inputs = _slot_inputs(x, token, bias is not None, a.shape[2])  # (S, d [+ 1] + padding)
+        padded = inputs.shape[1]
         weight = _merged_up(w, a, b, bias, scale, padded)
         if every_expert:
             projected = _every_expert_input(ctx, x, a)  # x A_e: (T, E r)
