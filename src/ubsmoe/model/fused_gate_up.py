@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ubsmoe.model.grouped_lora import (_input_factor_grad, _merged_or_parts, _no_hook_rows, _require_frozen,
-                                       _slot_inputs, grouped_mm, grouped_narrow, grouped_outer)
+from ubsmoe.model.grouped_lora import (_every_expert_input_factor_grad, _merged_or_parts, _no_hook_rows,
+                                       _require_frozen, _slot_inputs, grouped_mm, grouped_narrow, grouped_outer)
 from ubsmoe.model.matmul import narrow_product
 
 _A_GRAD, _B_GRAD = {"gate": 1, "up": 2}, {"gate": 5, "up": 6}  # input positions of each factor in ``forward``
@@ -77,12 +77,8 @@ class GroupedGateUpProjection(torch.autograd.Function):
                 grads[_A_GRAD[name]] = both[..., i * rank:(i + 1) * rank].contiguous() if a_needed[i] else None
         for i, (name, a, projected) in enumerate((("gate", a_gate, projected_gate), ("up", a_up, projected_up))):
             if a_needed[i] and ctx.every_expert:
-                rows = grad.new_zeros(projected.numel() // rank, rank)
-                rows = rows.index_copy_(0, pair, slot_rows[:, i * rank:(i + 1) * rank]).view(projected.shape)
-                extra = ctx.extra_rows.take(name)
-                if extra is not None:
-                    rows += extra
-                grads[_A_GRAD[name]] = _input_factor_grad(x, rows, rank)
+                grads[_A_GRAD[name]] = _every_expert_input_factor_grad(
+                    x, slot_rows[:, i * rank:(i + 1) * rank], pair, a.shape[0], ctx.extra_rows, name)
             if ctx.needs_input_grad[_B_GRAD[name]]:
                 slot_projected = (projected.view(-1, rank).index_select(0, pair) if ctx.every_expert
                                   else grouped_narrow(inputs[:, :d], a, ctx.counts))  # x_t A_e per slot: (S, r)

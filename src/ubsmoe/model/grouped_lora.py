@@ -110,6 +110,20 @@ def _input_factor_grad(x: torch.Tensor, rows: torch.Tensor, rank: int) -> torch.
     return narrow_product(x.T, rows).reshape(x.shape[1], -1, rank).permute(1, 0, 2)
 
 
+def _every_expert_input_factor_grad(x: torch.Tensor, slot_rows: torch.Tensor, pair: torch.Tensor, num_experts: int,
+                                    extra_rows: ExtraRows, name: str) -> torch.Tensor:
+    """Gradient of every expert's A as one dense product over every (token, expert) pair: the slots' rows
+    (s grad B_eᵀ per slot, (S, r)) placed at their ``pair`` in a (T, E r) table that is zero at the inactive
+    pairs, plus a hook's rows for ``name`` (``ExtraRows``), then xᵀ rows. x: (T, d), pair: (S,) -> (E, d, r)."""
+    num_tokens, rank = x.shape[0], slot_rows.shape[1]
+    rows = slot_rows.new_zeros(num_tokens * num_experts, rank).index_copy_(0, pair, slot_rows)
+    rows = rows.view(num_tokens, num_experts * rank)
+    extra = extra_rows.take(name)
+    if extra is not None:
+        rows += extra
+    return _input_factor_grad(x, rows, rank)
+
+
 def _through_b(grad_y: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """s g B_eᵀ for every token and expert: grad_y (T, d), b (E, r, d) -> (T, E r), contiguous."""
     return narrow_product(grad_y, b.permute(2, 0, 1).reshape(b.shape[2], -1)).mul_(scale).contiguous()
@@ -171,12 +185,7 @@ class GroupedUpProjection(torch.autograd.Function):
             grad_x = grad.new_zeros(num_tokens, grad_inputs.shape[1]).index_add_(0, token, grad_inputs)[:, :d]
         slot_rows = grad_inputs[:, padded:]  # s grad B_eᵀ per slot: (S, r)
         if ctx.needs_input_grad[1] and ctx.every_expert:
-            rows = grad.new_zeros(projected.numel() // rank, rank)
-            rows = rows.index_copy_(0, pair, slot_rows).view(projected.shape)  # (T, E r)
-            extra = ctx.extra_rows.take(ctx.name)
-            if extra is not None:
-                rows += extra
-            grad_a = _input_factor_grad(x, rows, rank)
+            grad_a = _every_expert_input_factor_grad(x, slot_rows, pair, a.shape[0], ctx.extra_rows, ctx.name)
         elif ctx.needs_input_grad[1]:
             _no_hook_rows(ctx, ctx.name)
             grad_a = grouped_outer(inputs[:, :d], slot_rows, ends, ctx.counts)

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from ubsmoe.model.grouped_lora import (_down_b_grad, _every_expert_input, _input_factor_grad, _no_hook_rows,
-                                       _require_frozen, _through_b, grouped_mm, grouped_narrow, grouped_outer)
+from ubsmoe.model.grouped_lora import (_down_b_grad, _every_expert_input, _every_expert_input_factor_grad,
+                                       _no_hook_rows, _require_frozen, _through_b, grouped_mm, grouped_narrow,
+                                       grouped_outer)
 
 
 def frozen_product(values: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -53,7 +54,6 @@ class UnmergedUpProjection(torch.autograd.Function):
     def backward(ctx, grad, _):
         x, w, a, b, projected, slot_projected, token, pair, ends = ctx.saved_tensors
         num_tokens, d = x.shape
-        rank = a.shape[2]
         grad = grad.contiguous()
         through_b = grouped_mm(grad, b.transpose(1, 2), ends, ctx.counts).mul_(ctx.scale)  # s g B_eᵀ: (S, r)
         grad_x = grad_a = grad_b = None
@@ -62,12 +62,7 @@ class UnmergedUpProjection(torch.autograd.Function):
             grad_inputs += grouped_mm(through_b, a.transpose(1, 2), ends, ctx.counts)  # (S, d)
             grad_x = grad.new_zeros(num_tokens, d).index_add_(0, token, grad_inputs)
         if ctx.needs_input_grad[1] and ctx.every_expert:
-            rows = grad.new_zeros(projected.numel() // rank, rank)
-            rows = rows.index_copy_(0, pair, through_b).view(projected.shape)  # (T, E r)
-            extra = ctx.extra_rows.take(ctx.name)
-            if extra is not None:
-                rows += extra
-            grad_a = _input_factor_grad(x, rows, rank)
+            grad_a = _every_expert_input_factor_grad(x, through_b, pair, a.shape[0], ctx.extra_rows, ctx.name)
         elif ctx.needs_input_grad[1]:
             _no_hook_rows(ctx, ctx.name)
             grad_a = grouped_outer(x.index_select(0, token), through_b, ends, ctx.counts)
