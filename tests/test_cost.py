@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tiny_experiment import tiny_overrides
-from tiny_checkpoints import write_tiny_bert
+from tiny_checkpoints import write_tiny_bert, write_tiny_llama
 from ubsmoe.config import load_config
 from ubsmoe.engine.rounds import run_experiment
 from ubsmoe.metrics.flops import FlopCounter
@@ -132,20 +132,18 @@ def test_pseudo_gradient_work_is_counted_in_training_only(one_layer_model):
         layer.hooks.clear()
 
 
-@pytest.mark.parametrize("pg", [True, False], ids=["pseudo-gradient: every expert", "no hook: per slot"])
-@pytest.mark.parametrize("shared, k", [(0, 1), (0, 2), (0, 4), (1, 1), (1, 2), (1, 3)])
-def test_flop_counter_agrees_with_torch_on_every_matmul_run(tmp_path, monkeypatch, shared, k, pg):
-    """Two blocks (the first reads the frozen embeddings: no input gradients), with the pseudo-gradient
-    (the model-width LoRA products over every expert) or without a hook (over the slots), the fused expert
-    matmuls as plain per-expert matmuls so that torch's FlopCounterMode sees them all; with a shared expert
-    (S = 1 of M = 4: k of the 3 routed experts beside it) too."""
+def _torch_and_counted_flops(folder, monkeypatch, shared: int, k: int, pg: bool):
+    """One training pass of a 2-block model of M = 4 experts (S = ``shared`` of them shared, k routed
+    beside them), rank 4, on a (2, 5) batch of 7 real tokens: what torch's FlopCounterMode saw (the fused
+    expert matmuls run as plain per-expert matmuls so that it sees them all) and what ``FlopCounter``
+    counts. With ``pg`` the pseudo-gradient's hooks run (the model-width LoRA products over every expert);
+    without, the layer computes over the slots."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from ubsmoe.model import grouped_lora
     from ubsmoe.model.pseudo_gradient import PseudoGradient
 
     monkeypatch.setattr(grouped_lora, "_HAS_GROUPED_MM", False)
-    folder = write_tiny_bert(tmp_path, hidden=32, layers=2, ffn=64)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
     ids = torch.randint(5, 20, mask.shape, generator=torch.Generator().manual_seed(0))
     model = build_model(ModelSpec(backbone=str(folder), num_experts=4, lora_rank=4, router_init="centroid",
@@ -159,7 +157,16 @@ def test_flop_counter_agrees_with_torch_on_every_matmul_run(tmp_path, monkeypatc
         for layer in model.moe_layers:
             for hook in layer.hooks:
                 hook.apply(layer)
-    counted = counter.count(mask, training=True)
+    return torch_count.get_total_flops(), counter.count(mask, training=True)
+
+
+@pytest.mark.parametrize("pg", [True, False], ids=["pseudo-gradient: every expert", "no hook: per slot"])
+@pytest.mark.parametrize("shared, k", [(0, 1), (0, 2), (0, 4), (1, 1), (1, 2), (1, 3)])
+def test_flop_counter_agrees_with_torch_on_every_matmul_run(tmp_path, monkeypatch, shared, k, pg):
+    """BERT-shaped blocks (the first reads the frozen embeddings: no input gradients), d = 32, experts of
+    h = 16, with a shared expert (S = 1 of M = 4: k of the 3 routed experts beside it) or without."""
+    torch_total, counted = _torch_and_counted_flops(write_tiny_bert(tmp_path, hidden=32, layers=2, ffn=64),
+                                                    monkeypatch, shared, k, pg)
     # What torch does not see: CPU attention through SDPA (scores and values, forward and backward),
     # 3 * 2 * 2 * B * S^2 * 32 per block = 38,400 for two blocks.
     # What torch sees and the counter leaves out: the bias column and the alignment padding of the fused
@@ -173,6 +180,30 @@ def test_flop_counter_agrees_with_torch_on_every_matmul_run(tmp_path, monkeypatc
     # The shared part runs as one dense expert (no padding, nothing routed).
     routed = 4 - shared
     fused_extra = (5_376 + 2_688) * k * 2 if k < routed else 0
-    assert torch_count.get_total_flops() == counted.total - 38_400 + fused_extra - 4 * 2_560
+    assert torch_total == counted.total - 38_400 + fused_extra - 4 * 2_560
     assert counted.hooks > 0 if pg and k < routed else counted.hooks == 0
     assert counted.experts == 2 * 2 * 7 * (k + shared) * 32 * 16 * 2 * 2  # K_c = k + S experts' slots, 2 blocks
+
+
+@pytest.mark.parametrize("pg", [True, False], ids=["pseudo-gradient: every expert", "no hook: per slot"])
+@pytest.mark.parametrize("shared, k", [(0, 1), (0, 2), (0, 4), (1, 1), (1, 3)])
+def test_flop_counter_agrees_with_torch_on_a_gated_backbone(tmp_path, monkeypatch, shared, k, pg):
+    """Llama-shaped blocks (SwiGLU experts: gate and up run fused, ``model/fused_gate_up.py``), d = 32,
+    experts of h = 16, 4 query and 2 key-value heads of width 8, no biases."""
+    torch_total, counted = _torch_and_counted_flops(write_tiny_llama(tmp_path, hidden=32, layers=2, ffn=64),
+                                                    monkeypatch, shared, k, pg)
+    # What torch does not see: CPU attention through SDPA, 3 * 2 * 2 * B * S^2 * 32 per block = 38,400 for
+    # two blocks; the attention adapters' in-place addmm_, 2 * 10 positions * r * out: query (out 32)
+    # 2,560 and value (out 16) 1,280 per block.
+    # What torch sees and the counter leaves out, per routed slot and block (K < M): the fused gate-up
+    # inputs take 40 columns (32 rounded so that 40 + 2r = 48 makes 64-byte rows), 8 padding columns,
+    # forward 2 * 8 * 2h = 512 and input gradient 2 * 2h * 8 = 512; the backward's product carries s B_gate
+    # and s B_up side by side under all 2h columns, so it also runs the two zero blocks, 2 * 2 * h * r = 256;
+    # the down-projection's forward carries 12 padding columns after its 32 + r: 2 * h * 12 = 384.
+    # 1,664 per slot, 7 K slots, two blocks.
+    routed = 4 - shared
+    fused_extra = 1_664 * 7 * k * 2 if k < routed else 0
+    assert torch_total == counted.total - 38_400 - 2 * (2_560 + 1_280) + fused_extra
+    assert counted.hooks > 0 if pg and k < routed else counted.hooks == 0
+    # 2 FLOPs a multiply-add, forward and input gradient, gate, up and down, K_c = k + S experts' slots, 2 blocks
+    assert counted.experts == 2 * 2 * 3 * 7 * (k + shared) * 32 * 16 * 2
