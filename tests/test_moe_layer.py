@@ -210,6 +210,39 @@ def test_per_slot_lora_products_give_the_every_expert_outputs_and_gradients(gate
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
+@pytest.mark.parametrize("merged", [True, False], ids=["merged", "LoRA apart"])
+@pytest.mark.parametrize("gated", [False, True], ids=["GELU", "SwiGLU"])
+@pytest.mark.parametrize("k", [2, E], ids=["routed", "every expert"])
+def test_active_rank_below_the_rank_is_a_layer_of_that_rank(gated, k, merged):
+    """A layer of rank 4 set to its first 2 ranks (HetLoRA's weak clients on a MoE backbone) gives the outputs
+    and gradients of a rank-2 layer holding those ranks, within 1e-5, and no gradient to the others."""
+    layer, small = moe_from(dense_ffn(gated), rank=4), moe_from(dense_ffn(gated), rank=2)
+    with torch.no_grad():
+        for name in layer.adapted:
+            getattr(small, f"lora_{name}_a").copy_(getattr(layer, f"lora_{name}_a")[:, :, :2])
+            getattr(small, f"lora_{name}_b").copy_(getattr(layer, f"lora_{name}_b")[:, :2])
+    small.lora_scale = layer.lora_scale  # the scale of the layer's own rank, as set_rank leaves it
+    layer.active_rank = 2
+    x = torch.randn(2, 12, D, generator=torch.Generator().manual_seed(5))
+    runs = []
+    for each in (layer, small):
+        each.merge_limit = each.merge_limit if merged else 0
+        each.set_top_k(k)
+        x_ = x.clone().requires_grad_(True)
+        y = each(x_)
+        factors = [getattr(each, f"lora_{name}_{ab}") for name in each.adapted for ab in "ab"]
+        runs.append((y, torch.autograd.grad(y.square().sum(), [x_] + factors)))
+    (y, grads), (y_small, grads_small) = runs
+
+    torch.testing.assert_close(y, y_small, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads_small[0], rtol=1e-5, atol=1e-5)
+    for i, (got, want) in enumerate(zip(grads[1:], grads_small[1:])):
+        first, rest = (got[:, :, :2], got[:, :, 2:]) if i % 2 == 0 else (got[:, :2], got[:, 2:])
+        assert want.abs().max() > 0
+        assert (first - want).abs().max() <= 1e-5 * want.abs().max()
+        assert rest.abs().max() == 0
+
+
 def test_rows_from_a_hook_that_does_not_read_every_expert_are_refused():
     class AddsRows(MoEHook):
         def observe_experts(self, layer, layout, seen):
