@@ -207,3 +207,36 @@ def test_flop_counter_agrees_with_torch_on_a_gated_backbone(tmp_path, monkeypatc
     assert counted.hooks > 0 if pg and k < routed else counted.hooks == 0
     # 2 FLOPs a multiply-add, forward and input gradient, gate, up and down, K_c = k + S experts' slots, 2 blocks
     assert counted.experts == 2 * 2 * 3 * 7 * (k + shared) * 32 * 16 * 2
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("shared, k", [(0, 1), (0, 2), (0, 4), (1, 1), (1, 3)])
+def test_flop_counter_agrees_with_torch_in_evaluation(tmp_path, monkeypatch, family, shared, k):
+    """Evaluation through merged weights (58 tokens: merging pays) runs what the counter counts: the LoRA
+    factors are detached without gradients, so no A columns and no x A_e for every expert."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ubsmoe.model import grouped_lora
+
+    monkeypatch.setattr(grouped_lora, "_HAS_GROUPED_MM", False)
+    write = write_tiny_bert if family == "bert" else write_tiny_llama
+    mask = torch.ones(4, 16, dtype=torch.long)
+    mask[1, 10:] = 0
+    ids = torch.randint(5, 20, mask.shape, generator=torch.Generator().manual_seed(0))
+    model = build_model(ModelSpec(backbone=str(write(tmp_path, hidden=32, layers=2, ffn=64)), num_experts=4,
+                                  lora_rank=4, router_init="centroid", shared_experts=shared),
+                        classification_head(3), calibration_batches=[(ids, mask)])
+    model.set_top_k(k)
+    assert all(layer.merges(58 * k, grad=False) for layer in model.moe_layers)
+    counter = FlopCounter(model)
+    with torch.no_grad(), FlopCounterMode(display=False) as torch_count:
+        model(ids, mask)
+    counted = counter.count(mask, training=False)
+    # What torch does not see: CPU attention through SDPA, 2 * 2 * B * S^2 * 32 per block = 262,144 for two
+    # blocks; the attention adapters' in-place addmm_, 2 * 64 positions * r * out: BERT's query and value
+    # (out 32) 16,384 each, Llama's query (out 32) 16,384 and value (out 16) 8,192, per block.
+    # What torch sees and the counter leaves out, per routed slot and block (K < M): the padding columns of
+    # the up-projection's inputs, BERT's 12 (2 * 12 * h = 384), Llama's fused gate-up 8 (2 * 8 * 2h = 512).
+    adapters = 2 * (2 * 16_384 if family == "bert" else 16_384 + 8_192)
+    padding = (384 if family == "bert" else 512) * 58 * k * 2 if k < 4 - shared else 0
+    assert torch_count.get_total_flops() == counted.total - 262_144 - adapters + padding

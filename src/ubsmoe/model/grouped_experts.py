@@ -157,8 +157,12 @@ class GroupedExperts(nn.Module):
         return self._routed_experts_unmerged(x, layout, slot_gates, observe)
 
     def _lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The active ranks of matrix ``name``'s stacked LoRA: a (E, in, r), b (E, r, out)."""
+        """The active ranks of matrix ``name``'s stacked LoRA: a (E, in, r), b (E, r, out). Detached when no
+        gradient is taken (evaluation), so that the projections leave out what only the LoRA gradients need:
+        the A columns of the down-projection's matmul, x A_e for every expert, the tensors kept for a backward."""
         a, b = getattr(self, f"lora_{name}_a"), getattr(self, f"lora_{name}_b")
+        if not torch.is_grad_enabled():
+            a, b = a.detach(), b.detach()
         if self.active_rank == self.lora_rank:
             return a, b
         return a[:, :, : self.active_rank].contiguous(), b[:, : self.active_rank].contiguous()
